@@ -1,0 +1,156 @@
+"""Keras's dropout-family layers. Each acts only in training and is the identity otherwise; each has its
+own :class:`~droprnn.random.SeedStream` (``seed=``) or uses torch's global RNG (``seed=None``).
+
+Where they sit relative to a recurrent layer is the point of droprnn: ``Dropout`` after an RNN touches
+only the layer's output; ``Dropout(noise_shape=(None, 1, None))`` keeps one mask per sequence and feature
+(constant over time); ``Dropout(noise_shape=(None, None, 1))`` zeroes whole timesteps (plain zeroing, not
+RNN masking: the next RNN still runs those steps on zero vectors); ``SpatialDropout1D`` drops whole
+channels for all timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..errors import DroprnnError, check_rate, fail
+from ..layers.base import Layer
+from ..random import SeedStream, keep_mask, normal, uniform
+
+Tensor = torch.Tensor
+
+
+class Dropout(Layer):
+    """Inverted dropout: keep each entry with probability 1 - rate and scale it by 1/(1 - rate).
+
+    Args:
+        rate: in [0, 1]; 1 zeroes everything, 0 is the identity.
+        noise_shape: the shape of the keep mask, broadcast to the input; None entries take the input's
+            size on that axis (e.g. ``(None, 1, None)`` shares the mask over time). Default: the input's.
+        seed: this layer's own stream, or None for torch's global RNG.
+
+    Input and output: any shape. The (B, T) mask passes through.
+    """
+
+    def __init__(
+        self, rate: float, noise_shape: Optional[Sequence[Optional[int]]] = None, seed: Optional[int] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        super().__init__(name)
+        self.rate = check_rate(self.where, "rate", rate, allow_one=True)
+        self.noise_shape = self._validated_noise_shape(noise_shape)
+        self.seed_stream = SeedStream(seed, self.where)
+
+    def extra_repr(self) -> str:
+        shape = "" if self.noise_shape is None else f", noise_shape={self.noise_shape}"
+        return f"name={self.name!r}, rate={self.rate}{shape}"
+
+    def _validated_noise_shape(self, noise_shape: Any) -> Optional[tuple[Optional[int], ...]]:
+        if noise_shape is None:
+            return None
+        if not isinstance(noise_shape, (tuple, list)) or any(
+            d is not None and (isinstance(d, bool) or not isinstance(d, int) or d <= 0) for d in noise_shape
+        ):
+            raise fail(self.where, "noise_shape", "a tuple of positive ints or None", noise_shape)
+        return tuple(noise_shape)
+
+    def concrete_noise_shape(self, x: Tensor) -> tuple[int, ...]:
+        """The mask shape for input ``x``: None entries filled from ``x.shape``; checked to broadcast."""
+        if self.noise_shape is None:
+            return tuple(x.shape)
+        if len(self.noise_shape) != x.dim():
+            raise DroprnnError(
+                f"{self.where}: argument `noise_shape` expected {x.dim()} entries for an input of shape "
+                f"{tuple(x.shape)}, got {self.noise_shape}."
+            )
+        shape = tuple(n if d is None else d for d, n in zip(self.noise_shape, x.shape))
+        if any(d not in (1, n) for d, n in zip(shape, x.shape)):
+            raise DroprnnError(
+                f"{self.where}: argument `noise_shape` {self.noise_shape} does not broadcast to the input "
+                f"shape {tuple(x.shape)}: each entry must be None, 1 or the input's size on that axis."
+            )
+        return shape
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:
+        shape = self.concrete_noise_shape(x)
+        if not self.resolve_training(training) or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return torch.zeros_like(x)
+        keep = keep_mask(shape, self.rate, self.seed_stream, x.device)
+        return torch.where(keep, x / (1.0 - self.rate), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class SpatialDropout1D(Dropout):
+    """Drop whole channels: noise shape (B, 1, C), one mask per sequence and channel, for all timesteps.
+
+    Input and output (B, T, C).
+    """
+
+    def __init__(self, rate: float, seed: Optional[int] = None, name: Optional[str] = None) -> None:
+        super().__init__(rate, noise_shape=None, seed=seed, name=name)
+
+    def concrete_noise_shape(self, x: Tensor) -> tuple[int, ...]:
+        if x.dim() != 3:
+            raise fail(self.where, "inputs", "a tensor of shape (batch, time, channels)", f"shape {tuple(x.shape)}")
+        return (x.shape[0], 1, x.shape[2])
+
+
+class GaussianDropout(Layer):
+    """Multiplicative Gaussian noise: ``x * N(1, sqrt(rate / (1 - rate)))`` in training. Rate in [0, 1)."""
+
+    def __init__(self, rate: float, seed: Optional[int] = None, name: Optional[str] = None) -> None:
+        super().__init__(name)
+        self.rate = check_rate(self.where, "rate", rate, allow_one=False)
+        self.seed_stream = SeedStream(seed, self.where)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, rate={self.rate}"
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:
+        if not self.resolve_training(training) or self.rate == 0.0:
+            return x
+        std = math.sqrt(self.rate / (1.0 - self.rate))
+        return x * normal(tuple(x.shape), 1.0, std, self.seed_stream, x.dtype, x.device)
+
+
+class GaussianNoise(Layer):
+    """Additive Gaussian noise: ``x + N(0, stddev)`` in training. ``stddev`` in [0, 1], as Keras checks."""
+
+    def __init__(self, stddev: float, seed: Optional[int] = None, name: Optional[str] = None) -> None:
+        super().__init__(name)
+        self.stddev = check_rate(self.where, "stddev", stddev, allow_one=True)
+        self.seed_stream = SeedStream(seed, self.where)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, stddev={self.stddev}"
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:
+        if not self.resolve_training(training) or self.stddev == 0.0:
+            return x
+        return x + normal(tuple(x.shape), 0.0, self.stddev, self.seed_stream, x.dtype, x.device)
+
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+class AlphaDropout(Dropout):
+    """Dropout for SELU networks: dropped entries are set to SELU's negative saturation and an affine map
+    keeps mean and variance (Klambauer et al. 2017)::
+
+        α' = -alpha·scale;  a = ((1 - p)(1 + p·α'²))^(-1/2);  b = -a·α'·p
+        out = a · (x·keep + α'·(1 - keep)) + b,   keep = uniform(noise_shape) ≥ p
+    """
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:
+        shape = self.concrete_noise_shape(x)
+        if not self.resolve_training(training) or self.rate == 0.0:
+            return x
+        alpha_p = -_SELU_ALPHA * _SELU_SCALE
+        keep = (uniform(shape, self.seed_stream, x.dtype, x.device) >= self.rate).to(x.dtype)
+        a = ((1 - self.rate) * (1 + self.rate * alpha_p**2)) ** -0.5
+        b = -a * alpha_p * self.rate
+        return a * (x * keep + alpha_p * (1 - keep)) + b

@@ -1,0 +1,48 @@
+"""The one error type droprnn raises for bad user input, and the checks that raise it.
+
+Every message names the layer, the argument, what was expected and what was received, so the fix is in
+the message. Checks never use ``assert``: asserts vanish under ``python -O``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DroprnnError(ValueError):
+    """Bad input to a droprnn layer or function. A ``ValueError``, so ``except ValueError`` catches it."""
+
+
+def fail(where: str, argument: str, expected: str, got: Any) -> DroprnnError:
+    """Build (not raise) the standard error: ``raise fail("LSTM 'lstm'", "units", "an int > 0", -1)``."""
+    return DroprnnError(f"{where}: argument `{argument}` expected {expected}, got {got!r}.")
+
+
+def check_rate(where: str, argument: str, value: Any, *, allow_one: bool) -> float:
+    """A dropout rate as a float in [0, 1) (or [0, 1] when ``allow_one``); anything else raises.
+
+    Keras silently clips recurrent-cell rates into [0, 1]; droprnn refuses instead, because a clipped
+    rate is a typo that trains a different model without a word.
+    """
+    interval = "[0, 1]" if allow_one else "[0, 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail(where, argument, f"a float in {interval}", value)
+    value = float(value)
+    if not (0.0 <= value < 1.0 or (allow_one and value == 1.0)):
+        hint = "" if allow_one or value != 1.0 else " (a rate of 1 drops everything; Keras's backends disagree on it)"
+        raise DroprnnError(
+            f"{where}: argument `{argument}` expected a float in {interval}, got {value!r}{hint}."
+        )
+    return value
+
+
+def check_positive_int(where: str, argument: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise fail(where, argument, "an int > 0", value)
+    return value
+
+
+def check_seed(where: str, value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise fail(where, "seed", "an int or None", value)
+    return value

@@ -1,0 +1,162 @@
+"""Keras 3 models to droprnn: ``from_keras(model)`` builds the equivalent layers with the same weights.
+
+Keras is an optional extra (``pip install droprnn[keras]``) and is never imported here: the function only
+reads the objects it is given (``get_config()``, ``get_weights()``), whatever Keras backend made them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from .. import activations
+from ..cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
+from ..dropout.layers import AlphaDropout, Dropout, GaussianDropout, GaussianNoise, SpatialDropout1D
+from ..errors import DroprnnError
+from ..layers.core import Dense, Embedding, Masking, Sequential
+from ..layers.recurrent import GRU, LSTM, RNN, SimpleRNN
+from ..layers.wrappers import Bidirectional, TimeDistributed
+
+
+def _activation(value: Any, where: str) -> activations.ActivationLike:
+    if value is None or isinstance(value, str) or callable(value):
+        return value
+    if isinstance(value, dict):  # a serialized Keras activation, e.g. {"class_name": "function", "config": "tanh"}
+        name = value.get("config")
+        if isinstance(name, str):
+            return name
+    raise DroprnnError(f"from_keras: {where} has an activation droprnn cannot read: {value!r}.")
+
+
+def _cell_args(config: dict, where: str, *names: str) -> dict:
+    args = {"units": config["units"], "activation": _activation(config.get("activation", "tanh"), where)}
+    for name in ("use_bias", "dropout", "recurrent_dropout", "seed", *names):
+        if name in config:
+            args[name] = config[name]
+    if "recurrent_activation" in config:
+        args["recurrent_activation"] = _activation(config["recurrent_activation"], where)
+    return args
+
+
+_CELL_EXTRAS = {"LSTM": ("unit_forget_bias",), "GRU": ("reset_after",), "SimpleRNN": ()}
+_RNN_FLAGS = ("return_sequences", "return_state", "go_backwards", "stateful", "unroll", "zero_output_for_mask")
+
+
+def _recurrent(layer: Any) -> RNN:
+    kind = type(layer).__name__
+    config = layer.get_config()
+    flags = {k: config[k] for k in _RNN_FLAGS if k in config}
+    weights = layer.get_weights()
+    input_size = weights[0].shape[0]
+    if kind in _CELL_EXTRAS:
+        args = _cell_args(config, f"{kind} '{layer.name}'", *_CELL_EXTRAS[kind])
+        cls = {"LSTM": LSTM, "GRU": GRU, "SimpleRNN": SimpleRNN}[kind]
+        ours: RNN = cls(**args, **flags, input_size=input_size, name=layer.name)
+    else:  # keras.layers.RNN around a cell or StackedRNNCells
+        cells = getattr(layer.cell, "cells", [layer.cell])
+        ours = RNN([_cell(c) for c in cells], **flags, input_size=input_size, name=layer.name)
+    ours.set_weights(weights)
+    return ours
+
+
+def _cell(cell: Any) -> Cell:
+    kind = type(cell).__name__
+    table = {"LSTMCell": (LSTMCell, "unit_forget_bias"), "GRUCell": (GRUCell, "reset_after"), "SimpleRNNCell": (SimpleRNNCell,)}
+    if kind not in table:
+        raise DroprnnError(f"from_keras: RNN cell {kind} is not supported; expected one of {', '.join(table)}.")
+    cls, *extras = table[kind]
+    args = _cell_args(cell.get_config(), f"{kind} '{cell.name}'", *extras)
+    return cls(**args)
+
+
+def _bidirectional(layer: Any) -> Bidirectional:
+    config = layer.get_config()
+    return Bidirectional(
+        _recurrent(layer.forward_layer), merge_mode=config.get("merge_mode", "concat"),
+        backward_layer=_recurrent(layer.backward_layer), name=layer.name,
+    )
+
+
+def _dense(layer: Any) -> Dense:
+    config = layer.get_config()
+    weights = layer.get_weights()
+    ours = Dense(
+        config["units"], activation=_activation(config.get("activation"), f"Dense '{layer.name}'"),
+        use_bias=config.get("use_bias", True), input_size=weights[0].shape[0], name=layer.name,
+    )
+    ours.set_weights(weights)
+    return ours
+
+
+def _embedding(layer: Any) -> Embedding:
+    config = layer.get_config()
+    ours = Embedding(config["input_dim"], config["output_dim"], mask_zero=config.get("mask_zero", False), name=layer.name)
+    ours.set_weights(layer.get_weights())
+    return ours
+
+
+def _time_distributed(layer: Any) -> TimeDistributed:
+    return TimeDistributed(convert_layer(layer.layer), name=layer.name)
+
+
+def _simple(cls: type, *keys: str) -> Callable[[Any], nn.Module]:
+    def build(layer: Any) -> nn.Module:
+        config = layer.get_config()
+        return cls(**{k: config[k] for k in keys if k in config}, name=layer.name)
+
+    return build
+
+
+_CONVERTERS: dict[str, Callable[[Any], nn.Module]] = {
+    "LSTM": _recurrent,
+    "GRU": _recurrent,
+    "SimpleRNN": _recurrent,
+    "RNN": _recurrent,
+    "Bidirectional": _bidirectional,
+    "Dense": _dense,
+    "Embedding": _embedding,
+    "TimeDistributed": _time_distributed,
+    "Dropout": _simple(Dropout, "rate", "noise_shape", "seed"),
+    "SpatialDropout1D": _simple(SpatialDropout1D, "rate", "seed"),
+    "GaussianDropout": _simple(GaussianDropout, "rate", "seed"),
+    "GaussianNoise": _simple(GaussianNoise, "stddev", "seed"),
+    "AlphaDropout": _simple(AlphaDropout, "rate", "noise_shape", "seed"),
+    "Masking": _simple(Masking, "mask_value"),
+}
+
+
+def convert_layer(layer: Any) -> nn.Module:
+    """The droprnn equivalent of one Keras layer, with its weights."""
+    kind = type(layer).__name__
+    if kind not in _CONVERTERS:
+        raise DroprnnError(
+            f"from_keras: layer '{getattr(layer, 'name', '?')}' of type {kind} is not supported; "
+            f"supported: {', '.join(sorted(_CONVERTERS))}."
+        )
+    return _CONVERTERS[kind](layer)
+
+
+def from_keras(model: Any) -> nn.Module:
+    """Build the droprnn equivalent of a Keras ``Sequential`` model (or of a single Keras layer).
+
+    The result has the same weights, so in inference (``.eval()``) it computes what the Keras model
+    computes. Supported: LSTM, GRU, SimpleRNN, RNN (with those cells, stacked or not), Bidirectional,
+    Dense, Embedding, TimeDistributed, Dropout, SpatialDropout1D, GaussianDropout, GaussianNoise,
+    AlphaDropout, Masking. Seeds carry over: seeded dropout layers draw the masks Keras's torch backend
+    draws.
+    """
+    kind = type(model).__name__
+    if kind != "Sequential":
+        if kind in _CONVERTERS:
+            return convert_layer(model)
+        raise DroprnnError(
+            f"from_keras: expected a keras Sequential model or one supported layer, got {kind}; "
+            "functional models are not supported (rebuild them as droprnn layers)."
+        )
+    ours = Sequential(name=model.name)
+    for layer in model.layers:
+        if type(layer).__name__ == "InputLayer":
+            continue
+        ours.add(convert_layer(layer))
+    return ours

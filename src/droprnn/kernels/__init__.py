@@ -1,0 +1,1 @@
+"""Kernels that run cells over time. ``reference`` is the plain-PyTorch oracle every fast path equals."""

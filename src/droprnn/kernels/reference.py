@@ -1,0 +1,81 @@
+"""The reference time loop: plain PyTorch ops and autograd. The source of truth every fast path equals.
+
+For stacked cells c_0 … c_{n-1}, a sequence x (B, T, D) and the plan's masks::
+
+    x  = reversed(x) over time if go_backwards (the step mask too)
+    P  = c_0.project_inputs(x, input masks of c_0)       one product for all timesteps
+    for t in 0 … T-1:
+        y = P[:, t]
+        for each cell c_k:   y, s_k' = c_k.step(y if k == 0 else c_k.project_inputs(y), s_k, recurrent masks)
+        where the step is masked (mask[:, t] False): every state keeps its old value (s_k' = s_k) and the
+        output repeats the previous output (zeros before the first step), or is zero with
+        ``zero_output_for_mask``
+    outputs stay in processing order (reversed when go_backwards, as Keras)
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..dropout.plan import DropoutPlan
+
+Tensor = torch.Tensor
+States = tuple[Tensor, ...]
+
+
+def run(
+    cells: Sequence[torch.nn.Module],
+    x: Tensor,
+    initial_states: Sequence[States],
+    plan: DropoutPlan,
+    step_mask: Optional[Tensor] = None,
+    *,
+    go_backwards: bool = False,
+    zero_output_for_mask: bool = False,
+    return_sequences: bool = True,
+) -> tuple[Optional[Tensor], Tensor, list[States]]:
+    """Run ``cells`` over ``x``.
+
+    Args:
+        x: (B, T, D) inputs. T may be 0 only if the caller handles it (the layer rejects it).
+        initial_states: one tuple of (B, state size) tensors per cell.
+        plan: the masks of this call, one :class:`CellMasks` per cell.
+        step_mask: (B, T) bool, True where the step is real; None for all steps.
+
+    Returns:
+        (outputs (B, T, O) or None when not ``return_sequences``, last output (B, O), final states).
+    """
+    if go_backwards:
+        x = x.flip(1)
+        step_mask = None if step_mask is None else step_mask.flip(1)
+    masks = plan.cells
+    projected = cells[0].project_inputs(x, masks[0].input)
+    states = [tuple(s) for s in initial_states]
+    previous_output: Optional[Tensor] = None
+    outputs: list[Tensor] = []
+    for t in range(x.shape[1]):
+        y = projected[:, t]
+        new_states = []
+        for k, cell in enumerate(cells):
+            if k > 0:
+                y = cell.project_inputs(y, masks[k].input)
+            y, cell_states = cell.step(y, states[k], masks[k].recurrent)
+            new_states.append(cell_states)
+        if step_mask is not None:
+            keep = step_mask[:, t, None]
+            new_states = [
+                tuple(torch.where(keep, new, old) for new, old in zip(fresh, held))
+                for fresh, held in zip(new_states, states)
+            ]
+            if zero_output_for_mask or previous_output is None:
+                y = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
+            else:
+                y = torch.where(keep, y, previous_output)
+        states = new_states
+        previous_output = y
+        if return_sequences:
+            outputs.append(y)
+    sequence = torch.stack(outputs, dim=1) if return_sequences else None
+    return sequence, previous_output, states

@@ -1,0 +1,103 @@
+"""What every droprnn layer shares: a name for errors, the training switch, masks and Keras weights."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DroprnnError, check_positive_int
+
+Tensor = torch.Tensor
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+class Layer(nn.Module):
+    """A ``nn.Module`` with Keras's calling conventions.
+
+    - ``layer(x, mask=None, training=None)``: ``training=None`` follows the module's mode
+      (``.train()`` / ``.eval()``); ``training=True`` forces dropout on, e.g. for MC dropout.
+    - ``compute_mask(x, mask)``: the (B, T) mask the layer's output carries (passed on by Sequential).
+    - ``get_weights()`` / ``set_weights()``: NumPy arrays in Keras's order and layouts.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__()
+        self.name = name or snake_case(type(self).__name__)
+
+    @property
+    def where(self) -> str:
+        """How errors name this layer."""
+        return f"{type(self).__name__} '{self.name}'"
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+    def resolve_training(self, training: Optional[bool]) -> bool:
+        return self.training if training is None else bool(training)
+
+    def compute_mask(self, x: Tensor, mask: Optional[Tensor] = None) -> Optional[Tensor]:
+        return mask
+
+    # ------------------------------------------------------------------ Keras weights
+    def keras_weights(self) -> list[nn.Parameter]:
+        """Parameters in Keras's ``get_weights()`` order (and layouts); raises if not built."""
+        return []
+
+    def get_weights(self) -> list[np.ndarray]:
+        return [p.detach().cpu().numpy().copy() for p in self.keras_weights()]
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        params = self.keras_weights()
+        weights = list(weights)
+        if len(weights) != len(params):
+            raise DroprnnError(
+                f"{self.where}: set_weights expected {len(params)} arrays (shapes "
+                f"{[tuple(p.shape) for p in params]}), got {len(weights)}."
+            )
+        with torch.no_grad():
+            for i, (param, value) in enumerate(zip(params, weights)):
+                value = torch.as_tensor(np.asarray(value))
+                if tuple(value.shape) != tuple(param.shape):
+                    raise DroprnnError(
+                        f"{self.where}: set_weights array {i} expected shape {tuple(param.shape)}, "
+                        f"got {tuple(value.shape)}."
+                    )
+                param.copy_(value.to(dtype=param.dtype, device=param.device))
+
+    def count_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def declared_input_size(where: str, input_shape: Optional[Sequence[Any]], input_size: Optional[int]) -> Optional[int]:
+    """The feature size from Keras's ``input_shape=(…, F)`` or torch-style ``input_size=F`` (None if neither)."""
+    from_shape = None
+    if input_shape is not None:
+        if not isinstance(input_shape, (tuple, list)) or not input_shape:
+            raise DroprnnError(f"{where}: argument `input_shape` expected a tuple such as (None, features), got {input_shape!r}.")
+        from_shape = check_positive_int(where, "input_shape[-1]", input_shape[-1])
+    if input_size is not None:
+        input_size = check_positive_int(where, "input_size", input_size)
+        if from_shape is not None and from_shape != input_size:
+            raise DroprnnError(
+                f"{where}: `input_shape` says {from_shape} features but `input_size` says {input_size}; give one."
+            )
+        return input_size
+    return from_shape
+
+
+def float_input(where: str, x: Any, dtype: Optional[torch.dtype]) -> Tensor:
+    """A tensor in the layer's floating dtype (Keras casts integer and mismatched inputs likewise)."""
+    if not torch.is_tensor(x):
+        if isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
+            x = torch.as_tensor(np.asarray(x))
+        else:
+            raise DroprnnError(f"{where}: expected a tensor input, got {type(x).__name__}.")
+    target = dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype())
+    return x if x.dtype == target else x.to(target)
