@@ -133,7 +133,7 @@ class Cell(nn.Module):
         input_size = check_positive_int(self.where, "input_size", input_size)
         if self.built:
             if input_size != self.input_size:
-                raise fail(self.where, "input_size", f"{self.input_size} (the size it was built with)", input_size)
+                raise fail(self.where, "input_size", f"{self.input_size} (the size it was built with)", repr(input_size))
             return
         self.input_size = input_size
         factory = {"dtype": dtype or torch.get_default_dtype(), "device": device}
@@ -193,8 +193,18 @@ class Cell(nn.Module):
 
         ``masks`` is a :class:`droprnn.dropout.CellMasks` (or None for no dropout).
         """
+        if not torch.is_tensor(inputs) or inputs.dim() != 2:
+            got = f"shape {tuple(inputs.shape)}" if torch.is_tensor(inputs) else type(inputs).__name__
+            raise fail(self.where, "inputs", "a tensor of shape (batch, features)", got)
         if not self.built:
             self.build(inputs.shape[-1], dtype=inputs.dtype, device=inputs.device)
+        if inputs.shape[-1] != self.input_size:
+            raise fail(self.where, "inputs", f"{self.input_size} features (the size it was built with)", f"shape {tuple(inputs.shape)}")
+        states = [states] if torch.is_tensor(states) else list(states)
+        expected = [(inputs.shape[0], size) for size in self.state_size]
+        got = [tuple(s.shape) if torch.is_tensor(s) else type(s).__name__ for s in states]
+        if got != expected:
+            raise fail(self.where, "states", f"[{', '.join(self.state_names)}] of shapes {expected}", str(got))
         input_masks = None if masks is None else masks.input
         recurrent_masks = None if masks is None else masks.recurrent
         return self.step(self.project_inputs(inputs, input_masks), tuple(states), recurrent_masks)

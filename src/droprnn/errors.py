@@ -6,6 +6,7 @@ the message. Checks never use ``assert``: asserts vanish under ``python -O``.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 
@@ -13,9 +14,10 @@ class DroprnnError(ValueError):
     """Bad input to a droprnn layer or function. A ``ValueError``, so ``except ValueError`` catches it."""
 
 
-def fail(where: str, argument: str, expected: str, got: Any) -> DroprnnError:
-    """Build (not raise) the standard error: ``raise fail("LSTM 'lstm'", "units", "an int > 0", -1)``."""
-    return DroprnnError(f"{where}: argument `{argument}` expected {expected}, got {got!r}.")
+def fail(where: str, argument: str, expected: str, got: str) -> DroprnnError:
+    """Build (not raise) the standard error. ``got`` is text: pass ``repr(value)`` for a received value,
+    or a description such as ``"shape (2, 3)"``: ``raise fail("LSTM 'lstm'", "units", "an int > 0", repr(-1))``."""
+    return DroprnnError(f"{where}: argument `{argument}` expected {expected}, got {got}.")
 
 
 def check_rate(where: str, argument: str, value: Any, *, allow_one: bool) -> float:
@@ -25,8 +27,8 @@ def check_rate(where: str, argument: str, value: Any, *, allow_one: bool) -> flo
     rate is a typo that trains a different model without a word.
     """
     interval = "[0, 1]" if allow_one else "[0, 1)"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise fail(where, argument, f"a float in {interval}", value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise fail(where, argument, f"a float in {interval}", repr(value))
     value = float(value)
     if not (0.0 <= value < 1.0 or (allow_one and value == 1.0)):
         hint = "" if allow_one or value != 1.0 else " (a rate of 1 drops everything; Keras's backends disagree on it)"
@@ -37,12 +39,19 @@ def check_rate(where: str, argument: str, value: Any, *, allow_one: bool) -> flo
 
 
 def check_positive_int(where: str, argument: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise fail(where, argument, "an int > 0", value)
-    return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise fail(where, argument, "an int > 0", repr(value))
+    return int(value)
 
 
 def check_seed(where: str, value: Any) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise fail(where, "seed", "an int or None", value)
-    return value
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise fail(where, "seed", "an int or None", repr(value))
+    return None if value is None else int(value)
+
+
+def type_name(value: Any) -> str:
+    """A value's type with its module, so `torch.nn.LSTMCell` is not mistaken for droprnn's LSTMCell."""
+    cls = type(value)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

@@ -53,7 +53,7 @@ class Dropout(Layer):
         if not isinstance(noise_shape, (tuple, list)) or any(
             d is not None and (isinstance(d, bool) or not isinstance(d, int) or d <= 0) for d in noise_shape
         ):
-            raise fail(self.where, "noise_shape", "a tuple of positive ints or None", noise_shape)
+            raise fail(self.where, "noise_shape", "a tuple of positive ints or None", repr(noise_shape))
         return tuple(noise_shape)
 
     def concrete_noise_shape(self, x: Tensor) -> tuple[int, ...]:

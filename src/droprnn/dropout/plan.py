@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..errors import DroprnnError, fail, type_name
 from ..random import dropout_mask
 
 Tensor = torch.Tensor
@@ -87,3 +88,24 @@ def draw_plan(
         drawn.append(draw_cell_masks(cell, batch, input_size, training, dtype, device))
         input_size = cell.output_size
     return DropoutPlan(tuple(drawn))
+
+
+def check_plan(where: str, plan: Any, cells: Sequence[Any], batch: int, input_size: int) -> DropoutPlan:
+    """Raise unless ``plan`` holds masks of the right shapes for ``cells`` on this batch."""
+    if not isinstance(plan, DropoutPlan):
+        raise fail(where, "dropout_plan", "a DropoutPlan (see draw_dropout_plan)", type_name(plan))
+    if len(plan.cells) != len(cells):
+        raise fail(where, "dropout_plan", f"masks for {len(cells)} cells", f"masks for {len(plan.cells)} cells")
+    for k, (cell, masks) in enumerate(zip(cells, plan.cells)):
+        gates = getattr(cell, "gates", 1)
+        for kind, tensor, features in (("input", masks.input, input_size), ("recurrent", masks.recurrent, cell.units)):
+            if tensor is None:
+                continue
+            if tensor.dim() != 3 or tensor.shape[0] not in (1, gates) or tuple(tensor.shape[1:]) != (batch, features):
+                expected = f"(1{f' or {gates}' if gates > 1 else ''}, {batch}, {features})"
+                raise DroprnnError(
+                    f"{where}: argument `dropout_plan` expected {kind} masks of cell {k} with shape {expected}, "
+                    f"got {tuple(tensor.shape)}."
+                )
+        input_size = cell.output_size
+    return plan

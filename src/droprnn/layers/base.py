@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DroprnnError, check_positive_int
+from ..errors import DroprnnError, check_positive_int, fail, type_name
 
 Tensor = torch.Tensor
 
@@ -61,9 +61,17 @@ class Layer(nn.Module):
                 f"{self.where}: set_weights expected {len(params)} arrays (shapes "
                 f"{[tuple(p.shape) for p in params]}), got {len(weights)}."
             )
+        arrays = []
+        for i, value in enumerate(weights):
+            array = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value)
+            if array.dtype.kind not in "fiub":
+                raise DroprnnError(
+                    f"{self.where}: set_weights array {i} expected numbers of shape {tuple(params[i].shape)}, "
+                    f"got {type(value).__name__} of dtype {array.dtype}."
+                )
+            arrays.append(torch.as_tensor(array))
         with torch.no_grad():
-            for i, (param, value) in enumerate(zip(params, weights)):
-                value = torch.as_tensor(np.asarray(value))
+            for i, (param, value) in enumerate(zip(params, arrays)):
                 if tuple(value.shape) != tuple(param.shape):
                     raise DroprnnError(
                         f"{self.where}: set_weights array {i} expected shape {tuple(param.shape)}, "
@@ -101,3 +109,28 @@ def float_input(where: str, x: Any, dtype: Optional[torch.dtype]) -> Tensor:
             raise DroprnnError(f"{where}: expected a tensor input, got {type(x).__name__}.")
     target = dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype())
     return x if x.dtype == target else x.to(target)
+
+
+def sequence_mask(where: str, mask: Any, lengths: Any, batch: int, steps: int, device: Any) -> Optional[Tensor]:
+    """The (B, T) bool mask of real steps from a mask or from lengths (at most one of them), validated."""
+    if mask is not None and lengths is not None:
+        raise DroprnnError(f"{where}: give `mask` or `lengths`, not both.")
+    if lengths is not None:
+        try:
+            lengths = torch.as_tensor(lengths, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise fail(where, "lengths", f"integers of shape ({batch},)", repr(lengths)) from None
+        if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise fail(where, "lengths", f"integers of shape ({batch},)", f"{lengths.dtype} of shape {tuple(lengths.shape)}")
+        if bool((lengths < 0).any()) or bool((lengths > steps).any()):
+            raise fail(where, "lengths", f"values in [0, {steps}]", str(lengths.tolist()))
+        return torch.arange(steps, device=device)[None, :] < lengths[:, None]
+    if mask is None:
+        return None
+    try:
+        mask = torch.as_tensor(mask, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise fail(where, "mask", f"a (batch, time) = ({batch}, {steps}) boolean mask", type_name(mask)) from None
+    if tuple(mask.shape) != (batch, steps):
+        raise fail(where, "mask", f"a (batch, time) = ({batch}, {steps}) mask", f"shape {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import activations, initializers
-from ..errors import DroprnnError, check_positive_int, fail
-from .base import Layer, declared_input_size, float_input
+from ..errors import DroprnnError, check_positive_int, fail, type_name
+from .base import Layer, declared_input_size, float_input, sequence_mask
 
 Tensor = torch.Tensor
 
@@ -32,7 +32,7 @@ class Sequential(Layer):
 
     def add(self, layer: nn.Module) -> None:
         if not isinstance(layer, nn.Module):
-            raise fail(self.where, "layer", "an nn.Module (a droprnn layer or any torch module)", type(layer).__name__)
+            raise fail(self.where, "layer", "an nn.Module (a droprnn layer or any torch module)", type_name(layer))
         self.layers.append(layer)
 
     def pop(self) -> nn.Module:
@@ -68,11 +68,10 @@ class Sequential(Layer):
     ) -> Tensor:
         if not len(self.layers):
             raise DroprnnError(f"{self.where}: the model has no layers; add some with .add(layer).")
-        if lengths is not None:
-            if mask is not None:
-                raise DroprnnError(f"{self.where}: give `mask` or `lengths`, not both.")
-            lengths = torch.as_tensor(lengths)
-            mask = torch.arange(x.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+        if mask is not None or lengths is not None:
+            if not torch.is_tensor(x) or x.dim() < 2:
+                raise fail(self.where, "inputs", "a (batch, time, ...) tensor when a mask or lengths is given", type_name(x))
+            mask = sequence_mask(self.where, mask, lengths, x.shape[0], x.shape[1], x.device)
         training = self.resolve_training(training)
         for layer in self.layers:
             if isinstance(layer, Layer):

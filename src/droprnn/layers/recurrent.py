@@ -16,10 +16,10 @@ from torch import nn
 
 from .. import activations, initializers
 from ..cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
-from ..dropout.plan import DropoutPlan, draw_plan
-from ..errors import DroprnnError, fail
+from ..dropout.plan import DropoutPlan, check_plan, draw_plan
+from ..errors import DroprnnError, check_positive_int, fail, type_name
 from ..kernels import reference
-from .base import Layer, declared_input_size, float_input
+from .base import Layer, declared_input_size, float_input, sequence_mask
 
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
@@ -77,12 +77,12 @@ class RNN(Layer):
         super().__init__(name)
         cells = list(cell) if isinstance(cell, (list, tuple)) else [cell]
         if not cells:
-            raise fail(self.where, "cell", "a cell or a non-empty list of cells", cell)
+            raise fail(self.where, "cell", "a cell or a non-empty list of cells", repr(cell))
         for c in cells:
             if not isinstance(c, Cell):
                 raise fail(
-                    self.where, "cell", "a droprnn cell (LSTMCell, GRUCell, SimpleRNNCell or a Cell subclass)",
-                    type(c).__name__,
+                    self.where, "cell", "a droprnn cell (droprnn.LSTMCell, GRUCell, SimpleRNNCell or a Cell subclass)",
+                    type_name(c),
                 )
         self.cell: nn.Module = cells[0] if len(cells) == 1 else StackedCells(cells)
         self.return_sequences = bool(return_sequences)
@@ -140,6 +140,7 @@ class RNN(Layer):
         """Draw the masks one call on ``batch`` sequences would use (advancing the seed streams)."""
         if not self.built:
             raise DroprnnError(f"{self.where}: cannot draw dropout masks before the input size is known.")
+        batch = check_positive_int(self.where, "batch", batch)
         kernel = self.cells[0].kernel
         return draw_plan(
             self.cells, batch, self.input_size, training, dtype or kernel.dtype,
@@ -169,14 +170,15 @@ class RNN(Layer):
         # One cell: a tensor or a list of tensors. Stacked cells: one such entry per cell.
         per_cell = [initial_state] if len(cells) == 1 else initial_state
         if torch.is_tensor(per_cell) or not isinstance(per_cell, (list, tuple)) or len(per_cell) != len(cells):
+            got = f"a list of {len(per_cell)}" if isinstance(per_cell, (list, tuple)) else type_name(initial_state)
             raise fail(
                 self.where, "initial_state", f"a list with one entry (a list of states) per stacked cell ({len(cells)})",
-                type(initial_state).__name__,
+                got,
             )
         states = []
         for cell, given in zip(cells, per_cell):
             if not torch.is_tensor(given) and not isinstance(given, (list, tuple)):
-                raise fail(self.where, "initial_state", "a tensor or a list of tensors", type(given).__name__)
+                raise fail(self.where, "initial_state", "a tensor or a list of tensors", type_name(given))
             given = [given] if torch.is_tensor(given) else list(given)
             names = cell.state_names
             if len(given) != len(names):
@@ -195,23 +197,6 @@ class RNN(Layer):
         return states
 
     # ------------------------------------------------------------------ call
-    def _step_mask(self, mask: Any, lengths: Any, batch: int, steps: int, device: torch.device) -> Optional[Tensor]:
-        if mask is not None and lengths is not None:
-            raise DroprnnError(f"{self.where}: give `mask` or `lengths`, not both.")
-        if lengths is not None:
-            lengths = torch.as_tensor(lengths, device=device)
-            if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex():
-                raise fail(self.where, "lengths", f"integers of shape ({batch},)", f"{lengths.dtype} of shape {tuple(lengths.shape)}")
-            if bool((lengths < 0).any()) or bool((lengths > steps).any()):
-                raise fail(self.where, "lengths", f"values in [0, {steps}]", lengths.tolist())
-            return torch.arange(steps, device=device)[None, :] < lengths[:, None]
-        if mask is None:
-            return None
-        mask = torch.as_tensor(mask, device=device)
-        if tuple(mask.shape) != (batch, steps):
-            raise fail(self.where, "mask", f"a (batch, time) = ({batch}, {steps}) mask", f"shape {tuple(mask.shape)}")
-        return mask if mask.dtype == torch.bool else mask != 0
-
     def forward(
         self,
         x: Tensor,
@@ -236,13 +221,13 @@ class RNN(Layer):
                 self.where, "inputs", f"{self.input_size} features on the last axis (the size it was built with)",
                 f"shape {tuple(x.shape)}",
             )
-        step_mask = self._step_mask(mask, lengths, batch, steps, x.device)
+        step_mask = sequence_mask(self.where, mask, lengths, batch, steps, x.device)
         states = self._initial_states(initial_state, batch, x)
         # plan the dropout
         if dropout_plan is None:
             dropout_plan = draw_plan(self.cells, batch, features, self.resolve_training(training), x.dtype, x.device)
-        elif len(dropout_plan.cells) != len(self.cells):
-            raise fail(self.where, "dropout_plan", f"masks for {len(self.cells)} cells", len(dropout_plan.cells))
+        else:
+            check_plan(self.where, dropout_plan, self.cells, batch, features)
         self.last_dropout_plan = dropout_plan
         # run the kernel over time
         sequence, last, final_states = reference.run(

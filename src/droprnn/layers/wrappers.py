@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..errors import DroprnnError, fail
+from ..errors import DroprnnError, fail, type_name
 from ..random import SeedStream
 from .base import Layer, declared_input_size
 from .recurrent import RNN
@@ -57,9 +57,9 @@ class Bidirectional(Layer):
     ) -> None:
         super().__init__(name)
         if not isinstance(layer, RNN):
-            raise fail(self.where, "layer", "a droprnn recurrent layer (LSTM, GRU, SimpleRNN or RNN)", type(layer).__name__)
+            raise fail(self.where, "layer", "a droprnn recurrent layer (droprnn.LSTM, GRU, SimpleRNN or RNN)", type_name(layer))
         if merge_mode not in _MERGE_MODES:
-            raise fail(self.where, "merge_mode", "one of 'concat', 'sum', 'ave', 'mul' or None", merge_mode)
+            raise fail(self.where, "merge_mode", "one of 'concat', 'sum', 'ave', 'mul' or None", repr(merge_mode))
         self.merge_mode = merge_mode
         if backward_layer is None:
             backward_layer = copy.deepcopy(layer)
@@ -71,12 +71,17 @@ class Bidirectional(Layer):
                 cell.seed_stream = SeedStream(_independent_seed(cell.seed_stream.seed))
         else:
             if not isinstance(backward_layer, RNN):
-                raise fail(self.where, "backward_layer", "a droprnn recurrent layer", type(backward_layer).__name__)
+                raise fail(self.where, "backward_layer", "a droprnn recurrent layer", type_name(backward_layer))
             if backward_layer.go_backwards == layer.go_backwards:
-                raise fail(self.where, "backward_layer", f"go_backwards={not layer.go_backwards}", backward_layer.go_backwards)
+                raise fail(self.where, "backward_layer", f"go_backwards={not layer.go_backwards}", str(backward_layer.go_backwards))
             for attr in ("return_sequences", "return_state", "stateful"):
                 if getattr(backward_layer, attr) != getattr(layer, attr):
-                    raise fail(self.where, f"backward_layer.{attr}", f"{getattr(layer, attr)} (as the forward layer)", getattr(backward_layer, attr))
+                    raise fail(self.where, f"backward_layer.{attr}", f"{getattr(layer, attr)} (as the forward layer)", str(getattr(backward_layer, attr)))
+            if merge_mode in ("sum", "ave", "mul") and backward_layer.output_size != layer.output_size:
+                raise fail(
+                    self.where, "backward_layer", f"{layer.output_size} units (as the forward layer, to {merge_mode} outputs)",
+                    f"{backward_layer.output_size} units",
+                )
         self.forward_layer = layer
         self.backward_layer = backward_layer
         for sub in (self.forward_layer, self.backward_layer):
@@ -135,7 +140,7 @@ class Bidirectional(Layer):
             if not isinstance(initial_state, (list, tuple)) or len(initial_state) % 2:
                 raise fail(
                     self.where, "initial_state", "a list of forward states then backward states (even length)",
-                    type(initial_state).__name__ if not isinstance(initial_state, (list, tuple)) else len(initial_state),
+                    type_name(initial_state) if not isinstance(initial_state, (list, tuple)) else f"{len(initial_state)} states",
                 )
             half = len(initial_state) // 2
             forward_state, backward_state = list(initial_state[:half]), list(initial_state[half:])
@@ -163,7 +168,7 @@ class TimeDistributed(Layer):
     def __init__(self, layer: nn.Module, name: Optional[str] = None) -> None:
         super().__init__(name)
         if not isinstance(layer, nn.Module):
-            raise fail(self.where, "layer", "an nn.Module", type(layer).__name__)
+            raise fail(self.where, "layer", "an nn.Module", type_name(layer))
         self.layer = layer
 
     def keras_weights(self) -> list[nn.Parameter]:
