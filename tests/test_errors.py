@@ -166,7 +166,7 @@ def test_cell_rates_inside_interval_accepted(kind, value):
     assert layer.dropout == layer.recurrent_dropout == float(value)
 
 
-@pytest.mark.parametrize("cls", [d.Dropout, d.SpatialDropout1D, d.AlphaDropout])
+@pytest.mark.parametrize("cls", [d.Dropout, d.SpatialDropout1D])
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("inf"), "0.5", True], ids=repr)
 def test_dropout_rate_outside_closed_interval(cls, value):
     where = f"{cls.__name__} 'drop'"
@@ -178,6 +178,13 @@ def test_dropout_rate_one_allowed_and_drops_everything():
     x = torch.randn(2, 3, 4)
     assert torch.equal(d.Dropout(1.0)(x, training=True), torch.zeros_like(x))
     assert torch.equal(d.Dropout(1.0)(x, training=False), x)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 2.0, "x"], ids=repr)
+def test_alpha_dropout_rate_one_rejected(value):
+    # At rate 1 the affine correction ((1 - p)(1 + p·α'²))^(-1/2) is undefined.
+    with pytest.raises(DroprnnError, match=rx("AlphaDropout 'ad'", "`rate`", "a float in [0, 1)", _got(value))):
+        d.AlphaDropout(value, name="ad")
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 2.0, "x"], ids=repr)

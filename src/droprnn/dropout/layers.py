@@ -34,12 +34,14 @@ class Dropout(Layer):
     Input and output: any shape. The (B, T) mask passes through.
     """
 
+    rate_may_be_one = True
+
     def __init__(
         self, rate: float, noise_shape: Optional[Sequence[Optional[int]]] = None, seed: Optional[int] = None,
         name: Optional[str] = None,
     ) -> None:
         super().__init__(name)
-        self.rate = check_rate(self.where, "rate", rate, allow_one=True)
+        self.rate = check_rate(self.where, "rate", rate, allow_one=self.rate_may_be_one)
         self.noise_shape = self._validated_noise_shape(noise_shape)
         self.seed_stream = SeedStream(seed, self.where)
 
@@ -143,7 +145,11 @@ class AlphaDropout(Dropout):
 
         α' = -alpha·scale;  a = ((1 - p)(1 + p·α'²))^(-1/2);  b = -a·α'·p
         out = a · (x·keep + α'·(1 - keep)) + b,   keep = uniform(noise_shape) ≥ p
+
+    ``rate`` in [0, 1): at 1 the affine map is undefined.
     """
+
+    rate_may_be_one = False
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:
         shape = self.concrete_noise_shape(x)
