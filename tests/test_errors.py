@@ -302,7 +302,7 @@ def test_noise_shape_good_forms_accepted():
 @pytest.mark.parametrize("training", [True, False])
 def test_spatial_dropout_needs_3d(shape, training):
     layer = d.SpatialDropout1D(0.5, name="sd")
-    with pytest.raises(DroprnnError, match=rx("SpatialDropout1D 'sd'", "`inputs`", "(batch, time, channels)", f"shape {shape}")):
+    with pytest.raises(DroprnnError, match=rx("SpatialDropout1D 'sd'", "`inputs`", "(batch, time, features)", f"shape {shape}")):
         layer(torch.ones(shape), training=training)
 
 

@@ -5,9 +5,13 @@ Keras-exact recurrent layers and dropout (``LSTM(dropout=, recurrent_dropout=)``
 """
 
 from .cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
-from .dropout import (
-    AlphaDropout, CellMasks, Dropout, DropoutPlan, GaussianDropout, GaussianNoise, SpatialDropout1D,
+from . import nn
+from .dropout.layers import (
+    AlphaDropout, Dropout, EmbeddingDropout, GaussianDropout, GaussianNoise, LockedDropout, SpatialDropout1D,
+    TimestepDropout, WordDropout,
 )
+from .dropout.mc import mc_dropout_mode, mc_predict
+from .dropout.plan import CellMasks, DropoutPlan
 from .errors import DroprnnError
 from .interop.keras import from_keras
 from .layers import (
@@ -18,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlphaDropout", "Bidirectional", "Cell", "CellMasks", "Dense", "Dropout", "DropoutPlan", "DroprnnError",
-    "Embedding", "GRU", "GRUCell", "GaussianDropout", "GaussianNoise", "LSTM", "LSTMCell", "Layer", "Masking",
-    "RNN", "Sequential", "SimpleRNN", "SimpleRNNCell", "SpatialDropout1D", "TimeDistributed", "from_keras",
+    "Embedding", "EmbeddingDropout", "GRU", "GRUCell", "GaussianDropout", "GaussianNoise", "LSTM", "LSTMCell",
+    "Layer", "LockedDropout", "Masking", "RNN", "Sequential", "SimpleRNN", "SimpleRNNCell", "SpatialDropout1D",
+    "TimeDistributed", "TimestepDropout", "WordDropout", "from_keras", "mc_dropout_mode", "mc_predict", "nn",
 ]

@@ -1,34 +1,39 @@
-"""Recurrent cells: Keras's parameters and one step of math. No time loop and no randomness here.
+"""Recurrent cells: Keras's parameters, dropout configuration and one step of math. No time loop and no
+randomness here: masks come in as data (:mod:`droprnn.dropout.plan`), weights as arguments.
 
-Symbols: B batch, T time, D input features, U units, k the number of gate blocks (LSTM 4, GRU 3,
-SimpleRNN 1). Weights are Keras's, ``x @ W`` with W of shape (in, out):
+Symbols: B batch, T time, D input features, U units, H = U (or ``proj_size`` for a projected LSTM),
+k gate blocks (LSTM 4, GRU 3, SimpleRNN 1). Weights are Keras's, ``x @ W`` with W of shape (in, out):
 
-=============  ============================  ===================  =======================================
-cell           ``kernel``                    ``recurrent_kernel``  ``bias``
-=============  ============================  ===================  =======================================
-LSTMCell       (D, 4U) blocks [i | f | c | o]  (U, 4U)               (4U,)
+=============  ==============================  ====================  =====================================
+cell           ``kernel``                      ``recurrent_kernel``  ``bias``
+=============  ==============================  ====================  =====================================
+LSTMCell       (D, 4U) blocks [i | f | c | o]  (H, 4U)               (4U,)
 GRUCell        (D, 3U) blocks [z | r | h]      (U, 3U)               (2, 3U) rows [input; recurrent] when
                                                                      ``reset_after`` (default), else (3U,)
-SimpleRNNCell  (D, U)                        (U, U)                (U,)
-=============  ============================  ===================  =======================================
+SimpleRNNCell  (D, U)                          (U, U)                (U,)
+=============  ==============================  ====================  =====================================
 
 A step is split in two so that a layer can project the inputs of all timesteps in one product:
-``project_inputs(x, input_masks)`` (any leading shape) then ``step(projected_t, states, recurrent_masks)``.
+``project_inputs(x, weights, input_masks)`` (any leading shape), then ``step(projected_t, states, weights,
+step_masks)``. ``weights`` is a :class:`CellWeights` in Keras layout: ``cell.weights()`` for the cell's own
+parameters, or converted ones (``droprnn.nn`` keeps torch's layout and converts).
 
-Dropout masks are data passed in (see :mod:`droprnn.dropout.plan`): ``input_masks`` of shape (m, B, D) and
-``recurrent_masks`` of shape (m, B, U), where m == 1 means one mask shared by every gate and m == k means
-one mask per gate, gate g's block of columns seeing ``x * masks[g]``. Recurrent masks multiply only the
-copies of h(t-1) fed to the recurrent kernel, never the carried state.
+Masks multiply where the docstrings of each cell mark them: input masks ``m_x`` (m, B, D) and recurrent
+masks ``m_h`` (m, B, H), with m == 1 one mask shared by every gate and m == k one per gate (gate g's
+block of columns sees ``x * masks[g]``); an update mask ``m_u`` (B, U) on LSTM's g / GRU's candidate;
+zoneout on the carried states. Recurrent masks touch only the copies of h(t-1) fed to the recurrent
+kernel, never the carried state.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import activations, initializers
+from .dropout.modes import INPUT_MODES, RECURRENT_MODES, UPDATE_MODES, check_mode
 from .errors import DroprnnError, check_positive_int, check_rate, fail
 from .random import SeedStream
 
@@ -36,16 +41,34 @@ Tensor = torch.Tensor
 States = tuple[Tensor, ...]
 
 
+class CellWeights(NamedTuple):
+    """A cell's weights in Keras layout, as the step math reads them."""
+
+    kernel: Tensor  # (D, kU)
+    recurrent_kernel: Tensor  # (H, kU)
+    input_bias: Optional[Tensor] = None  # (kU,)
+    recurrent_bias: Optional[Tensor] = None  # (kU,): GRU with reset_after only
+    projection: Optional[Tensor] = None  # (U, H): LSTM with proj_size only
+
+
+class StepMasks(NamedTuple):
+    """The masks of one timestep (see :meth:`droprnn.dropout.CellMasks.at`)."""
+
+    recurrent: Optional[Tensor] = None  # (m, B, H) on h(t-1) where it meets the recurrent kernel
+    update: Optional[Tensor] = None  # (B, U) on the cell update
+    zoneout: Optional[tuple[Optional[Tensor], ...]] = None  # per state: keep-old indicator or its expectation
+
+
 def masked_matmul(x: Tensor, weight: Tensor, masks: Optional[Tensor], blocks: int) -> Tensor:
     """``x @ weight`` where the columns of block g see ``x * masks[g]`` (``masks[0]`` for all if m == 1).
 
-    x: (B, D) or (B, T, D); weight: (D, blocks·U); masks: None or (m, B, D) with m in {1, blocks},
-    broadcast over time when x has a time axis.
+    x: (B, D) or (B, T, D); weight: (D, blocks·U); masks: None, (m, B, D) with m in {1, blocks} (broadcast
+    over time when x has a time axis), or (T, m, B, D) — one mask per timestep — when x is (B, T, D).
     """
     if masks is None:
         return x @ weight
     if x.dim() == 3:
-        masks = masks.unsqueeze(2)
+        masks = masks.permute(1, 2, 0, 3) if masks.dim() == 4 else masks.unsqueeze(2)
     if masks.shape[0] == 1:
         return (x * masks[0]) @ weight
     return torch.cat([(x * m) @ w for m, w in zip(masks, weight.chunk(blocks, dim=1))], dim=-1)
@@ -58,16 +81,25 @@ def _gate_mask(masks: Optional[Tensor], gate: int) -> Optional[Tensor]:
 
 
 class Cell(nn.Module):
-    """Base of all cells: lazy parameters in Keras layout, dropout rates and a seed stream.
+    """Base of all cells: lazy parameters in Keras layout, dropout configuration and a seed stream.
 
-    A subclass sets ``gates`` and ``state_names``, implements :meth:`step` (and overrides ``bias_shape``,
-    ``initial_bias`` or ``input_bias`` where its bias differs), and ends its ``__init__`` with
-    ``self.build(input_size)`` when the input size is known. A layer calls ``project_inputs`` once for the
-    whole sequence, then ``step`` at each timestep.
+    Dropout configuration (the plan reads it; the cell itself never draws):
+        dropout, recurrent_dropout: Keras's rates, in [0, 1).
+        recurrent_dropout_mode: how ``recurrent_dropout`` acts; one of
+            :data:`droprnn.dropout.modes.RECURRENT_MODES` ("keras" by default).
+        input_dropout_mode: how ``dropout`` acts; one of :data:`~droprnn.dropout.modes.INPUT_MODES`.
+        zoneout_h (and LSTM's zoneout_c): the probability that a unit keeps its previous value at a step
+            (Krueger et al. 2016); in inference the expectation is used.
+
+    A subclass sets ``gates`` and ``state_names``, implements :meth:`transition` (and overrides
+    ``bias_shape``, ``initial_bias`` or ``weights`` where its parameters differ), and ends its
+    ``__init__`` with ``self.build(input_size)`` when the input size is known. The output of a step is
+    the first state.
     """
 
     gates: int = 1
     state_names: tuple[str, ...] = ("h",)
+    has_update: bool = True  # whether the step has a cell update that "update" dropout can mask
 
     def __init__(
         self,
@@ -80,6 +112,9 @@ class Cell(nn.Module):
         bias_initializer: initializers.InitializerLike = "zeros",
         dropout: float = 0.0,
         recurrent_dropout: float = 0.0,
+        recurrent_dropout_mode: str = "keras",
+        input_dropout_mode: str = "keras",
+        zoneout_h: float = 0.0,
         seed: int | None = None,
         name: str | None = None,
     ) -> None:
@@ -94,6 +129,15 @@ class Cell(nn.Module):
         self.bias_initializer = initializers.get(bias_initializer, where, "bias_initializer")
         self.dropout = check_rate(where, "dropout", dropout, allow_one=False)
         self.recurrent_dropout = check_rate(where, "recurrent_dropout", recurrent_dropout, allow_one=False)
+        self.recurrent_dropout_mode = check_mode(where, "recurrent_dropout_mode", recurrent_dropout_mode, RECURRENT_MODES)
+        self.input_dropout_mode = check_mode(where, "input_dropout_mode", input_dropout_mode, INPUT_MODES)
+        if self.recurrent_dropout_mode in UPDATE_MODES and not self.has_update:
+            raise DroprnnError(
+                f"{where}: argument `recurrent_dropout_mode` {self.recurrent_dropout_mode!r} masks a cell update "
+                f"(LSTM's g, GRU's candidate), which {type(self).__name__} does not have: its whole state is the "
+                "update, so masking it erases memory. Use 'keras', 'tied', 'per_step' or a 'weights' mode."
+            )
+        self.zoneout_h = check_rate(where, "zoneout_h", zoneout_h, allow_one=False)
         self.seed_stream = SeedStream(seed, where)
         self.input_size: int | None = None
         self.register_parameter("kernel", None)
@@ -113,7 +157,12 @@ class Cell(nn.Module):
 
     @property
     def output_size(self) -> int:
-        return self.units
+        return self.state_size[0]
+
+    @property
+    def zoneout_rates(self) -> tuple[float, ...]:
+        """Per state, the zoneout probability (0 for none)."""
+        return (self.zoneout_h,) + (0.0,) * (len(self.state_names) - 1)
 
     @property
     def built(self) -> bool:
@@ -121,10 +170,13 @@ class Cell(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"units={self.units}", f"input_size={self.input_size}"]
-        if self.dropout:
-            parts.append(f"dropout={self.dropout}")
-        if self.recurrent_dropout:
-            parts.append(f"recurrent_dropout={self.recurrent_dropout}")
+        for name in ("dropout", "recurrent_dropout", "zoneout_h", "zoneout_c"):
+            if getattr(self, name, 0.0):
+                parts.append(f"{name}={getattr(self, name)}")
+        if self.recurrent_dropout_mode != "keras":
+            parts.append(f"recurrent_dropout_mode={self.recurrent_dropout_mode!r}")
+        if self.input_dropout_mode != "keras":
+            parts.append(f"input_dropout_mode={self.input_dropout_mode!r}")
         return ", ".join(parts)
 
     # ---------------------------------------------------------------- parameters
@@ -139,7 +191,7 @@ class Cell(nn.Module):
         factory = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         k, u = self.gates, self.units
         self.kernel = nn.Parameter(torch.empty(input_size, k * u, **factory))
-        self.recurrent_kernel = nn.Parameter(torch.empty(u, k * u, **factory))
+        self.recurrent_kernel = nn.Parameter(torch.empty(self.state_size[0], k * u, **factory))
         if self.use_bias:
             self.bias = nn.Parameter(torch.empty(self.bias_shape(), **factory))
         self.reset_parameters()
@@ -163,35 +215,54 @@ class Cell(nn.Module):
     def initial_bias(self) -> Tensor:
         return self.bias_initializer(self.bias.shape, dtype=self.bias.dtype, device=self.bias.device)
 
-    def keras_weights(self) -> list[nn.Parameter]:
-        """Parameters in Keras's ``get_weights()`` order: kernel, recurrent_kernel, bias."""
+    def _require_built(self) -> None:
         if not self.built:
             raise DroprnnError(
                 f"{self.where}: weights do not exist yet; give `input_size=` / `input_shape=` or call the layer once."
             )
+
+    def keras_weights(self) -> list[nn.Parameter]:
+        """Parameters in Keras's ``get_weights()`` order: kernel, recurrent_kernel, bias."""
+        self._require_built()
         return [p for p in (self.kernel, self.recurrent_kernel, self.bias) if p is not None]
+
+    def weights(self) -> CellWeights:
+        """The cell's own parameters as the step math reads them."""
+        self._require_built()
+        return CellWeights(self.kernel, self.recurrent_kernel, self.bias)
 
     # ---------------------------------------------------------------- math
     def initial_state(self, batch: int, dtype: torch.dtype, device: Any) -> States:
         return tuple(torch.zeros(batch, size, dtype=dtype, device=device) for size in self.state_size)
 
-    def input_bias(self) -> Optional[Tensor]:
-        return self.bias
-
-    def project_inputs(self, x: Tensor, input_masks: Optional[Tensor] = None) -> Tensor:
+    def project_inputs(self, x: Tensor, weights: CellWeights, input_masks: Optional[Tensor] = None) -> Tensor:
         """(B, [T,] D) -> (B, [T,] k·U): the input kernel applied to (masked) inputs, plus the input bias."""
-        projected = masked_matmul(x, self.kernel, input_masks, self.gates)
-        bias = self.input_bias()
-        return projected if bias is None else projected + bias
+        projected = masked_matmul(x, weights.kernel, input_masks, self.gates)
+        return projected if weights.input_bias is None else projected + weights.input_bias
 
-    def step(self, projected: Tensor, states: States, recurrent_masks: Optional[Tensor] = None) -> tuple[Tensor, States]:
-        """One timestep from the projected input (B, k·U) and the states; returns (output, new states)."""
+    def transition(
+        self, projected: Tensor, states: States, weights: CellWeights, masks: StepMasks
+    ) -> States:
+        """The cell's own math: new states from the projected input (B, k·U) and the states."""
         raise NotImplementedError
+
+    def step(
+        self, projected: Tensor, states: States, weights: CellWeights, masks: Optional[StepMasks] = None
+    ) -> tuple[Tensor, States]:
+        """One timestep: :meth:`transition`, then zoneout. Returns (output, new states)."""
+        masks = masks or StepMasks()
+        new = self.transition(projected, states, weights, masks)
+        if masks.zoneout is not None:
+            # Zoneout: each unit keeps its previous value with indicator d (its expectation in inference).
+            new = tuple(
+                fresh if d is None else d * old + (1 - d) * fresh for fresh, old, d in zip(new, states, masks.zoneout)
+            )
+        return new[0], new
 
     def forward(self, inputs: Tensor, states: Sequence[Tensor], masks: Any = None) -> tuple[Tensor, States]:
         """One whole step, Keras's ``cell(inputs, states)``: (B, D) and the states -> (output, new states).
 
-        ``masks`` is a :class:`droprnn.dropout.CellMasks` (or None for no dropout).
+        ``masks`` is a :class:`droprnn.dropout.plan.CellMasks` for one sequence step (or None).
         """
         if not torch.is_tensor(inputs) or inputs.dim() != 2:
             got = f"shape {tuple(inputs.shape)}" if torch.is_tensor(inputs) else type(inputs).__name__
@@ -205,21 +276,24 @@ class Cell(nn.Module):
         got = [tuple(s.shape) if torch.is_tensor(s) else type(s).__name__ for s in states]
         if got != expected:
             raise fail(self.where, "states", f"[{', '.join(self.state_names)}] of shapes {expected}", str(got))
-        input_masks = None if masks is None else masks.input
-        recurrent_masks = None if masks is None else masks.recurrent
-        return self.step(self.project_inputs(inputs, input_masks), tuple(states), recurrent_masks)
+        weights = self.weights() if masks is None else masks.weights_for(self.weights())
+        step_masks = None if masks is None else masks.at(0)
+        input_masks = None if masks is None else masks.input_at(0)
+        return self.step(self.project_inputs(inputs, weights, input_masks), tuple(states), weights, step_masks)
 
 
 class LSTMCell(Cell):
-    """Keras's LSTM step (gate order i, f, c, o; the input mask of gate g is ``input_masks[g]``)::
+    """Keras's LSTM step (gate order i, f, c, o)::
 
         z          = (x ⊙ m_x^g) @ K_g + b_g + (h ⊙ m_h^g) @ R_g        for g in i, f, c, o
         i, f, o    = σ(z_i), σ(z_f), σ(z_o)
-        c_t        = f * c_{t-1} + i * φ(z_c)                            (c_{t-1} is never masked)
-        h_t        = o * φ(c_t)
+        c_t        = f * c_{t-1} + i * (φ(z_c) ⊙ m_u)                    (c_{t-1} is never masked)
+        h_t        = o * φ(c_t)                    (with proj_size: h_t = (o * φ(c_t)) @ P)
 
     φ = ``activation`` (tanh), σ = ``recurrent_activation`` (sigmoid). With ``unit_forget_bias`` the
     forget block of the initial bias is exactly 1.0 and the other blocks use ``bias_initializer``.
+    ``proj_size`` (not in Keras; ``torch.nn.LSTM``'s) adds the projection P (U, proj_size): h and the
+    output have ``proj_size`` features. ``zoneout_c`` zones the cell state c as ``zoneout_h`` zones h.
     """
 
     gates = 4
@@ -237,6 +311,11 @@ class LSTMCell(Cell):
         unit_forget_bias: bool = True,
         dropout: float = 0.0,
         recurrent_dropout: float = 0.0,
+        recurrent_dropout_mode: str = "keras",
+        input_dropout_mode: str = "keras",
+        zoneout_h: float = 0.0,
+        zoneout_c: float = 0.0,
+        proj_size: int = 0,
         seed: int | None = None,
         input_size: int | None = None,
         dtype: torch.dtype | None = None,
@@ -246,12 +325,49 @@ class LSTMCell(Cell):
         super().__init__(
             units, activation=activation, use_bias=use_bias, kernel_initializer=kernel_initializer,
             recurrent_initializer=recurrent_initializer, bias_initializer=bias_initializer, dropout=dropout,
-            recurrent_dropout=recurrent_dropout, seed=seed, name=name,
+            recurrent_dropout=recurrent_dropout, recurrent_dropout_mode=recurrent_dropout_mode,
+            input_dropout_mode=input_dropout_mode, zoneout_h=zoneout_h, seed=seed, name=name,
         )
         self.recurrent_activation = activations.get(recurrent_activation, self.where, "recurrent_activation")
         self.unit_forget_bias = bool(unit_forget_bias)
+        self.zoneout_c = check_rate(self.where, "zoneout_c", zoneout_c, allow_one=False)
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or not 0 <= proj_size:
+            raise fail(self.where, "proj_size", "an int >= 0 (0: no projection)", repr(proj_size))
+        if proj_size >= self.units:
+            raise fail(self.where, "proj_size", f"fewer than units ({self.units}) features", repr(proj_size))
+        self.proj_size = proj_size
+        self.register_parameter("projection", None)
         if input_size is not None:
             self.build(input_size, dtype=dtype, device=device)
+
+    @property
+    def state_size(self) -> tuple[int, ...]:
+        return (self.proj_size or self.units, self.units)
+
+    @property
+    def zoneout_rates(self) -> tuple[float, ...]:
+        return (self.zoneout_h, self.zoneout_c)
+
+    def build(self, input_size: int, dtype: torch.dtype | None = None, device: Any = None) -> None:
+        was_built = self.built
+        super().build(input_size, dtype=dtype, device=device)
+        if self.proj_size and not was_built:
+            self.projection = nn.Parameter(torch.empty(self.units, self.proj_size, dtype=self.kernel.dtype, device=self.kernel.device))
+            with torch.no_grad():
+                self.projection.copy_(self.kernel_initializer(self.projection.shape, self.kernel.dtype, self.kernel.device))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.built and self.projection is not None:
+            with torch.no_grad():
+                self.projection.copy_(self.kernel_initializer(self.projection.shape, self.kernel.dtype, self.kernel.device))
+
+    def keras_weights(self) -> list[nn.Parameter]:
+        return super().keras_weights() + ([self.projection] if self.projection is not None else [])
+
+    def weights(self) -> CellWeights:
+        self._require_built()
+        return CellWeights(self.kernel, self.recurrent_kernel, self.bias, projection=self.projection)
 
     def initial_bias(self) -> Tensor:
         if not self.unit_forget_bias:
@@ -263,14 +379,17 @@ class LSTMCell(Cell):
             self.bias_initializer((2 * u,), **factory),
         ])
 
-    def step(self, projected, states, recurrent_masks=None):
+    def transition(self, projected, states, weights, masks):
         h, c = states
-        z = projected + masked_matmul(h, self.recurrent_kernel, recurrent_masks, 4)
+        z = projected + masked_matmul(h, weights.recurrent_kernel, masks.recurrent, 4)
         zi, zf, zc, zo = z.chunk(4, dim=-1)
         sigma, phi = self.recurrent_activation, self.activation
-        c = sigma(zf) * c + sigma(zi) * phi(zc)
+        update = phi(zc) if masks.update is None else phi(zc) * masks.update
+        c = sigma(zf) * c + sigma(zi) * update
         h = sigma(zo) * phi(c)
-        return h, (h, c)
+        if weights.projection is not None:
+            h = h @ weights.projection
+        return h, c
 
 
 class GRUCell(Cell):
@@ -281,7 +400,7 @@ class GRUCell(Cell):
         z  = σ(x_z + (h ⊙ m_h^z) @ R_z + rb_z)        x_g = (x ⊙ m_x^g) @ K_g + b_g
         r  = σ(x_r + (h ⊙ m_h^r) @ R_r + rb_r)
         ĥ  = φ(x_h + r * ((h ⊙ m_h^h) @ R_h + rb_h))   reset applied after the product
-        h_t = z * h_{t-1} + (1 - z) * ĥ                  the unmasked h_{t-1}
+        h_t = z * h_{t-1} + (1 - z) * (ĥ ⊙ m_u)          the unmasked h_{t-1}
 
     ``reset_after=False`` has no recurrent bias and ``ĥ = φ(x_h + (r * (h ⊙ m_h^h)) @ R_h)``.
     """
@@ -300,6 +419,9 @@ class GRUCell(Cell):
         dropout: float = 0.0,
         recurrent_dropout: float = 0.0,
         reset_after: bool = True,
+        recurrent_dropout_mode: str = "keras",
+        input_dropout_mode: str = "keras",
+        zoneout_h: float = 0.0,
         seed: int | None = None,
         input_size: int | None = None,
         dtype: torch.dtype | None = None,
@@ -309,7 +431,8 @@ class GRUCell(Cell):
         super().__init__(
             units, activation=activation, use_bias=use_bias, kernel_initializer=kernel_initializer,
             recurrent_initializer=recurrent_initializer, bias_initializer=bias_initializer, dropout=dropout,
-            recurrent_dropout=recurrent_dropout, seed=seed, name=name,
+            recurrent_dropout=recurrent_dropout, recurrent_dropout_mode=recurrent_dropout_mode,
+            input_dropout_mode=input_dropout_mode, zoneout_h=zoneout_h, seed=seed, name=name,
         )
         self.recurrent_activation = activations.get(recurrent_activation, self.where, "recurrent_activation")
         self.reset_after = bool(reset_after)
@@ -319,36 +442,39 @@ class GRUCell(Cell):
     def bias_shape(self):
         return (2, 3 * self.units) if self.reset_after else (3 * self.units,)
 
-    def input_bias(self):
+    def weights(self) -> CellWeights:
+        self._require_built()
         if self.bias is None or not self.reset_after:
-            return self.bias
-        return self.bias[0]
+            return CellWeights(self.kernel, self.recurrent_kernel, self.bias)
+        return CellWeights(self.kernel, self.recurrent_kernel, self.bias[0], self.bias[1])
 
-    def step(self, projected, states, recurrent_masks=None):
+    def transition(self, projected, states, weights, masks):
         (h,) = states
-        u, sigma = self.units, self.recurrent_activation
+        u, sigma, R = self.units, self.recurrent_activation, weights.recurrent_kernel
         xz, xr, xh = projected.chunk(3, dim=-1)
         if self.reset_after:
-            inner = masked_matmul(h, self.recurrent_kernel, recurrent_masks, 3)
-            if self.bias is not None:
-                inner = inner + self.bias[1]
+            inner = masked_matmul(h, R, masks.recurrent, 3)
+            if weights.recurrent_bias is not None:
+                inner = inner + weights.recurrent_bias
             hz, hr, hh = inner.chunk(3, dim=-1)
             z, r = sigma(xz + hz), sigma(xr + hr)
             candidate = self.activation(xh + r * hh)
         else:
-            zr_masks = None if recurrent_masks is None else recurrent_masks[:2]
-            hz, hr = masked_matmul(h, self.recurrent_kernel[:, : 2 * u], zr_masks, 2).chunk(2, dim=-1)
+            zr_masks = None if masks.recurrent is None else masks.recurrent[:2]
+            hz, hr = masked_matmul(h, R[:, : 2 * u], zr_masks, 2).chunk(2, dim=-1)
             z, r = sigma(xz + hz), sigma(xr + hr)
-            h_masked = h if recurrent_masks is None else h * _gate_mask(recurrent_masks, 2)
-            candidate = self.activation(xh + (r * h_masked) @ self.recurrent_kernel[:, 2 * u :])
-        h = z * h + (1 - z) * candidate
-        return h, (h,)
+            h_masked = h if masks.recurrent is None else h * _gate_mask(masks.recurrent, 2)
+            candidate = self.activation(xh + (r * h_masked) @ R[:, 2 * u :])
+        if masks.update is not None:
+            candidate = candidate * masks.update
+        return (z * h + (1 - z) * candidate,)
 
 
 class SimpleRNNCell(Cell):
     """Keras's SimpleRNN step: ``h_t = φ((x ⊙ m_x) @ K + b + (h_{t-1} ⊙ m_h) @ R)``; output = new state."""
 
     gates = 1
+    has_update = False
 
     def __init__(
         self,
@@ -360,6 +486,9 @@ class SimpleRNNCell(Cell):
         bias_initializer: initializers.InitializerLike = "zeros",
         dropout: float = 0.0,
         recurrent_dropout: float = 0.0,
+        recurrent_dropout_mode: str = "keras",
+        input_dropout_mode: str = "keras",
+        zoneout_h: float = 0.0,
         seed: int | None = None,
         input_size: int | None = None,
         dtype: torch.dtype | None = None,
@@ -369,12 +498,12 @@ class SimpleRNNCell(Cell):
         super().__init__(
             units, activation=activation, use_bias=use_bias, kernel_initializer=kernel_initializer,
             recurrent_initializer=recurrent_initializer, bias_initializer=bias_initializer, dropout=dropout,
-            recurrent_dropout=recurrent_dropout, seed=seed, name=name,
+            recurrent_dropout=recurrent_dropout, recurrent_dropout_mode=recurrent_dropout_mode,
+            input_dropout_mode=input_dropout_mode, zoneout_h=zoneout_h, seed=seed, name=name,
         )
         if input_size is not None:
             self.build(input_size, dtype=dtype, device=device)
 
-    def step(self, projected, states, recurrent_masks=None):
+    def transition(self, projected, states, weights, masks):
         (h,) = states
-        h = self.activation(projected + masked_matmul(h, self.recurrent_kernel, recurrent_masks, 1))
-        return h, (h,)
+        return (self.activation(projected + masked_matmul(h, weights.recurrent_kernel, masks.recurrent, 1)),)

@@ -69,3 +69,14 @@ def normal(
 
 def uniform(shape: tuple[int, ...], stream: SeedStream, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.rand(shape, generator=stream.next_generator(device), dtype=dtype, device=device)
+
+
+def derived_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sub-stream ``index`` of ``seed`` (index 0 is ``seed`` itself; None stays None).
+
+    Sub-streams sit far apart, so ``seed + k`` for the small draw counters k of one stream never meets
+    another stream's.
+    """
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * 0x9E3779B1) & 0x7FFFFFFF

@@ -1,9 +1,5 @@
-"""Dropout: the per-call mask plan of recurrent layers and the dropout-family layers."""
+"""Dropout: the named schemes (``modes``), the per-call mask plan of recurrent layers (``plan``), the
+dropout-family layers (``layers``) and MC-dropout prediction (``mc``).
 
-from .layers import AlphaDropout, Dropout, GaussianDropout, GaussianNoise, SpatialDropout1D
-from .plan import CellMasks, DropoutPlan, draw_cell_masks, draw_plan
-
-__all__ = [
-    "AlphaDropout", "CellMasks", "Dropout", "DropoutPlan", "GaussianDropout", "GaussianNoise",
-    "SpatialDropout1D", "draw_cell_masks", "draw_plan",
-]
+This package's ``__init__`` imports nothing, so cells can use ``modes`` and ``plan`` without a cycle.
+"""

@@ -15,9 +15,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..errors import DroprnnError, check_rate, fail
+from ..errors import DroprnnError, check_rate, fail, type_name
 from ..layers.base import Layer
-from ..random import SeedStream, keep_mask, normal, uniform
+from ..random import SeedStream, dropout_mask, keep_mask, normal, uniform
 
 Tensor = torch.Tensor
 
@@ -85,19 +85,28 @@ class Dropout(Layer):
         return torch.where(keep, x / (1.0 - self.rate), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-class SpatialDropout1D(Dropout):
-    """Drop whole channels: noise shape (B, 1, C), one mask per sequence and channel, for all timesteps.
+class _SequenceDropout(Dropout):
+    """Dropout on (B, T, F) sequences whose mask is shared over time or over features."""
 
-    Input and output (B, T, C).
-    """
+    shared_over: str = ""  # "time" or "features"
 
     def __init__(self, rate: float, seed: Optional[int] = None, name: Optional[str] = None) -> None:
         super().__init__(rate, noise_shape=None, seed=seed, name=name)
 
     def concrete_noise_shape(self, x: Tensor) -> tuple[int, ...]:
         if x.dim() != 3:
-            raise fail(self.where, "inputs", "a tensor of shape (batch, time, channels)", f"shape {tuple(x.shape)}")
-        return (x.shape[0], 1, x.shape[2])
+            raise fail(self.where, "inputs", "a tensor of shape (batch, time, features)", f"shape {tuple(x.shape)}")
+        batch, steps, features = x.shape
+        return (batch, 1, features) if self.shared_over == "time" else (batch, steps, 1)
+
+
+class SpatialDropout1D(_SequenceDropout):
+    """Drop whole channels: noise shape (B, 1, C), one mask per sequence and channel, for all timesteps.
+
+    Input and output (B, T, C).
+    """
+
+    shared_over = "time"
 
 
 class GaussianDropout(Layer):
@@ -160,3 +169,91 @@ class AlphaDropout(Dropout):
         a = ((1 - self.rate) * (1 + self.rate * alpha_p**2)) ** -0.5
         b = -a * alpha_p * self.rate
         return a * (x * keep + alpha_p * (1 - keep)) + b
+
+
+class LockedDropout(SpatialDropout1D):
+    """One mask per sequence and feature, reused at every timestep (AWD-LSTM's name; Gal & Ghahramani's
+    variational dropout on a tensor). The same mask as ``SpatialDropout1D`` and as
+    ``Dropout(rate, noise_shape=(None, 1, None))``; the name says what it is for: between recurrent
+    layers and on their outputs. Input (B, T, F).
+    """
+
+
+class TimestepDropout(_SequenceDropout):
+    """Drop whole timesteps per sequence: noise shape (B, T, 1), survivors scaled by 1/(1 - rate).
+
+    Plain zeroing, not RNN masking: a following RNN still runs the dropped steps on zero vectors.
+    Input (B, T, F).
+    """
+
+    shared_over = "features"
+
+
+class EmbeddingDropout(Layer):
+    """Drop word types: whole rows of an embedding matrix, one draw per call shared by the batch, kept
+    rows scaled by 1/(1 - rate) (Gal & Ghahramani 2016; AWD-LSTM's ``embedded_dropout``).
+
+    Wraps an embedding module (``droprnn.Embedding`` or ``torch.nn.Embedding``) and calls it, so its own
+    options (``mask_zero``, ``padding_idx``, ``max_norm``) keep working. Ids (B, T) → (B, T, E).
+    """
+
+    def __init__(self, embedding: torch.nn.Module, rate: float, seed: Optional[int] = None, name: Optional[str] = None) -> None:
+        super().__init__(name)
+        rows = getattr(embedding, "input_dim", None) or getattr(embedding, "num_embeddings", None)
+        if not isinstance(embedding, torch.nn.Module) or rows is None:
+            raise fail(self.where, "embedding", "a droprnn.Embedding or torch.nn.Embedding", type_name(embedding))
+        self.embedding = embedding
+        self.rows = int(rows)
+        self.rate = check_rate(self.where, "rate", rate, allow_one=False)
+        self.seed_stream = SeedStream(seed, self.where)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, rate={self.rate}"
+
+    def keras_weights(self):
+        return self.embedding.keras_weights() if isinstance(self.embedding, Layer) else []
+
+    def compute_mask(self, ids: Tensor, mask: Optional[Tensor] = None) -> Optional[Tensor]:
+        if isinstance(self.embedding, Layer):
+            return self.embedding.compute_mask(ids, mask)
+        return mask
+
+    def forward(self, ids: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:
+        vectors = self.embedding(ids)
+        if not self.resolve_training(training) or self.rate == 0.0:
+            return vectors
+        # Scaling the looked-up vectors by the row mask equals looking up in the masked matrix, and
+        # touches B·T·E numbers instead of the whole vocabulary.
+        row_mask = dropout_mask((self.rows,), self.rate, self.seed_stream, vectors.dtype, vectors.device)
+        return vectors * row_mask[torch.as_tensor(ids, device=vectors.device).long()].unsqueeze(-1)
+
+
+class WordDropout(Layer):
+    """Drop tokens per sample: each id is replaced by ``replacement_id`` with probability ``rate`` in
+    training (Iyyer et al. 2015; Bowman et al. 2016 replace with <unk>). Ids (B, T) → ids (B, T).
+
+    Put it before the embedding. With ``replacement_id`` = 0 and ``Embedding(mask_zero=True)`` the
+    dropped tokens become padding, i.e. skipped steps; give the id of an unknown-word token to keep them.
+    """
+
+    def __init__(self, rate: float, replacement_id: int = 0, seed: Optional[int] = None, name: Optional[str] = None) -> None:
+        super().__init__(name)
+        self.rate = check_rate(self.where, "rate", rate, allow_one=False)
+        if isinstance(replacement_id, bool) or not isinstance(replacement_id, int) or replacement_id < 0:
+            raise fail(self.where, "replacement_id", "an int >= 0", repr(replacement_id))
+        self.replacement_id = replacement_id
+        self.seed_stream = SeedStream(seed, self.where)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, rate={self.rate}, replacement_id={self.replacement_id}"
+
+    def forward(self, ids: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:
+        ids = torch.as_tensor(ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise fail(
+                self.where, "inputs", "integer token ids (use TimestepDropout on vectors)", f"{ids.dtype} tensor"
+            )
+        if not self.resolve_training(training) or self.rate == 0.0:
+            return ids
+        keep = keep_mask(tuple(ids.shape), self.rate, self.seed_stream, ids.device)
+        return torch.where(keep, ids, torch.full((), self.replacement_id, dtype=ids.dtype, device=ids.device))

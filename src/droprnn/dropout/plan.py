@@ -3,7 +3,8 @@
 Masks are data. The loop receives them and never draws on its own, so a test can record or replace
 them, a fast kernel can be held to the reference with the same masks, and MC dropout re-draws them.
 
-Keras 3's recipe (``keras/src/layers/rnn/dropout_rnn_cell.py`` with ``RNN.call``):
+Keras 3's recipe (``recurrent_dropout_mode="keras"``, ``input_dropout_mode="keras"``; see
+``keras/src/layers/rnn/dropout_rnn_cell.py`` with ``RNN.call``):
 
 - one draw per layer call, reused at every timestep; masks are (B, features), independent per sample
   and feature, entries 0 or 1/(1-p) (inverted dropout);
@@ -12,6 +13,9 @@ Keras 3's recipe (``keras/src/layers/rnn/dropout_rnn_cell.py`` with ``RNN.call``
 - draw order: a cell's input masks in gate order, then its recurrent masks, then the next stacked cell;
 - outside training nothing is applied, but a seeded stream still advances by the draws Keras would make,
   so a seeded layer stays in step with Keras across inference calls.
+
+The other modes (:mod:`droprnn.dropout.modes`) draw after Keras's masks: update masks, DropConnect masks,
+then zoneout indicators. Per-step masks carry a leading time axis (T, ...), indexed by processing step.
 """
 
 from __future__ import annotations
@@ -22,26 +26,58 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import DroprnnError, fail, type_name
-from ..random import dropout_mask
+from ..random import dropout_mask, keep_mask
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
 class CellMasks:
-    """The masks of one cell for one layer call.
+    """The masks of one cell for one layer call (None where that kind of noise is off).
 
-    input:     (m, B, D) multipliers of the step input, m == 1 (shared by all gates) or m == gates.
-    recurrent: (m, B, U) multipliers of h(t-1) where it enters the recurrent kernel.
-    Either is None when that dropout is off (or not training).
+    input:            (m, B, D), or (T, m, B, D) drawn per step; multiplies the step input. m == 1: shared
+                      by all gates; m == gates: one per gate.
+    recurrent:        (m, B, H), or (T, m, B, H) per step; multiplies h(t-1) where it meets the recurrent kernel.
+    update:           (B, U), or (T, B, U) per step; multiplies the cell update (Semeniuta et al.).
+    recurrent_kernel: (H, k·U), or (H, 1) per unit; multiplies the recurrent kernel (DropConnect).
+    zoneout:          per state, None or the keep-old indicator: (T, B, size) of 0/1 in training, a 0-d
+                      tensor holding the zoneout rate (its expectation) in inference.
     """
 
     input: Optional[Tensor] = None
     recurrent: Optional[Tensor] = None
+    update: Optional[Tensor] = None
+    recurrent_kernel: Optional[Tensor] = None
+    zoneout: Optional[tuple[Optional[Tensor], ...]] = None
 
     @property
     def empty(self) -> bool:
-        return self.input is None and self.recurrent is None
+        return all(getattr(self, f) is None for f in ("input", "recurrent", "update", "recurrent_kernel", "zoneout"))
+
+    @staticmethod
+    def _at(mask: Optional[Tensor], t: int, per_sequence_dim: int) -> Optional[Tensor]:
+        if mask is None or mask.dim() == per_sequence_dim:
+            return mask
+        return mask[t]
+
+    def input_at(self, t: int) -> Optional[Tensor]:
+        """The input masks of processing step t, (m, B, D)."""
+        return self._at(self.input, t, 3)
+
+    def at(self, t: int):
+        """The :class:`~droprnn.cells.StepMasks` of processing step t."""
+        from ..cells import StepMasks
+
+        zoneout = None
+        if self.zoneout is not None:  # per step in training; a constant expectation in inference
+            zoneout = tuple(z if z is None or z.dim() == 0 else z[t] for z in self.zoneout)
+        return StepMasks(self._at(self.recurrent, t, 3), self._at(self.update, t, 2), zoneout)
+
+    def weights_for(self, weights):
+        """``weights`` with the DropConnect mask applied to the recurrent kernel (once per call)."""
+        if self.recurrent_kernel is None:
+            return weights
+        return weights._replace(recurrent_kernel=weights.recurrent_kernel * self.recurrent_kernel)
 
 
 @dataclass(frozen=True)
@@ -55,57 +91,124 @@ class DropoutPlan:
         return all(masks.empty for masks in self.cells)
 
 
+def _keras_draw_counts(cell: Any) -> tuple[int, int]:
+    """(input masks, recurrent masks) Keras would draw for this cell in one call."""
+    dropout, recurrent_dropout, gates = cell.dropout, cell.recurrent_dropout, cell.gates
+    inputs = (gates if recurrent_dropout > 0 else 1) if dropout > 0 else 0
+    return inputs, (gates if recurrent_dropout > 0 else 0)
+
+
+def _input_mask_count(cell: Any) -> int:
+    mode = cell.input_dropout_mode
+    if mode == "per_gate" or (mode == "keras" and cell.recurrent_dropout > 0 and cell.recurrent_dropout_mode == "keras"):
+        return cell.gates
+    return 1
+
+
 def draw_cell_masks(
-    cell: Any, batch: int, input_size: int, training: bool, dtype: torch.dtype, device: torch.device
+    cell: Any, batch: int, input_size: int, training: bool, dtype: torch.dtype, device: torch.device, steps: int = 1
 ) -> CellMasks:
-    """Draw ``cell``'s masks for a batch of ``batch`` sequences with ``input_size`` features per step."""
+    """Draw ``cell``'s masks for ``batch`` sequences of ``steps`` steps with ``input_size`` features."""
     dropout = getattr(cell, "dropout", 0.0)
     recurrent_dropout = getattr(cell, "recurrent_dropout", 0.0)
-    gates = getattr(cell, "gates", 1)
+    zoneout_rates = getattr(cell, "zoneout_rates", ())
     stream = getattr(cell, "seed_stream", None)
-    # Keras's rule: recurrent dropout switches the cell to per-gate masks for inputs and state alike.
-    input_count = gates if recurrent_dropout > 0 else 1
-    draws = (input_count if dropout > 0 else 0) + (gates if recurrent_dropout > 0 else 0)
-    if not training or draws == 0:
-        if stream is not None:
-            stream.skip(draws)
+    if stream is None:  # a custom cell without dropout configuration
         return CellMasks()
+    input_mode = cell.input_dropout_mode
+    recurrent_mode = cell.recurrent_dropout_mode
+    if not training:
+        if input_mode == recurrent_mode == "keras":
+            stream.skip(sum(_keras_draw_counts(cell)))
+        zoneout = tuple(None if not rate else torch.tensor(rate, dtype=dtype, device=device) for rate in zoneout_rates)
+        return CellMasks(zoneout=zoneout if any(zoneout_rates) else None)
 
-    def stacked(count: int, features: int, rate: float) -> Tensor:
-        return torch.stack([dropout_mask((batch, features), rate, stream, dtype, device) for _ in range(count)])
+    def draw(count: int, shape: tuple[int, ...], rate: float) -> Tensor:
+        return torch.stack([dropout_mask(shape, rate, stream, dtype, device) for _ in range(count)])
 
-    input_masks = stacked(input_count, input_size, dropout) if dropout > 0 else None
-    recurrent_masks = stacked(gates, cell.units, recurrent_dropout) if recurrent_dropout > 0 else None
-    return CellMasks(input_masks, recurrent_masks)
+    hidden = cell.state_size[0]
+    masks: dict[str, Any] = {}
+    if dropout > 0:
+        count = _input_mask_count(cell)
+        if input_mode == "per_step":
+            masks["input"] = draw(steps, (1, batch, input_size), dropout)
+        else:
+            masks["input"] = draw(count, (batch, input_size), dropout)
+    if recurrent_dropout > 0:
+        p = recurrent_dropout
+        if recurrent_mode == "keras":
+            masks["recurrent"] = draw(cell.gates, (batch, hidden), p)
+        elif recurrent_mode == "tied":
+            masks["recurrent"] = draw(1, (batch, hidden), p)
+        elif recurrent_mode == "per_step":
+            masks["recurrent"] = draw(steps, (cell.gates, batch, hidden), p)
+        elif recurrent_mode == "update":
+            masks["update"] = dropout_mask((batch, cell.units), p, stream, dtype, device)
+        elif recurrent_mode == "update_per_step":
+            masks["update"] = draw(steps, (batch, cell.units), p)
+        elif recurrent_mode == "weights":
+            masks["recurrent_kernel"] = dropout_mask((hidden, cell.gates * cell.units), p, stream, dtype, device)
+        elif recurrent_mode == "weights_per_unit":
+            masks["recurrent_kernel"] = dropout_mask((hidden, 1), p, stream, dtype, device)
+    if any(zoneout_rates):
+        masks["zoneout"] = tuple(
+            None if not rate else (~keep_mask((steps, batch, size), rate, stream, device)).to(dtype)
+            for rate, size in zip(zoneout_rates, cell.state_size)
+        )
+    return CellMasks(**masks)
 
 
 def draw_plan(
-    cells: Sequence[Any], batch: int, input_size: int, training: bool, dtype: torch.dtype, device: torch.device
+    cells: Sequence[Any], batch: int, input_size: int, training: bool, dtype: torch.dtype, device: torch.device,
+    steps: int = 1,
 ) -> DropoutPlan:
     """Draw the masks of stacked ``cells`` (cell k > 0 sees the previous cell's output size)."""
     drawn = []
     for cell in cells:
-        drawn.append(draw_cell_masks(cell, batch, input_size, training, dtype, device))
+        drawn.append(draw_cell_masks(cell, batch, input_size, training, dtype, device, steps))
         input_size = cell.output_size
     return DropoutPlan(tuple(drawn))
 
 
-def check_plan(where: str, plan: Any, cells: Sequence[Any], batch: int, input_size: int) -> DropoutPlan:
+def check_plan(where: str, plan: Any, cells: Sequence[Any], batch: int, input_size: int, steps: int) -> DropoutPlan:
     """Raise unless ``plan`` holds masks of the right shapes for ``cells`` on this batch."""
     if not isinstance(plan, DropoutPlan):
         raise fail(where, "dropout_plan", "a DropoutPlan (see draw_dropout_plan)", type_name(plan))
     if len(plan.cells) != len(cells):
         raise fail(where, "dropout_plan", f"masks for {len(cells)} cells", f"masks for {len(plan.cells)} cells")
     for k, (cell, masks) in enumerate(zip(cells, plan.cells)):
-        gates = getattr(cell, "gates", 1)
-        for kind, tensor, features in (("input", masks.input, input_size), ("recurrent", masks.recurrent, cell.units)):
+        gates, hidden = getattr(cell, "gates", 1), cell.state_size[0]
+        counts = {1, gates}
+        # kind -> (tensor, accepted per-sequence shapes (an entry may be a set of sizes), may carry a time axis)
+        expectations = {
+            "input": (masks.input, [(counts, batch, input_size)], True),
+            "recurrent": (masks.recurrent, [(counts, batch, hidden)], True),
+            "update": (masks.update, [(batch, cell.units)], True),
+            "recurrent_kernel": (masks.recurrent_kernel, [(hidden, gates * cell.units), (hidden, 1)], False),
+        }
+        for kind, (tensor, shapes, timed) in expectations.items():
             if tensor is None:
                 continue
-            if tensor.dim() != 3 or tensor.shape[0] not in (1, gates) or tuple(tensor.shape[1:]) != (batch, features):
-                expected = f"(1{f' or {gates}' if gates > 1 else ''}, {batch}, {features})"
+            shape = tuple(tensor.shape)
+            if timed and len(shape) == len(shapes[0]) + 1 and shape[0] == steps:
+                shape = shape[1:]
+            if not any(_fits(shape, accepted) for accepted in shapes):
+                expected = " or ".join(_show(accepted) for accepted in shapes)
+                timing = f" (or with a leading time axis of {steps})" if timed else ""
                 raise DroprnnError(
-                    f"{where}: argument `dropout_plan` expected {kind} masks of cell {k} with shape {expected}, "
-                    f"got {tuple(tensor.shape)}."
+                    f"{where}: argument `dropout_plan` expected {kind} masks of cell {k} with shape "
+                    f"{expected}{timing}, got {tuple(tensor.shape)}."
                 )
         input_size = cell.output_size
     return plan
+
+
+def _fits(shape: tuple[int, ...], accepted: tuple[Any, ...]) -> bool:
+    return len(shape) == len(accepted) and all(
+        size in entry if isinstance(entry, set) else size == entry for size, entry in zip(shape, accepted)
+    )
+
+
+def _show(accepted: tuple[Any, ...]) -> str:
+    entries = [" or ".join(map(str, sorted(e))) if isinstance(e, set) else str(e) for e in accepted]
+    return "(" + ", ".join(entries) + ")"

@@ -1,12 +1,15 @@
 """The reference time loop: plain PyTorch ops and autograd. The source of truth every fast path equals.
 
-For stacked cells c_0 … c_{n-1}, a sequence x (B, T, D) and the plan's masks::
+For stacked cells c_0 … c_{n-1} with weights W_k, a sequence x (B, T, D) and the plan's masks M_k::
 
-    x  = reversed(x) over time if go_backwards (the step mask too)
-    P  = c_0.project_inputs(x, input masks of c_0)       one product for all timesteps
+    x   = reversed(x) over time if go_backwards (the step mask too)
+    W_k = W_k with the DropConnect mask on its recurrent kernel (drawn once per call)
+    P   = c_0.project_inputs(x, W_0, input masks of c_0)        one product for all timesteps
     for t in 0 … T-1:
         y = P[:, t]
-        for each cell c_k:   y, s_k' = c_k.step(y if k == 0 else c_k.project_inputs(y), s_k, recurrent masks)
+        for each cell c_k:
+            y = c_k.project_inputs(y, W_k, M_k.input_at(t))     for k > 0
+            y, s_k' = c_k.step(y, s_k, W_k, M_k.at(t))          recurrent / update masks, zoneout
         where the step is masked (mask[:, t] False): every state keeps its old value (s_k' = s_k) and the
         output repeats the previous output (zeros before the first step), or is zero with
         ``zero_output_for_mask``
@@ -19,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..cells import CellWeights
 from ..dropout.plan import DropoutPlan
 
 Tensor = torch.Tensor
@@ -32,6 +36,7 @@ def run(
     plan: DropoutPlan,
     step_mask: Optional[Tensor] = None,
     *,
+    weights: Optional[Sequence[CellWeights]] = None,
     go_backwards: bool = False,
     zero_output_for_mask: bool = False,
     return_sequences: bool = True,
@@ -39,10 +44,11 @@ def run(
     """Run ``cells`` over ``x``.
 
     Args:
-        x: (B, T, D) inputs. T may be 0 only if the caller handles it (the layer rejects it).
+        x: (B, T, D) inputs, T >= 1.
         initial_states: one tuple of (B, state size) tensors per cell.
         plan: the masks of this call, one :class:`CellMasks` per cell.
         step_mask: (B, T) bool, True where the step is real; None for all steps.
+        weights: per cell, the :class:`CellWeights` to use; default: each cell's own parameters.
 
     Returns:
         (outputs (B, T, O) or None when not ``return_sequences``, last output (B, O), final states).
@@ -51,7 +57,9 @@ def run(
         x = x.flip(1)
         step_mask = None if step_mask is None else step_mask.flip(1)
     masks = plan.cells
-    projected = cells[0].project_inputs(x, masks[0].input)
+    weights = [cell.weights() for cell in cells] if weights is None else list(weights)
+    weights = [m.weights_for(w) for m, w in zip(masks, weights)]
+    projected = cells[0].project_inputs(x, weights[0], masks[0].input)
     states = [tuple(s) for s in initial_states]
     previous_output: Optional[Tensor] = None
     outputs: list[Tensor] = []
@@ -60,8 +68,8 @@ def run(
         new_states = []
         for k, cell in enumerate(cells):
             if k > 0:
-                y = cell.project_inputs(y, masks[k].input)
-            y, cell_states = cell.step(y, states[k], masks[k].recurrent)
+                y = cell.project_inputs(y, weights[k], masks[k].input_at(t))
+            y, cell_states = cell.step(y, states[k], weights[k], masks[k].at(t))
             new_states.append(cell_states)
         if step_mask is not None:
             keep = step_mask[:, t, None]

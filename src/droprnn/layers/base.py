@@ -27,6 +27,9 @@ class Layer(nn.Module):
     - ``get_weights()`` / ``set_weights()``: NumPy arrays in Keras's order and layouts.
     """
 
+    # Training mode switches only dropout and noise on (no batch statistics): MC dropout may use it.
+    training_switches_only_noise = True
+
     def __init__(self, name: str | None = None) -> None:
         super().__init__()
         self.name = name or snake_case(type(self).__name__)

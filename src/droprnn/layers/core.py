@@ -72,7 +72,7 @@ class Sequential(Layer):
             if not torch.is_tensor(x) or x.dim() < 2:
                 raise fail(self.where, "inputs", "a (batch, time, ...) tensor when a mask or lengths is given", type_name(x))
             mask = sequence_mask(self.where, mask, lengths, x.shape[0], x.shape[1], x.device)
-        training = self.resolve_training(training)
+        # `training` goes down as given: None lets each layer follow its own mode (see mc_dropout_mode).
         for layer in self.layers:
             if isinstance(layer, Layer):
                 next_mask = layer.compute_mask(x, mask)

@@ -135,16 +135,19 @@ class RNN(Layer):
 
     # ------------------------------------------------------------------ dropout
     def draw_dropout_plan(
-        self, batch: int, training: bool = True, dtype: Optional[torch.dtype] = None, device: Any = None
+        self, batch: int, steps: int = 1, training: bool = True, dtype: Optional[torch.dtype] = None,
+        device: Any = None,
     ) -> DropoutPlan:
-        """Draw the masks one call on ``batch`` sequences would use (advancing the seed streams)."""
+        """Draw the masks one call on ``batch`` sequences of ``steps`` steps would use (advancing the seed
+        streams). ``steps`` matters only for per-step schemes and zoneout."""
         if not self.built:
             raise DroprnnError(f"{self.where}: cannot draw dropout masks before the input size is known.")
         batch = check_positive_int(self.where, "batch", batch)
+        steps = check_positive_int(self.where, "steps", steps)
         kernel = self.cells[0].kernel
         return draw_plan(
             self.cells, batch, self.input_size, training, dtype or kernel.dtype,
-            torch.device(device) if device is not None else kernel.device,
+            torch.device(device) if device is not None else kernel.device, steps,
         )
 
     # ------------------------------------------------------------------ states
@@ -225,9 +228,10 @@ class RNN(Layer):
         states = self._initial_states(initial_state, batch, x)
         # plan the dropout
         if dropout_plan is None:
-            dropout_plan = draw_plan(self.cells, batch, features, self.resolve_training(training), x.dtype, x.device)
+            training = self.resolve_training(training)
+            dropout_plan = draw_plan(self.cells, batch, features, training, x.dtype, x.device, steps)
         else:
-            check_plan(self.where, dropout_plan, self.cells, batch, features)
+            check_plan(self.where, dropout_plan, self.cells, batch, features, steps)
         self.last_dropout_plan = dropout_plan
         # run the kernel over time
         sequence, last, final_states = reference.run(
@@ -262,15 +266,30 @@ class _SingleCellRNN(RNN):
         return self.cell.recurrent_dropout
 
 
+_VARIANTS_DOC = """
+    Beyond Keras (defaults reproduce Keras exactly; see the README's dropout table):
+        recurrent_dropout_mode: "keras" (per-gate masks on h(t-1), per sequence), "tied" (one mask for all
+            gates), "per_step" (fresh masks every step), "update" / "update_per_step" (Semeniuta et al.:
+            mask the cell update{update}), "weights" / "weights_per_unit" (DropConnect on recurrent_kernel).
+        input_dropout_mode: "keras", "shared" (one mask for all gates), "per_gate", "per_step" (fresh mask
+            every step, as Keras 2's cuDNN path).
+        zoneout_h{zoneout_c}: per step, sample and unit, keep the previous value with this probability
+            (Krueger et al. 2016); inference uses the expectation.
+"""
+
+
 class LSTM(_SingleCellRNN):
-    """Long short-term memory layer, Keras's ``LSTM``: step math and weights as :class:`~droprnn.LSTMCell`.
+    __doc__ = """Long short-term memory layer, Keras's ``LSTM``: step math and weights as :class:`~droprnn.LSTMCell`.
 
     Dropout as Keras 3: ``dropout`` multiplies the step input and ``recurrent_dropout`` multiplies h(t-1)
     where it enters the recurrent kernel (never c or the carried state); masks (B, features) are drawn
     once per call and reused at every timestep; with ``recurrent_dropout > 0`` each of the 4 gates gets
     its own input and state mask, otherwise one input mask serves all gates. Only in training.
+""" + _VARIANTS_DOC.format(update=" g", zoneout_c=", zoneout_c (the cell state)") + """
+    ``proj_size`` (from ``torch.nn.LSTM``, not Keras) projects h to that many features.
 
-    Input (B, T, D) → output (B, T, units) with ``return_sequences`` else (B, units); states h, c (B, units).
+    Input (B, T, D) → output (B, T, H) with ``return_sequences`` else (B, H), H = proj_size or units;
+    states h (B, H), c (B, units).
     """
 
     def __init__(
@@ -292,6 +311,11 @@ class LSTM(_SingleCellRNN):
         stateful: bool = False,
         unroll: bool = False,
         zero_output_for_mask: bool = False,
+        recurrent_dropout_mode: str = "keras",
+        input_dropout_mode: str = "keras",
+        zoneout_h: float = 0.0,
+        zoneout_c: float = 0.0,
+        proj_size: int = 0,
         input_shape: Optional[Sequence[Any]] = None,
         input_size: Optional[int] = None,
         name: Optional[str] = None,
@@ -302,7 +326,9 @@ class LSTM(_SingleCellRNN):
             units, activation=activation, recurrent_activation=recurrent_activation, use_bias=use_bias,
             kernel_initializer=kernel_initializer, recurrent_initializer=recurrent_initializer,
             bias_initializer=bias_initializer, unit_forget_bias=unit_forget_bias, dropout=dropout,
-            recurrent_dropout=recurrent_dropout, seed=seed, name=name or "lstm",
+            recurrent_dropout=recurrent_dropout, recurrent_dropout_mode=recurrent_dropout_mode,
+            input_dropout_mode=input_dropout_mode, zoneout_h=zoneout_h, zoneout_c=zoneout_c, proj_size=proj_size,
+            seed=seed, name=name or "lstm",
         )
         super().__init__(
             cell, return_sequences=return_sequences, return_state=return_state, go_backwards=go_backwards,
@@ -312,12 +338,12 @@ class LSTM(_SingleCellRNN):
 
 
 class GRU(_SingleCellRNN):
-    """Gated recurrent unit layer, Keras's ``GRU``: step math and weights as :class:`~droprnn.GRUCell`
+    __doc__ = """Gated recurrent unit layer, Keras's ``GRU``: step math and weights as :class:`~droprnn.GRUCell`
     (``reset_after=True`` by default, the cuDNN / ``torch.nn.GRU`` form; bias (2, 3·units)).
 
     Dropout as :class:`LSTM`, with 3 per-gate masks (z, r, h) when ``recurrent_dropout > 0``; the
     recurrent mask never touches the h(t-1) of the update ``z * h(t-1)``.
-
+""" + _VARIANTS_DOC.format(update=" candidate", zoneout_c="") + """
     Input (B, T, D) → output (B, T, units) with ``return_sequences`` else (B, units); state h (B, units).
     """
 
@@ -340,17 +366,23 @@ class GRU(_SingleCellRNN):
         unroll: bool = False,
         reset_after: bool = True,
         zero_output_for_mask: bool = False,
+        recurrent_dropout_mode: str = "keras",
+        input_dropout_mode: str = "keras",
+        zoneout_h: float = 0.0,
         input_shape: Optional[Sequence[Any]] = None,
         input_size: Optional[int] = None,
         name: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         device: Any = None,
+        zoneout_c: Optional[float] = None,
     ) -> None:
+        _no_cell_state(name or "gru", "GRU", zoneout_c)
         cell = GRUCell(
             units, activation=activation, recurrent_activation=recurrent_activation, use_bias=use_bias,
             kernel_initializer=kernel_initializer, recurrent_initializer=recurrent_initializer,
             bias_initializer=bias_initializer, dropout=dropout, recurrent_dropout=recurrent_dropout,
-            reset_after=reset_after, seed=seed, name=name or "gru",
+            reset_after=reset_after, recurrent_dropout_mode=recurrent_dropout_mode,
+            input_dropout_mode=input_dropout_mode, zoneout_h=zoneout_h, seed=seed, name=name or "gru",
         )
         super().__init__(
             cell, return_sequences=return_sequences, return_state=return_state, go_backwards=go_backwards,
@@ -360,10 +392,11 @@ class GRU(_SingleCellRNN):
 
 
 class SimpleRNN(_SingleCellRNN):
-    """Fully connected recurrent layer, Keras's ``SimpleRNN`` (:class:`~droprnn.SimpleRNNCell`).
+    __doc__ = """Fully connected recurrent layer, Keras's ``SimpleRNN`` (:class:`~droprnn.SimpleRNNCell`).
 
-    One input mask and one state mask per call when the dropouts are on.
-
+    One input mask and one state mask per call when the dropouts are on. The "update" modes do not apply
+    (the whole state is the update).
+""" + _VARIANTS_DOC.format(update=" (not for SimpleRNN)", zoneout_c="") + """
     Input (B, T, D) → output (B, T, units) with ``return_sequences`` else (B, units); state h (B, units).
     """
 
@@ -384,19 +417,34 @@ class SimpleRNN(_SingleCellRNN):
         stateful: bool = False,
         unroll: bool = False,
         zero_output_for_mask: bool = False,
+        recurrent_dropout_mode: str = "keras",
+        input_dropout_mode: str = "keras",
+        zoneout_h: float = 0.0,
         input_shape: Optional[Sequence[Any]] = None,
         input_size: Optional[int] = None,
         name: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         device: Any = None,
+        zoneout_c: Optional[float] = None,
     ) -> None:
+        _no_cell_state(name or "simple_rnn", "SimpleRNN", zoneout_c)
         cell = SimpleRNNCell(
             units, activation=activation, use_bias=use_bias, kernel_initializer=kernel_initializer,
             recurrent_initializer=recurrent_initializer, bias_initializer=bias_initializer, dropout=dropout,
-            recurrent_dropout=recurrent_dropout, seed=seed, name=name or "simple_rnn",
+            recurrent_dropout=recurrent_dropout, recurrent_dropout_mode=recurrent_dropout_mode,
+            input_dropout_mode=input_dropout_mode, zoneout_h=zoneout_h, seed=seed, name=name or "simple_rnn",
         )
         super().__init__(
             cell, return_sequences=return_sequences, return_state=return_state, go_backwards=go_backwards,
             stateful=stateful, unroll=unroll, zero_output_for_mask=zero_output_for_mask, input_shape=input_shape,
             input_size=input_size, name=name, dtype=dtype, device=device,
+        )
+
+
+def _no_cell_state(name: str, kind: str, zoneout_c: Optional[float]) -> None:
+    # Accepted only to explain itself: zoneout on a cell state is an LSTM notion.
+    if zoneout_c is not None and zoneout_c != 0:
+        raise DroprnnError(
+            f"{kind} '{name}': argument `zoneout_c` applies to LSTM's cell state c; {kind} carries only h, "
+            f"so use zoneout_h (got zoneout_c={zoneout_c!r})."
         )

@@ -9,18 +9,13 @@ import torch
 from torch import nn
 
 from ..errors import DroprnnError, fail, type_name
-from ..random import SeedStream
+from ..random import SeedStream, derived_seed
 from .base import Layer, declared_input_size
 from .recurrent import RNN
 
 Tensor = torch.Tensor
 
 _MERGE_MODES = ("concat", "sum", "ave", "mul", None)
-
-
-def _independent_seed(seed: Optional[int]) -> Optional[int]:
-    # Far from seed + small counters, so the two directions never share a draw.
-    return None if seed is None else (seed * 0x9E3779B1 + 0x7F4A7C15) & 0x7FFFFFFF
 
 
 class Bidirectional(Layer):
@@ -68,7 +63,7 @@ class Bidirectional(Layer):
             backward_layer.reset_parameters()
             backward_layer.states = None
             for cell in backward_layer.cells:
-                cell.seed_stream = SeedStream(_independent_seed(cell.seed_stream.seed))
+                cell.seed_stream = SeedStream(derived_seed(cell.seed_stream.seed, 1))
         else:
             if not isinstance(backward_layer, RNN):
                 raise fail(self.where, "backward_layer", "a droprnn recurrent layer", type_name(backward_layer))
@@ -144,8 +139,6 @@ class Bidirectional(Layer):
                 )
             half = len(initial_state) // 2
             forward_state, backward_state = list(initial_state[:half]), list(initial_state[half:])
-        if training is None:
-            training = self.training
         kwargs = dict(mask=mask, lengths=lengths, training=training)
         y = self.forward_layer(x, initial_state=forward_state, **kwargs)
         y_rev = self.backward_layer(x, initial_state=backward_state, **kwargs)
@@ -183,7 +176,7 @@ class TimeDistributed(Layer):
         batch, steps = x.shape[:2]
         flat = x.reshape(batch * steps, *x.shape[2:])
         if isinstance(self.layer, Layer):
-            y = self.layer(flat, training=self.training if training is None else training)
+            y = self.layer(flat, training=training)
         else:
             y = self.layer(flat)
         return y.reshape(batch, steps, *y.shape[1:])
