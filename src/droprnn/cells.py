@@ -40,6 +40,8 @@ from .random import SeedStream
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
 
+_FROZEN = "a zoneout rate of 1 freezes the state at its initial value"
+
 
 class CellWeights(NamedTuple):
     """A cell's weights in Keras layout, as the step math reads them."""
@@ -137,7 +139,7 @@ class Cell(nn.Module):
                 f"(LSTM's g, GRU's candidate), which {type(self).__name__} does not have: its whole state is the "
                 "update, so masking it erases memory. Use 'keras', 'tied', 'per_step' or a 'weights' mode."
             )
-        self.zoneout_h = check_rate(where, "zoneout_h", zoneout_h, allow_one=False)
+        self.zoneout_h = check_rate(where, "zoneout_h", zoneout_h, allow_one=False, one_means=_FROZEN)
         self.seed_stream = SeedStream(seed, where)
         self.input_size: int | None = None
         self.register_parameter("kernel", None)
@@ -330,7 +332,7 @@ class LSTMCell(Cell):
         )
         self.recurrent_activation = activations.get(recurrent_activation, self.where, "recurrent_activation")
         self.unit_forget_bias = bool(unit_forget_bias)
-        self.zoneout_c = check_rate(self.where, "zoneout_c", zoneout_c, allow_one=False)
+        self.zoneout_c = check_rate(self.where, "zoneout_c", zoneout_c, allow_one=False, one_means=_FROZEN)
         if isinstance(proj_size, bool) or not isinstance(proj_size, int) or not 0 <= proj_size:
             raise fail(self.where, "proj_size", "an int >= 0 (0: no projection)", repr(proj_size))
         if proj_size >= self.units:

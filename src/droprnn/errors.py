@@ -20,7 +20,10 @@ def fail(where: str, argument: str, expected: str, got: str) -> DroprnnError:
     return DroprnnError(f"{where}: argument `{argument}` expected {expected}, got {got}.")
 
 
-def check_rate(where: str, argument: str, value: Any, *, allow_one: bool) -> float:
+def check_rate(
+    where: str, argument: str, value: Any, *, allow_one: bool,
+    one_means: str = "a rate of 1 drops everything; Keras's backends disagree on it",
+) -> float:
     """A dropout rate as a float in [0, 1) (or [0, 1] when ``allow_one``); anything else raises.
 
     Keras silently clips recurrent-cell rates into [0, 1]; droprnn refuses instead, because a clipped
@@ -31,7 +34,7 @@ def check_rate(where: str, argument: str, value: Any, *, allow_one: bool) -> flo
         raise fail(where, argument, f"a float in {interval}", repr(value))
     value = float(value)
     if not (0.0 <= value < 1.0 or (allow_one and value == 1.0)):
-        hint = "" if allow_one or value != 1.0 else " (a rate of 1 drops everything; Keras's backends disagree on it)"
+        hint = "" if allow_one or value != 1.0 else f" ({one_means})"
         raise DroprnnError(
             f"{where}: argument `{argument}` expected a float in {interval}, got {value!r}{hint}."
         )

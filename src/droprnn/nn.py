@@ -78,6 +78,8 @@ class _TorchStyleRNN(torch_nn.Module):
         if proj_size >= hidden_size:
             raise fail(where, "proj_size", f"fewer than hidden_size ({hidden_size})", repr(proj_size))
         self.proj_size = proj_size
+        # Checked here so the message names this module's argument, not the cell's `dropout`.
+        check_rate(where, "input_dropout", input_dropout, allow_one=False)
         self.seed = seed
         self.between_layers_stream = SeedStream(derived_seed(seed, 0x5EED), where)
         directions = 2 if bidirectional else 1
@@ -241,7 +243,7 @@ class _TorchStyleRNN(torch_nn.Module):
         output = layer_input
         state_out = [torch.stack([f[j] for f in finals]) for j in range(len(finals[0]))]
         if packed:
-            output = pack_padded_sequence(output, lengths, batch_first=True, enforce_sorted=False)
+            output = _repack_like(input, output, lengths)
         elif unbatched:
             output = output.squeeze(0)
             state_out = [s.squeeze(1) for s in state_out]
@@ -299,12 +301,16 @@ class RNN(_TorchStyleRNN):
     """``torch.nn.RNN`` (``nonlinearity`` "tanh" or "relu") with recurrent dropout. Returns ``output, h_n``.
     The "update" dropout modes do not apply (the whole state is the update)."""
 
-    def __init__(self, *args: Any, nonlinearity: str = "tanh", **kwargs: Any) -> None:
+    def __init__(
+        self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh", *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        # torch.nn.RNN's fourth positional argument is `nonlinearity`, before `bias`.
         if nonlinearity not in ("tanh", "relu"):
             raise fail("droprnn.nn.RNN", "nonlinearity", "'tanh' or 'relu'", repr(nonlinearity))
-        _lstm_only("droprnn.nn.RNN", args, kwargs)
+        _lstm_only("droprnn.nn.RNN", (input_size, hidden_size, num_layers) + args, kwargs)
         self.nonlinearity = nonlinearity
-        super().__init__(*args, **kwargs)
+        super().__init__(input_size, hidden_size, num_layers, *args, **kwargs)
 
     def _make_cell(self, **options: Any) -> Cell:
         return SimpleRNNCell(self.hidden_size, activation=self.nonlinearity, **options)
@@ -312,6 +318,16 @@ class RNN(_TorchStyleRNN):
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text if self.nonlinearity == "tanh" else f"{text}, nonlinearity={self.nonlinearity!r}"
+
+
+def _repack_like(packed: PackedSequence, padded: Tensor, lengths: Tensor) -> PackedSequence:
+    """Pack ``padded`` (B, T, F), in the caller's batch order, exactly as ``packed`` was packed: same
+    batch sizes and indices, so ``output.data`` lines up row for row with the input's."""
+    order = packed.sorted_indices
+    if order is not None:
+        padded, lengths = padded.index_select(0, order), lengths.index_select(0, order.to(lengths.device))
+    data = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=True).data
+    return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
 
 def _lstm_only(where: str, args: tuple, kwargs: dict) -> None:

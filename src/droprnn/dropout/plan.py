@@ -199,8 +199,28 @@ def check_plan(where: str, plan: Any, cells: Sequence[Any], batch: int, input_si
                     f"{where}: argument `dropout_plan` expected {kind} masks of cell {k} with shape "
                     f"{expected}{timing}, got {tuple(tensor.shape)}."
                 )
+        _check_zoneout(where, k, masks.zoneout, cell, batch, steps)
         input_size = cell.output_size
     return plan
+
+
+def _check_zoneout(where: str, k: int, zoneout: Any, cell: Any, batch: int, steps: int) -> None:
+    if zoneout is None:
+        return
+    sizes = cell.state_size
+    if not isinstance(zoneout, tuple) or len(zoneout) != len(sizes):
+        raise DroprnnError(
+            f"{where}: argument `dropout_plan` expected zoneout of cell {k} as a tuple of {len(sizes)} entries "
+            f"(one per state), got {type_name(zoneout)}."
+        )
+    for name, size, z in zip(getattr(cell, "state_names", ("h",) * len(sizes)), sizes, zoneout):
+        if z is None or z.dim() == 0:
+            continue
+        if tuple(z.shape) != (steps, batch, size):
+            raise DroprnnError(
+                f"{where}: argument `dropout_plan` expected zoneout indicators for state {name} of cell {k} with "
+                f"shape ({steps}, {batch}, {size}) or a scalar rate, got {tuple(z.shape)}."
+            )
 
 
 def _fits(shape: tuple[int, ...], accepted: tuple[Any, ...]) -> bool:
