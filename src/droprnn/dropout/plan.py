@@ -109,47 +109,44 @@ def draw_cell_masks(
     cell: Any, batch: int, input_size: int, training: bool, dtype: torch.dtype, device: torch.device, steps: int = 1
 ) -> CellMasks:
     """Draw ``cell``'s masks for ``batch`` sequences of ``steps`` steps with ``input_size`` features."""
-    dropout = getattr(cell, "dropout", 0.0)
-    recurrent_dropout = getattr(cell, "recurrent_dropout", 0.0)
-    zoneout_rates = getattr(cell, "zoneout_rates", ())
-    stream = getattr(cell, "seed_stream", None)
-    if stream is None:  # a custom cell without dropout configuration
-        return CellMasks()
-    input_mode = cell.input_dropout_mode
-    recurrent_mode = cell.recurrent_dropout_mode
+    stream, gates, hidden = cell.seed_stream, cell.gates, cell.state_size[0]
+    dropout, recurrent_dropout, zoneout_rates = cell.dropout, cell.recurrent_dropout, cell.zoneout_rates
+    input_mode, recurrent_mode = cell.input_dropout_mode, cell.recurrent_dropout_mode
     if not training:
         if input_mode == recurrent_mode == "keras":
             stream.skip(sum(_keras_draw_counts(cell)))
         zoneout = tuple(None if not rate else torch.tensor(rate, dtype=dtype, device=device) for rate in zoneout_rates)
         return CellMasks(zoneout=zoneout if any(zoneout_rates) else None)
 
-    def draw(count: int, shape: tuple[int, ...], rate: float) -> Tensor:
-        return torch.stack([dropout_mask(shape, rate, stream, dtype, device) for _ in range(count)])
+    def mask(shape: tuple[int, ...], rate: float) -> Tensor:
+        return dropout_mask(shape, rate, stream, dtype, device)
 
-    hidden = cell.state_size[0]
+    def per_gate(count: int, shape: tuple[int, ...], rate: float) -> Tensor:
+        # One draw per gate, in gate order: Keras's sequence of draws, so seeded masks match Keras's.
+        return torch.stack([mask(shape, rate) for _ in range(count)])
+
     masks: dict[str, Any] = {}
     if dropout > 0:
-        count = _input_mask_count(cell)
         if input_mode == "per_step":
-            masks["input"] = draw(steps, (1, batch, input_size), dropout)
+            masks["input"] = mask((steps, 1, batch, input_size), dropout)
         else:
-            masks["input"] = draw(count, (batch, input_size), dropout)
-    if recurrent_dropout > 0:
-        p = recurrent_dropout
+            masks["input"] = per_gate(_input_mask_count(cell), (batch, input_size), dropout)
+    p = recurrent_dropout
+    if p > 0:
         if recurrent_mode == "keras":
-            masks["recurrent"] = draw(cell.gates, (batch, hidden), p)
+            masks["recurrent"] = per_gate(gates, (batch, hidden), p)
         elif recurrent_mode == "tied":
-            masks["recurrent"] = draw(1, (batch, hidden), p)
+            masks["recurrent"] = mask((1, batch, hidden), p)
         elif recurrent_mode == "per_step":
-            masks["recurrent"] = draw(steps, (cell.gates, batch, hidden), p)
+            masks["recurrent"] = mask((steps, gates, batch, hidden), p)
         elif recurrent_mode == "update":
-            masks["update"] = dropout_mask((batch, cell.units), p, stream, dtype, device)
+            masks["update"] = mask((batch, cell.units), p)
         elif recurrent_mode == "update_per_step":
-            masks["update"] = draw(steps, (batch, cell.units), p)
+            masks["update"] = mask((steps, batch, cell.units), p)
         elif recurrent_mode == "weights":
-            masks["recurrent_kernel"] = dropout_mask((hidden, cell.gates * cell.units), p, stream, dtype, device)
+            masks["recurrent_kernel"] = mask((hidden, gates * cell.units), p)
         elif recurrent_mode == "weights_per_unit":
-            masks["recurrent_kernel"] = dropout_mask((hidden, 1), p, stream, dtype, device)
+            masks["recurrent_kernel"] = mask((hidden, 1), p)
     if any(zoneout_rates):
         masks["zoneout"] = tuple(
             None if not rate else (~keep_mask((steps, batch, size), rate, stream, device)).to(dtype)
