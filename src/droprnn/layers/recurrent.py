@@ -18,7 +18,8 @@ from .. import activations, initializers
 from ..cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
 from ..dropout.plan import DropoutPlan, check_plan, draw_plan
 from ..errors import DroprnnError, check_positive_int, fail, type_name
-from ..kernels import reference
+from ..kernels import dispatch as kernels
+from ..kernels.dispatch import KernelChoice, check_impl
 from .base import Layer, declared_input_size, float_input, sequence_mask
 
 Tensor = torch.Tensor
@@ -48,6 +49,8 @@ class RNN(Layer):
         unroll: accepted for Keras compatibility; the result is the same either way.
         zero_output_for_mask: masked steps output zeros instead of repeating the previous output.
         input_shape / input_size: the feature size D, to create the weights now instead of at the first call.
+        impl: "auto" (the fused CPU kernel when the call allows it, else the reference loop), "reference",
+            or "fused" (raise if the call cannot be fused). ``droprnn.explain(layer)`` says which ran and why.
 
     Call: ``layer(x, mask=None, lengths=None, initial_state=None, training=None, dropout_plan=None)``
         x: (B, T, D). mask: (B, T) bool, True for real steps; or lengths: (B,) ints (steps ≥ length are
@@ -73,8 +76,11 @@ class RNN(Layer):
         name: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         device: Any = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__(name)
+        self.impl = check_impl(self.where, impl)
+        self.last_kernel: Optional[KernelChoice] = None
         cells = list(cell) if isinstance(cell, (list, tuple)) else [cell]
         if not cells:
             raise fail(self.where, "cell", "a cell or a non-empty list of cells", repr(cell))
@@ -233,9 +239,11 @@ class RNN(Layer):
         else:
             check_plan(self.where, dropout_plan, self.cells, batch, features, steps)
         self.last_dropout_plan = dropout_plan
-        # run the kernel over time
-        sequence, last, final_states = reference.run(
-            self.cells, x, states, dropout_plan, step_mask,
+        # run a kernel over time
+        weights = [cell.weights() for cell in self.cells]
+        self.last_kernel = kernels.choose(self.impl, self.cells, x, weights, self.where)
+        sequence, last, final_states = kernels.run(
+            self.last_kernel, self.cells, x, states, dropout_plan, step_mask, weights=weights,
             go_backwards=self.go_backwards, zero_output_for_mask=self.zero_output_for_mask,
             return_sequences=self.return_sequences,
         )
@@ -321,6 +329,7 @@ class LSTM(_SingleCellRNN):
         name: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         device: Any = None,
+        impl: str = "auto",
     ) -> None:
         cell = LSTMCell(
             units, activation=activation, recurrent_activation=recurrent_activation, use_bias=use_bias,
@@ -333,7 +342,7 @@ class LSTM(_SingleCellRNN):
         super().__init__(
             cell, return_sequences=return_sequences, return_state=return_state, go_backwards=go_backwards,
             stateful=stateful, unroll=unroll, zero_output_for_mask=zero_output_for_mask, input_shape=input_shape,
-            input_size=input_size, name=name, dtype=dtype, device=device,
+            input_size=input_size, name=name, dtype=dtype, device=device, impl=impl,
         )
 
 
@@ -375,6 +384,7 @@ class GRU(_SingleCellRNN):
         dtype: Optional[torch.dtype] = None,
         device: Any = None,
         zoneout_c: Optional[float] = None,
+        impl: str = "auto",
     ) -> None:
         _no_cell_state(name or "gru", "GRU", zoneout_c)
         cell = GRUCell(
@@ -387,7 +397,7 @@ class GRU(_SingleCellRNN):
         super().__init__(
             cell, return_sequences=return_sequences, return_state=return_state, go_backwards=go_backwards,
             stateful=stateful, unroll=unroll, zero_output_for_mask=zero_output_for_mask, input_shape=input_shape,
-            input_size=input_size, name=name, dtype=dtype, device=device,
+            input_size=input_size, name=name, dtype=dtype, device=device, impl=impl,
         )
 
 
@@ -426,6 +436,7 @@ class SimpleRNN(_SingleCellRNN):
         dtype: Optional[torch.dtype] = None,
         device: Any = None,
         zoneout_c: Optional[float] = None,
+        impl: str = "auto",
     ) -> None:
         _no_cell_state(name or "simple_rnn", "SimpleRNN", zoneout_c)
         cell = SimpleRNNCell(
@@ -437,7 +448,7 @@ class SimpleRNN(_SingleCellRNN):
         super().__init__(
             cell, return_sequences=return_sequences, return_state=return_state, go_backwards=go_backwards,
             stateful=stateful, unroll=unroll, zero_output_for_mask=zero_output_for_mask, input_shape=input_shape,
-            input_size=input_size, name=name, dtype=dtype, device=device,
+            input_size=input_size, name=name, dtype=dtype, device=device, impl=impl,
         )
 
 

@@ -1,0 +1,261 @@
+// Shared pieces of droprnn's fused CPU recurrences: the per-step GEMM, activations, mask access and
+// the split of the batch over threads. Each cell's forward and backward live in their own file.
+//
+// Layout: batch-major, (B, T, F) for every per-step tensor, so outputs are directly the layer's
+// return_sequences layout. A thread owns a slice of batch rows and runs every timestep for it: no
+// synchronisation per step. Inside the time loop there is no allocation and no ATen call.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+namespace droprnn {
+
+using at::Tensor;
+using c10::optional;
+
+// ---------------------------------------------------------------------------------------------- GEMM
+// C (M, N) = [C +] A (M, K) @ B (K, N), row-major with leading dimensions. float goes through PyTorch's
+// brgemm micro-kernel (oneDNN): in measurements on the per-step shapes it beat MKL sgemm, packed GEMM
+// and ATen bmm. double has no brgemm: a plain loop, vectorised over N (float64 is for verification).
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, false);
+}
+
+inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
+                 double* C, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < M; ++i) {
+    double* c = C + i * ldc;
+    if (!accumulate) std::fill(c, c + N, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = A[i * lda + k];
+      const double* b = B + k * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- activations
+// Codes shared with kernels/fused.py.
+enum Act : int64_t { TANH = 0, SIGMOID = 1, HARD_SIGMOID = 2, RELU = 3, LINEAR = 4 };
+
+// exp for float without a libm call, so activation loops vectorise (Cephes expf: ~1 ulp on [-88, 88]).
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float tanh_approx(float x) {
+  // Cephes tanhf: an odd polynomial near 0 (keeps relative accuracy for tiny x), 1 - 2/(e^{2|x|}+1) beyond.
+  const float ax = std::fabs(x);
+  const float z = x * x;
+  float poly = -5.70498872745e-3f;
+  poly = poly * z + 2.06390887954e-2f;
+  poly = poly * z - 5.37397155531e-2f;
+  poly = poly * z + 1.33314422036e-1f;
+  poly = poly * z - 3.33332819422e-1f;
+  const float small = x + x * z * poly;
+  const float big = 1.0f - 2.0f / (exp_approx(2.0f * ax) + 1.0f);
+  return ax < 0.625f ? small : std::copysign(big, x);
+}
+
+inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+inline float act_value(int64_t act, float x) {
+  switch (act) {
+    case TANH: return tanh_approx(x);
+    case SIGMOID: return sigmoid_approx(x);
+    case HARD_SIGMOID: return std::min(std::max(x + 3.0f, 0.0f), 6.0f) / 6.0f;
+    case RELU: return std::max(x, 0.0f);
+    default: return x;
+  }
+}
+
+inline double act_value(int64_t act, double x) {
+  switch (act) {
+    case TANH: return std::tanh(x);
+    case SIGMOID: return 1.0 / (1.0 + std::exp(-x));
+    case HARD_SIGMOID: return std::min(std::max(x + 3.0, 0.0), 6.0) / 6.0;
+    case RELU: return std::max(x, 0.0);
+    default: return x;
+  }
+}
+
+// In place over n values; the switch sits outside the loop so each loop vectorises.
+template <typename T>
+inline void activate(int64_t act, T* x, int64_t n) {
+  switch (act) {
+    case TANH:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) x[j] = act_value(TANH, x[j]);
+      break;
+    case SIGMOID:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) x[j] = act_value(SIGMOID, x[j]);
+      break;
+    case HARD_SIGMOID:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) x[j] = act_value(HARD_SIGMOID, x[j]);
+      break;
+    case RELU:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) x[j] = act_value(RELU, x[j]);
+      break;
+    default:
+      break;
+  }
+}
+
+// dx[j] *= act'(x[j]), the derivative written in terms of the activation's output y = act(x).
+template <typename T>
+inline void scale_by_act_grad(int64_t act, T* dx, const T* y, int64_t n) {
+  switch (act) {
+    case TANH:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dx[j] *= T(1) - y[j] * y[j];
+      break;
+    case SIGMOID:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dx[j] *= y[j] * (T(1) - y[j]);
+      break;
+    case HARD_SIGMOID:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dx[j] *= (y[j] > T(0) && y[j] < T(1)) ? T(1) / T(6) : T(0);
+      break;
+    case RELU:
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dx[j] *= y[j] > T(0) ? T(1) : T(0);
+      break;
+    default:
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- masks
+// A mask that may be per sequence or per step: element (t, [gate,] b, j) of a tensor shaped
+// (m, B, F) or (T, m, B, F) (gate axis present for recurrent masks), or (B, F) / (T, B, F).
+template <typename T>
+struct StepMask {
+  const T* data = nullptr;
+  int64_t step_stride = 0;   // 0 when one mask serves every step
+  int64_t gate_stride = 0;   // 0 when one mask serves every gate
+  int64_t row_stride = 0;
+  bool present() const { return data != nullptr; }
+  const T* row(int64_t t, int64_t gate, int64_t b) const {
+    return data + t * step_stride + gate * gate_stride + b * row_stride;
+  }
+};
+
+// masks: None, (m, B, F), or (T, m, B, F) -- gated (recurrent) masks.
+template <typename T>
+StepMask<T> gated_mask(const optional<Tensor>& mask) {
+  StepMask<T> m;
+  if (!mask.has_value() || !mask->defined()) return m;
+  const Tensor& x = *mask;
+  m.data = x.data_ptr<T>();
+  const bool timed = x.dim() == 4;
+  const int64_t gates = x.size(timed ? 1 : 0);
+  m.step_stride = timed ? x.stride(0) : 0;
+  m.gate_stride = gates > 1 ? x.stride(timed ? 1 : 0) : 0;
+  m.row_stride = x.stride(timed ? 2 : 1);
+  return m;
+}
+
+// masks: None, (B, F), or (T, B, F) -- ungated masks (update masks, zoneout indicators).
+template <typename T>
+StepMask<T> plain_mask(const optional<Tensor>& mask) {
+  StepMask<T> m;
+  if (!mask.has_value() || !mask->defined() || mask->dim() == 0) return m;
+  const Tensor& x = *mask;
+  m.data = x.data_ptr<T>();
+  const bool timed = x.dim() == 3;
+  m.step_stride = timed ? x.stride(0) : 0;
+  m.row_stride = x.stride(timed ? 1 : 0);
+  return m;
+}
+
+// Zoneout: a (T, B, F) indicator (training), a 0-d expectation (inference), or nothing (weight 0).
+// row() gives the keep-old weights of one row at one step, always as a pointer: a per-thread buffer
+// filled once with the constant (see fill_constant) stands in for the 0-d and absent cases, so the
+// per-element loops carry no branches.
+template <typename T>
+struct Zoneout {
+  StepMask<T> indicator;
+  T constant = T(0);
+  const T* filled = nullptr;
+  const T* row(int64_t t, int64_t b) const { return indicator.present() ? indicator.row(t, 0, b) : filled; }
+};
+
+template <typename T>
+Zoneout<T> zoneout_of(const optional<Tensor>& z) {
+  Zoneout<T> out;
+  if (!z.has_value() || !z->defined()) return out;
+  if (z->dim() == 0) {
+    out.constant = z->item<T>();
+  } else {
+    out.indicator = plain_mask<T>(z);
+  }
+  return out;
+}
+
+// A thread's copy of a Zoneout whose constant lives in `buffer` (n values).
+template <typename T>
+Zoneout<T> with_buffer(Zoneout<T> z, T* buffer, int64_t n) {
+  std::fill(buffer, buffer + n, z.constant);
+  z.filled = buffer;
+  return z;
+}
+
+// ---------------------------------------------------------------------------------------------- threads
+// Run fn(rows_begin, rows_end, chunk) over a split of the batch into at most one chunk per thread.
+template <typename F>
+void for_each_batch_chunk(int64_t batch, F fn) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t r0 = batch * chunk / chunks, r1 = batch * (chunk + 1) / chunks;
+      fn(r0, r1, chunk);
+    }
+  });
+}
+
+inline int64_t batch_chunks(int64_t batch) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch));
+}
+
+// Copy rows [r0, r1) of h (row stride ld) into dst (contiguous, width n), multiplied by a per-row mask.
+template <typename T>
+inline void masked_rows(const T* h, int64_t ld, int64_t r0, int64_t r1, int64_t n, const StepMask<T>& mask,
+                        int64_t t, int64_t gate, T* dst) {
+  for (int64_t b = r0; b < r1; ++b) {
+    const T* src = h + b * ld;
+    const T* m = mask.row(t, gate, b);
+    T* out = dst + (b - r0) * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = src[j] * m[j];
+  }
+}
+
+}  // namespace droprnn

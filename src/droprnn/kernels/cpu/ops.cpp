@@ -1,0 +1,48 @@
+// Registers the fused recurrences as torch operators (torch.ops.droprnn.*); kernels/fused.py wraps them in
+// autograd functions. One file per cell holds the math.
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace droprnn {
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const Tensor& h0,
+                                                        const Tensor& c0, const optional<Tensor>& rec_mask,
+                                                        const optional<Tensor>& upd_mask,
+                                                        const optional<Tensor>& zoneout_h,
+                                                        const optional<Tensor>& zoneout_c,
+                                                        const optional<Tensor>& valid, int64_t act, int64_t rec_act);
+std::tuple<Tensor, Tensor, Tensor> lstm_backward(const Tensor& dhs, const Tensor& dcs, const Tensor& RT,
+                                                 const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
+                                                 const Tensor& gates, const Tensor& tc,
+                                                 const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
+                                                 const optional<Tensor>& zoneout_h,
+                                                 const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
+                                                 int64_t act, int64_t rec_act);
+std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& rbias,
+                                       const Tensor& h0, const optional<Tensor>& rec_mask,
+                                       const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
+                                       const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after);
+std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dhs, const Tensor& RT, const Tensor& h0,
+                                                const Tensor& hs, const Tensor& gates,
+                                                const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
+                                                const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
+                                                int64_t act, int64_t rec_act, bool reset_after);
+std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R, const Tensor& h0,
+                                              const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
+                                              const optional<Tensor>& valid, int64_t act);
+std::tuple<Tensor, Tensor> simple_rnn_backward(const Tensor& dhs, const Tensor& RT, const Tensor& h0,
+                                               const Tensor& fresh, const optional<Tensor>& rec_mask,
+                                               const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
+                                               int64_t act);
+
+}  // namespace droprnn
+
+TORCH_LIBRARY(droprnn, m) {
+  m.def("lstm_forward", &droprnn::lstm_forward);
+  m.def("lstm_backward", &droprnn::lstm_backward);
+  m.def("gru_forward", &droprnn::gru_forward);
+  m.def("gru_backward", &droprnn::gru_backward);
+  m.def("simple_rnn_forward", &droprnn::simple_rnn_forward);
+  m.def("simple_rnn_backward", &droprnn::simple_rnn_backward);
+}
