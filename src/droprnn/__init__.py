@@ -14,6 +14,7 @@ from .dropout.mc import mc_dropout_mode, mc_predict
 from .dropout.plan import CellMasks, DropoutPlan
 from .errors import DroprnnError
 from .interop.keras import from_keras
+from .kernels.dispatch import explain
 from .layers import (
     GRU, LSTM, RNN, Bidirectional, Dense, Embedding, Layer, Masking, Sequential, SimpleRNN, TimeDistributed,
 )
@@ -24,5 +25,5 @@ __all__ = [
     "AlphaDropout", "Bidirectional", "Cell", "CellMasks", "Dense", "Dropout", "DropoutPlan", "DroprnnError",
     "Embedding", "EmbeddingDropout", "GRU", "GRUCell", "GaussianDropout", "GaussianNoise", "LSTM", "LSTMCell",
     "Layer", "LockedDropout", "Masking", "RNN", "Sequential", "SimpleRNN", "SimpleRNNCell", "SpatialDropout1D",
-    "TimeDistributed", "TimestepDropout", "WordDropout", "from_keras", "mc_dropout_mode", "mc_predict", "nn",
+    "TimeDistributed", "TimestepDropout", "WordDropout", "explain", "from_keras", "mc_dropout_mode", "mc_predict", "nn",
 ]

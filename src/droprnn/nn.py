@@ -10,8 +10,9 @@ unchanged), plus recurrent dropout. Swapping one import adds it to an existing m
 Arguments as in ``torch.nn``: ``dropout`` keeps torch's meaning (a fresh element-wise mask on the outputs
 of every layer but the last). Added, keyword-only (the dropout of each layer's cell, Keras's semantics):
 ``input_dropout`` (Keras's ``dropout``: the layer's input, one mask per sequence), ``recurrent_dropout``,
-``recurrent_dropout_mode``, ``input_dropout_mode``, ``zoneout_h`` (and ``zoneout_c`` for LSTM), ``seed``.
-With all of them 0 the modules compute what ``torch.nn`` computes.
+``recurrent_dropout_mode``, ``input_dropout_mode``, ``zoneout_h`` (and ``zoneout_c`` for LSTM), ``seed``,
+and ``impl`` ("auto": droprnn's fused CPU kernel when it applies; see ``droprnn.explain``). With all the
+dropouts 0 the modules compute what ``torch.nn`` computes.
 
 The math is droprnn's reference kernel: torch's weights are viewed in Keras layout at each call
 (gate order and the two biases folded), so one oracle serves both fronts.
@@ -30,7 +31,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .cells import Cell, CellWeights, GRUCell, LSTMCell, SimpleRNNCell
 from .dropout.plan import draw_plan
 from .errors import DroprnnError, check_positive_int, check_rate, fail, type_name
-from .kernels import reference
+from .kernels import dispatch as kernels
+from .kernels.dispatch import KernelChoice, check_impl
 from .random import SeedStream, derived_seed, keep_mask
 
 __all__ = ["GRU", "LSTM", "RNN"]
@@ -62,10 +64,13 @@ class _TorchStyleRNN(torch_nn.Module):
         input_dropout_mode: str = "keras",
         zoneout_h: float = 0.0,
         seed: Optional[int] = None,
+        impl: str = "auto",
         **cell_options: Any,
     ) -> None:
         super().__init__()
         where = self.where
+        self.impl = check_impl(where, impl)
+        self.last_kernel: Optional[KernelChoice] = None
         self.input_size = check_positive_int(where, "input_size", input_size)
         self.hidden_size = check_positive_int(where, "hidden_size", hidden_size)
         self.num_layers = check_positive_int(where, "num_layers", num_layers)
@@ -228,9 +233,10 @@ class _TorchStyleRNN(torch_nn.Module):
                 cell = self._cells[index]
                 states = tuple(s[index] for s in initial)
                 plan = draw_plan([cell], batch, layer_input.shape[-1], self.training, x.dtype, x.device, steps)
-                sequence, _, final = reference.run(
-                    [cell], layer_input, [states], plan, step_mask,
-                    weights=[self._keras_weights(self._suffixes()[index])],
+                weights = [self._keras_weights(self._suffixes()[index])]
+                self.last_kernel = kernels.choose(self.impl, [cell], layer_input, weights, self.where)
+                sequence, _, final = kernels.run(
+                    self.last_kernel, [cell], layer_input, [states], plan, step_mask, weights=weights,
                     go_backwards=bool(direction), zero_output_for_mask=True, return_sequences=True,
                 )
                 outputs.append(sequence.flip(1) if direction else sequence)

@@ -3,15 +3,17 @@
 Per cell (stacked cells run one after another: cell k's states at masked steps are discarded anyway,
 so feeding it cell k-1's carried states equals the reference's per-step interleaving):
 
-1. the input projections of all timesteps in one large product (``cell.project_inputs``: input masks,
-   per-gate or per-step, fold into it; autograd differentiates it);
-2. the recurrence in C++ (``kernels/cpu/*.cpp``): per step one small product per mask block and one fused
-   pass for the gates, masks, zoneout and step mask; its backward computes gate gradients from saved
-   activations;
-3. the recurrent-kernel gradient with one large product per gate over all timesteps, after the loop.
+1. the input projections of all timesteps in one large product with the bias fused in; per-gate input
+   masks make it one batched product over the gates, written gate-major (G, B, T, U) and read by the
+   kernel in that layout, so nothing is concatenated;
+2. the recurrence in C++ (``kernels/cpu/*.cpp``): per step one small product per panel of the recurrent
+   kernel and one fused pass for the gates, masks, zoneout and step mask; its backward computes gate
+   gradients from saved activations;
+3. the recurrent-kernel gradient with one large (batched, per-gate) product over all timesteps.
 
 The outputs follow from the carried states: a masked step carries h, so "repeat the previous output" is h
 itself once a real step has been seen, and zero before; ``zero_output_for_mask`` zeroes masked steps.
+
 The hand-written backward is not itself differentiable; when a graph of the gradient is asked for
 (``create_graph=True``, e.g. double backward), the backward instead differentiates the same recurrence
 written with the cell's own step in plain autograd ops -- slower, and exact.
@@ -40,6 +42,8 @@ ACTIVATION_CODES = {
     activations.get("linear"): 4,
 }
 SUPPORTED_CELLS = (LSTMCell, GRUCell, SimpleRNNCell)
+# A recurrent kernel up to this size stays one panel (it fits in L2 with room to spare).
+_ONE_PANEL_BYTES = 512 * 1024
 
 
 def unsupported_reason(cells: Sequence[torch.nn.Module], x: Tensor, weights: Sequence[CellWeights]) -> Optional[str]:
@@ -61,12 +65,63 @@ def unsupported_reason(cells: Sequence[torch.nn.Module], x: Tensor, weights: Seq
     return cpu.unavailable_reason()
 
 
-def _none_if_empty(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
+# ---------------------------------------------------------------------------------------------- layouts
+def _per_gate(masks: Optional[Tensor]) -> bool:
+    return masks is not None and masks.shape[-3] > 1
 
 
-def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad.contiguous()
+def _project(x: Tensor, weights: CellWeights, masks: Optional[Tensor], gates: int) -> Tensor:
+    """Input projections of all steps as a (B, T, G, U) view, bias fused into the product.
+
+    Per-gate masks give a gate-major tensor (G, B, T, U) (viewed as (B, T, G, U)): one batched product.
+    """
+    batch, steps, features = x.shape
+    kernel, bias = weights.kernel, weights.input_bias
+    units = kernel.shape[1] // gates
+    if _per_gate(masks):  # (G, B, D): per sequence (per-step input masks are always shared)
+        masked = (x.unsqueeze(0) * masks.unsqueeze(2)).reshape(gates, batch * steps, features)
+        per_gate_kernel = kernel.view(features, gates, units).permute(1, 0, 2)
+        if bias is None:
+            out = torch.bmm(masked, per_gate_kernel)
+        else:
+            out = torch.baddbmm(bias.view(gates, 1, units), masked, per_gate_kernel)
+        return out.view(gates, batch, steps, units).permute(1, 2, 0, 3)
+    if masks is not None:  # one mask for all gates: (1, B, D) per sequence or (T, 1, B, D) per step
+        x = x * (masks[:, 0].permute(1, 0, 2) if masks.dim() == 4 else masks[0].unsqueeze(1))
+    flat = x.reshape(batch * steps, features)
+    out = flat @ kernel if bias is None else torch.addmm(bias, flat, kernel)
+    return out.view(batch, steps, gates, units)
+
+
+def _panels(R: Tensor, gates: int, per_gate: bool) -> Tensor:
+    """The recurrent kernel (H, G·U) as contiguous panels (P, H, N): one, or one per gate."""
+    hidden, width = R.shape
+    if gates == 1 or not per_gate and R.numel() * R.element_size() <= _ONE_PANEL_BYTES:
+        return R.contiguous().unsqueeze(0)  # R may be a transposed view (droprnn.nn keeps torch's layout)
+    return R.view(hidden, gates, width // gates).permute(1, 0, 2).contiguous()
+
+
+def _step_masks_as_sequence(masks: Tensor) -> Tensor:
+    """Recurrent masks (m, B, H) or (T, m, B, H) as (m, B, T|1, H), to multiply (B, T, H) sequences."""
+    return masks.permute(1, 2, 0, 3) if masks.dim() == 4 else masks.unsqueeze(2)
+
+
+def _kernel_grad(h_prev: Tensor, masks: Optional[Tensor], d_out: Tensor) -> Tensor:
+    """Σ over batch and time of (h_prev ⊙ m_g)ᵀ d_out_g for each gate g: the recurrent kernel's gradient.
+
+    h_prev: (B, T, H); masks: recurrent masks or None; d_out: (B, T, G, U) gradients at the product.
+    """
+    batch, steps, gates, units = d_out.shape
+    hidden = h_prev.shape[-1]
+    if not _per_gate(masks):
+        if masks is not None:
+            h_prev = h_prev * _step_masks_as_sequence(masks)[0]
+        return h_prev.reshape(-1, hidden).T @ d_out.reshape(-1, gates * units)
+    # Gate by gate, so one masked copy of h_prev exists at a time (peak memory below the reference's).
+    per_gate = _step_masks_as_sequence(masks)
+    return torch.cat([
+        (h_prev * per_gate[g]).reshape(-1, hidden).T @ d_out[:, :, g].reshape(-1, units) for g in range(gates)
+    ], dim=1)
 
 
 def _previous_states(initial: Tensor, sequence: Tensor) -> Tensor:
@@ -74,28 +129,19 @@ def _previous_states(initial: Tensor, sequence: Tensor) -> Tensor:
     return torch.cat([initial.unsqueeze(1), sequence[:, :-1]], dim=1)
 
 
-def _kernel_grad(h_prev: Tensor, masks: Optional[Tensor], d_out: Tensor, blocks: int) -> Tensor:
-    """Σ over batch and time of (h_prev ⊙ mask_g)ᵀ d_out_g, gate by gate: the recurrent kernel's gradient."""
-    width = h_prev.shape[-1]
-    flat = d_out.reshape(-1, d_out.shape[-1])
-    if masks is None:
-        return h_prev.reshape(-1, width).T @ flat
-    masks = masks.permute(1, 2, 0, 3) if masks.dim() == 4 else masks.unsqueeze(2)  # (m, B, T|1, H)
-    if masks.shape[0] == 1:
-        return (h_prev * masks[0]).reshape(-1, width).T @ flat
-    return torch.cat(
-        [(h_prev * m).reshape(-1, width).T @ block.reshape(-1, block.shape[-1])
-         for m, block in zip(masks, d_out.chunk(blocks, dim=-1))],
-        dim=1,
-    )
+def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
 
 
+# ---------------------------------------------------------------------------------------------- double backward
 def _plain_recurrence(cell, xw: Tensor, weights: CellWeights, states: States, masks: CellMasks,
                       valid: Optional[Tensor]) -> tuple[Tensor, ...]:
     """The fused recurrence in plain autograd ops (the cell's own step): the path for double backward."""
+    batch, steps = xw.shape[:2]
+    projected = xw.reshape(batch, steps, -1)
     sequences = []
-    for t in range(xw.shape[1]):
-        _, new = cell.step(xw[:, t], states, weights, masks.at(t))
+    for t in range(steps):
+        _, new = cell.step(projected[:, t], states, weights, masks.at(t))
         if valid is not None:
             keep = valid[:, t, None]
             new = tuple(keep * fresh + (1 - keep) * old for fresh, old in zip(new, states))
@@ -104,9 +150,8 @@ def _plain_recurrence(cell, xw: Tensor, weights: CellWeights, states: States, ma
     return tuple(torch.stack([s[j] for s in sequences], dim=1) for j in range(len(states)))
 
 
-def _differentiable_grads(ctx, grad_outputs, build) -> tuple:
+def _differentiable_grads(ctx, inputs: tuple, grad_outputs: tuple, build) -> tuple:
     """Gradients of ``build(*inputs)`` that autograd can differentiate again (create_graph=True)."""
-    inputs = ctx.saved_inputs
     wanted = [i for i, (t, need) in enumerate(zip(inputs, ctx.needs_input_grad)) if need and t is not None]
     with torch.enable_grad():
         outputs = build(*inputs)
@@ -121,116 +166,140 @@ def _differentiable_grads(ctx, grad_outputs, build) -> tuple:
     return tuple(result)
 
 
-class _LSTMRecurrence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, xw, R, h0, c0, rec, upd, zoneout_h, zoneout_c, valid, act, rec_act, cell):
-        hs, cs, gates, tc = torch.ops.droprnn.lstm_forward(xw, R, h0, c0, rec, upd, zoneout_h, zoneout_c, valid, act, rec_act)
-        ctx.save_for_backward(xw, R, h0, c0, hs, cs, gates, tc, rec, upd, zoneout_h, zoneout_c, valid)
-        ctx.acts, ctx.cell = (act, rec_act), cell
-        return hs, cs
+# ---------------------------------------------------------------------------------------------- the layer function
+def _projection_grads(x: Tensor, kernel: Tensor, masks: Optional[Tensor], dxw: Tensor, needs: tuple[bool, bool, bool]):
+    """Gradients of the input projection x -> xw (see :func:`_project`) for x, kernel and bias.
+
+    The masked copies of x are made one gate at a time, here, instead of being kept from the forward.
+    """
+    batch, steps, gates, units = dxw.shape
+    features = x.shape[-1]
+    need_x, need_kernel, need_bias = needs
+    dx = dkernel = dbias = None
+    if need_bias:
+        dbias = dxw.sum(dim=(0, 1)).reshape(-1)
+    if not _per_gate(masks):
+        shared = None if masks is None else (masks[:, 0].permute(1, 0, 2) if masks.dim() == 4 else masks[0].unsqueeze(1))
+        flat = dxw.reshape(-1, gates * units)
+        if need_kernel:
+            xm = x if shared is None else x * shared
+            dkernel = xm.reshape(-1, features).T @ flat
+        if need_x:
+            dx = (flat @ kernel.T).view(batch, steps, features)
+            dx = dx if shared is None else dx * shared
+        return dx, dkernel, dbias
+    blocks = kernel.view(features, gates, units)
+    if need_kernel:
+        dkernel = torch.cat([
+            (x * masks[g].unsqueeze(1)).reshape(-1, features).T @ dxw[:, :, g].reshape(-1, units) for g in range(gates)
+        ], dim=1)
+    if need_x:
+        dx = sum((dxw[:, :, g] @ blocks[:, g].T) * masks[g].unsqueeze(1) for g in range(gates))
+    return dx, dkernel, dbias
+
+
+class _FusedLayer(torch.autograd.Function):
+    """One cell over a whole sequence -- input projection and recurrence -- as one autograd node.
+
+    Keeping the projection inside lets the backward rebuild masked inputs one gate at a time and save
+    neither the projections nor the masked copies: a training step keeps less than the reference loop.
+    Returns the h sequence (B, T, H), and for LSTM the last cell state (B, U).
+    """
 
     @staticmethod
-    def backward(ctx, dhs, dcs):
-        xw, R, h0, c0, hs, cs, gates, tc, rec, upd, zoneout_h, zoneout_c, valid = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            ctx.saved_inputs = (xw, R, h0, c0)
-            masks = CellMasks(recurrent=rec, update=upd, zoneout=(zoneout_h, zoneout_c))
-            grads = _differentiable_grads(ctx, (dhs, dcs), lambda xw, R, h0, c0: _plain_recurrence(
-                ctx.cell, xw, CellWeights(None, R), (h0, c0), masks, valid))
-            return grads
-        dxw, dh0, dc0 = torch.ops.droprnn.lstm_backward(
-            _zeros_if_none(dhs, hs), _zeros_if_none(dcs, cs), R.T.contiguous(), h0, c0, hs, cs, gates, tc, rec, upd,
-            zoneout_h, zoneout_c, valid, *ctx.acts,
-        )
-        dR = _kernel_grad(_previous_states(h0, hs), rec, dxw, 4) if ctx.needs_input_grad[1] else None
-        return dxw, dR, dh0, dc0, None, None, None, None, None, None, None, None
+    def forward(ctx, x, kernel, input_bias, R, rbias, h0, c0, input_masks, rec, upd, zoneout_h, zoneout_c, valid, cell):
+        act = ACTIVATION_CODES[cell.activation]
+        rec_act = ACTIVATION_CODES.get(getattr(cell, "recurrent_activation", None), act)
+        xw = _project(x, CellWeights(kernel, R, input_bias), input_masks, cell.gates)
+        c_seq = None
+        if isinstance(cell, LSTMCell):
+            panels = _panels(R, 4, _per_gate(rec))
+            hs, c_seq, saved = torch.ops.droprnn.lstm_forward(
+                xw, panels, h0, c0, rec, upd, zoneout_h, zoneout_c, valid, act, rec_act)
+        elif isinstance(cell, GRUCell):
+            panels = _panels(R, 3, _per_gate(rec) or not cell.reset_after)
+            hs, saved = torch.ops.droprnn.gru_forward(
+                xw, panels, rbias, h0, rec, upd, zoneout_h, valid, act, rec_act, cell.reset_after)
+        else:
+            hs, saved = torch.ops.droprnn.simple_rnn_forward(xw, _panels(R, 1, False), h0, rec, zoneout_h, valid, act)
+        ctx.save_for_backward(x, kernel, input_bias, R, rbias, h0, c0, hs, c_seq, saved, input_masks, rec, upd,
+                              zoneout_h, zoneout_c, valid)
+        ctx.cell, ctx.acts = cell, (act, rec_act)
+        if c_seq is None:
+            return (hs,)
+        # Only the last cell state leaves the layer: its gradient is (B, U), not a (B, T, U) of zeros.
+        return hs, c_seq[:, -1].clone()
 
-
-class _GRURecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xw, R, rbias, h0, rec, upd, zoneout_h, valid, act, rec_act, reset_after, cell):
-        hs, gates = torch.ops.droprnn.gru_forward(xw, R, rbias, h0, rec, upd, zoneout_h, valid, act, rec_act, reset_after)
-        ctx.save_for_backward(xw, R, rbias, h0, hs, gates, rec, upd, zoneout_h, valid)
-        ctx.options, ctx.cell = (act, rec_act, reset_after, rbias is not None), cell
-        return hs
+    def backward(ctx, *grads):
+        (x, kernel, input_bias, R, rbias, h0, c0, hs, c_seq, saved, input_masks, rec, upd,
+         zoneout_h, zoneout_c, valid) = ctx.saved_tensors
+        cell, (act, rec_act) = ctx.cell, ctx.acts
+        lstm = isinstance(cell, LSTMCell)
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
+            masks = CellMasks(recurrent=rec, update=upd, zoneout=(zoneout_h, zoneout_c) if lstm else (zoneout_h,))
 
-    @staticmethod
-    def backward(ctx, dhs):
-        xw, R, rbias, h0, hs, gates, rec, upd, zoneout_h, valid = ctx.saved_tensors
-        act, rec_act, reset_after, has_rbias = ctx.options
-        if torch.is_grad_enabled():
-            ctx.saved_inputs = (xw, R, rbias, h0)
-            masks = CellMasks(recurrent=rec, update=upd, zoneout=(zoneout_h,))
-            return _differentiable_grads(ctx, (dhs,), lambda xw, R, rbias, h0: _plain_recurrence(
-                ctx.cell, xw, CellWeights(None, R, recurrent_bias=rbias), (h0,), masks, valid))
-        dxw, dinner, dh0 = torch.ops.droprnn.gru_backward(
-            dhs.contiguous(), R.T.contiguous(), h0, hs, gates, rec, upd, zoneout_h, valid, act, rec_act, reset_after
-        )
+            def build(x, kernel, input_bias, R, rbias, h0, c0):
+                xw = _project(x, CellWeights(kernel, R, input_bias), input_masks, cell.gates)
+                states = (h0, c0) if lstm else (h0,)
+                sequences = _plain_recurrence(cell, xw, CellWeights(None, R, recurrent_bias=rbias), states, masks, valid)
+                return (sequences[0], sequences[1][:, -1]) if lstm else (sequences[0],)
+
+            return _differentiable_grads(ctx, (x, kernel, input_bias, R, rbias, h0, c0), grads, build)
+
+        dhs = _zeros_if_none(grads[0], hs)
+        RT = R.T.contiguous()
+        gate_major = _per_gate(input_masks)
+        dinner = None
+        if lstm:
+            dxw, dh0, dc0 = torch.ops.droprnn.lstm_backward(
+                dhs, _zeros_if_none(grads[1], c0), RT, h0, c0, c_seq, saved, rec, upd, zoneout_h, zoneout_c, valid,
+                act, rec_act, gate_major)
+        elif isinstance(cell, GRUCell):
+            dxw, dinner, dh0 = torch.ops.droprnn.gru_backward(
+                dhs, RT, h0, hs, saved, rec, upd, zoneout_h, valid, act, rec_act, cell.reset_after, gate_major)
+            dc0 = None
+        else:
+            dxw, dh0 = torch.ops.droprnn.simple_rnn_backward(dhs, RT, h0, saved, rec, zoneout_h, valid, act, gate_major)
+            dc0 = None
+        needs = ctx.needs_input_grad
         dR = drb = None
-        h_prev = _previous_states(h0, hs)
-        units = hs.shape[-1]
-        if ctx.needs_input_grad[1]:
-            if reset_after:
-                dR = _kernel_grad(h_prev, rec, dinner, 3)
+        if needs[3]:
+            h_prev = _previous_states(h0, hs)
+            if isinstance(cell, GRUCell) and not cell.reset_after:
+                # z and r see (h ⊙ m) through R_z, R_r; the candidate sees a = r ⊙ (h ⊙ m_h) through R_h.
+                zr_masks = rec if rec is None or not _per_gate(rec) else rec[..., :2, :, :]
+                h_masks = None if rec is None else (rec if not _per_gate(rec) else rec[..., 2:, :, :])
+                units = hs.shape[-1]
+                h_seen = h_prev if h_masks is None else h_prev * _step_masks_as_sequence(h_masks)[0]
+                a = saved[..., units : 2 * units] * h_seen
+                dR = torch.cat([_kernel_grad(h_prev, zr_masks, dxw[:, :, :2]), _kernel_grad(a, None, dxw[:, :, 2:])], dim=1)
             else:
-                zr_masks = None if rec is None else (rec if rec.shape[-3] == 1 else rec[..., :2, :, :])
-                h_masks = None if rec is None else (rec[..., :1, :, :] if rec.shape[-3] == 1 else rec[..., 2:, :, :])
-                r = gates[..., units : 2 * units]
-                a = r * (h_prev if h_masks is None else h_prev * _broadcast_one(h_masks))
-                dR = torch.cat([_kernel_grad(h_prev, zr_masks, dxw[..., : 2 * units], 2),
-                                _kernel_grad(a, None, dxw[..., 2 * units :], 1)], dim=1)
-        if has_rbias and ctx.needs_input_grad[2]:
-            drb = dinner.sum(dim=(0, 1))
-        return dxw, dR, drb, dh0, None, None, None, None, None, None, None, None
+                dR = _kernel_grad(h_prev, rec, dinner if dinner is not None else dxw)
+        if rbias is not None and needs[4]:
+            drb = dinner.sum(dim=(0, 1)).reshape(-1)
+        dx, dkernel, dbias = _projection_grads(x, kernel, input_masks, dxw, (needs[0], needs[1], needs[2] and input_bias is not None))
+        return dx, dkernel, dbias, dR, drb, dh0, dc0, None, None, None, None, None, None, None
 
 
-def _broadcast_one(mask: Tensor) -> Tensor:
-    """A single-gate mask (1, B, H) or (T, 1, B, H) as (B, T|1, H)."""
-    return mask[:, 0].permute(1, 0, 2) if mask.dim() == 4 else mask[0].unsqueeze(1)
+def _contiguous(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype).contiguous()
 
 
-class _SimpleRecurrence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, xw, R, h0, rec, zoneout_h, valid, act, cell):
-        hs, fresh = torch.ops.droprnn.simple_rnn_forward(xw, R, h0, rec, zoneout_h, valid, act)
-        ctx.save_for_backward(xw, R, h0, hs, fresh, rec, zoneout_h, valid)
-        ctx.act, ctx.cell = act, cell
-        return hs
-
-    @staticmethod
-    def backward(ctx, dhs):
-        xw, R, h0, hs, fresh, rec, zoneout_h, valid = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            ctx.saved_inputs = (xw, R, h0)
-            masks = CellMasks(recurrent=rec, zoneout=(zoneout_h,))
-            return _differentiable_grads(ctx, (dhs,), lambda xw, R, h0: _plain_recurrence(
-                ctx.cell, xw, CellWeights(None, R), (h0,), masks, valid))
-        dxw, dh0 = torch.ops.droprnn.simple_rnn_backward(
-            dhs.contiguous(), R.T.contiguous(), h0, fresh, rec, zoneout_h, valid, ctx.act
-        )
-        dR = _kernel_grad(_previous_states(h0, hs), rec, dxw, 1) if ctx.needs_input_grad[1] else None
-        return dxw, dR, dh0, None, None, None, None, None
-
-
-def _recurrence(cell, xw: Tensor, weights: CellWeights, states: States, masks, valid: Optional[Tensor]) -> list[Tensor]:
-    """Run one cell's recurrence; returns its carried state sequences, (B, T, size) each."""
-    rec, upd = _none_if_empty(masks.recurrent), _none_if_empty(masks.update)
+def _fused_cell(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks,
+                valid: Optional[Tensor]) -> list[Tensor]:
+    """Run one cell over the sequence; returns the h sequence (B, T, H), then (LSTM) the final c (B, U)."""
+    dtype = x.dtype
     zoneout = masks.zoneout or (None,) * len(states)
-    act = ACTIVATION_CODES[cell.activation]
-    R = weights.recurrent_kernel
-    if isinstance(cell, LSTMCell):
-        hs, cs = _LSTMRecurrence.apply(
-            xw, R, states[0].contiguous(), states[1].contiguous(), rec, upd, zoneout[0], zoneout[1], valid, act,
-            ACTIVATION_CODES[cell.recurrent_activation], cell,
-        )
-        return [hs, cs]
-    if isinstance(cell, GRUCell):
-        rbias = weights.recurrent_bias if cell.reset_after else None
-        return [_GRURecurrence.apply(
-            xw, R, rbias, states[0].contiguous(), rec, upd, zoneout[0], valid, act,
-            ACTIVATION_CODES[cell.recurrent_activation], cell.reset_after, cell,
-        )]
-    return [_SimpleRecurrence.apply(xw, R, states[0].contiguous(), rec, zoneout[0], valid, act, cell)]
+    zoneout = [_contiguous(z, dtype) for z in zoneout] + [None] * (2 - len(zoneout))
+    rbias = weights.recurrent_bias if isinstance(cell, GRUCell) and cell.reset_after else None
+    c0 = states[1].contiguous() if len(states) > 1 else None
+    return list(_FusedLayer.apply(
+        x.contiguous(), weights.kernel, weights.input_bias, weights.recurrent_kernel,
+        None if rbias is None else rbias.contiguous(), states[0].contiguous(), c0,
+        _contiguous(masks.input, dtype), _contiguous(masks.recurrent, dtype), _contiguous(masks.update, dtype),
+        zoneout[0], zoneout[1], valid, cell,
+    ))
 
 
 def run(
@@ -251,14 +320,13 @@ def run(
         step_mask = None if step_mask is None else step_mask.flip(1)
     valid = None if step_mask is None else step_mask.to(x.dtype).contiguous()
     weights = [cell.weights() for cell in cells] if weights is None else list(weights)
-    weights = [m.weights_for(w) for m, w in zip(plan.cells, weights)]
+    weights = [m.weights_for(w) for m, w in zip(plan.cells, weights)]  # DropConnect: autograd reaches R through it
     layer_input = x
     finals: list[States] = []
     for cell, w, masks, states in zip(cells, weights, plan.cells, initial_states):
-        xw = cell.project_inputs(layer_input, w, masks.input).contiguous()
-        sequences = _recurrence(cell, xw, w, tuple(states), masks, valid)
-        finals.append(tuple(s[:, -1] for s in sequences))
-        layer_input = sequences[0]
+        h_sequence, *last_c = _fused_cell(cell, layer_input, w, tuple(states), masks, valid)
+        finals.append((h_sequence[:, -1], *last_c))
+        layer_input = h_sequence
     outputs = layer_input
     if valid is not None:
         shown = valid if zero_output_for_mask else valid.cummax(dim=1).values

@@ -258,4 +258,86 @@ inline void masked_rows(const T* h, int64_t ld, int64_t r0, int64_t r1, int64_t 
   }
 }
 
+// ---------------------------------------------------------------------------------------------- layouts
+// A per-step, per-gate tensor viewed as (B, T, G, U) with any strides (unit stride on U): input
+// projections arrive either as (B, T, G·U) or gate-major (G, B, T, U), the latter when each gate saw its
+// own input mask (one batched product per gate produced it). Gradients are written in the same layout.
+template <typename T>
+struct GateSeq {
+  T* data;
+  int64_t sb, st, sg;
+  T* at(int64_t b, int64_t t, int64_t g) const { return data + b * sb + t * st + g * sg; }
+};
+
+template <typename T>
+GateSeq<T> gate_seq(const Tensor& x) {
+  return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// A new (B, T, G, U) tensor, gate-major underneath when the input projections were.
+inline Tensor empty_gate_seq(int64_t B, int64_t T, int64_t G, int64_t U, bool gate_major, const at::TensorOptions& o) {
+  return gate_major ? at::empty({G, B, T, U}, o).permute({1, 2, 0, 3}) : at::empty({B, T, G, U}, o);
+}
+
+// The recurrent kernel packed as P contiguous panels (P, K, N): whole (P = 1, N = G·U) when it is small,
+// one panel per gate otherwise or when each gate has its own mask. A panel that fits in L2 is reused
+// across the rows of a step instead of being streamed from memory once per row block.
+template <typename T>
+struct Panels {
+  const T* data;
+  int64_t count, K, N;
+  const T* panel(int64_t p) const { return data + p * K * N; }
+};
+
+template <typename T>
+Panels<T> panels_of(const Tensor& R) {
+  return {R.data_ptr<T>(), R.size(0), R.size(1), R.size(2)};
+}
+
+// Z[:, p·N : (p+1)·N] = A_p @ R_p for panels [0, used), with A_p the rows [r0, r1) of h_prev masked by
+// the panel's gate mask (a shared mask for all, or none). Per-gate masks need one panel per gate.
+template <typename T>
+void recurrent_product(const T* h_prev, int64_t ldh, int64_t r0, int64_t r1, const StepMask<T>& rec, int64_t t,
+                       const Panels<T>& R, int64_t used, T* A, T* Z, int64_t ldz) {
+  const int64_t n = r1 - r0, K = R.K, N = R.N;
+  const T* base = h_prev - r0 * ldh;  // row b of h_prev is base + b * ldh
+  if (!rec.present()) {
+    for (int64_t p = 0; p < used; ++p) gemm(n, N, K, h_prev, ldh, R.panel(p), N, Z + p * N, ldz, false);
+  } else if (rec.gate_stride == 0) {
+    masked_rows(base, ldh, r0, r1, K, rec, t, 0, A);
+    for (int64_t p = 0; p < used; ++p) gemm(n, N, K, A, K, R.panel(p), N, Z + p * N, ldz, false);
+  } else {
+    for (int64_t p = 0; p < used; ++p) {
+      masked_rows(base, ldh, r0, r1, K, rec, t, p, A);
+      gemm(n, N, K, A, K, R.panel(p), N, Z + p * N, ldz, false);
+    }
+  }
+}
+
+// dh (n, H) += sum_g (D_g @ RT_g) * m_g over gates [0, used): the gradient reaching h_{t-1} through the
+// recurrent product. D holds the gradients at the product's output (step t, rows [r0, r1)); RT is the
+// recurrent kernel transposed, (G·U, H), so gate g's block is rows [g·U, (g+1)·U). Splitting the inner
+// dimension by gate keeps each block of RT small enough to stay in cache.
+template <typename T>
+void recurrent_product_grad(const GateSeq<T>& D, int64_t r0, int64_t r1, int64_t t, int64_t used, int64_t U,
+                            const T* RT, int64_t H, const StepMask<T>& rec, T* tmp, T* dh) {
+  const int64_t n = r1 - r0;
+  if (!rec.present()) {
+    for (int64_t g = 0; g < used; ++g) gemm(n, H, U, D.at(r0, t, g), D.sb, RT + g * U * H, H, dh, H, true);
+    return;
+  }
+  const bool shared = rec.gate_stride == 0;
+  for (int64_t g = 0; g < used; ++g) {
+    gemm(n, H, U, D.at(r0, t, g), D.sb, RT + g * U * H, H, tmp, H, shared && g > 0);
+    if (shared && g + 1 < used) continue;
+    for (int64_t b = r0; b < r1; ++b) {
+      const T* m = rec.row(t, shared ? 0 : g, b);
+      const T* tr = tmp + (b - r0) * H;
+      T* out = dh + (b - r0) * H;
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) out[j] += tr[j] * m[j];
+    }
+  }
+}
+
 }  // namespace droprnn

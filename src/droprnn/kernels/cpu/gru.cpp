@@ -4,12 +4,13 @@
 //   reset_after:  inner = sum_g (h_{t-1} * m_g) @ R_g + rb
 //                 z = rec(xw_z + inner_z);  r = rec(xw_r + inner_r);  n = act(xw_h + r * inner_h)
 //   reset_before: z = rec(xw_z + (h * m_z) @ R_z);  r = rec(xw_r + (h * m_r) @ R_r)
-//                 n = act(xw_h + (r * (h * m_h)) @ R_h)          a second, dependent GEMM per step
+//                 n = act(xw_h + (r * (h * m_h)) @ R_h)          a second, dependent product per step
 //   h' = z * h_{t-1} + (1 - z) * (n * u);  then zoneout and the step mask as in lstm.cpp
 //
 // Saved: (B, T, 4U) = [z, r, n, inner_h] (inner_h with reset_after only). The backward returns dxw and,
-// with reset_after, d(inner) -- the gradient at the recurrent GEMM's output, which differs from dxw in
-// the h block -- so the caller forms dR and d(rb) with large GEMMs / sums over all timesteps.
+// with reset_after, d(inner) -- the gradient at the recurrent product's output, which differs from dxw in
+// the h block -- both in xw's layout, so the caller forms dR and d(rb) with large products over all
+// timesteps. reset_before needs the recurrent kernel in one panel per gate.
 #include "common.h"
 
 namespace droprnn {
@@ -19,9 +20,9 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
                              const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                              const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
                              int64_t rec_act, bool reset_after, Tensor& hs, Tensor& gates) {
-  const int64_t B = xw.size(0), steps = xw.size(1), U = h0.size(1), G3 = 3 * U, G4 = 4 * U;
-  const T* x = xw.data_ptr<T>();
-  const T* r = R.data_ptr<T>();
+  const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3), G3 = 3 * U, G4 = 4 * U;
+  const GateSeq<T> x = gate_seq<T>(xw);
+  const Panels<T> panels = panels_of<T>(R);
   const T* rb = rbias.has_value() && rbias->defined() ? rbias->data_ptr<T>() : nullptr;
   const T* h_init = h0.data_ptr<T>();
   T* h_out = hs.data_ptr<T>();
@@ -35,6 +36,8 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
   const int64_t rows_max = (B + chunks - 1) / chunks;
   const int64_t per_chunk = rows_max * (G3 + U) + 3 * U;
   std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
+  // reset_before: the first product covers z and r only (panels are per gate then).
+  const int64_t first_panels = reset_after ? panels.count : 2;
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
     const int64_t n = r1 - r0;
@@ -43,58 +46,48 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
     T* ones = A + rows_max * U;
     std::fill(ones, ones + 2 * U, T(1));      // the update mask / the h mask when there is none
     const Zoneout<T> kh = with_buffer(zh, ones + 2 * U, U);
-    const int64_t rec_blocks = reset_after ? 3 : 2;  // gates in the first GEMM
     for (int64_t t = 0; t < steps; ++t) {
       const T* h_prev = t == 0 ? h_init + r0 * U : h_out + (r0 * steps + t - 1) * U;
       const int64_t ldh = t == 0 ? U : steps * U;
-      const T* h_base = h_prev - r0 * ldh;
-      if (!rec.present()) {
-        gemm(n, rec_blocks * U, U, h_prev, ldh, r, G3, Z, G3, false);
-      } else if (rec.gate_stride == 0) {
-        masked_rows(h_base, ldh, r0, r1, U, rec, t, 0, A);
-        gemm(n, rec_blocks * U, U, A, U, r, G3, Z, G3, false);
-      } else {
-        for (int64_t g = 0; g < rec_blocks; ++g) {
-          masked_rows(h_base, ldh, r0, r1, U, rec, t, g, A);
-          gemm(n, U, U, A, U, r + g * U, G3, Z + g * U, G3, false);
-        }
-      }
+      recurrent_product(h_prev, ldh, r0, r1, rec, t, panels, first_panels, A, Z, G3);
       for (int64_t b = r0; b < r1; ++b) {
         T* zrow = Z + (b - r0) * G3;
-        const T* xr = x + (b * steps + t) * G3;
         T* gr = g_out + (b * steps + t) * G4;
         if (rb != nullptr) {
 #pragma omp simd
-          for (int64_t j = 0; j < rec_blocks * U; ++j) zrow[j] += rb[j];
+          for (int64_t j = 0; j < G3; ++j) zrow[j] += rb[j];
         }
+        for (int64_t g = 0; g < 2; ++g) {
+          const T* xr = x.at(b, t, g);
 #pragma omp simd
-        for (int64_t j = 0; j < 2 * U; ++j) gr[j] = xr[j] + zrow[j];
+          for (int64_t j = 0; j < U; ++j) gr[g * U + j] = xr[j] + zrow[g * U + j];
+        }
         activate(rec_act, gr, 2 * U);
+        const T* rr = gr + U;
         if (reset_after) {
-          const T* rr = gr + U;
+          const T* xh = x.at(b, t, 2);
           const T* inner_h = zrow + 2 * U;
 #pragma omp simd
           for (int64_t j = 0; j < U; ++j) {
-            gr[2 * U + j] = xr[2 * U + j] + rr[j] * inner_h[j];
+            gr[2 * U + j] = xh[j] + rr[j] * inner_h[j];
             gr[3 * U + j] = inner_h[j];
           }
         } else {
           const T* hp = h_prev + (b - r0) * ldh;
           const T* mh = rec.present() ? rec.row(t, rec.gate_stride == 0 ? 0 : 2, b) : ones + U;
-          const T* rr = gr + U;
           T* ar = A + (b - r0) * U;
 #pragma omp simd
           for (int64_t j = 0; j < U; ++j) ar[j] = rr[j] * (hp[j] * mh[j]);
         }
       }
       if (!reset_after) {
-        gemm(n, U, U, A, U, r + 2 * U, G3, Z + 2 * U, G3, false);
+        gemm(n, U, U, A, U, panels.panel(2), U, Z + 2 * U, G3, false);
         for (int64_t b = r0; b < r1; ++b) {
           const T* zrow = Z + (b - r0) * G3;
-          const T* xr = x + (b * steps + t) * G3;
+          const T* xh = x.at(b, t, 2);
           T* gr = g_out + (b * steps + t) * G4;
 #pragma omp simd
-          for (int64_t j = 0; j < U; ++j) gr[2 * U + j] = xr[2 * U + j] + zrow[2 * U + j];
+          for (int64_t j = 0; j < U; ++j) gr[2 * U + j] = xh[j] + zrow[2 * U + j];
         }
       }
       for (int64_t b = r0; b < r1; ++b) {
@@ -122,10 +115,11 @@ std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const 
                                        const Tensor& h0, const optional<Tensor>& rec_mask,
                                        const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                        const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after) {
-  const int64_t B = xw.size(0), steps = xw.size(1), U = h0.size(1);
-  Tensor hs = at::empty({B, steps, U}, xw.options());
-  Tensor gates = at::empty({B, steps, 4 * U}, xw.options());
-  AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "droprnn_gru_forward", [&] {
+  const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3);
+  TORCH_CHECK(reset_after || R.size(0) == 3, "droprnn fused GRU: reset_after=False needs one panel per gate");
+  Tensor hs = at::empty({B, steps, U}, h0.options());
+  Tensor gates = at::empty({B, steps, 4 * U}, h0.options());
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_gru_forward", [&] {
     gru_forward_impl<scalar_t>(xw, R, rbias, h0, rec_mask, upd_mask, zoneout_h, valid, act, rec_act, reset_after, hs,
                                gates);
   });
@@ -137,14 +131,14 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
                               const Tensor& gates, const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                               const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
                               int64_t rec_act, bool reset_after, Tensor& dxw, Tensor& dinner, Tensor& dh0) {
-  const int64_t B = hs.size(0), steps = hs.size(1), U = hs.size(2), G3 = 3 * U, G4 = 4 * U;
+  const int64_t B = hs.size(0), steps = hs.size(1), U = hs.size(2), G4 = 4 * U;
   const T* dh_in = dhs.data_ptr<T>();
   const T* rt = RT.data_ptr<T>();  // (3U, U)
   const T* h_init = h0.data_ptr<T>();
   const T* h_all = hs.data_ptr<T>();
   const T* g_all = gates.data_ptr<T>();
-  T* dx = dxw.data_ptr<T>();
-  T* di = reset_after ? dinner.data_ptr<T>() : nullptr;
+  const GateSeq<T> dx = gate_seq<T>(dxw);
+  const GateSeq<T> di = reset_after ? gate_seq<T>(dinner) : dx;
   T* dh0p = dh0.data_ptr<T>();
   const StepMask<T> rec = gated_mask<T>(rec_mask);
   const StepMask<T> upd = plain_mask<T>(upd_mask);
@@ -177,69 +171,53 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
         const T* keep = kh.row(t, b);
         const T vb = v ? v[row] : T(1);
         T* dhc = dh_carry + (b - r0) * U;
-        T* dz = dx + row * G3;
+        T* dz = dx.at(b, t, 0);
+        T* dr = dx.at(b, t, 1);
+        T* dn = dx.at(b, t, 2);
 #pragma omp simd
         for (int64_t j = 0; j < U; ++j) {
           const T Dh = dhr[j] + dhc[j];
           const T dH = vb * Dh;
           const T dh_new = (T(1) - keep[j]) * dH;
           dz[j] = dh_new * (hp[j] - ng[j] * u[j]);     // before z's derivative
-          dz[2 * U + j] = dh_new * (T(1) - zg[j]) * u[j];  // before n's derivative
+          dn[j] = dh_new * (T(1) - zg[j]) * u[j];      // before n's derivative
           dhc[j] = (T(1) - vb) * Dh + keep[j] * dH + dh_new * zg[j];
         }
         scale_by_act_grad(rec_act, dz, zg, U);
-        scale_by_act_grad(act, dz + 2 * U, ng, U);
+        scale_by_act_grad(act, dn, ng, U);
         if (reset_after) {
-          T* dn = di + row * G3;
+          T* dn_inner = di.at(b, t, 2);
 #pragma omp simd
           for (int64_t j = 0; j < U; ++j) {
-            dz[U + j] = dz[2 * U + j] * inner_h[j];  // before r's derivative
-            dn[2 * U + j] = dz[2 * U + j] * rg[j];
+            dr[j] = dn[j] * inner_h[j];  // before r's derivative
+            dn_inner[j] = dn[j] * rg[j];
           }
-          scale_by_act_grad(rec_act, dz + U, rg, U);
-          std::copy(dz, dz + 2 * U, dn);
+          scale_by_act_grad(rec_act, dr, rg, U);
+          std::copy(dz, dz + U, di.at(b, t, 0));
+          std::copy(dr, dr + U, di.at(b, t, 1));
         }
       }
-      const int64_t ld = steps * G3;
       if (!reset_after) {
         // d(a) = dpre_n @ R_h^T, with a = r * (h * m_h); then the r gate and h through a.
-        gemm(n, U, U, dx + (r0 * steps + t) * G3 + 2 * U, ld, rt + 2 * U * U, U, tmp, U, false);
+        gemm(n, U, U, dx.at(r0, t, 2), dx.sb, rt + 2 * U * U, U, tmp, U, false);
         for (int64_t b = r0; b < r1; ++b) {
           const int64_t row = b * steps + t;
           const T* hp = t == 0 ? h_init + b * U : h_all + (row - 1) * U;
           const T* rg = g_all + row * G4 + U;
           const T* mh = rec.present() ? rec.row(t, rec.gate_stride == 0 ? 0 : 2, b) : ones + U;
           const T* da = tmp + (b - r0) * U;
-          T* dz = dx + row * G3;
+          T* dr = dx.at(b, t, 1);
           T* dhc = dh_carry + (b - r0) * U;
 #pragma omp simd
           for (int64_t j = 0; j < U; ++j) {
-            dz[U + j] = da[j] * hp[j] * mh[j];  // before r's derivative
+            dr[j] = da[j] * hp[j] * mh[j];  // before r's derivative
             dhc[j] += da[j] * rg[j] * mh[j];
           }
-          scale_by_act_grad(rec_act, dz + U, rg, U);
+          scale_by_act_grad(rec_act, dr, rg, U);
         }
       }
-      // dL/dh_{t-1} += sum_g (d(inner)_g @ R_g^T) * m_g over the gates of the first GEMM.
-      const T* src = reset_after ? di : dx;
-      const T* d0 = src + (r0 * steps + t) * G3;
-      const int64_t blocks = reset_after ? 3 : 2;
-      if (!rec.present()) {
-        gemm(n, U, blocks * U, d0, ld, rt, U, dh_carry, U, true);
-      } else {
-        const int64_t count = rec.gate_stride == 0 ? 1 : blocks;
-        const int64_t width = rec.gate_stride == 0 ? blocks * U : U;
-        for (int64_t g = 0; g < count; ++g) {
-          gemm(n, U, width, d0 + g * U, ld, rt + g * U * U, U, tmp, U, false);
-          for (int64_t b = r0; b < r1; ++b) {
-            const T* m = rec.row(t, g, b);
-            T* dhc = dh_carry + (b - r0) * U;
-            const T* tr = tmp + (b - r0) * U;
-#pragma omp simd
-            for (int64_t j = 0; j < U; ++j) dhc[j] += tr[j] * m[j];
-          }
-        }
-      }
+      // dL/dh_{t-1} += sum_g (d(inner)_g @ R_g^T) * m_g over the gates of the first product.
+      recurrent_product_grad(di, r0, r1, t, reset_after ? 3 : 2, U, rt, U, rec, tmp, dh_carry);
     }
     std::copy(dh_carry, dh_carry + n * U, dh0p + r0 * U);
   });
@@ -249,10 +227,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dhs, const Tensor&
                                                 const Tensor& hs, const Tensor& gates,
                                                 const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                                                 const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
-                                                int64_t act, int64_t rec_act, bool reset_after) {
+                                                int64_t act, int64_t rec_act, bool reset_after, bool gate_major) {
   const int64_t B = hs.size(0), steps = hs.size(1), U = hs.size(2);
-  Tensor dxw = at::empty({B, steps, 3 * U}, hs.options());
-  Tensor dinner = reset_after ? at::empty({B, steps, 3 * U}, hs.options()) : at::empty({0}, hs.options());
+  Tensor dxw = empty_gate_seq(B, steps, 3, U, gate_major, hs.options());
+  Tensor dinner = reset_after ? empty_gate_seq(B, steps, 3, U, gate_major, hs.options()) : at::empty({0}, hs.options());
   Tensor dh0 = at::empty_like(h0);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "droprnn_gru_backward", [&] {
     gru_backward_impl<scalar_t>(dhs, RT, h0, hs, gates, rec_mask, upd_mask, zoneout_h, valid, act, rec_act,

@@ -3,7 +3,8 @@
 //
 //   h' = act(xw_t + (h_{t-1} * m) @ R);  then zoneout and the step mask as in lstm.cpp
 //
-// Saved: the fresh h' (B, T, U), whose activation derivative the backward needs.
+// Saved: the fresh h' (B, T, U), whose activation derivative the backward needs (the carried h itself
+// when there is no zoneout).
 #include "common.h"
 
 namespace droprnn {
@@ -13,8 +14,8 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const Tensor&
                                 const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
                                 Tensor& hs, Tensor& fresh) {
   const int64_t B = xw.size(0), steps = xw.size(1), U = h0.size(1);
-  const T* x = xw.data_ptr<T>();
-  const T* r = R.data_ptr<T>();
+  const GateSeq<T> x = gate_seq<T>(xw);
+  const Panels<T> panels = panels_of<T>(R);
   const T* h_init = h0.data_ptr<T>();
   T* h_out = hs.data_ptr<T>();
   T* f_out = fresh.data_ptr<T>();
@@ -35,17 +36,11 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const Tensor&
       const T* h_prev = t == 0 ? h_init + r0 * U : h_out + (r0 * steps + t - 1) * U;
       const int64_t ldh = t == 0 ? U : steps * U;
       // The product lands straight in the saved buffer, then becomes h' in place.
-      T* out0 = f_out + (r0 * steps + t) * U;
-      if (!rec.present()) {
-        gemm(n, U, U, h_prev, ldh, r, U, out0, steps * U, false);
-      } else {
-        masked_rows(h_prev - r0 * ldh, ldh, r0, r1, U, rec, t, 0, A);
-        gemm(n, U, U, A, U, r, U, out0, steps * U, false);
-      }
+      recurrent_product(h_prev, ldh, r0, r1, rec, t, panels, 1, A, f_out + (r0 * steps + t) * U, steps * U);
       for (int64_t b = r0; b < r1; ++b) {
         const int64_t row = b * steps + t;
         T* fr = f_out + row * U;
-        const T* xr = x + row * U;
+        const T* xr = x.at(b, t, 0);
 #pragma omp simd
         for (int64_t j = 0; j < U; ++j) fr[j] = xr[j] + fr[j];
         activate(act, fr, U);
@@ -67,9 +62,12 @@ std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R,
                                               const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                                               const optional<Tensor>& valid, int64_t act) {
   const int64_t B = xw.size(0), steps = xw.size(1), U = h0.size(1);
-  Tensor hs = at::empty({B, steps, U}, xw.options());
-  Tensor fresh = at::empty({B, steps, U}, xw.options());
-  AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "droprnn_simple_rnn_forward", [&] {
+  Tensor hs = at::empty({B, steps, U}, h0.options());
+  // Without zoneout the carried state is h' wherever a gradient flows (masked steps pass none through
+  // the activation), so one tensor serves both: half the memory kept for the backward.
+  const bool zoned = zoneout_h.has_value() && zoneout_h->defined();
+  Tensor fresh = zoned ? at::empty({B, steps, U}, h0.options()) : hs;
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_simple_rnn_forward", [&] {
     simple_forward_impl<scalar_t>(xw, R, h0, rec_mask, zoneout_h, valid, act, hs, fresh);
   });
   return {hs, fresh};
@@ -83,7 +81,7 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
   const T* dh_in = dhs.data_ptr<T>();
   const T* rt = RT.data_ptr<T>();
   const T* f_all = fresh.data_ptr<T>();
-  T* dx = dxw.data_ptr<T>();
+  const GateSeq<T> dx = gate_seq<T>(dxw);
   T* dh0p = dh0.data_ptr<T>();
   const StepMask<T> rec = gated_mask<T>(rec_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h);
@@ -108,7 +106,7 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
         const T* keep = kh.row(t, b);
         const T vb = v ? v[row] : T(1);
         T* dhc = dh_carry + (b - r0) * U;
-        T* dz = dx + row * U;
+        T* dz = dx.at(b, t, 0);
 #pragma omp simd
         for (int64_t j = 0; j < U; ++j) {
           const T Dh = dhr[j] + dhc[j];
@@ -118,19 +116,7 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
         }
         scale_by_act_grad(act, dz, fr, U);
       }
-      const T* dz0 = dx + (r0 * steps + t) * U;
-      if (!rec.present()) {
-        gemm(n, U, U, dz0, steps * U, rt, U, dh_carry, U, true);
-      } else {
-        gemm(n, U, U, dz0, steps * U, rt, U, tmp, U, false);
-        for (int64_t b = r0; b < r1; ++b) {
-          const T* m = rec.row(t, 0, b);
-          T* dhc = dh_carry + (b - r0) * U;
-          const T* tr = tmp + (b - r0) * U;
-#pragma omp simd
-          for (int64_t j = 0; j < U; ++j) dhc[j] += tr[j] * m[j];
-        }
-      }
+      recurrent_product_grad(dx, r0, r1, t, 1, U, rt, U, rec, tmp, dh_carry);
     }
     std::copy(dh_carry, dh_carry + n * U, dh0p + r0 * U);
   });
@@ -139,8 +125,8 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
 std::tuple<Tensor, Tensor> simple_rnn_backward(const Tensor& dhs, const Tensor& RT, const Tensor& h0,
                                                const Tensor& fresh, const optional<Tensor>& rec_mask,
                                                const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
-                                               int64_t act) {
-  Tensor dxw = at::empty_like(fresh);
+                                               int64_t act, bool gate_major) {
+  Tensor dxw = empty_gate_seq(fresh.size(0), fresh.size(1), 1, fresh.size(2), gate_major, fresh.options());
   Tensor dh0 = at::empty_like(h0);
   AT_DISPATCH_FLOATING_TYPES(fresh.scalar_type(), "droprnn_simple_rnn_backward", [&] {
     simple_backward_impl<scalar_t>(dhs, RT, fresh, rec_mask, zoneout_h, valid, act, dxw, dh0);

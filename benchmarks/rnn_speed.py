@@ -1,0 +1,216 @@
+"""Does recurrent dropout cost anything? Forward+backward time and peak memory, side by side.
+
+One run prints, per (batch, time, input, units) shape and for LSTM and GRU, the median milliseconds of a
+training step (forward and backward) and its ratio to ``torch.nn`` without dropout:
+
+- ``torch.nn``            torch.nn.LSTM / GRU (oneDNN), which cannot do recurrent dropout at all;
+- ``droprnn rd``          droprnn with dropout=0.25, recurrent_dropout=0.25 (Keras's per-gate masks);
+- ``droprnn``             droprnn without dropout;
+- ``droprnn ref rd``      droprnn's reference loop (impl="reference") with the same dropout;
+- ``hand loop rd``        what a PyTorch user writes by hand: a Python loop with variational masks;
+- ``keras-jax rd``        Keras 3 LSTM/GRU(dropout=0.25, recurrent_dropout=0.25) on JAX (jit), in a
+                          subprocess, when JAX and Keras are installed.
+
+Peak memory: the peak resident-set growth of one training step, measured in a fresh subprocess per row.
+
+    python benchmarks/rnn_speed.py                 # the issue's shapes, 2 threads
+    python benchmarks/rnn_speed.py --quick         # one small shape, for a smoke run
+    python benchmarks/rnn_speed.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = [(32, 100, 64, 128), (64, 100, 128, 256), (16, 200, 32, 64), (128, 50, 256, 512)]
+RATE = 0.25
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def make_step(kind: str, variant: str, shape, seed: int = 0):
+    """A zero-argument training step (forward + backward) for one row of the table."""
+    import torch
+
+    import droprnn
+
+    torch.manual_seed(seed)
+    batch, steps, features, units = shape
+    x = torch.randn(batch, steps, features, requires_grad=True)
+    if variant == "torch.nn":
+        module = getattr(torch.nn, kind)(features, units, batch_first=True)
+
+        def step():
+            out, _ = module(x)
+            out.sum().backward()
+
+        return step
+    if variant == "hand loop rd":
+        return _hand_loop(kind, x, units)
+    rates = {} if variant == "droprnn" else {"dropout": RATE, "recurrent_dropout": RATE}
+    impl = "reference" if variant == "droprnn ref rd" else "auto"
+    layer = getattr(droprnn, kind)(units, return_sequences=True, input_size=features, impl=impl, **rates)
+
+    def step():
+        layer(x, training=True).sum().backward()
+
+    return step
+
+
+def _hand_loop(kind: str, x, units: int):
+    """Variational dropout as users write it: masks drawn per sequence, a Python loop over time."""
+    import torch
+
+    batch, steps, features = x.shape
+    gates = 4 if kind == "LSTM" else 3
+    cell = (torch.nn.LSTMCell if kind == "LSTM" else torch.nn.GRUCell)(features, units)
+
+    def step():
+        keep = 1 - RATE
+        input_mask = torch.bernoulli(torch.full((batch, features), keep)) / keep
+        state_mask = torch.bernoulli(torch.full((batch, units), keep)) / keep
+        h = torch.zeros(batch, units)
+        c = torch.zeros(batch, units)
+        outputs = []
+        for t in range(steps):
+            if gates == 4:
+                h, c = cell(x[:, t] * input_mask, (h * state_mask, c))
+            else:
+                h = cell(x[:, t] * input_mask, h * state_mask)
+            outputs.append(h)
+        torch.stack(outputs, 1).sum().backward()
+
+    return step
+
+
+def median_ms(step, repeats: int) -> float:
+    step()  # warm up (and build the fused kernels on a first run)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+# ---------------------------------------------------------------------------------------------- keras on jax
+KERAS_JAX = r"""
+import os, sys, time, json, statistics
+os.environ["KERAS_BACKEND"] = "jax"
+import jax, jax.numpy as jnp, keras, numpy as np
+kind, batch, steps, features, units, repeats = sys.argv[1], *map(int, sys.argv[2:7])
+layer = getattr(keras.layers, kind)(units, dropout=0.25, recurrent_dropout=0.25, return_sequences=True, seed=0)
+layer.build((batch, steps, features))
+x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, steps, features)), jnp.float32)
+params = [v.value for v in layer.trainable_variables]
+state = [v.value for v in layer.non_trainable_variables]
+def loss(params, x, state):
+    out, _ = layer.stateless_call(params, state, x, training=True)
+    return out.sum()
+step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+jax.block_until_ready(step(params, x, state))
+times = []
+for _ in range(repeats):
+    start = time.perf_counter(); jax.block_until_ready(step(params, x, state)); times.append(time.perf_counter() - start)
+print(json.dumps(statistics.median(times) * 1e3))
+"""
+
+
+def keras_jax_ms(kind: str, shape, repeats: int, threads: int):
+    if importlib.util.find_spec("jax") is None or importlib.util.find_spec("keras") is None:
+        return None
+    env = dict(os.environ, XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}")
+    result = subprocess.run(
+        [sys.executable, "-c", KERAS_JAX, kind, *map(str, shape), str(repeats)],
+        capture_output=True, text=True, env=env, timeout=1800,
+    )
+    if result.returncode != 0:
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def peak_memory_mb(kind: str, variant: str, shape, threads: int) -> float:
+    """Peak RSS growth of one training step, in a fresh process (after a warm-up step elsewhere)."""
+    code = (
+        "import sys, resource, torch; sys.path.insert(0, %r); torch.set_num_threads(%d);"
+        "from rnn_speed import make_step; step = make_step(%r, %r, %r);"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; step();"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)"
+    ) % (os.path.dirname(os.path.abspath(__file__)), threads, kind, variant, tuple(shape))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    return float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--quick", action="store_true", help="one small shape, few repeats")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
+    parser.add_argument("--no-keras", action="store_true", help="skip Keras on JAX")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    shapes = [(16, 50, 32, 64)] if args.quick else SHAPES
+    repeats = 3 if args.quick else args.repeats
+    variants = ["torch.nn", "droprnn rd", "droprnn", "droprnn ref rd", "hand loop rd"]
+    from droprnn.kernels import cpu
+
+    print(f"machine: {machine()}")
+    print(f"fused kernels: {cpu.library_path() if cpu.load() else cpu.unavailable_reason()}\n")
+    header = f"{'layer':5} {'shape (B,T,D,U)':20} {'variant':15} {'ms':>9} {'× torch':>8} {'peak MB':>8}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for kind in ("LSTM", "GRU"):
+        for shape in shapes:
+            baseline = None
+            for variant in variants + ["keras-jax rd"]:
+                if variant == "keras-jax rd":
+                    if args.no_keras:
+                        continue
+                    ms = keras_jax_ms(kind, shape, repeats, args.threads)
+                    if ms is None:
+                        continue
+                    memory = float("nan")
+                else:
+                    slow = variant in ("droprnn ref rd", "hand loop rd")
+                    ms = median_ms(make_step(kind, variant, shape), max(3, repeats // 3) if slow else repeats)
+                    memory = float("nan") if args.no_memory else peak_memory_mb(kind, variant, shape, args.threads)
+                baseline = baseline or ms
+                rows.append({"layer": kind, "shape": shape, "variant": variant, "ms": ms,
+                             "ratio": ms / baseline, "peak_mb": memory})
+                print(f"{kind:5} {str(shape):20} {variant:15} {ms:9.1f} {ms / baseline:8.2f} {memory:8.1f}", flush=True)
+            print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
