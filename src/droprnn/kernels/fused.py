@@ -9,7 +9,9 @@ so feeding it cell k-1's carried states equals the reference's per-step interlea
 2. the recurrence in C++ (``kernels/cpu/*.cpp``): per step one small product per panel of the recurrent
    kernel and one fused pass for the gates, masks, zoneout and step mask; its backward computes gate
    gradients from saved activations;
-3. the recurrent-kernel gradient with one large (batched, per-gate) product over all timesteps.
+3. a backward in C++ that walks the steps once and forms every gradient there: the gate gradients from
+   saved activations, the input and recurrent weight gradients accumulated step by step (masks applied
+   in cache, per-thread sums), and the input gradient -- so no masked copy of a sequence is ever made.
 
 The outputs follow from the carried states: a masked step carries h, so "repeat the previous output" is h
 itself once a real step has been seen, and zero before; ``zero_output_for_mask`` zeroes masked steps.
@@ -101,34 +103,6 @@ def _panels(R: Tensor, gates: int, per_gate: bool) -> Tensor:
     return R.view(hidden, gates, width // gates).permute(1, 0, 2).contiguous()
 
 
-def _step_masks_as_sequence(masks: Tensor) -> Tensor:
-    """Recurrent masks (m, B, H) or (T, m, B, H) as (m, B, T|1, H), to multiply (B, T, H) sequences."""
-    return masks.permute(1, 2, 0, 3) if masks.dim() == 4 else masks.unsqueeze(2)
-
-
-def _kernel_grad(h_prev: Tensor, masks: Optional[Tensor], d_out: Tensor) -> Tensor:
-    """Σ over batch and time of (h_prev ⊙ m_g)ᵀ d_out_g for each gate g: the recurrent kernel's gradient.
-
-    h_prev: (B, T, H); masks: recurrent masks or None; d_out: (B, T, G, U) gradients at the product.
-    """
-    batch, steps, gates, units = d_out.shape
-    hidden = h_prev.shape[-1]
-    if not _per_gate(masks):
-        if masks is not None:
-            h_prev = h_prev * _step_masks_as_sequence(masks)[0]
-        return h_prev.reshape(-1, hidden).T @ d_out.reshape(-1, gates * units)
-    # Gate by gate, so one masked copy of h_prev exists at a time (peak memory below the reference's).
-    per_gate = _step_masks_as_sequence(masks)
-    return torch.cat([
-        (h_prev * per_gate[g]).reshape(-1, hidden).T @ d_out[:, :, g].reshape(-1, units) for g in range(gates)
-    ], dim=1)
-
-
-def _previous_states(initial: Tensor, sequence: Tensor) -> Tensor:
-    """(B, T, F): the state entering each step."""
-    return torch.cat([initial.unsqueeze(1), sequence[:, :-1]], dim=1)
-
-
 def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad.contiguous()
 
@@ -167,42 +141,11 @@ def _differentiable_grads(ctx, inputs: tuple, grad_outputs: tuple, build) -> tup
 
 
 # ---------------------------------------------------------------------------------------------- the layer function
-def _projection_grads(x: Tensor, kernel: Tensor, masks: Optional[Tensor], dxw: Tensor, needs: tuple[bool, bool, bool]):
-    """Gradients of the input projection x -> xw (see :func:`_project`) for x, kernel and bias.
-
-    The masked copies of x are made one gate at a time, here, instead of being kept from the forward.
-    """
-    batch, steps, gates, units = dxw.shape
-    features = x.shape[-1]
-    need_x, need_kernel, need_bias = needs
-    dx = dkernel = dbias = None
-    if need_bias:
-        dbias = dxw.sum(dim=(0, 1)).reshape(-1)
-    if not _per_gate(masks):
-        shared = None if masks is None else (masks[:, 0].permute(1, 0, 2) if masks.dim() == 4 else masks[0].unsqueeze(1))
-        flat = dxw.reshape(-1, gates * units)
-        if need_kernel:
-            xm = x if shared is None else x * shared
-            dkernel = xm.reshape(-1, features).T @ flat
-        if need_x:
-            dx = (flat @ kernel.T).view(batch, steps, features)
-            dx = dx if shared is None else dx * shared
-        return dx, dkernel, dbias
-    blocks = kernel.view(features, gates, units)
-    if need_kernel:
-        dkernel = torch.cat([
-            (x * masks[g].unsqueeze(1)).reshape(-1, features).T @ dxw[:, :, g].reshape(-1, units) for g in range(gates)
-        ], dim=1)
-    if need_x:
-        dx = sum((dxw[:, :, g] @ blocks[:, g].T) * masks[g].unsqueeze(1) for g in range(gates))
-    return dx, dkernel, dbias
-
-
 class _FusedLayer(torch.autograd.Function):
     """One cell over a whole sequence -- input projection and recurrence -- as one autograd node.
 
-    Keeping the projection inside lets the backward rebuild masked inputs one gate at a time and save
-    neither the projections nor the masked copies: a training step keeps less than the reference loop.
+    Keeping the projection inside means neither the projections nor any masked copy are saved: the C++
+    backward recomputes what it needs in cache, and a training step keeps less than the reference loop.
     Returns the h sequence (B, T, H), and for LSTM the last cell state (B, U).
     """
 
@@ -247,39 +190,24 @@ class _FusedLayer(torch.autograd.Function):
 
             return _differentiable_grads(ctx, (x, kernel, input_bias, R, rbias, h0, c0), grads, build)
 
-        dhs = _zeros_if_none(grads[0], hs)
-        RT = R.T.contiguous()
-        gate_major = _per_gate(input_masks)
-        dinner = None
-        if lstm:
-            dxw, dh0, dc0 = torch.ops.droprnn.lstm_backward(
-                dhs, _zeros_if_none(grads[1], c0), RT, h0, c0, c_seq, saved, rec, upd, zoneout_h, zoneout_c, valid,
-                act, rec_act, gate_major)
-        elif isinstance(cell, GRUCell):
-            dxw, dinner, dh0 = torch.ops.droprnn.gru_backward(
-                dhs, RT, h0, hs, saved, rec, upd, zoneout_h, valid, act, rec_act, cell.reset_after, gate_major)
-            dc0 = None
-        else:
-            dxw, dh0 = torch.ops.droprnn.simple_rnn_backward(dhs, RT, h0, saved, rec, zoneout_h, valid, act, gate_major)
-            dc0 = None
+        # The C++ backward forms every gradient in its time loop -- weight gradients accumulated per step
+        # with the masks applied in cache -- so no masked copy of a whole sequence is ever made.
         needs = ctx.needs_input_grad
-        dR = drb = None
-        if needs[3]:
-            h_prev = _previous_states(h0, hs)
-            if isinstance(cell, GRUCell) and not cell.reset_after:
-                # z and r see (h ⊙ m) through R_z, R_r; the candidate sees a = r ⊙ (h ⊙ m_h) through R_h.
-                zr_masks = rec if rec is None or not _per_gate(rec) else rec[..., :2, :, :]
-                h_masks = None if rec is None else (rec if not _per_gate(rec) else rec[..., 2:, :, :])
-                units = hs.shape[-1]
-                h_seen = h_prev if h_masks is None else h_prev * _step_masks_as_sequence(h_masks)[0]
-                a = saved[..., units : 2 * units] * h_seen
-                dR = torch.cat([_kernel_grad(h_prev, zr_masks, dxw[:, :, :2]), _kernel_grad(a, None, dxw[:, :, 2:])], dim=1)
-            else:
-                dR = _kernel_grad(h_prev, rec, dinner if dinner is not None else dxw)
-        if rbias is not None and needs[4]:
-            drb = dinner.sum(dim=(0, 1)).reshape(-1)
-        dx, dkernel, dbias = _projection_grads(x, kernel, input_masks, dxw, (needs[0], needs[1], needs[2] and input_bias is not None))
-        return dx, dkernel, dbias, dR, drb, dh0, dc0, None, None, None, None, None, None, None
+        wanted = (needs[0], needs[1], needs[2] and input_bias is not None, needs[3])
+        dhs = _zeros_if_none(grads[0], hs)
+        if lstm:
+            dx, dkernel, dbias, dR, _, dh0, dc0 = torch.ops.droprnn.lstm_backward(
+                dhs, _zeros_if_none(grads[1], c0), R, kernel, x, h0, c0, hs, c_seq, saved, input_masks, rec, upd,
+                zoneout_h, zoneout_c, valid, act, rec_act, *wanted)
+            return dx, dkernel, dbias, dR, None, dh0, dc0, None, None, None, None, None, None, None
+        if isinstance(cell, GRUCell):
+            dx, dkernel, dbias, dR, drb, dh0, _ = torch.ops.droprnn.gru_backward(
+                dhs, R, kernel, x, h0, hs, saved, input_masks, rec, upd, zoneout_h, valid, act, rec_act,
+                cell.reset_after, *wanted, rbias is not None and needs[4])
+            return dx, dkernel, dbias, dR, drb, dh0, None, None, None, None, None, None, None, None
+        dx, dkernel, dbias, dR, _, dh0, _ = torch.ops.droprnn.simple_rnn_backward(
+            dhs, R, kernel, x, h0, hs, saved, input_masks, rec, zoneout_h, valid, act, *wanted)
+        return dx, dkernel, dbias, dR, None, dh0, None, None, None, None, None, None, None, None
 
 
 def _contiguous(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -21,6 +21,10 @@ namespace droprnn {
 using at::Tensor;
 using c10::optional;
 
+// What every backward returns: d x, d kernel, d input bias, d recurrent kernel, d recurrent bias (GRU),
+// d h0, d c0 (LSTM); undefined (None in Python) where not wanted or not applicable.
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
 // ---------------------------------------------------------------------------------------------- GEMM
 // C (M, N) = [C +] A (M, K) @ B (K, N), row-major with leading dimensions. float goes through PyTorch's
 // brgemm micro-kernel (oneDNN): in measurements on the per-step shapes it beat MKL sgemm, packed GEMM
@@ -261,7 +265,7 @@ inline void masked_rows(const T* h, int64_t ld, int64_t r0, int64_t r1, int64_t 
 // ---------------------------------------------------------------------------------------------- layouts
 // A per-step, per-gate tensor viewed as (B, T, G, U) with any strides (unit stride on U): input
 // projections arrive either as (B, T, G·U) or gate-major (G, B, T, U), the latter when each gate saw its
-// own input mask (one batched product per gate produced it). Gradients are written in the same layout.
+// own input mask (one batched product per gate produced it).
 template <typename T>
 struct GateSeq {
   T* data;
@@ -272,11 +276,6 @@ struct GateSeq {
 template <typename T>
 GateSeq<T> gate_seq(const Tensor& x) {
   return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2)};
-}
-
-// A new (B, T, G, U) tensor, gate-major underneath when the input projections were.
-inline Tensor empty_gate_seq(int64_t B, int64_t T, int64_t G, int64_t U, bool gate_major, const at::TensorOptions& o) {
-  return gate_major ? at::empty({G, B, T, U}, o).permute({1, 2, 0, 3}) : at::empty({B, T, G, U}, o);
 }
 
 // The recurrent kernel packed as P contiguous panels (P, K, N): whole (P = 1, N = G·U) when it is small,
@@ -314,29 +313,114 @@ void recurrent_product(const T* h_prev, int64_t ldh, int64_t r0, int64_t r1, con
   }
 }
 
-// dh (n, H) += sum_g (D_g @ RT_g) * m_g over gates [0, used): the gradient reaching h_{t-1} through the
-// recurrent product. D holds the gradients at the product's output (step t, rows [r0, r1)); RT is the
-// recurrent kernel transposed, (G·U, H), so gate g's block is rows [g·U, (g+1)·U). Splitting the inner
-// dimension by gate keeps each block of RT small enough to stay in cache.
+// out (n rows, ld ldo) [+]= sum_g (D_g @ WT_g) * m_g over gates [0, used): the gradient reaching the
+// rows that were multiplied by W = WT^T after masking -- h_{t-1} through the recurrent kernel, or x_t
+// through the input kernel. D (n, ldd) holds the gradients at the product's output, gate g in columns
+// [g·U, (g+1)·U); WT is (G·U, width), so gate g's block is rows [g·U, (g+1)·U). Splitting the inner
+// dimension by gate keeps each block small enough to stay in cache.
 template <typename T>
-void recurrent_product_grad(const GateSeq<T>& D, int64_t r0, int64_t r1, int64_t t, int64_t used, int64_t U,
-                            const T* RT, int64_t H, const StepMask<T>& rec, T* tmp, T* dh) {
+void product_grad(const T* D, int64_t ldd, int64_t r0, int64_t r1, int64_t t, int64_t used, int64_t U, const T* WT,
+                  int64_t width, const StepMask<T>& mask, T* tmp, T* out, int64_t ldo, bool accumulate) {
   const int64_t n = r1 - r0;
-  if (!rec.present()) {
-    for (int64_t g = 0; g < used; ++g) gemm(n, H, U, D.at(r0, t, g), D.sb, RT + g * U * H, H, dh, H, true);
+  if (!mask.present()) {
+    for (int64_t g = 0; g < used; ++g)
+      gemm(n, width, U, D + g * U, ldd, WT + g * U * width, width, out, ldo, accumulate || g > 0);
     return;
   }
-  const bool shared = rec.gate_stride == 0;
+  const bool shared = mask.gate_stride == 0;
   for (int64_t g = 0; g < used; ++g) {
-    gemm(n, H, U, D.at(r0, t, g), D.sb, RT + g * U * H, H, tmp, H, shared && g > 0);
+    gemm(n, width, U, D + g * U, ldd, WT + g * U * width, width, tmp, width, shared && g > 0);
     if (shared && g + 1 < used) continue;
+    const bool add = accumulate || (!shared && g > 0);
     for (int64_t b = r0; b < r1; ++b) {
-      const T* m = rec.row(t, shared ? 0 : g, b);
-      const T* tr = tmp + (b - r0) * H;
-      T* out = dh + (b - r0) * H;
+      const T* m = mask.row(t, shared ? 0 : g, b);
+      const T* tr = tmp + (b - r0) * width;
+      T* o = out + (b - r0) * ldo;
+      if (add) {
 #pragma omp simd
-      for (int64_t j = 0; j < H; ++j) out[j] += tr[j] * m[j];
+        for (int64_t j = 0; j < width; ++j) o[j] += tr[j] * m[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) o[j] = tr[j] * m[j];
+      }
     }
+  }
+}
+
+// W (width, ld ldw) += sum_g (S * m_g)^T @ D_g over gates [0, used): a weight gradient accumulated one
+// step at a time, for the rows [r0, r1) of S (ld lds) -- h_{t-1} for the recurrent kernel, x_t for the
+// input kernel -- with the masks applied in cache instead of in a masked copy of the whole sequence.
+// ST is scratch for one transposed, masked block (width, n).
+template <typename T>
+void weight_grad(const T* S, int64_t lds, int64_t r0, int64_t r1, int64_t width, const StepMask<T>& mask, int64_t t,
+                 const T* D, int64_t ldd, int64_t used, int64_t U, T* W, int64_t ldw, T* ST) {
+  const int64_t n = r1 - r0;
+  const bool per_gate = mask.present() && mask.gate_stride != 0;
+  for (int64_t g = 0; g < (per_gate ? used : 1); ++g) {
+    for (int64_t b = r0; b < r1; ++b) {
+      const T* src = S + (b - r0) * lds;
+      T* col = ST + (b - r0);
+      if (mask.present()) {
+        const T* m = mask.row(t, g, b);
+        for (int64_t i = 0; i < width; ++i) col[i * n] = src[i] * m[i];
+      } else {
+        for (int64_t i = 0; i < width; ++i) col[i * n] = src[i];
+      }
+    }
+    const int64_t cols = per_gate ? U : used * U;
+    gemm(width, cols, n, ST, n, D + g * U, ldd, W + g * U, ldw, true);
+  }
+}
+
+// What a backward computes besides the recurrence itself: gradients of the input rows (x), of the input
+// kernel and bias (accumulated per chunk of the batch), and of the recurrent kernel.
+template <typename T>
+struct InputSide {
+  const T* x = nullptr;       // (B, T, D)
+  const T* KT = nullptr;      // (G·U, D): the input kernel transposed
+  StepMask<T> mask;           // input masks: (m, B, D) or (T, 1, B, D)
+  int64_t features = 0;
+  T* dx = nullptr;            // (B, T, D), or null when not wanted
+  bool want_kernel = false, want_bias = false;
+};
+
+// The input side of one backward step: dK += (x_t * m_g)^T Dz_g, db += sum of Dz rows, and
+// dx_t = sum_g (Dz_g @ K_g^T) * m_g, each only when wanted. Dz holds the step's gradients at the
+// projections (n rows, ld ldd, `gates` blocks of U).
+template <typename T>
+void accumulate_input_side(const InputSide<T>& in, const T* Dz, int64_t ldd, int64_t gates, int64_t U, int64_t r0,
+                           int64_t r1, int64_t t, int64_t steps, T* tmp, T* ST, T* dK_acc, T* db_acc) {
+  const int64_t D = in.features, width = gates * U;
+  const T* x_t = in.x + (r0 * steps + t) * D;
+  if (in.want_kernel) weight_grad(x_t, steps * D, r0, r1, D, in.mask, t, Dz, ldd, gates, U, dK_acc, width, ST);
+  if (in.want_bias) {
+    for (int64_t b = r0; b < r1; ++b) {
+      const T* d = Dz + (b - r0) * ldd;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) db_acc[j] += d[j];
+    }
+  }
+  if (in.dx != nullptr)
+    product_grad(Dz, ldd, r0, r1, t, gates, U, in.KT, D, in.mask, tmp, in.dx + (r0 * steps + t) * D, steps * D, false);
+}
+
+// Sum the per-chunk accumulators -- each chunk holds the outputs' gradients back to back, acc_size in
+// all -- into those outputs (undefined ones take no space).
+template <typename T>
+void reduce_chunks(const std::vector<T>& acc, int64_t chunks, int64_t acc_size, std::initializer_list<Tensor*> outputs) {
+  int64_t offset = 0;
+  for (Tensor* out : outputs) {
+    if (!out->defined()) continue;
+    const int64_t n = out->numel();
+    T* dst = out->data_ptr<T>();
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        T sum = T(0);
+        for (int64_t c = 0; c < chunks; ++c) sum += acc[c * acc_size + offset + i];
+        dst[i] = sum;
+      }
+    });
+    offset += n;
   }
 }
 

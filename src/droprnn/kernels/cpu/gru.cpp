@@ -127,41 +127,59 @@ std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const 
 }
 
 template <typename T>
-static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor& h0, const Tensor& hs,
-                              const Tensor& gates, const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
+static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor& KT, const Tensor& x, const Tensor& h0,
+                              const Tensor& hs, const Tensor& gates, const optional<Tensor>& input_mask,
+                              const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                               const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
-                              int64_t rec_act, bool reset_after, Tensor& dxw, Tensor& dinner, Tensor& dh0) {
-  const int64_t B = hs.size(0), steps = hs.size(1), U = hs.size(2), G4 = 4 * U;
+                              int64_t rec_act, bool reset_after, bool want_dx, const Tensor& dx, Tensor& dK,
+                              Tensor& db, Tensor& dR, Tensor& drb, Tensor& dh0) {
+  const int64_t B = hs.size(0), steps = hs.size(1), U = hs.size(2), D = x.size(2), G3 = 3 * U, G4 = 4 * U;
   const T* dh_in = dhs.data_ptr<T>();
   const T* rt = RT.data_ptr<T>();  // (3U, U)
   const T* h_init = h0.data_ptr<T>();
   const T* h_all = hs.data_ptr<T>();
   const T* g_all = gates.data_ptr<T>();
-  const GateSeq<T> dx = gate_seq<T>(dxw);
-  const GateSeq<T> di = reset_after ? gate_seq<T>(dinner) : dx;
-  T* dh0p = dh0.data_ptr<T>();
+  InputSide<T> in{x.data_ptr<T>(), KT.data_ptr<T>(), gated_mask<T>(input_mask), D,
+                  want_dx ? dx.data_ptr<T>() : nullptr, dK.defined(), db.defined()};
+  const bool want_dR = dR.defined(), want_drb = drb.defined();
   const StepMask<T> rec = gated_mask<T>(rec_mask);
+  const StepMask<T> no_mask;
   const StepMask<T> upd = plain_mask<T>(upd_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h);
   const T* v = valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr;
 
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
-  const int64_t per_chunk = rows_max * 2 * U + 3 * U;
+  const int64_t wide = std::max(U, D);
+  const int64_t per_chunk = rows_max * (U + 2 * G3 + wide + U) + wide * rows_max + 3 * U;
   std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
+  // Per-chunk accumulators, summed after the loop: dR (U, 3U), dK (D, 3U), db (3U), d rb (3U).
+  const int64_t acc_size = (want_dR ? U * G3 : 0) + (in.want_kernel ? D * G3 : 0) + (in.want_bias ? G3 : 0) +
+                           (want_drb ? G3 : 0);
+  std::vector<T> acc(static_cast<size_t>(chunks * acc_size), T(0));
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
     const int64_t n = r1 - r0;
     T* dh_carry = work.data() + chunk * per_chunk;  // (n, U)
-    T* tmp = dh_carry + rows_max * U;                // (n, U)
-    T* ones = tmp + rows_max * U;
+    T* Dz = dh_carry + rows_max * U;                 // (n, 3U) gradients at the projections
+    T* Di = Dz + rows_max * G3;                      // (n, 3U) gradients at the recurrent product (reset_after)
+    T* tmp = Di + rows_max * G3;                     // (n, max(U, D))
+    T* A = tmp + rows_max * wide;                    // (n, U) a = r * (h * m_h) (reset_before)
+    T* ST = A + rows_max * U;                        // (max(U, D), n)
+    T* ones = ST + wide * rows_max;
     std::fill(ones, ones + 2 * U, T(1));
     const Zoneout<T> kh = with_buffer(zh, ones + 2 * U, U);
+    T* dR_acc = acc.data() + chunk * acc_size;
+    T* dK_acc = dR_acc + (want_dR ? U * G3 : 0);
+    T* db_acc = dK_acc + (in.want_kernel ? D * G3 : 0);
+    T* drb_acc = db_acc + (in.want_bias ? G3 : 0);
     std::fill(dh_carry, dh_carry + n * U, T(0));
     for (int64_t t = steps - 1; t >= 0; --t) {
+      const T* h_prev = t == 0 ? h_init + r0 * U : h_all + (r0 * steps + t - 1) * U;
+      const int64_t ldh = t == 0 ? U : steps * U;
       for (int64_t b = r0; b < r1; ++b) {
         const int64_t row = b * steps + t;
-        const T* hp = t == 0 ? h_init + b * U : h_all + (row - 1) * U;
+        const T* hp = h_prev + (b - r0) * ldh;
         const T* zg = g_all + row * G4;
         const T* rg = zg + U;
         const T* ng = zg + 2 * U;
@@ -171,9 +189,9 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
         const T* keep = kh.row(t, b);
         const T vb = v ? v[row] : T(1);
         T* dhc = dh_carry + (b - r0) * U;
-        T* dz = dx.at(b, t, 0);
-        T* dr = dx.at(b, t, 1);
-        T* dn = dx.at(b, t, 2);
+        T* dz = Dz + (b - r0) * G3;
+        T* dr = dz + U;
+        T* dn = dz + 2 * U;
 #pragma omp simd
         for (int64_t j = 0; j < U; ++j) {
           const T Dh = dhr[j] + dhc[j];
@@ -186,57 +204,77 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
         scale_by_act_grad(rec_act, dz, zg, U);
         scale_by_act_grad(act, dn, ng, U);
         if (reset_after) {
-          T* dn_inner = di.at(b, t, 2);
+          T* di = Di + (b - r0) * G3;
 #pragma omp simd
           for (int64_t j = 0; j < U; ++j) {
             dr[j] = dn[j] * inner_h[j];  // before r's derivative
-            dn_inner[j] = dn[j] * rg[j];
+            di[2 * U + j] = dn[j] * rg[j];
           }
           scale_by_act_grad(rec_act, dr, rg, U);
-          std::copy(dz, dz + U, di.at(b, t, 0));
-          std::copy(dr, dr + U, di.at(b, t, 1));
+          std::copy(dz, dz + 2 * U, di);
         }
       }
       if (!reset_after) {
         // d(a) = dpre_n @ R_h^T, with a = r * (h * m_h); then the r gate and h through a.
-        gemm(n, U, U, dx.at(r0, t, 2), dx.sb, rt + 2 * U * U, U, tmp, U, false);
+        gemm(n, U, U, Dz + 2 * U, G3, rt + 2 * U * U, U, tmp, U, false);
         for (int64_t b = r0; b < r1; ++b) {
           const int64_t row = b * steps + t;
-          const T* hp = t == 0 ? h_init + b * U : h_all + (row - 1) * U;
+          const T* hp = h_prev + (b - r0) * ldh;
           const T* rg = g_all + row * G4 + U;
           const T* mh = rec.present() ? rec.row(t, rec.gate_stride == 0 ? 0 : 2, b) : ones + U;
           const T* da = tmp + (b - r0) * U;
-          T* dr = dx.at(b, t, 1);
+          T* dr = Dz + (b - r0) * G3 + U;
           T* dhc = dh_carry + (b - r0) * U;
+          T* ar = A + (b - r0) * U;
 #pragma omp simd
           for (int64_t j = 0; j < U; ++j) {
-            dr[j] = da[j] * hp[j] * mh[j];  // before r's derivative
+            const T hm = hp[j] * mh[j];
+            dr[j] = da[j] * hm;  // before r's derivative
             dhc[j] += da[j] * rg[j] * mh[j];
+            ar[j] = rg[j] * hm;
           }
           scale_by_act_grad(rec_act, dr, rg, U);
         }
       }
-      // dL/dh_{t-1} += sum_g (d(inner)_g @ R_g^T) * m_g over the gates of the first product.
-      recurrent_product_grad(di, r0, r1, t, reset_after ? 3 : 2, U, rt, U, rec, tmp, dh_carry);
+      const T* D_inner = reset_after ? Di : Dz;  // gradients at the recurrent product's output
+      const int64_t first = reset_after ? 3 : 2;   // gates in the first recurrent product
+      if (want_dR) {
+        weight_grad(h_prev, ldh, r0, r1, U, rec, t, D_inner, G3, first, U, dR_acc, G3, ST);
+        if (!reset_after) weight_grad(A, U, r0, r1, U, no_mask, t, Dz + 2 * U, G3, 1, U, dR_acc + 2 * U, G3, ST);
+      }
+      if (want_drb) {
+        for (int64_t b = r0; b < r1; ++b) {
+          const T* d = D_inner + (b - r0) * G3;
+#pragma omp simd
+          for (int64_t j = 0; j < G3; ++j) drb_acc[j] += d[j];
+        }
+      }
+      accumulate_input_side(in, Dz, G3, 3, U, r0, r1, t, steps, tmp, ST, dK_acc, db_acc);
+      product_grad(D_inner, G3, r0, r1, t, first, U, rt, U, rec, tmp, dh_carry, U, true);
     }
-    std::copy(dh_carry, dh_carry + n * U, dh0p + r0 * U);
+    std::copy(dh_carry, dh_carry + n * U, dh0.data_ptr<T>() + r0 * U);
   });
+  reduce_chunks(acc, chunks, acc_size, {&dR, &dK, &db, &drb});
 }
 
-std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dhs, const Tensor& RT, const Tensor& h0,
-                                                const Tensor& hs, const Tensor& gates,
-                                                const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
-                                                const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
-                                                int64_t act, int64_t rec_act, bool reset_after, bool gate_major) {
-  const int64_t B = hs.size(0), steps = hs.size(1), U = hs.size(2);
-  Tensor dxw = empty_gate_seq(B, steps, 3, U, gate_major, hs.options());
-  Tensor dinner = reset_after ? empty_gate_seq(B, steps, 3, U, gate_major, hs.options()) : at::empty({0}, hs.options());
+Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, const Tensor& x, const Tensor& h0,
+                   const Tensor& hs, const Tensor& gates, const optional<Tensor>& input_mask,
+                   const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
+                   const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
+                   bool reset_after, bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_drb) {
+  const int64_t U = hs.size(2);
+  Tensor dx = want_dx ? at::empty(x.sizes(), x.options()) : Tensor();
+  Tensor dK = want_dkernel ? at::empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
+  Tensor db = want_dbias ? at::empty({3 * U}, x.options()) : Tensor();
+  Tensor dR = want_dR ? at::empty(R.sizes(), R.options()) : Tensor();
+  Tensor drb = want_drb && reset_after ? at::empty({3 * U}, x.options()) : Tensor();
   Tensor dh0 = at::empty_like(h0);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "droprnn_gru_backward", [&] {
-    gru_backward_impl<scalar_t>(dhs, RT, h0, hs, gates, rec_mask, upd_mask, zoneout_h, valid, act, rec_act,
-                                reset_after, dxw, dinner, dh0);
+    gru_backward_impl<scalar_t>(dhs, R.t().contiguous(), kernel.t().contiguous(), x, h0, hs, gates, input_mask,
+                                rec_mask, upd_mask, zoneout_h, valid, act, rec_act, reset_after, want_dx, dx, dK, db,
+                                dR, drb, dh0);
   });
-  return {dxw, dinner, dh0};
+  return {dx, dK, db, dR, drb, dh0, Tensor()};
 }
 
 }  // namespace droprnn

@@ -115,22 +115,25 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& 
 }
 
 template <typename T>
-static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const Tensor& RT, const Tensor& c0,
-                               const Tensor& cs, const Tensor& gates,
+static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const Tensor& RT, const Tensor& KT,
+                               const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
+                               const Tensor& gates, const optional<Tensor>& input_mask,
                                const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                                const optional<Tensor>& zoneout_h, const optional<Tensor>& zoneout_c,
-                               const optional<Tensor>& valid, int64_t act, int64_t rec_act, Tensor& dxw, Tensor& dh0,
-                               Tensor& dc0) {
-  const int64_t B = cs.size(0), steps = cs.size(1), U = cs.size(2), H = dh0.size(1), G4 = 4 * U;
+                               const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool want_dx,
+                               const Tensor& dx, Tensor& dK, Tensor& db, Tensor& dR, Tensor& dh0, Tensor& dc0) {
+  const int64_t B = cs.size(0), steps = cs.size(1), U = cs.size(2), H = hs.size(2), D = x.size(2), G4 = 4 * U;
   const T* dh_in = dhs.data_ptr<T>();
   const T* dc_end = dc_last.data_ptr<T>();  // (B, U): dL/dc at the last step, the only c the caller sees
-  const T* rt = RT.data_ptr<T>();  // (4U, H): R transposed, so each gate block is a row block
+  const T* rt = RT.data_ptr<T>();            // (4U, H): R transposed, so each gate block is a row block
+  const T* h_init = h0.data_ptr<T>();
+  const T* h_all = hs.data_ptr<T>();
   const T* c_init = c0.data_ptr<T>();
   const T* c_all = cs.data_ptr<T>();
   const T* g_all = gates.data_ptr<T>();
-  const GateSeq<T> dx = gate_seq<T>(dxw);
-  T* dh0p = dh0.data_ptr<T>();
-  T* dc0p = dc0.data_ptr<T>();
+  InputSide<T> in{x.data_ptr<T>(), KT.data_ptr<T>(), gated_mask<T>(input_mask), D,
+                  want_dx ? dx.data_ptr<T>() : nullptr, dK.defined(), db.defined()};
+  const bool want_dR = dR.defined();
   const StepMask<T> rec = gated_mask<T>(rec_mask);
   const StepMask<T> upd = plain_mask<T>(upd_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h), zc = zoneout_of<T>(zoneout_c);
@@ -138,19 +141,28 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
 
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
-  const int64_t per_chunk = rows_max * (H + U + H) + 5 * U;
+  const int64_t wide = std::max(H, D);
+  const int64_t per_chunk = rows_max * (H + U + G4 + wide) + wide * rows_max + 5 * U;
   std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
+  // Per-chunk weight-gradient accumulators, summed after the loop: dR (H, 4U), dK (D, 4U), db (4U).
+  const int64_t acc_size = (want_dR ? H * G4 : 0) + (in.want_kernel ? D * G4 : 0) + (in.want_bias ? G4 : 0);
+  std::vector<T> acc(static_cast<size_t>(chunks * acc_size), T(0));
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
     const int64_t n = r1 - r0;
     T* dh_carry = work.data() + chunk * per_chunk;  // (n, H): dL/dh_t flowing to step t-1
     T* dc_carry = dh_carry + rows_max * H;           // (n, U)
-    T* tmp = dc_carry + rows_max * U;                // (n, H) product before masking
-    T* dtc = tmp + rows_max * H;                     // (U,) one row's d act(c')
+    T* Dz = dc_carry + rows_max * U;                 // (n, 4U) gradients at the gate pre-activations
+    T* tmp = Dz + rows_max * G4;                     // (n, max(H, D)) a product before masking
+    T* ST = tmp + rows_max * wide;                   // (max(H, D), n) a transposed, masked block
+    T* dtc = ST + wide * rows_max;                   // (U,) one row's d act(c')
     T* tcr = dtc + U;                                // (U,) one row's act(c'), recomputed
     T* ones = tcr + U;
     std::fill(ones, ones + U, T(1));
     const Zoneout<T> kh = with_buffer(zh, ones + U, U), kc = with_buffer(zc, ones + 2 * U, U);
+    T* dR_acc = acc.data() + chunk * acc_size;
+    T* dK_acc = dR_acc + (want_dR ? H * G4 : 0);
+    T* db_acc = dK_acc + (in.want_kernel ? D * G4 : 0);
     std::fill(dh_carry, dh_carry + n * H, T(0));
     std::copy(dc_end + r0 * U, dc_end + r1 * U, dc_carry);
     for (int64_t t = steps - 1; t >= 0; --t) {
@@ -171,10 +183,10 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
         const T vb = v ? v[row] : T(1);
         T* dhc = dh_carry + (b - r0) * H;
         T* dcc = dc_carry + (b - r0) * U;
-        T* dzi = dx.at(b, t, 0);
-        T* dzf = dx.at(b, t, 1);
-        T* dzg = dx.at(b, t, 2);
-        T* dzo = dx.at(b, t, 3);
+        T* dzi = Dz + (b - r0) * G4;
+        T* dzf = dzi + U;
+        T* dzg = dzi + 2 * U;
+        T* dzo = dzi + 3 * U;
         // Two element-wise passes around vectorised activation-derivative passes (a switch on the
         // activation inside a loop would keep it scalar).
 #pragma omp simd
@@ -197,32 +209,40 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
           dzg[j] = dc_new * ig[j] * u[j];
           dcc[j] = (T(1) - vb) * Dc + dzc[j] * dC + dc_new * fg[j];
         }
-        scale_by_act_grad(rec_act, dzi, ig, U);
-        scale_by_act_grad(rec_act, dzf, fg, U);
+        scale_by_act_grad(rec_act, dzi, ig, 2 * U);  // i and f are adjacent
         scale_by_act_grad(act, dzg, gg, U);
         scale_by_act_grad(rec_act, dzo, og, U);
       }
-      recurrent_product_grad(dx, r0, r1, t, 4, U, rt, H, rec, tmp, dh_carry);
+      const T* h_prev = t == 0 ? h_init + r0 * H : h_all + (r0 * steps + t - 1) * H;
+      const int64_t ldh = t == 0 ? H : steps * H;
+      if (want_dR) weight_grad(h_prev, ldh, r0, r1, H, rec, t, Dz, G4, 4, U, dR_acc, G4, ST);
+      accumulate_input_side(in, Dz, G4, 4, U, r0, r1, t, steps, tmp, ST, dK_acc, db_acc);
+      product_grad(Dz, G4, r0, r1, t, 4, U, rt, H, rec, tmp, dh_carry, H, true);
     }
-    std::copy(dh_carry, dh_carry + n * H, dh0p + r0 * H);
-    std::copy(dc_carry, dc_carry + n * U, dc0p + r0 * U);
+    std::copy(dh_carry, dh_carry + n * H, dh0.data_ptr<T>() + r0 * H);
+    std::copy(dc_carry, dc_carry + n * U, dc0.data_ptr<T>() + r0 * U);
   });
+  reduce_chunks(acc, chunks, acc_size, {&dR, &dK, &db});
 }
 
-std::tuple<Tensor, Tensor, Tensor> lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& RT,
-                                                 const Tensor& h0, const Tensor& c0, const Tensor& cs,
-                                                 const Tensor& gates, const optional<Tensor>& rec_mask,
-                                                 const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
-                                                 const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
-                                                 int64_t act, int64_t rec_act, bool gate_major) {
-  Tensor dxw = empty_gate_seq(cs.size(0), cs.size(1), 4, cs.size(2), gate_major, cs.options());
+Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, const Tensor& kernel, const Tensor& x,
+                    const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs, const Tensor& gates,
+                    const optional<Tensor>& input_mask, const optional<Tensor>& rec_mask,
+                    const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
+                    const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
+                    bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR) {
+  Tensor dx = want_dx ? at::empty(x.sizes(), x.options()) : Tensor();
+  Tensor dK = want_dkernel ? at::empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
+  Tensor db = want_dbias ? at::empty({kernel.size(1)}, x.options()) : Tensor();
+  Tensor dR = want_dR ? at::empty(R.sizes(), R.options()) : Tensor();
   Tensor dh0 = at::empty_like(h0);
   Tensor dc0 = at::empty_like(c0);
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "droprnn_lstm_backward", [&] {
-    lstm_backward_impl<scalar_t>(dhs, dc_last, RT, c0, cs, gates, rec_mask, upd_mask, zoneout_h, zoneout_c, valid,
-                                 act, rec_act, dxw, dh0, dc0);
+    lstm_backward_impl<scalar_t>(dhs, dc_last, R.t().contiguous(), kernel.t().contiguous(), x, h0, c0, hs, cs, gates,
+                                 input_mask, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act, rec_act, want_dx,
+                                 dx, dK, db, dR, dh0, dc0);
   });
-  return {dxw, dh0, dc0};
+  return {dx, dK, db, dR, Tensor(), dh0, dc0};
 }
 
 }  // namespace droprnn

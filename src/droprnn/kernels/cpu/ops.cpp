@@ -11,28 +11,29 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& 
                                                 const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                                 const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
                                                 int64_t act, int64_t rec_act);
-std::tuple<Tensor, Tensor, Tensor> lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& RT,
-                                                 const Tensor& h0, const Tensor& c0, const Tensor& cs,
-                                                 const Tensor& gates, const optional<Tensor>& rec_mask,
-                                                 const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
-                                                 const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
-                                                 int64_t act, int64_t rec_act, bool gate_major);
+Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, const Tensor& kernel, const Tensor& x,
+                    const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs, const Tensor& gates,
+                    const optional<Tensor>& input_mask, const optional<Tensor>& rec_mask,
+                    const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
+                    const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
+                    bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR);
 std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& rbias,
                                        const Tensor& h0, const optional<Tensor>& rec_mask,
                                        const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                        const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after);
-std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dhs, const Tensor& RT, const Tensor& h0,
-                                                const Tensor& hs, const Tensor& gates,
-                                                const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
-                                                const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
-                                                int64_t act, int64_t rec_act, bool reset_after, bool gate_major);
+Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, const Tensor& x, const Tensor& h0,
+                   const Tensor& hs, const Tensor& gates, const optional<Tensor>& input_mask,
+                   const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
+                   const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
+                   bool reset_after, bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_drb);
 std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R, const Tensor& h0,
                                               const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                                               const optional<Tensor>& valid, int64_t act);
-std::tuple<Tensor, Tensor> simple_rnn_backward(const Tensor& dhs, const Tensor& RT, const Tensor& h0,
-                                               const Tensor& fresh, const optional<Tensor>& rec_mask,
-                                               const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
-                                               int64_t act, bool gate_major);
+Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, const Tensor& x, const Tensor& h0,
+                          const Tensor& hs, const Tensor& fresh, const optional<Tensor>& input_mask,
+                          const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
+                          const optional<Tensor>& valid, int64_t act, bool want_dx, bool want_dkernel,
+                          bool want_dbias, bool want_dR);
 
 }  // namespace droprnn
 

@@ -74,29 +74,42 @@ std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R,
 }
 
 template <typename T>
-static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor& fresh,
-                                 const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
-                                 const optional<Tensor>& valid, int64_t act, Tensor& dxw, Tensor& dh0) {
-  const int64_t B = fresh.size(0), steps = fresh.size(1), U = fresh.size(2);
+static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor& KT, const Tensor& x,
+                                 const Tensor& h0, const Tensor& hs, const Tensor& fresh,
+                                 const optional<Tensor>& input_mask, const optional<Tensor>& rec_mask,
+                                 const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
+                                 bool want_dx, const Tensor& dx, Tensor& dK, Tensor& db, Tensor& dR, Tensor& dh0) {
+  const int64_t B = fresh.size(0), steps = fresh.size(1), U = fresh.size(2), D = x.size(2);
   const T* dh_in = dhs.data_ptr<T>();
   const T* rt = RT.data_ptr<T>();
+  const T* h_init = h0.data_ptr<T>();
+  const T* h_all = hs.data_ptr<T>();
   const T* f_all = fresh.data_ptr<T>();
-  const GateSeq<T> dx = gate_seq<T>(dxw);
-  T* dh0p = dh0.data_ptr<T>();
+  InputSide<T> in{x.data_ptr<T>(), KT.data_ptr<T>(), gated_mask<T>(input_mask), D,
+                  want_dx ? dx.data_ptr<T>() : nullptr, dK.defined(), db.defined()};
+  const bool want_dR = dR.defined();
   const StepMask<T> rec = gated_mask<T>(rec_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h);
   const T* v = valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr;
 
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
-  const int64_t per_chunk = rows_max * 2 * U + U;
+  const int64_t wide = std::max(U, D);
+  const int64_t per_chunk = rows_max * (2 * U + wide) + wide * rows_max + U;
   std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
+  const int64_t acc_size = (want_dR ? U * U : 0) + (in.want_kernel ? D * U : 0) + (in.want_bias ? U : 0);
+  std::vector<T> acc(static_cast<size_t>(chunks * acc_size), T(0));
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
     const int64_t n = r1 - r0;
-    T* dh_carry = work.data() + chunk * per_chunk;
-    T* tmp = dh_carry + rows_max * U;
-    const Zoneout<T> kh = with_buffer(zh, tmp + rows_max * U, U);
+    T* dh_carry = work.data() + chunk * per_chunk;  // (n, U)
+    T* Dz = dh_carry + rows_max * U;                 // (n, U) gradients at the pre-activation
+    T* tmp = Dz + rows_max * U;                      // (n, max(U, D))
+    T* ST = tmp + rows_max * wide;                   // (max(U, D), n)
+    const Zoneout<T> kh = with_buffer(zh, ST + wide * rows_max, U);
+    T* dR_acc = acc.data() + chunk * acc_size;
+    T* dK_acc = dR_acc + (want_dR ? U * U : 0);
+    T* db_acc = dK_acc + (in.want_kernel ? D * U : 0);
     std::fill(dh_carry, dh_carry + n * U, T(0));
     for (int64_t t = steps - 1; t >= 0; --t) {
       for (int64_t b = r0; b < r1; ++b) {
@@ -106,7 +119,7 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
         const T* keep = kh.row(t, b);
         const T vb = v ? v[row] : T(1);
         T* dhc = dh_carry + (b - r0) * U;
-        T* dz = dx.at(b, t, 0);
+        T* dz = Dz + (b - r0) * U;
 #pragma omp simd
         for (int64_t j = 0; j < U; ++j) {
           const T Dh = dhr[j] + dhc[j];
@@ -116,22 +129,32 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
         }
         scale_by_act_grad(act, dz, fr, U);
       }
-      recurrent_product_grad(dx, r0, r1, t, 1, U, rt, U, rec, tmp, dh_carry);
+      const T* h_prev = t == 0 ? h_init + r0 * U : h_all + (r0 * steps + t - 1) * U;
+      const int64_t ldh = t == 0 ? U : steps * U;
+      if (want_dR) weight_grad(h_prev, ldh, r0, r1, U, rec, t, Dz, U, 1, U, dR_acc, U, ST);
+      accumulate_input_side(in, Dz, U, 1, U, r0, r1, t, steps, tmp, ST, dK_acc, db_acc);
+      product_grad(Dz, U, r0, r1, t, 1, U, rt, U, rec, tmp, dh_carry, U, true);
     }
-    std::copy(dh_carry, dh_carry + n * U, dh0p + r0 * U);
+    std::copy(dh_carry, dh_carry + n * U, dh0.data_ptr<T>() + r0 * U);
   });
+  reduce_chunks(acc, chunks, acc_size, {&dR, &dK, &db});
 }
 
-std::tuple<Tensor, Tensor> simple_rnn_backward(const Tensor& dhs, const Tensor& RT, const Tensor& h0,
-                                               const Tensor& fresh, const optional<Tensor>& rec_mask,
-                                               const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
-                                               int64_t act, bool gate_major) {
-  Tensor dxw = empty_gate_seq(fresh.size(0), fresh.size(1), 1, fresh.size(2), gate_major, fresh.options());
+Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, const Tensor& x, const Tensor& h0,
+                          const Tensor& hs, const Tensor& fresh, const optional<Tensor>& input_mask,
+                          const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
+                          const optional<Tensor>& valid, int64_t act, bool want_dx, bool want_dkernel,
+                          bool want_dbias, bool want_dR) {
+  Tensor dx = want_dx ? at::empty(x.sizes(), x.options()) : Tensor();
+  Tensor dK = want_dkernel ? at::empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
+  Tensor db = want_dbias ? at::empty({kernel.size(1)}, x.options()) : Tensor();
+  Tensor dR = want_dR ? at::empty(R.sizes(), R.options()) : Tensor();
   Tensor dh0 = at::empty_like(h0);
   AT_DISPATCH_FLOATING_TYPES(fresh.scalar_type(), "droprnn_simple_rnn_backward", [&] {
-    simple_backward_impl<scalar_t>(dhs, RT, fresh, rec_mask, zoneout_h, valid, act, dxw, dh0);
+    simple_backward_impl<scalar_t>(dhs, R.t().contiguous(), kernel.t().contiguous(), x, h0, hs, fresh, input_mask,
+                                   rec_mask, zoneout_h, valid, act, want_dx, dx, dK, db, dR, dh0);
   });
-  return {dxw, dh0};
+  return {dx, dK, db, dR, Tensor(), dh0, Tensor()};
 }
 
 }  // namespace droprnn
