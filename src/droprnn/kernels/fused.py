@@ -153,18 +153,21 @@ class _FusedLayer(torch.autograd.Function):
     def forward(ctx, x, kernel, input_bias, R, rbias, h0, c0, input_masks, rec, upd, zoneout_h, zoneout_c, valid, cell):
         act = ACTIVATION_CODES[cell.activation]
         rec_act = ACTIVATION_CODES.get(getattr(cell, "recurrent_activation", None), act)
-        xw = _project(x, CellWeights(kernel, R, input_bias), input_masks, cell.gates)
+        # The bias is added inside the kernel (a broadcast copy of it would be a whole extra pass here).
+        xw = _project(x, CellWeights(kernel, R), input_masks, cell.gates)
+        bias = None if input_bias is None else input_bias.contiguous()
         c_seq = None
         if isinstance(cell, LSTMCell):
             panels = _panels(R, 4, _per_gate(rec))
             hs, c_seq, saved = torch.ops.droprnn.lstm_forward(
-                xw, panels, h0, c0, rec, upd, zoneout_h, zoneout_c, valid, act, rec_act)
+                xw, panels, bias, h0, c0, rec, upd, zoneout_h, zoneout_c, valid, act, rec_act)
         elif isinstance(cell, GRUCell):
             panels = _panels(R, 3, _per_gate(rec) or not cell.reset_after)
             hs, saved = torch.ops.droprnn.gru_forward(
-                xw, panels, rbias, h0, rec, upd, zoneout_h, valid, act, rec_act, cell.reset_after)
+                xw, panels, bias, rbias, h0, rec, upd, zoneout_h, valid, act, rec_act, cell.reset_after)
         else:
-            hs, saved = torch.ops.droprnn.simple_rnn_forward(xw, _panels(R, 1, False), h0, rec, zoneout_h, valid, act)
+            hs, saved = torch.ops.droprnn.simple_rnn_forward(
+                xw, _panels(R, 1, False), bias, h0, rec, zoneout_h, valid, act)
         ctx.save_for_backward(x, kernel, input_bias, R, rbias, h0, c0, hs, c_seq, saved, input_masks, rec, upd,
                               zoneout_h, zoneout_c, valid)
         ctx.cell, ctx.acts = cell, (act, rec_act)

@@ -16,7 +16,8 @@
 namespace droprnn {
 
 template <typename T>
-static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<Tensor>& rbias, const Tensor& h0,
+static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                             const optional<Tensor>& rbias, const Tensor& h0,
                              const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                              const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
                              int64_t rec_act, bool reset_after, Tensor& hs, Tensor& gates) {
@@ -24,6 +25,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
   const GateSeq<T> x = gate_seq<T>(xw);
   const Panels<T> panels = panels_of<T>(R);
   const T* rb = rbias.has_value() && rbias->defined() ? rbias->data_ptr<T>() : nullptr;
+  const T* bias = input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr;
   const T* h_init = h0.data_ptr<T>();
   T* h_out = hs.data_ptr<T>();
   T* g_out = gates.data_ptr<T>();
@@ -34,7 +36,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
 
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
-  const int64_t per_chunk = rows_max * (G3 + U) + 3 * U;
+  const int64_t per_chunk = rows_max * (G3 + U) + 3 * U + G3;
   std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
   // reset_before: the first product covers z and r only (panels are per gate then).
   const int64_t first_panels = reset_after ? panels.count : 2;
@@ -46,6 +48,9 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
     T* ones = A + rows_max * U;
     std::fill(ones, ones + 2 * U, T(1));      // the update mask / the h mask when there is none
     const Zoneout<T> kh = with_buffer(zh, ones + 2 * U, U);
+    T* zeros = ones + 3 * U;                  // (3U,): the input bias when there is none
+    std::fill(zeros, zeros + G3, T(0));
+    const T* b_in = bias ? bias : zeros;
     for (int64_t t = 0; t < steps; ++t) {
       const T* h_prev = t == 0 ? h_init + r0 * U : h_out + (r0 * steps + t - 1) * U;
       const int64_t ldh = t == 0 ? U : steps * U;
@@ -60,7 +65,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
         for (int64_t g = 0; g < 2; ++g) {
           const T* xr = x.at(b, t, g);
 #pragma omp simd
-          for (int64_t j = 0; j < U; ++j) gr[g * U + j] = xr[j] + zrow[g * U + j];
+          for (int64_t j = 0; j < U; ++j) gr[g * U + j] = (xr[j] + b_in[g * U + j]) + zrow[g * U + j];
         }
         activate(rec_act, gr, 2 * U);
         const T* rr = gr + U;
@@ -69,7 +74,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
           const T* inner_h = zrow + 2 * U;
 #pragma omp simd
           for (int64_t j = 0; j < U; ++j) {
-            gr[2 * U + j] = xh[j] + rr[j] * inner_h[j];
+            gr[2 * U + j] = (xh[j] + b_in[2 * U + j]) + rr[j] * inner_h[j];
             gr[3 * U + j] = inner_h[j];
           }
         } else {
@@ -87,7 +92,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
           const T* xh = x.at(b, t, 2);
           T* gr = g_out + (b * steps + t) * G4;
 #pragma omp simd
-          for (int64_t j = 0; j < U; ++j) gr[2 * U + j] = xh[j] + zrow[2 * U + j];
+          for (int64_t j = 0; j < U; ++j) gr[2 * U + j] = (xh[j] + b_in[2 * U + j]) + zrow[2 * U + j];
         }
       }
       for (int64_t b = r0; b < r1; ++b) {
@@ -111,7 +116,8 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
   });
 }
 
-std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& rbias,
+std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                       const optional<Tensor>& rbias,
                                        const Tensor& h0, const optional<Tensor>& rec_mask,
                                        const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                        const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after) {
@@ -120,7 +126,7 @@ std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const 
   Tensor hs = at::empty({B, steps, U}, h0.options());
   Tensor gates = at::empty({B, steps, 4 * U}, h0.options());
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_gru_forward", [&] {
-    gru_forward_impl<scalar_t>(xw, R, rbias, h0, rec_mask, upd_mask, zoneout_h, valid, act, rec_act, reset_after, hs,
+    gru_forward_impl<scalar_t>(xw, R, input_bias, rbias, h0, rec_mask, upd_mask, zoneout_h, valid, act, rec_act, reset_after, hs,
                                gates);
   });
   return {hs, gates};

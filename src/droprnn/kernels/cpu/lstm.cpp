@@ -16,7 +16,8 @@
 namespace droprnn {
 
 template <typename T>
-static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const Tensor& h0, const Tensor& c0,
+static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias, const Tensor& h0,
+                              const Tensor& c0,
                               const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                               const optional<Tensor>& zoneout_h, const optional<Tensor>& zoneout_c,
                               const optional<Tensor>& valid, int64_t act, int64_t rec_act, Tensor& hs, Tensor& cs,
@@ -24,6 +25,7 @@ static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const Tensor& h
   const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3), H = h0.size(1), G4 = 4 * U;
   const GateSeq<T> x = gate_seq<T>(xw);
   const Panels<T> panels = panels_of<T>(R);
+  const T* bias = input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr;
   const T* h_init = h0.data_ptr<T>();
   const T* c_init = c0.data_ptr<T>();
   T* h_out = hs.data_ptr<T>();
@@ -37,7 +39,7 @@ static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const Tensor& h
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
   // Work buffers, one set per chunk, allocated once per call (never inside the time loop).
-  const int64_t per_chunk = rows_max * (G4 + H) + 4 * U;
+  const int64_t per_chunk = rows_max * (G4 + H) + 4 * U + G4;
   std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
@@ -45,7 +47,10 @@ static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const Tensor& h
     T* A = Z + rows_max * G4;                 // (n, H) masked h_{t-1}
     T* tcr = A + rows_max * H;                // (U,) one row's c', then act(c')
     T* ones = tcr + U;                        // (U,): the update mask when there is none
+    T* zeros = ones + 3 * U;                  // (4U,): the input bias when there is none
     std::fill(ones, ones + U, T(1));
+    std::fill(zeros, zeros + G4, T(0));
+    const T* b_in = bias ? bias : zeros;
     const Zoneout<T> kh = with_buffer(zh, ones + U, U), kc = with_buffer(zc, ones + 2 * U, U);
     for (int64_t t = 0; t < steps; ++t) {
       const T* h_prev = t == 0 ? h_init + r0 * H : h_out + (r0 * steps + t - 1) * H;
@@ -57,9 +62,10 @@ static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const Tensor& h
         T* z = Z + (b - r0) * G4;
         for (int64_t g = 0; g < 4; ++g) {
           const T* xr = x.at(b, t, g);
+          const T* bg = b_in + g * U;
           T* zg = z + g * U;
 #pragma omp simd
-          for (int64_t j = 0; j < U; ++j) zg[j] += xr[j];
+          for (int64_t j = 0; j < U; ++j) zg[j] += xr[j] + bg[j];  // (x K + b) + h R, as the reference adds
         }
         activate(rec_act, z, 2 * U);
         activate(act, z + 2 * U, U);
@@ -96,8 +102,8 @@ static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const Tensor& h
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const Tensor& h0,
-                                                        const Tensor& c0, const optional<Tensor>& rec_mask,
+std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                                const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
                                                         const optional<Tensor>& upd_mask,
                                                         const optional<Tensor>& zoneout_h,
                                                         const optional<Tensor>& zoneout_c,
@@ -108,7 +114,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& 
   Tensor cs = at::empty({B, steps, U}, h0.options());
   Tensor gates = at::empty({B, steps, 4 * U}, h0.options());
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_lstm_forward", [&] {
-    lstm_forward_impl<scalar_t>(xw, R, h0, c0, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act, rec_act, hs, cs,
+    lstm_forward_impl<scalar_t>(xw, R, input_bias, h0, c0, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act, rec_act, hs, cs,
                                 gates);
   });
   return {hs, cs, gates};

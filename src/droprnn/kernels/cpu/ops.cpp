@@ -6,7 +6,8 @@
 
 namespace droprnn {
 
-std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const Tensor& h0,
+std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                                const Tensor& h0,
                                                 const Tensor& c0, const optional<Tensor>& rec_mask,
                                                 const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                                 const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
@@ -17,7 +18,8 @@ Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, c
                     const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                     const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
                     bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR);
-std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& rbias,
+std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                       const optional<Tensor>& rbias,
                                        const Tensor& h0, const optional<Tensor>& rec_mask,
                                        const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                        const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after);
@@ -26,7 +28,8 @@ Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, con
                    const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                    const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
                    bool reset_after, bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_drb);
-std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R, const Tensor& h0,
+std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                              const Tensor& h0,
                                               const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                                               const optional<Tensor>& valid, int64_t act);
 Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, const Tensor& x, const Tensor& h0,

@@ -10,12 +10,14 @@
 namespace droprnn {
 
 template <typename T>
-static void simple_forward_impl(const Tensor& xw, const Tensor& R, const Tensor& h0, const optional<Tensor>& rec_mask,
+static void simple_forward_impl(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias, const Tensor& h0,
+                                const optional<Tensor>& rec_mask,
                                 const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
                                 Tensor& hs, Tensor& fresh) {
   const int64_t B = xw.size(0), steps = xw.size(1), U = h0.size(1);
   const GateSeq<T> x = gate_seq<T>(xw);
   const Panels<T> panels = panels_of<T>(R);
+  const T* bias = input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr;
   const T* h_init = h0.data_ptr<T>();
   T* h_out = hs.data_ptr<T>();
   T* f_out = fresh.data_ptr<T>();
@@ -25,13 +27,16 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const Tensor&
 
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
-  const int64_t per_chunk = rows_max * U + U;
+  const int64_t per_chunk = rows_max * U + 2 * U;
   std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
     const int64_t n = r1 - r0;
     T* A = work.data() + chunk * per_chunk;  // (n, U) masked h_{t-1}
     const Zoneout<T> kh = with_buffer(zh, A + rows_max * U, U);
+    T* zeros = A + rows_max * U + U;          // (U,): the input bias when there is none
+    std::fill(zeros, zeros + U, T(0));
+    const T* b_in = bias ? bias : zeros;
     for (int64_t t = 0; t < steps; ++t) {
       const T* h_prev = t == 0 ? h_init + r0 * U : h_out + (r0 * steps + t - 1) * U;
       const int64_t ldh = t == 0 ? U : steps * U;
@@ -42,7 +47,7 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const Tensor&
         T* fr = f_out + row * U;
         const T* xr = x.at(b, t, 0);
 #pragma omp simd
-        for (int64_t j = 0; j < U; ++j) fr[j] = xr[j] + fr[j];
+        for (int64_t j = 0; j < U; ++j) fr[j] = (xr[j] + b_in[j]) + fr[j];
         activate(act, fr, U);
         const T* hp = h_prev + (b - r0) * ldh;
         const T* keep = kh.row(t, b);
@@ -58,7 +63,8 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const Tensor&
   });
 }
 
-std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R, const Tensor& h0,
+std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                              const Tensor& h0,
                                               const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                                               const optional<Tensor>& valid, int64_t act) {
   const int64_t B = xw.size(0), steps = xw.size(1), U = h0.size(1);
@@ -68,7 +74,7 @@ std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R,
   const bool zoned = zoneout_h.has_value() && zoneout_h->defined();
   Tensor fresh = zoned ? at::empty({B, steps, U}, h0.options()) : hs;
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_simple_rnn_forward", [&] {
-    simple_forward_impl<scalar_t>(xw, R, h0, rec_mask, zoneout_h, valid, act, hs, fresh);
+    simple_forward_impl<scalar_t>(xw, R, input_bias, h0, rec_mask, zoneout_h, valid, act, hs, fresh);
   });
   return {hs, fresh};
 }
