@@ -11,7 +11,8 @@ training step (forward and backward) and its ratio to ``torch.nn`` without dropo
 - ``keras-jax rd``        Keras 3 LSTM/GRU(dropout=0.25, recurrent_dropout=0.25) on JAX (jit), in a
                           subprocess, when JAX and Keras are installed.
 
-Peak memory: the peak resident-set growth of one training step, measured in a fresh subprocess per row.
+Peak memory: the peak resident-memory growth of one training step (after a warm-up step), measured in a
+fresh subprocess per row (Linux: /proc/self/status).
 
     python benchmarks/rnn_speed.py                 # the issue's shapes, 2 threads
     python benchmarks/rnn_speed.py --quick         # one small shape, for a smoke run
@@ -25,7 +26,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -91,14 +91,22 @@ def _hand_loop(kind: str, x, units: int):
     return step
 
 
-def median_ms(step, repeats: int) -> float:
-    step()  # warm up (and build the fused kernels on a first run)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def interleaved_medians(steps: dict, repeats: int, slow: set) -> dict:
+    """Median milliseconds of each step, run round-robin so machine noise spreads over all of them alike.
+
+    Slow rows (the Python loops) run in the first third of the rounds only.
+    """
+    for step in steps.values():
+        step()  # warm up (and build the fused kernels on a first run)
+    times: dict = {name: [] for name in steps}
+    for round_ in range(repeats):
+        for name, step in steps.items():
+            if name in slow and round_ >= max(3, repeats // 3):
+                continue
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------- keras on jax
@@ -138,15 +146,36 @@ def keras_jax_ms(kind: str, shape, repeats: int, threads: int):
 
 
 # ---------------------------------------------------------------------------------------------- memory
+MEMORY_PROBE = r"""
+import gc, sys, torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(int(sys.argv[2]))
+from rnn_speed import make_step
+step = make_step(sys.argv[3], sys.argv[4], tuple(map(int, sys.argv[5:9])))
+step()  # warm up: weights, kernels, allocator
+gc.collect()
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident size
+before = status("VmRSS:")
+step()
+print((status("VmHWM:") - before) / 1024)
+"""
+
+
 def peak_memory_mb(kind: str, variant: str, shape, threads: int) -> float:
-    """Peak RSS growth of one training step, in a fresh process (after a warm-up step elsewhere)."""
-    code = (
-        "import sys, resource, torch; sys.path.insert(0, %r); torch.set_num_threads(%d);"
-        "from rnn_speed import make_step; step = make_step(%r, %r, %r);"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; step();"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)"
-    ) % (os.path.dirname(os.path.abspath(__file__)), threads, kind, variant, tuple(shape))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    """Peak resident-memory growth of one training step (Linux), in a fresh process after a warm-up step.
+
+    Large buffers are mmap-ed (MALLOC_MMAP_THRESHOLD_) so freeing them lowers the resident size again.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, here, str(threads), kind, variant, *map(str, shape)],
+        capture_output=True, text=True, timeout=1800, env=env,
+    )
     return float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else float("nan")
 
 
@@ -189,20 +218,18 @@ def main() -> None:
     rows = []
     for kind in ("LSTM", "GRU"):
         for shape in shapes:
-            baseline = None
-            for variant in variants + ["keras-jax rd"]:
-                if variant == "keras-jax rd":
-                    if args.no_keras:
-                        continue
-                    ms = keras_jax_ms(kind, shape, repeats, args.threads)
-                    if ms is None:
-                        continue
-                    memory = float("nan")
-                else:
-                    slow = variant in ("droprnn ref rd", "hand loop rd")
-                    ms = median_ms(make_step(kind, variant, shape), max(3, repeats // 3) if slow else repeats)
-                    memory = float("nan") if args.no_memory else peak_memory_mb(kind, variant, shape, args.threads)
-                baseline = baseline or ms
+            steps = {variant: make_step(kind, variant, shape) for variant in variants}
+            times = interleaved_medians(steps, repeats, slow={"droprnn ref rd", "hand loop rd"})
+            del steps
+            if not args.no_keras:
+                keras_ms = keras_jax_ms(kind, shape, repeats, args.threads)
+                if keras_ms is not None:
+                    times["keras-jax rd"] = keras_ms
+            baseline = times["torch.nn"]
+            for variant, ms in times.items():
+                memory = float("nan")
+                if not args.no_memory and variant != "keras-jax rd":
+                    memory = peak_memory_mb(kind, variant, shape, args.threads)
                 rows.append({"layer": kind, "shape": shape, "variant": variant, "ms": ms,
                              "ratio": ms / baseline, "peak_mb": memory})
                 print(f"{kind:5} {str(shape):20} {variant:15} {ms:9.1f} {ms / baseline:8.2f} {memory:8.1f}", flush=True)
