@@ -83,11 +83,3 @@ def get(activation: ActivationLike, where: str = "layer", argument: str = "activ
     if callable(activation):
         return activation
     raise DroprnnError(f"{where}: argument `{argument}` expected a name or a callable, got {activation!r}.")
-
-
-def name_of(activation: Activation) -> str | Activation:
-    """The Keras name of a known activation (for configs), or the callable itself."""
-    for name, fn in _BY_NAME.items():
-        if fn is activation:
-            return name
-    return activation

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..cells import StepMasks
 from ..errors import DroprnnError, fail, type_name
 from ..random import dropout_mask, keep_mask
 
@@ -66,8 +67,6 @@ class CellMasks:
 
     def at(self, t: int):
         """The :class:`~droprnn.cells.StepMasks` of processing step t."""
-        from ..cells import StepMasks
-
         zoneout = None
         if self.zoneout is not None:  # per step in training; a constant expectation in inference
             zoneout = tuple(z if z is None or z.dim() == 0 else z[t] for z in self.zoneout)

@@ -30,7 +30,7 @@ import torch
 from .. import activations
 from ..cells import CellWeights, GRUCell, LSTMCell, SimpleRNNCell
 from ..dropout.plan import CellMasks, DropoutPlan
-from . import cpu
+from . import cpu, reference
 
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
@@ -246,12 +246,8 @@ def run(
     return_sequences: bool = True,
 ) -> tuple[Optional[Tensor], Tensor, list[States]]:
     """Same arguments and results as :func:`droprnn.kernels.reference.run`."""
-    if go_backwards:
-        x = x.flip(1)
-        step_mask = None if step_mask is None else step_mask.flip(1)
+    x, step_mask, weights = reference.prepare(cells, x, step_mask, plan, weights, go_backwards)
     valid = None if step_mask is None else step_mask.to(x.dtype).contiguous()
-    weights = [cell.weights() for cell in cells] if weights is None else list(weights)
-    weights = [m.weights_for(w) for m, w in zip(plan.cells, weights)]  # DropConnect: autograd reaches R through it
     layer_input = x
     finals: list[States] = []
     for cell, w, masks, states in zip(cells, weights, plan.cells, initial_states):

@@ -29,6 +29,20 @@ Tensor = torch.Tensor
 States = tuple[Tensor, ...]
 
 
+def prepare(
+    cells: Sequence[torch.nn.Module], x: Tensor, step_mask: Optional[Tensor], plan: DropoutPlan,
+    weights: Optional[Sequence[CellWeights]], go_backwards: bool,
+) -> tuple[Tensor, Optional[Tensor], list[CellWeights]]:
+    """What every kernel does first: reverse time for go_backwards (inputs and step mask), take each
+    cell's own weights unless given, and apply the plan's DropConnect masks (autograd reaches R through
+    them)."""
+    if go_backwards:
+        x = x.flip(1)
+        step_mask = None if step_mask is None else step_mask.flip(1)
+    weights = [cell.weights() for cell in cells] if weights is None else list(weights)
+    return x, step_mask, [m.weights_for(w) for m, w in zip(plan.cells, weights)]
+
+
 def run(
     cells: Sequence[torch.nn.Module],
     x: Tensor,
@@ -53,12 +67,8 @@ def run(
     Returns:
         (outputs (B, T, O) or None when not ``return_sequences``, last output (B, O), final states).
     """
-    if go_backwards:
-        x = x.flip(1)
-        step_mask = None if step_mask is None else step_mask.flip(1)
+    x, step_mask, weights = prepare(cells, x, step_mask, plan, weights, go_backwards)
     masks = plan.cells
-    weights = [cell.weights() for cell in cells] if weights is None else list(weights)
-    weights = [m.weights_for(w) for m, w in zip(masks, weights)]
     projected = cells[0].project_inputs(x, weights[0], masks[0].input)
     states = [tuple(s) for s in initial_states]
     previous_output: Optional[Tensor] = None
