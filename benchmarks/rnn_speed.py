@@ -168,10 +168,12 @@ print((status("VmHWM:") - before) / 1024)
 def peak_memory_mb(kind: str, variant: str, shape, threads: int) -> float:
     """Peak resident-memory growth of one training step (Linux), in a fresh process after a warm-up step.
 
-    Large buffers are mmap-ed (MALLOC_MMAP_THRESHOLD_) so freeing them lowers the resident size again.
+    Large buffers are mmap-ed (MALLOC_MMAP_THRESHOLD_) so freeing them lowers the resident size again, and
+    droprnn's block cache is off (DROPRNN_CPU_CACHE_MB=0): blocks it kept from the warm-up step would
+    already be resident and hide the step's real working set.
     """
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", DROPRNN_CPU_CACHE_MB="0")
     result = subprocess.run(
         [sys.executable, "-c", MEMORY_PROBE, here, str(threads), kind, variant, *map(str, shape)],
         capture_output=True, text=True, timeout=1800, env=env,

@@ -887,3 +887,85 @@ def test_fused_saves_no_more_for_backward_than_reference(kind, mode_name):
     # at least the (B, T, U) output sequence is kept by both, so the measurement is not empty
     assert sizes["reference"] >= B * T * U * 4 and sizes["fused"] >= B * T * U * 4
     assert sizes["fused"] <= sizes["reference"], sizes
+
+
+# ----------------------------------------------------------------------------------------------- block cache
+# Sequence-sized tensors of 1 MiB and more (projections, gates, states, gradients, work buffers) come from
+# a cache of blocks reused across calls (kernels/cpu/pool.cpp). The shapes above are mostly too small to
+# reach it; these are not.
+BIG = dict(B=24, T=40, D=48, U=144)  # float64 LSTM gates: 24·40·576·8 B = 4.4 MiB
+
+
+@needs_fused
+@pytest.mark.parametrize("kind", ["lstm", "gru", "simple"])
+def test_large_shapes_through_the_block_cache_equal_reference(kind):
+    B, T, D, U = BIG.values()
+    cpu.empty_cache()
+    layer = make_layer(kind, D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3), seed=7, weight_scale=0.05,
+                       return_sequences=True, return_state=True)
+    rng = random.Random(7)
+    lengths = [rng.randint(1, T) for _ in range(B)]
+    compare(layer, torch.randn(B, T, D, dtype=F64), draw_plans(layer, B, T), lengths=lengths)
+    assert cpu.cached_bytes() >= 1 << 20, "the shapes were meant to go through the block cache"
+
+
+@needs_fused
+def test_reused_blocks_carry_no_stale_values_and_live_outputs_are_never_reused():
+    # Two layers of the same sizes take turns, so each call runs in blocks the other one just wrote.
+    B, T, D, U = BIG.values()
+    layers = [make_layer("lstm", D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3), seed=s,
+                         weight_scale=0.2, return_sequences=True) for s in (1, 2)]
+    x = torch.randn(B, T, D, dtype=F64)
+    kept = []
+    for turn in range(4):
+        layer = layers[turn % 2]
+        plan = layer.draw_dropout_plan(B, steps=T, training=True)
+        reference = copy.deepcopy(layer)
+        reference.impl = "reference"
+        want = reference(x, dropout_plan=plan)
+        layer.impl = "fused"
+        got = layer(x, dropout_plan=plan)
+        assert layer.last_kernel.name == "fused"
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        kept.append((got, want.clone()))
+    for got, want in kept:  # outputs still alive were never handed out again
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@needs_fused
+def test_cache_counts_and_empties():
+    cpu.empty_cache()
+    assert cpu.cached_bytes() == 0
+    block = torch.ops.droprnn.empty([1 << 18], F32)  # exactly 1 MiB
+    address = block.data_ptr()
+    del block
+    assert cpu.cached_bytes() == 1 << 20
+    again = torch.ops.droprnn.empty([1 << 18], F32)
+    assert again.data_ptr() == address and cpu.cached_bytes() == 0
+    small = torch.ops.droprnn.empty([1 << 16], F32)  # a quarter of the size: a fresh block, not this one
+    del again
+    other = torch.ops.droprnn.empty([1 << 16], F32)
+    assert other.data_ptr() != address
+    del small, other
+    assert cpu.empty_cache() == 1 << 20 and cpu.cached_bytes() == 0
+
+
+@needs_fused
+@pytest.mark.parametrize("megabytes, most", [("0", 0), ("4", 4 << 20)])
+def test_cache_limit_from_environment_in_subprocess(megabytes, most):
+    script = textwrap.dedent(f"""
+        import torch, droprnn
+        from droprnn.kernels import cpu
+        layer = droprnn.LSTM(144, dropout=0.3, recurrent_dropout=0.3, return_sequences=True, impl="fused")
+        for _ in range(2):
+            layer(torch.randn(24, 40, 48), training=True).sum().backward()
+        assert layer.last_kernel.name == "fused"
+        print("CACHED", cpu.cached_bytes())
+    """)
+    env = dict(os.environ, DROPRNN_CPU_CACHE_MB=megabytes)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    cached = int(result.stdout.split("CACHED")[1])
+    assert cached <= most
+    if most:
+        assert cached > 0

@@ -72,26 +72,42 @@ def _per_gate(masks: Optional[Tensor]) -> bool:
     return masks is not None and masks.shape[-3] > 1
 
 
+def _buffer(shape: Sequence[int], like: Tensor) -> Optional[Tensor]:
+    """An ``out=`` buffer from the kernels' block cache (kernels/cpu/pool.cpp): a sequence-sized tensor
+    allocated afresh each step costs its page faults again. None while autograd records (for double
+    backward), which ``out=`` does not support -- the ops then allocate as usual."""
+    return None if torch.is_grad_enabled() else torch.ops.droprnn.empty(list(shape), like.dtype)
+
+
 def _project(x: Tensor, weights: CellWeights, masks: Optional[Tensor], gates: int) -> Tensor:
     """Input projections of all steps as a (B, T, G, U) view, bias fused into the product.
 
-    Per-gate masks give a gate-major tensor (G, B, T, U) (viewed as (B, T, G, U)): one batched product.
+    Per-gate masks give a gate-major tensor (G, B, T, U) (viewed as (B, T, G, U)), one product per gate,
+    with one gate's masked copy of x alive at a time.
     """
     batch, steps, features = x.shape
     kernel, bias = weights.kernel, weights.input_bias
     units = kernel.shape[1] // gates
     if _per_gate(masks):  # (G, B, D): per sequence (per-step input masks are always shared)
-        masked = (x.unsqueeze(0) * masks.unsqueeze(2)).reshape(gates, batch * steps, features)
-        per_gate_kernel = kernel.view(features, gates, units).permute(1, 0, 2)
-        if bias is None:
-            out = torch.bmm(masked, per_gate_kernel)
-        else:
-            out = torch.baddbmm(bias.view(gates, 1, units), masked, per_gate_kernel)
+        out = _buffer((gates, batch * steps, units), x)
+        scratch = _buffer(x.shape, x)
+        parts = []
+        for g in range(gates):
+            masked = torch.mul(x, masks[g].unsqueeze(1), out=scratch).view(batch * steps, features)
+            k = kernel[:, g * units:(g + 1) * units]
+            target = None if out is None else out[g]
+            if bias is None:
+                parts.append(torch.mm(masked, k, out=target))
+            else:
+                parts.append(torch.addmm(bias[g * units:(g + 1) * units], masked, k, out=target))
+        out = torch.stack(parts) if out is None else out
         return out.view(gates, batch, steps, units).permute(1, 2, 0, 3)
     if masks is not None:  # one mask for all gates: (1, B, D) per sequence or (T, 1, B, D) per step
-        x = x * (masks[:, 0].permute(1, 0, 2) if masks.dim() == 4 else masks[0].unsqueeze(1))
+        mask = masks[:, 0].permute(1, 0, 2) if masks.dim() == 4 else masks[0].unsqueeze(1)
+        x = torch.mul(x, mask, out=_buffer(x.shape, x))
     flat = x.reshape(batch * steps, features)
-    out = flat @ kernel if bias is None else torch.addmm(bias, flat, kernel)
+    out = _buffer((batch * steps, gates * units), x)
+    out = torch.mm(flat, kernel, out=out) if bias is None else torch.addmm(bias, flat, kernel, out=out)
     return out.view(batch, steps, gates, units)
 
 
@@ -156,19 +172,23 @@ class _FusedLayer(torch.autograd.Function):
         # The bias is added inside the kernel (a broadcast copy of it would be a whole extra pass here).
         xw = _project(x, CellWeights(kernel, R), input_masks, cell.gates)
         bias = None if input_bias is None else input_bias.contiguous()
-        c_seq = None
+        # The LSTM and GRU kernels write the activated gates over xw (saved: xw); the GRU's second result
+        # is inner_h (reset_after), the SimpleRNN's the fresh h'.
+        c_seq, other = None, None
         if isinstance(cell, LSTMCell):
             panels = _panels(R, 4, _per_gate(rec))
-            hs, c_seq, saved = torch.ops.droprnn.lstm_forward(
+            hs, c_seq = torch.ops.droprnn.lstm_forward(
                 xw, panels, bias, h0, c0, rec, upd, zoneout_h, zoneout_c, valid, act, rec_act)
+            saved = xw
         elif isinstance(cell, GRUCell):
             panels = _panels(R, 3, _per_gate(rec) or not cell.reset_after)
-            hs, saved = torch.ops.droprnn.gru_forward(
+            hs, other = torch.ops.droprnn.gru_forward(
                 xw, panels, bias, rbias, h0, rec, upd, zoneout_h, valid, act, rec_act, cell.reset_after)
+            saved = xw
         else:
             hs, saved = torch.ops.droprnn.simple_rnn_forward(
                 xw, _panels(R, 1, False), bias, h0, rec, zoneout_h, valid, act)
-        ctx.save_for_backward(x, kernel, input_bias, R, rbias, h0, c0, hs, c_seq, saved, input_masks, rec, upd,
+        ctx.save_for_backward(x, kernel, input_bias, R, rbias, h0, c0, hs, c_seq, saved, other, input_masks, rec, upd,
                               zoneout_h, zoneout_c, valid)
         ctx.cell, ctx.acts = cell, (act, rec_act)
         if c_seq is None:
@@ -178,7 +198,7 @@ class _FusedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        (x, kernel, input_bias, R, rbias, h0, c0, hs, c_seq, saved, input_masks, rec, upd,
+        (x, kernel, input_bias, R, rbias, h0, c0, hs, c_seq, saved, other, input_masks, rec, upd,
          zoneout_h, zoneout_c, valid) = ctx.saved_tensors
         cell, (act, rec_act) = ctx.cell, ctx.acts
         lstm = isinstance(cell, LSTMCell)
@@ -205,7 +225,7 @@ class _FusedLayer(torch.autograd.Function):
             return dx, dkernel, dbias, dR, None, dh0, dc0, None, None, None, None, None, None, None
         if isinstance(cell, GRUCell):
             dx, dkernel, dbias, dR, drb, dh0, _ = torch.ops.droprnn.gru_backward(
-                dhs, R, kernel, x, h0, hs, saved, input_masks, rec, upd, zoneout_h, valid, act, rec_act,
+                dhs, R, kernel, x, h0, hs, saved, other, input_masks, rec, upd, zoneout_h, valid, act, rec_act,
                 cell.reset_after, *wanted, rbias is not None and needs[4])
             return dx, dkernel, dbias, dR, drb, dh0, None, None, None, None, None, None, None, None
         dx, dkernel, dbias, dR, _, dh0, _ = torch.ops.droprnn.simple_rnn_backward(

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-SOURCES = ("ops.cpp", "lstm.cpp", "gru.cpp", "simple_rnn.cpp")
+SOURCES = ("ops.cpp", "pool.cpp", "lstm.cpp", "gru.cpp", "simple_rnn.cpp")
 HEADERS = ("common.h",)
 _HERE = Path(__file__).resolve().parent
 _lock = threading.Lock()
@@ -127,3 +127,17 @@ def unavailable_reason() -> Optional[str]:
 
 def library_path() -> Optional[str]:
     return _state.get("loaded")
+
+
+def empty_cache() -> int:
+    """Free the large blocks the fused kernels keep for reuse (see pool.cpp); returns the bytes freed.
+
+    Like ``torch.cuda.empty_cache``: blocks still in use stay, and the cache refills as the kernels run.
+    The cache holds at most ``DROPRNN_CPU_CACHE_MB`` MiB (default 1024; 0 turns it off).
+    """
+    return int(torch.ops.droprnn.empty_cache()) if "loaded" in _state else 0
+
+
+def cached_bytes() -> int:
+    """Bytes of freed blocks the kernels hold for reuse."""
+    return int(torch.ops.droprnn.cached_bytes()) if "loaded" in _state else 0

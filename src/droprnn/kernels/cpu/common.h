@@ -25,6 +25,21 @@ using c10::optional;
 // d h0, d c0 (LSTM); undefined (None in Python) where not wanted or not applicable.
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
+// ---------------------------------------------------------------------------------------------- memory
+// at::empty, but blocks of 1 MiB and more come from a cache reused across calls (pool.cpp).
+Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// A work buffer of n values from the same cache, zeroed on request; returned to it on destruction.
+template <typename T>
+struct Scratch {
+  Tensor block;
+  explicit Scratch(int64_t n, bool zeroed = false)
+      : block(pooled_empty({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))) {
+    if (zeroed) std::fill(data(), data() + block.numel(), T(0));
+  }
+  T* data() const { return block.data_ptr<T>(); }
+};
+
 // ---------------------------------------------------------------------------------------------- GEMM
 // C (M, N) = [C +] A (M, K) @ B (K, N), row-major with leading dimensions. float goes through PyTorch's
 // brgemm micro-kernel (oneDNN): in measurements on the per-step shapes it beat MKL sgemm, packed GEMM
@@ -418,7 +433,7 @@ void accumulate_input_side(const InputSide<T>& in, const T* Dz, int64_t ldd, int
 // Sum the per-chunk accumulators -- each chunk holds the outputs' gradients back to back, acc_size in
 // all -- into those outputs (undefined ones take no space).
 template <typename T>
-void reduce_chunks(const std::vector<T>& acc, int64_t chunks, int64_t acc_size, std::initializer_list<Tensor*> outputs) {
+void reduce_chunks(const T* acc, int64_t chunks, int64_t acc_size, std::initializer_list<Tensor*> outputs) {
   int64_t offset = 0;
   for (Tensor* out : outputs) {
     if (!out->defined()) continue;

@@ -7,10 +7,10 @@
 //                 n = act(xw_h + (r * (h * m_h)) @ R_h)          a second, dependent product per step
 //   h' = z * h_{t-1} + (1 - z) * (n * u);  then zoneout and the step mask as in lstm.cpp
 //
-// Saved: (B, T, 4U) = [z, r, n, inner_h] (inner_h with reset_after only). The backward returns dxw and,
-// with reset_after, d(inner) -- the gradient at the recurrent product's output, which differs from dxw in
-// the h block -- both in xw's layout, so the caller forms dR and d(rb) with large products over all
-// timesteps. reset_before needs the recurrent kernel in one panel per gate.
+// Saved: the activated gates z, r, n, written over the input projections they came from (in xw's
+// layout: no second sequence-sized buffer), and with reset_after inner_h (B, T, U). The backward
+// accumulates the weight gradients step by step, in cache. reset_before needs the recurrent kernel in one
+// panel per gate.
 #include "common.h"
 
 namespace droprnn {
@@ -20,15 +20,16 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
                              const optional<Tensor>& rbias, const Tensor& h0,
                              const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                              const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
-                             int64_t rec_act, bool reset_after, Tensor& hs, Tensor& gates) {
-  const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3), G3 = 3 * U, G4 = 4 * U;
+                             int64_t rec_act, bool reset_after, Tensor& hs, Tensor& inner) {
+  const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3), G3 = 3 * U;
   const GateSeq<T> x = gate_seq<T>(xw);
+  const GateSeq<T> g_out = x;  // the activated gates overwrite xw, each element after it is read
   const Panels<T> panels = panels_of<T>(R);
   const T* rb = rbias.has_value() && rbias->defined() ? rbias->data_ptr<T>() : nullptr;
   const T* bias = input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr;
   const T* h_init = h0.data_ptr<T>();
   T* h_out = hs.data_ptr<T>();
-  T* g_out = gates.data_ptr<T>();
+  T* inner_out = reset_after ? inner.data_ptr<T>() : nullptr;  // (B, T, U)
   const StepMask<T> rec = gated_mask<T>(rec_mask);
   const StepMask<T> upd = plain_mask<T>(upd_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h);
@@ -37,7 +38,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
   const int64_t per_chunk = rows_max * (G3 + U) + 3 * U + G3;
-  std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
+  Scratch<T> work(chunks * per_chunk);
   // reset_before: the first product covers z and r only (panels are per gate then).
   const int64_t first_panels = reset_after ? panels.count : 2;
 
@@ -57,25 +58,27 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
       recurrent_product(h_prev, ldh, r0, r1, rec, t, panels, first_panels, A, Z, G3);
       for (int64_t b = r0; b < r1; ++b) {
         T* zrow = Z + (b - r0) * G3;
-        T* gr = g_out + (b * steps + t) * G4;
         if (rb != nullptr) {
 #pragma omp simd
           for (int64_t j = 0; j < G3; ++j) zrow[j] += rb[j];
         }
         for (int64_t g = 0; g < 2; ++g) {
+          T* gr = g_out.at(b, t, g);
           const T* xr = x.at(b, t, g);
 #pragma omp simd
-          for (int64_t j = 0; j < U; ++j) gr[g * U + j] = (xr[j] + b_in[g * U + j]) + zrow[g * U + j];
+          for (int64_t j = 0; j < U; ++j) gr[j] = (xr[j] + b_in[g * U + j]) + zrow[g * U + j];
+          activate(rec_act, gr, U);
         }
-        activate(rec_act, gr, 2 * U);
-        const T* rr = gr + U;
+        const T* rr = g_out.at(b, t, 1);
         if (reset_after) {
           const T* xh = x.at(b, t, 2);
+          T* ng = g_out.at(b, t, 2);
           const T* inner_h = zrow + 2 * U;
+          T* inner_row = inner_out + (b * steps + t) * U;
 #pragma omp simd
           for (int64_t j = 0; j < U; ++j) {
-            gr[2 * U + j] = (xh[j] + b_in[2 * U + j]) + rr[j] * inner_h[j];
-            gr[3 * U + j] = inner_h[j];
+            ng[j] = (xh[j] + b_in[2 * U + j]) + rr[j] * inner_h[j];
+            inner_row[j] = inner_h[j];
           }
         } else {
           const T* hp = h_prev + (b - r0) * ldh;
@@ -90,16 +93,15 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
         for (int64_t b = r0; b < r1; ++b) {
           const T* zrow = Z + (b - r0) * G3;
           const T* xh = x.at(b, t, 2);
-          T* gr = g_out + (b * steps + t) * G4;
+          T* ng = g_out.at(b, t, 2);
 #pragma omp simd
-          for (int64_t j = 0; j < U; ++j) gr[2 * U + j] = (xh[j] + b_in[2 * U + j]) + zrow[2 * U + j];
+          for (int64_t j = 0; j < U; ++j) ng[j] = (xh[j] + b_in[2 * U + j]) + zrow[2 * U + j];
         }
       }
       for (int64_t b = r0; b < r1; ++b) {
-        T* gr = g_out + (b * steps + t) * G4;
-        activate(act, gr + 2 * U, U);
-        const T* zg = gr;
-        const T* ng = gr + 2 * U;
+        T* ng = g_out.at(b, t, 2);
+        activate(act, ng, U);
+        const T* zg = g_out.at(b, t, 0);
         const T* hp = h_prev + (b - r0) * ldh;
         const T* u = upd.present() ? upd.row(t, 0, b) : ones;
         const T* keep = kh.row(t, b);
@@ -123,28 +125,30 @@ std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const 
                                        const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after) {
   const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3);
   TORCH_CHECK(reset_after || R.size(0) == 3, "droprnn fused GRU: reset_after=False needs one panel per gate");
-  Tensor hs = at::empty({B, steps, U}, h0.options());
-  Tensor gates = at::empty({B, steps, 4 * U}, h0.options());
+  Tensor hs = pooled_empty({B, steps, U}, h0.options());
+  Tensor inner = pooled_empty({reset_after ? B : 0, steps, U}, h0.options());
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_gru_forward", [&] {
-    gru_forward_impl<scalar_t>(xw, R, input_bias, rbias, h0, rec_mask, upd_mask, zoneout_h, valid, act, rec_act, reset_after, hs,
-                               gates);
+    gru_forward_impl<scalar_t>(xw, R, input_bias, rbias, h0, rec_mask, upd_mask, zoneout_h, valid, act, rec_act,
+                               reset_after, hs, inner);
   });
-  return {hs, gates};
+  return {hs, inner};
 }
 
 template <typename T>
 static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor& KT, const Tensor& x, const Tensor& h0,
-                              const Tensor& hs, const Tensor& gates, const optional<Tensor>& input_mask,
+                              const Tensor& hs, const Tensor& gates, const Tensor& inner,
+                              const optional<Tensor>& input_mask,
                               const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                               const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
                               int64_t rec_act, bool reset_after, bool want_dx, const Tensor& dx, Tensor& dK,
                               Tensor& db, Tensor& dR, Tensor& drb, Tensor& dh0) {
-  const int64_t B = hs.size(0), steps = hs.size(1), U = hs.size(2), D = x.size(2), G3 = 3 * U, G4 = 4 * U;
+  const int64_t B = hs.size(0), steps = hs.size(1), U = hs.size(2), D = x.size(2), G3 = 3 * U;
   const T* dh_in = dhs.data_ptr<T>();
   const T* rt = RT.data_ptr<T>();  // (3U, U)
   const T* h_init = h0.data_ptr<T>();
   const T* h_all = hs.data_ptr<T>();
-  const T* g_all = gates.data_ptr<T>();
+  const GateSeq<T> g_all = gate_seq<T>(gates);  // (B, T, 3, U) in the forward's xw layout
+  const T* inner_all = reset_after ? inner.data_ptr<T>() : nullptr;  // (B, T, U)
   InputSide<T> in{x.data_ptr<T>(), KT.data_ptr<T>(), gated_mask<T>(input_mask), D,
                   want_dx ? dx.data_ptr<T>() : nullptr, dK.defined(), db.defined()};
   const bool want_dR = dR.defined(), want_drb = drb.defined();
@@ -158,11 +162,11 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
   const int64_t rows_max = (B + chunks - 1) / chunks;
   const int64_t wide = std::max(U, D);
   const int64_t per_chunk = rows_max * (U + 2 * G3 + wide + U) + wide * rows_max + 3 * U;
-  std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
+  Scratch<T> work(chunks * per_chunk);
   // Per-chunk accumulators, summed after the loop: dR (U, 3U), dK (D, 3U), db (3U), d rb (3U).
   const int64_t acc_size = (want_dR ? U * G3 : 0) + (in.want_kernel ? D * G3 : 0) + (in.want_bias ? G3 : 0) +
                            (want_drb ? G3 : 0);
-  std::vector<T> acc(static_cast<size_t>(chunks * acc_size), T(0));
+  Scratch<T> acc(chunks * acc_size, true);
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
     const int64_t n = r1 - r0;
@@ -186,10 +190,10 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
       for (int64_t b = r0; b < r1; ++b) {
         const int64_t row = b * steps + t;
         const T* hp = h_prev + (b - r0) * ldh;
-        const T* zg = g_all + row * G4;
-        const T* rg = zg + U;
-        const T* ng = zg + 2 * U;
-        const T* inner_h = zg + 3 * U;
+        const T* zg = g_all.at(b, t, 0);
+        const T* rg = g_all.at(b, t, 1);
+        const T* ng = g_all.at(b, t, 2);
+        const T* inner_h = reset_after ? inner_all + row * U : nullptr;
         const T* dhr = dh_in + row * U;
         const T* u = upd.present() ? upd.row(t, 0, b) : ones;
         const T* keep = kh.row(t, b);
@@ -226,7 +230,7 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
         for (int64_t b = r0; b < r1; ++b) {
           const int64_t row = b * steps + t;
           const T* hp = h_prev + (b - r0) * ldh;
-          const T* rg = g_all + row * G4 + U;
+          const T* rg = g_all.at(b, t, 1);
           const T* mh = rec.present() ? rec.row(t, rec.gate_stride == 0 ? 0 : 2, b) : ones + U;
           const T* da = tmp + (b - r0) * U;
           T* dr = Dz + (b - r0) * G3 + U;
@@ -260,23 +264,23 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
     }
     std::copy(dh_carry, dh_carry + n * U, dh0.data_ptr<T>() + r0 * U);
   });
-  reduce_chunks(acc, chunks, acc_size, {&dR, &dK, &db, &drb});
+  reduce_chunks(acc.data(), chunks, acc_size, {&dR, &dK, &db, &drb});
 }
 
 Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, const Tensor& x, const Tensor& h0,
-                   const Tensor& hs, const Tensor& gates, const optional<Tensor>& input_mask,
+                   const Tensor& hs, const Tensor& gates, const Tensor& inner, const optional<Tensor>& input_mask,
                    const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                    const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
                    bool reset_after, bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_drb) {
   const int64_t U = hs.size(2);
-  Tensor dx = want_dx ? at::empty(x.sizes(), x.options()) : Tensor();
-  Tensor dK = want_dkernel ? at::empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
-  Tensor db = want_dbias ? at::empty({3 * U}, x.options()) : Tensor();
-  Tensor dR = want_dR ? at::empty(R.sizes(), R.options()) : Tensor();
-  Tensor drb = want_drb && reset_after ? at::empty({3 * U}, x.options()) : Tensor();
-  Tensor dh0 = at::empty_like(h0);
+  Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
+  Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
+  Tensor db = want_dbias ? pooled_empty({3 * U}, x.options()) : Tensor();
+  Tensor dR = want_dR ? pooled_empty(R.sizes(), R.options()) : Tensor();
+  Tensor drb = want_drb && reset_after ? pooled_empty({3 * U}, x.options()) : Tensor();
+  Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "droprnn_gru_backward", [&] {
-    gru_backward_impl<scalar_t>(dhs, R.t().contiguous(), kernel.t().contiguous(), x, h0, hs, gates, input_mask,
+    gru_backward_impl<scalar_t>(dhs, R.t().contiguous(), kernel.t().contiguous(), x, h0, hs, gates, inner, input_mask,
                                 rec_mask, upd_mask, zoneout_h, valid, act, rec_act, reset_after, want_dx, dx, dK, db,
                                 dR, drb, dh0);
   });

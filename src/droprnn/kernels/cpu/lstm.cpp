@@ -8,9 +8,9 @@
 //   zoneout: s' = d * s_{t-1} + (1 - d) * s'            d: indicator (training) or rate (inference)
 //   step mask: s_t = v * s' + (1 - v) * s_{t-1}          v in {0, 1}
 //
-// Saved for the backward: the activated gates (B, T, 4U) and the carried states; act(c') is recomputed
-// (cheaper than storing (B, T, U) more). The weight gradient is not formed here: dxw is returned (in xw's
-// layout) and the caller forms dR with one product per gate over all timesteps.
+// Saved for the backward: the activated gates, written over the input projections they came from (in
+// xw's layout: no second sequence-sized buffer), and the carried states; act(c') is recomputed (cheaper
+// than storing (B, T, U) more). The backward accumulates the weight gradients step by step, in cache.
 #include <omp.h>
 
 #include "common.h"
@@ -25,7 +25,8 @@ struct LstmForward {
   Panels<T> panels;
   const T* bias;
   const T *h_init, *c_init;
-  T *h_out, *c_out, *g_out;
+  T *h_out, *c_out;
+  GateSeq<T> g_out;  // the activated gates: xw itself, each element overwritten after it is read
   StepMask<T> rec, upd;
   Zoneout<T> zh, zc;
   const T* v;
@@ -66,7 +67,7 @@ struct LstmForward {
     activate(rec_act, fg, w);
     activate(act, gg, w);
     activate(rec_act, og, w);
-    for (int64_t g = 0; g < 4; ++g) std::copy(z + g * zs, z + g * zs + w, g_out + row * 4 * U + g * U + j0);
+    for (int64_t g = 0; g < 4; ++g) std::copy(z + g * zs, z + g * zs + w, g_out.at(b, t, g) + j0);
     const T* u = (upd.present() ? upd.row(t, 0, b) : l.ones) + j0;
     const T* dh = l.kh.row(t, b) + j0;
     const T* dc = l.kc.row(t, b) + j0;
@@ -98,7 +99,7 @@ struct LstmForward {
     const int64_t chunks = batch_chunks(B), rows_max = (B + chunks - 1) / chunks, G4 = 4 * U;
     // Work buffers, one set per chunk, allocated once per call (never inside the time loop).
     const int64_t per_chunk = rows_max * (G4 + H) + U;
-    std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
+    Scratch<T> work(chunks * per_chunk);
     for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
       T* Z = work.data() + chunk * per_chunk;  // (n, 4U) recurrent products, then gates
       T* A = Z + rows_max * G4;                 // (n, H) masked h_{t-1}
@@ -153,12 +154,11 @@ template <typename T>
 static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias, const Tensor& h0,
                               const Tensor& c0, const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                               const optional<Tensor>& zoneout_h, const optional<Tensor>& zoneout_c,
-                              const optional<Tensor>& valid, int64_t act, int64_t rec_act, Tensor& hs, Tensor& cs,
-                              Tensor& gates) {
+                              const optional<Tensor>& valid, int64_t act, int64_t rec_act, Tensor& hs, Tensor& cs) {
   LstmForward<T> f{
       gate_seq<T>(xw), panels_of<T>(R),
       input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr,
-      h0.data_ptr<T>(), c0.data_ptr<T>(), hs.data_ptr<T>(), cs.data_ptr<T>(), gates.data_ptr<T>(),
+      h0.data_ptr<T>(), c0.data_ptr<T>(), hs.data_ptr<T>(), cs.data_ptr<T>(), gate_seq<T>(xw),
       gated_mask<T>(rec_mask), plain_mask<T>(upd_mask), zoneout_of<T>(zoneout_h), zoneout_of<T>(zoneout_c),
       valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr,
       xw.size(0), xw.size(1), xw.size(3), h0.size(1), act, rec_act};
@@ -173,7 +173,7 @@ static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const optional<
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+std::tuple<Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
                                                 const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
                                                         const optional<Tensor>& upd_mask,
                                                         const optional<Tensor>& zoneout_h,
@@ -181,14 +181,13 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& 
                                                         const optional<Tensor>& valid, int64_t act, int64_t rec_act) {
   const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3), H = h0.size(1);
   TORCH_CHECK(H == U, "droprnn fused LSTM: projections are not supported (h must have `units` features)");
-  Tensor hs = at::empty({B, steps, H}, h0.options());
-  Tensor cs = at::empty({B, steps, U}, h0.options());
-  Tensor gates = at::empty({B, steps, 4 * U}, h0.options());
+  Tensor hs = pooled_empty({B, steps, H}, h0.options());
+  Tensor cs = pooled_empty({B, steps, U}, h0.options());
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_lstm_forward", [&] {
-    lstm_forward_impl<scalar_t>(xw, R, input_bias, h0, c0, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act, rec_act, hs, cs,
-                                gates);
+    lstm_forward_impl<scalar_t>(xw, R, input_bias, h0, c0, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act,
+                                rec_act, hs, cs);
   });
-  return {hs, cs, gates};
+  return {hs, cs};
 }
 
 template <typename T>
@@ -207,7 +206,7 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
   const T* h_all = hs.data_ptr<T>();
   const T* c_init = c0.data_ptr<T>();
   const T* c_all = cs.data_ptr<T>();
-  const T* g_all = gates.data_ptr<T>();
+  const GateSeq<T> g_all = gate_seq<T>(gates);  // (B, T, 4, U) in the forward's xw layout
   InputSide<T> in{x.data_ptr<T>(), KT.data_ptr<T>(), gated_mask<T>(input_mask), D,
                   want_dx ? dx.data_ptr<T>() : nullptr, dK.defined(), db.defined()};
   const bool want_dR = dR.defined();
@@ -220,10 +219,10 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
   const int64_t rows_max = (B + chunks - 1) / chunks;
   const int64_t wide = std::max(H, D);
   const int64_t per_chunk = rows_max * (H + U + G4 + wide) + wide * rows_max + 5 * U;
-  std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
+  Scratch<T> work(chunks * per_chunk);
   // Per-chunk weight-gradient accumulators, summed after the loop: dR (H, 4U), dK (D, 4U), db (4U).
   const int64_t acc_size = (want_dR ? H * G4 : 0) + (in.want_kernel ? D * G4 : 0) + (in.want_bias ? G4 : 0);
-  std::vector<T> acc(static_cast<size_t>(chunks * acc_size), T(0));
+  Scratch<T> acc(chunks * acc_size, true);
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
     const int64_t n = r1 - r0;
@@ -246,10 +245,10 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
       for (int64_t b = r0; b < r1; ++b) {
         const int64_t row = b * steps + t;
         const T* cp = t == 0 ? c_init + b * U : c_all + (row - 1) * U;
-        const T* ig = g_all + row * G4;
-        const T* fg = ig + U;
-        const T* gg = ig + 2 * U;
-        const T* og = ig + 3 * U;
+        const T* ig = g_all.at(b, t, 0);
+        const T* fg = g_all.at(b, t, 1);
+        const T* gg = g_all.at(b, t, 2);
+        const T* og = g_all.at(b, t, 3);
         const T* dhr = dh_in + row * H;
         const T* u = upd.present() ? upd.row(t, 0, b) : ones;
 #pragma omp simd
@@ -286,7 +285,8 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
           dzg[j] = dc_new * ig[j] * u[j];
           dcc[j] = (T(1) - vb) * Dc + dzc[j] * dC + dc_new * fg[j];
         }
-        scale_by_act_grad(rec_act, dzi, ig, 2 * U);  // i and f are adjacent
+        scale_by_act_grad(rec_act, dzi, ig, U);
+        scale_by_act_grad(rec_act, dzf, fg, U);
         scale_by_act_grad(act, dzg, gg, U);
         scale_by_act_grad(rec_act, dzo, og, U);
       }
@@ -299,7 +299,7 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
     std::copy(dh_carry, dh_carry + n * H, dh0.data_ptr<T>() + r0 * H);
     std::copy(dc_carry, dc_carry + n * U, dc0.data_ptr<T>() + r0 * U);
   });
-  reduce_chunks(acc, chunks, acc_size, {&dR, &dK, &db});
+  reduce_chunks(acc.data(), chunks, acc_size, {&dR, &dK, &db});
 }
 
 Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, const Tensor& kernel, const Tensor& x,
@@ -308,12 +308,12 @@ Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, c
                     const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                     const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
                     bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR) {
-  Tensor dx = want_dx ? at::empty(x.sizes(), x.options()) : Tensor();
-  Tensor dK = want_dkernel ? at::empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
-  Tensor db = want_dbias ? at::empty({kernel.size(1)}, x.options()) : Tensor();
-  Tensor dR = want_dR ? at::empty(R.sizes(), R.options()) : Tensor();
-  Tensor dh0 = at::empty_like(h0);
-  Tensor dc0 = at::empty_like(c0);
+  Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
+  Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
+  Tensor db = want_dbias ? pooled_empty({kernel.size(1)}, x.options()) : Tensor();
+  Tensor dR = want_dR ? pooled_empty(R.sizes(), R.options()) : Tensor();
+  Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
+  Tensor dc0 = pooled_empty(c0.sizes(), c0.options());
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "droprnn_lstm_backward", [&] {
     lstm_backward_impl<scalar_t>(dhs, dc_last, R.t().contiguous(), kernel.t().contiguous(), x, h0, c0, hs, cs, gates,
                                  input_mask, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act, rec_act, want_dx,

@@ -6,7 +6,7 @@
 
 namespace droprnn {
 
-std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+std::tuple<Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
                                                 const Tensor& h0,
                                                 const Tensor& c0, const optional<Tensor>& rec_mask,
                                                 const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
@@ -24,7 +24,7 @@ std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const 
                                        const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                        const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after);
 Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, const Tensor& x, const Tensor& h0,
-                   const Tensor& hs, const Tensor& gates, const optional<Tensor>& input_mask,
+                   const Tensor& hs, const Tensor& gates, const Tensor& inner, const optional<Tensor>& input_mask,
                    const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                    const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
                    bool reset_after, bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_drb);
@@ -38,6 +38,10 @@ Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kern
                           const optional<Tensor>& valid, int64_t act, bool want_dx, bool want_dkernel,
                           bool want_dbias, bool want_dR);
 
+Tensor pooled_empty_op(at::IntArrayRef sizes, at::ScalarType dtype);
+int64_t empty_cache();
+int64_t cached_bytes();
+
 }  // namespace droprnn
 
 TORCH_LIBRARY(droprnn, m) {
@@ -47,4 +51,7 @@ TORCH_LIBRARY(droprnn, m) {
   m.def("gru_backward", &droprnn::gru_backward);
   m.def("simple_rnn_forward", &droprnn::simple_rnn_forward);
   m.def("simple_rnn_backward", &droprnn::simple_rnn_backward);
+  m.def("empty", &droprnn::pooled_empty_op);
+  m.def("empty_cache", &droprnn::empty_cache);
+  m.def("cached_bytes", &droprnn::cached_bytes);
 }

@@ -28,7 +28,7 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const optiona
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
   const int64_t per_chunk = rows_max * U + 2 * U;
-  std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
+  Scratch<T> work(chunks * per_chunk);
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
     const int64_t n = r1 - r0;
@@ -68,11 +68,11 @@ std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R,
                                               const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                                               const optional<Tensor>& valid, int64_t act) {
   const int64_t B = xw.size(0), steps = xw.size(1), U = h0.size(1);
-  Tensor hs = at::empty({B, steps, U}, h0.options());
+  Tensor hs = pooled_empty({B, steps, U}, h0.options());
   // Without zoneout the carried state is h' wherever a gradient flows (masked steps pass none through
   // the activation), so one tensor serves both: half the memory kept for the backward.
   const bool zoned = zoneout_h.has_value() && zoneout_h->defined();
-  Tensor fresh = zoned ? at::empty({B, steps, U}, h0.options()) : hs;
+  Tensor fresh = zoned ? pooled_empty({B, steps, U}, h0.options()) : hs;
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_simple_rnn_forward", [&] {
     simple_forward_impl<scalar_t>(xw, R, input_bias, h0, rec_mask, zoneout_h, valid, act, hs, fresh);
   });
@@ -102,9 +102,9 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
   const int64_t rows_max = (B + chunks - 1) / chunks;
   const int64_t wide = std::max(U, D);
   const int64_t per_chunk = rows_max * (2 * U + wide) + wide * rows_max + U;
-  std::vector<T> work(static_cast<size_t>(chunks * per_chunk));
+  Scratch<T> work(chunks * per_chunk);
   const int64_t acc_size = (want_dR ? U * U : 0) + (in.want_kernel ? D * U : 0) + (in.want_bias ? U : 0);
-  std::vector<T> acc(static_cast<size_t>(chunks * acc_size), T(0));
+  Scratch<T> acc(chunks * acc_size, true);
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
     const int64_t n = r1 - r0;
@@ -143,7 +143,7 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
     }
     std::copy(dh_carry, dh_carry + n * U, dh0.data_ptr<T>() + r0 * U);
   });
-  reduce_chunks(acc, chunks, acc_size, {&dR, &dK, &db});
+  reduce_chunks(acc.data(), chunks, acc_size, {&dR, &dK, &db});
 }
 
 Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, const Tensor& x, const Tensor& h0,
@@ -151,11 +151,11 @@ Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kern
                           const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                           const optional<Tensor>& valid, int64_t act, bool want_dx, bool want_dkernel,
                           bool want_dbias, bool want_dR) {
-  Tensor dx = want_dx ? at::empty(x.sizes(), x.options()) : Tensor();
-  Tensor dK = want_dkernel ? at::empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
-  Tensor db = want_dbias ? at::empty({kernel.size(1)}, x.options()) : Tensor();
-  Tensor dR = want_dR ? at::empty(R.sizes(), R.options()) : Tensor();
-  Tensor dh0 = at::empty_like(h0);
+  Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
+  Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
+  Tensor db = want_dbias ? pooled_empty({kernel.size(1)}, x.options()) : Tensor();
+  Tensor dR = want_dR ? pooled_empty(R.sizes(), R.options()) : Tensor();
+  Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
   AT_DISPATCH_FLOATING_TYPES(fresh.scalar_type(), "droprnn_simple_rnn_backward", [&] {
     simple_backward_impl<scalar_t>(dhs, R.t().contiguous(), kernel.t().contiguous(), x, h0, hs, fresh, input_mask,
                                    rec_mask, zoneout_h, valid, act, want_dx, dx, dK, db, dR, dh0);
