@@ -1,10 +1,24 @@
-"""The ``droprnn`` command (also ``python -m droprnn``)."""
+"""The ``droprnn`` command (also ``python -m droprnn``).
+
+    droprnn lab     train every dropout placement side by side on real data and write a report (the main job)
+    droprnn masks   only the mask pictures of each placement, for a given layer configuration
+    droprnn demo    the masks as text in the terminal (the default with no command)
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
+
+from .errors import DroprnnError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad options end in one line naming the option, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _rate(text: str) -> float:
@@ -14,23 +28,115 @@ def _rate(text: str) -> float:
     return value
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="droprnn", description="Recurrent dropout done right, in PyTorch.")
-    commands = parser.add_subparsers(dest="command")
-    demo = commands.add_parser("demo", help="show where each dropout placement drops (the default)")
+def _add_demo(commands) -> argparse.ArgumentParser:
+    demo = commands.add_parser("demo", help="show where each dropout placement drops, as text")
     demo.add_argument("--steps", type=int, default=12, help="timesteps of the example sequence")
     demo.add_argument("--features", type=int, default=10, help="input features and GRU units")
     demo.add_argument("--rate", type=_rate, default=0.5, help="dropout rate of every placement")
     demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command in (None, "demo"):
-        from . import demo as demo_module
+    return demo
 
-        if args.command is None:
-            args = demo.parse_args([])
-        if args.steps <= 0 or args.features <= 0:
-            parser.error("--steps and --features must be positive")
-        demo_module.run(steps=args.steps, features=args.features, units=args.features, rate=args.rate, seed=args.seed)
+
+def _add_lab(commands) -> None:
+    from .lab.config import CLASSIFICATION_DATASETS, LabConfig
+    from .lab.variants import VARIANTS
+
+    d = LabConfig.__dataclass_fields__
+    lab = commands.add_parser("lab", help="train each dropout placement on real data; write a report",
+                              description="Train the same recurrent classifier with each dropout placement, "
+                                          "several seeds each, and write results.json and a report.")
+    lab.add_argument("--dataset", default=d["dataset"].default, help=f"one of {', '.join(CLASSIFICATION_DATASETS)}")
+    lab.add_argument("--layer", default=d["layer"].default, help="lstm or gru")
+    lab.add_argument("--units", type=int, default=d["units"].default)
+    lab.add_argument("--epochs", type=int, default=d["epochs"].default)
+    lab.add_argument("--rate", type=float, default=d["rate"].default, help="the rate of every placement")
+    lab.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from: {', '.join(VARIANTS)}")
+    lab.add_argument("--seeds", type=int, default=d["seeds"].default, help="seeds per variant (0, 1, ...)")
+    lab.add_argument("--batch-size", type=int, default=d["batch_size"].default)
+    lab.add_argument("--learning-rate", type=float, default=d["learning_rate"].default)
+    lab.add_argument("--out", default="", help="run directory (default runs/lab-<dataset>); re-running resumes")
+    lab.add_argument("--workers", type=int, default=d["workers"].default, help="trials run at once")
+    lab.add_argument("--threads", type=int, default=d["threads"].default, help="torch threads per trial")
+    lab.add_argument("--ray", default=None, metavar="ADDRESS",
+                     help="run the trials on a Ray cluster ('local' starts one here)")
+    lab.add_argument("--plain", action="store_true", help="plain progress lines instead of bars")
+
+
+def _add_masks(commands) -> None:
+    from .lab.variants import VARIANTS
+
+    masks = commands.add_parser("masks", help="draw each placement's mask picture (PNG), no training")
+    masks.add_argument("--layer", default="lstm", help="lstm or gru")
+    masks.add_argument("--units", type=int, default=16)
+    masks.add_argument("--features", type=int, default=12)
+    masks.add_argument("--steps", type=int, default=24)
+    masks.add_argument("--rate", type=float, default=0.3)
+    masks.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from: {', '.join(VARIANTS)}")
+    masks.add_argument("--out", default="masks", help="folder for the PNG files")
+    masks.add_argument("--seed", type=int, default=0)
+
+
+def _run_lab(args) -> None:
+    from .lab.config import LabConfig
+    from .lab.progress import terminal_progress
+    from .lab.report import summarize, terminal_table
+    from .lab.runner import run_lab
+
+    config = LabConfig(dataset=args.dataset, layer=args.layer, units=args.units, epochs=args.epochs, rate=args.rate,
+                       variants=args.variants, seeds=args.seeds, batch_size=args.batch_size,
+                       learning_rate=args.learning_rate, out=args.out, workers=args.workers, threads=args.threads,
+                       ray=args.ray)
+    progress = terminal_progress(plain=args.plain)
+    try:
+        results, files = run_lab(config, progress)
+    finally:
+        progress.close()
+    print()
+    print(terminal_table(summarize(results), results["config"]["metric"]))
+    print(f"\nreport: {files['html']}  (also {files['markdown']}; data in {files['markdown'].parent / 'results.json'})")
+
+
+def _run_masks(args) -> None:
+    from .errors import check_positive_int, check_rate
+    from .lab.masks import draw_variants
+    from .lab.variants import LAYERS, check_variants
+
+    where = "droprnn masks"
+    if args.layer not in LAYERS:
+        raise DroprnnError(f"{where}: argument `--layer` expected one of {', '.join(LAYERS)}, got {args.layer!r}.")
+    for name in ("units", "features", "steps"):
+        check_positive_int(where, f"--{name}", getattr(args, name))
+    images = draw_variants(layer=args.layer, units=args.units, features=args.features, steps=args.steps,
+                           rate=check_rate(where, "--rate", args.rate, allow_one=False),
+                           variants=check_variants(where, args.variants), out=args.out, seed=args.seed)
+    for name, path in images.items():
+        print(f"{name:18s} {path}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _Parser(prog="droprnn", description="Recurrent dropout done right, in PyTorch.")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    demo = _add_demo(commands)
+    _add_lab(commands)
+    _add_masks(commands)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "lab":
+            _run_lab(args)
+        elif args.command == "masks":
+            _run_masks(args)
+        else:
+            from . import demo as demo_module
+
+            if args.command is None:
+                args = demo.parse_args([])
+            if args.steps <= 0 or args.features <= 0:
+                parser.error("--steps and --features must be positive")
+            demo_module.run(steps=args.steps, features=args.features, units=args.features, rate=args.rate,
+                            seed=args.seed)
+    except DroprnnError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
