@@ -1,6 +1,7 @@
 """The ``droprnn`` command (also ``python -m droprnn``).
 
     droprnn lab     train every dropout placement side by side on real data and write a report (the main job)
+    droprnn lab ptb --preset NAME   Penn Treebank language modelling: Zaremba's and Gal's published models
     droprnn masks   only the mask pictures of each placement, for a given layer configuration
     droprnn demo    the masks as text in the terminal (the default with no command)
 """
@@ -60,6 +61,17 @@ def _add_lab(commands) -> None:
     lab.add_argument("--ray", default=None, metavar="ADDRESS",
                      help="run the trials on a Ray cluster ('local' starts one here)")
     lab.add_argument("--plain", action="store_true", help="plain progress lines instead of bars")
+    tasks = lab.add_subparsers(dest="lab_task", parser_class=_Parser, metavar="{ptb}")
+    ptb = tasks.add_parser("ptb", help="word-level language modelling on Penn Treebank: Zaremba and Gal",
+                           description="Train a published Penn Treebank configuration and compare its test "
+                                       "perplexity with the paper's.")
+    from .lab.ptb import PRESETS
+
+    ptb.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
+    ptb.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    ptb.add_argument("--seed", type=int, default=0)
+    ptb.add_argument("--out", default="", help="run directory (default runs/ptb-<preset>)")
+    ptb.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the layers run the reference loop)")
 
 
 def _add_masks(commands) -> None:
@@ -96,6 +108,26 @@ def _run_lab(args) -> None:
     print(f"\nreport: {files['html']}  (also {files['markdown']}; data in {files['markdown'].parent / 'results.json'})")
 
 
+def _run_ptb(args) -> None:
+    from .lab import ptb
+
+    def show(record: dict) -> None:
+        print(f"epoch {record['epoch']}: train perplexity {record['train_metric']:.1f}, valid perplexity "
+              f"{record['val_metric']:.1f}, learning rate {record['learning_rate']:.4g}, {record['seconds']:.0f} s",
+              flush=True)
+
+    results, files = ptb.run(args.preset, out=args.out or None, seed=args.seed, epochs=args.epochs, progress=show,
+                             device=args.device)
+    trial = results["trials"][0]
+    lines = [("test perplexity", trial["test_metric"], trial["published"])]
+    if "test_metric_mc" in trial:
+        lines.append((f"MC dropout, {trial['mc_samples']} samples", trial["test_metric_mc"], trial["published_mc"]))
+    for label, ours, paper in lines:
+        versus = f"   published {paper} ({(ours - paper) / paper:+.1%})" if paper else ""
+        print(f"{label}: {ours:.1f}{versus}")
+    print(f"{trial['wall_seconds'] / 60:.1f} minutes\nreport: {files['html']}")
+
+
 def _run_masks(args) -> None:
     from .errors import check_positive_int, check_rate
     from .lab.masks import draw_variants
@@ -121,7 +153,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _add_masks(commands)
     args = parser.parse_args(argv)
     try:
-        if args.command == "lab":
+        if args.command == "lab" and args.lab_task == "ptb":
+            _run_ptb(args)
+        elif args.command == "lab":
             _run_lab(args)
         elif args.command == "masks":
             _run_masks(args)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..dropout.layers import Dropout, SpatialDropout1D, TimestepDropout
+from ..dropout.layers import Dropout, EmbeddingDropout, SpatialDropout1D, TimestepDropout
 from ..layers.base import Layer
 from ..layers.core import Dense, Sequential
 from ..layers.recurrent import RNN
@@ -78,6 +78,7 @@ def mask_panels(model: Sequential, inputs: Tensor, lengths: Tensor) -> list[Pane
     inputs, lengths = inputs[:1, :steps], lengths[:1]
     panels: list[Panel] = []
     x = inputs
+    after_rnn = False  # a dropout layer before the first recurrent layer acts on the input, after it on outputs
     with torch.no_grad():
         for layer in model.layers:
             if isinstance(layer, Dense):
@@ -85,15 +86,22 @@ def mask_panels(model: Sequential, inputs: Tensor, lengths: Tensor) -> list[Pane
             if isinstance(layer, RNN):
                 x = layer(x, lengths=lengths, training=True)
                 panels += _recurrent_panels(layer, steps)
+                after_rnn = True
             elif isinstance(layer, (Dropout, SpatialDropout1D, TimestepDropout)):
                 dropped = (layer(torch.ones_like(x), training=True)[0] == 0).float()
-                where = "input" if x.dim() == 3 and x.shape[1] == steps else "output"
-                if dropped.dim() == 1:  # after a recurrent layer that returns its last output: one row
-                    dropped, where = dropped[None], "output"
-                panels.append(Panel(f"{type(layer).__name__}{_noise(layer)}: {where} entries zeroed", dropped,
-                                    rows="timestep" if dropped.shape[0] == steps else "", columns="feature"
-                                    if where == "input" else "unit"))
+                where = "recurrent layer's output" if after_rnn else "input"
+                if dropped.dim() == 1:  # the last output of a recurrent layer: one row
+                    dropped = dropped[None]
+                panels.append(Panel(f"{type(layer).__name__}{_noise(layer)}:\n{where} entries zeroed", dropped,
+                                    rows="timestep" if dropped.shape[0] == steps else "",
+                                    columns="unit" if after_rnn else "feature"))
                 x = layer(x, training=True)
+            elif isinstance(layer, EmbeddingDropout):
+                kept = layer.embedding(x)
+                x = layer(x, training=True)
+                dropped = ((x[0] == 0) & (kept[0] != 0)).float()
+                panels.append(Panel("EmbeddingDropout: word types dropped\n(every occurrence of a word)", dropped,
+                                    columns="embedding unit"))
             else:
                 x = layer(x, training=True) if isinstance(layer, Layer) else layer(x)
     return panels

@@ -1,0 +1,307 @@
+"""Word-level language modelling on Penn Treebank: Zaremba et al. (2014) and Gal & Ghahramani (2016) with droprnn.
+
+``droprnn lab ptb --preset NAME`` trains one preset and writes ``results.json`` and the lab's report, with
+the published test perplexity beside ours. The training path, in one sitting:
+
+1. the token stream is cut into ``batch`` parallel rows (``batchify``), read in windows of ``bptt`` steps
+   (``segments``); every window's targets are its inputs shifted by one token;
+2. the model is plain droprnn layers (its source is in the report): an embedding, two *stateful* LSTMs
+   whose final states start the next window, detached (truncated backpropagation through time), and a
+   softmax layer. Masks are redrawn at every window: each call draws its dropout plan;
+3. plain SGD on the summed cross-entropy of a window divided by the batch size (Zaremba's scaling: the
+   learning rate multiplies the sum over the window's steps), gradient-norm clipping, the learning rate
+   multiplied by ``lr_decay`` at each epoch after ``decay_after``;
+4. perplexity = exp(mean negative log-likelihood per predicted token), on the validation set after every
+   epoch and on the test set at the end, reading each stream as one sequence (batch 1, states carried);
+   Gal's presets also give the MC-dropout perplexity: the predicted probabilities averaged over
+   ``mc_samples`` stochastic passes, then the perplexity of that average.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import datasets
+from ..dropout.mc import mc_dropout_mode
+from ..errors import DroprnnError, check_positive_int
+from ..layers.recurrent import RNN
+from . import masks, report
+from .runner import versions
+from .variants import build
+
+Tensor = torch.Tensor
+WHERE = "droprnn lab ptb"
+VOCABULARY = 10_000
+EVAL_BPTT = 50
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One published configuration. Rates are drop probabilities; 0 turns a site off.
+
+    dropout:            standard dropout (a fresh mask per step) on the embedding output, between the
+                        layers and before the softmax (Zaremba's "non-recurrent connections")
+    input_dropout, recurrent_dropout: the LSTMs' own ``dropout=`` / ``recurrent_dropout=`` (Keras's
+                        per-gate masks, one per window: Gal's variational LSTM)
+    output_dropout:     one mask per window on the last LSTM's output (Gal's output mask)
+    embedding_dropout:  whole word types dropped from the embedding (Gal's embedding dropout)
+    """
+
+    name: str
+    description: str
+    layers: int
+    units: int
+    epochs: int
+    learning_rate: float
+    lr_decay: float
+    decay_after: int
+    init_scale: float
+    batch_size: int = 20
+    bptt: int = 20
+    clip: float = 5.0
+    dropout: float = 0.0
+    input_dropout: float = 0.0
+    recurrent_dropout: float = 0.0
+    output_dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    weight_decay: float = 0.0
+    mc_samples: int = 0
+    published: Optional[float] = None
+    published_mc: Optional[float] = None
+    train_tokens: Optional[int] = None   # a prefix of each stream, for quick runs
+    eval_tokens: Optional[int] = None
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("zaremba-small", "Zaremba et al. 2014, small: no dropout", layers=2, units=200, epochs=13,
+           learning_rate=1.0, lr_decay=0.5, decay_after=4, init_scale=0.1, published=114.5),
+    Preset("zaremba-medium", "Zaremba et al. 2014, medium: dropout 0.5 on the non-recurrent connections",
+           layers=2, units=650, epochs=39, learning_rate=1.0, lr_decay=0.8, decay_after=6, init_scale=0.05,
+           bptt=35, dropout=0.5, published=82.7),
+    # Gal's variational LSTM on Zaremba's medium schedule. The rates follow Gal's published scripts' grid
+    # (embedding and recurrent masks tied, input and output masks tied), scaled to the medium model.
+    Preset("gal-medium", "Gal & Ghahramani 2016, medium variational LSTM (untied weights), MC dropout at test",
+           layers=2, units=650, epochs=39, learning_rate=1.0, lr_decay=0.8, decay_after=6, init_scale=0.05,
+           bptt=35, input_dropout=0.35, recurrent_dropout=0.2, output_dropout=0.35, embedding_dropout=0.2,
+           weight_decay=1e-7, mc_samples=100, published=79.7, published_mc=78.6),
+    Preset("tiny", "a one-minute run for tests and demos: the variational scheme on a prefix of the data",
+           layers=2, units=64, epochs=2, learning_rate=1.0, lr_decay=0.5, decay_after=1, init_scale=0.1,
+           input_dropout=0.2, recurrent_dropout=0.2, output_dropout=0.2, embedding_dropout=0.1, mc_samples=4,
+           train_tokens=100_000, eval_tokens=20_000),
+)}
+
+
+def model_code(preset: Preset, vocabulary: int = VOCABULARY) -> str:
+    """The droprnn source of the preset's model (the same words as the report shows)."""
+    u = preset.units
+    embedding = f"droprnn.Embedding({vocabulary}, {u})"
+    if preset.embedding_dropout:
+        embedding = f"droprnn.EmbeddingDropout({embedding}, {preset.embedding_dropout})"
+    layers = [embedding]
+    rnn_options = "".join(f", {name}={rate}" for name, rate in (
+        ("dropout", preset.input_dropout), ("recurrent_dropout", preset.recurrent_dropout)) if rate)
+    for _ in range(preset.layers):
+        if preset.dropout:
+            layers.append(f"droprnn.Dropout({preset.dropout})")
+        layers.append(f"droprnn.LSTM({u}, return_sequences=True, stateful=True, input_size={u}{rnn_options})")
+    if preset.dropout:
+        layers.append(f"droprnn.Dropout({preset.dropout})")
+    if preset.output_dropout:
+        layers.append(f"droprnn.Dropout({preset.output_dropout}, noise_shape=(None, 1, None))")
+    layers.append(f"droprnn.Dense({vocabulary}, input_size={u})")
+    return "model = droprnn.Sequential([\n" + "".join(f"    {line},\n" for line in layers) + "])\n"
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def batchify(stream: np.ndarray, batch_size: int) -> Tensor:
+    """(N,) token ids → (batch_size, N // batch_size): row b is the b-th contiguous slice of the stream;
+    the tail that does not fill a column is dropped."""
+    columns = len(stream) // batch_size
+    if columns < 2:
+        raise DroprnnError(f"{WHERE}: a stream of {len(stream)} tokens is too short for batch size {batch_size}.")
+    return torch.as_tensor(np.asarray(stream[:columns * batch_size]), dtype=torch.int64).view(batch_size, columns)
+
+
+def segments(data: Tensor, bptt: int, *, whole: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+    """Windows (inputs (B, T), targets (B, T)) with targets one token ahead; T = bptt except perhaps the
+    last window (dropped when ``whole`` is False, as Zaremba's training loop does)."""
+    predicted = data.shape[1] - 1
+    for start in range(0, predicted, bptt):
+        steps = min(bptt, predicted - start)
+        if steps < bptt and not whole:
+            return
+        yield data[:, start:start + steps], data[:, start + 1:start + 1 + steps]
+
+
+def perplexity(total_nll: float, tokens: int) -> float:
+    """exp of the mean negative log-likelihood (natural log) per predicted token."""
+    return math.exp(total_nll / tokens)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _reset(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, RNN) and module.stateful:
+            module.reset_state()
+
+
+def evaluate(model: torch.nn.Module, stream: np.ndarray, bptt: int = EVAL_BPTT) -> tuple[float, float]:
+    """(mean NLL per token, perplexity) of ``stream`` read as one sequence, dropout off."""
+    model.eval()
+    _reset(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in segments(batchify(stream, 1).to(_device(model)), bptt):
+            logits = model(x)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+            count += y.numel()
+    _reset(model)
+    return total / count, perplexity(total, count)
+
+
+def mc_perplexity(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt: int = EVAL_BPTT,
+                  replicas: int = 10) -> float:
+    """MC-dropout perplexity: each target's probability averaged over ``samples`` stochastic passes.
+
+    Passes run ``replicas`` at a time as rows of one batch (each row draws its own masks), reading the
+    stream as one sequence with states carried; masks are redrawn at every window of ``bptt`` tokens.
+    """
+    samples = check_positive_int(WHERE, "mc_samples", samples)
+    data = batchify(stream, 1).to(_device(model))
+    probabilities = torch.zeros(data.shape[1] - 1, dtype=torch.float64, device=data.device)
+    done = 0
+    with torch.no_grad(), mc_dropout_mode(model):
+        while done < samples:
+            rows = min(replicas, samples - done)
+            _reset(model)
+            start = 0
+            for x, y in segments(data, bptt):
+                logits = model(x.expand(rows, -1))
+                picked = F.softmax(logits, dim=-1).gather(-1, y.expand(rows, -1).unsqueeze(-1)).squeeze(-1)
+                probabilities[start:start + y.shape[1]] += picked.sum(0).double()
+                start += y.shape[1]
+            done += rows
+    _reset(model)
+    return math.exp(-torch.log(probabilities / samples).mean().item())
+
+
+# ---------------------------------------------------------------------------------------------- training
+def learning_rate(preset: Preset, epoch: int) -> float:
+    """The SGD learning rate of ``epoch`` (1-based): constant, then times ``lr_decay`` per epoch after ``decay_after``."""
+    return preset.learning_rate * preset.lr_decay ** max(0, epoch - preset.decay_after)
+
+
+def _streams(preset: Preset):
+    data = datasets.load("ptb")
+    cut = lambda stream, limit: stream if limit is None else stream[:limit]  # noqa: E731
+    return (cut(data.train, preset.train_tokens), cut(data.valid, preset.eval_tokens),
+            cut(data.test, preset.eval_tokens), len(data.vocabulary))
+
+
+def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+          threads: Optional[int] = None, device: str = "cpu") -> dict[str, Any]:
+    """Train ``preset`` on ``device``; returns its trial record for results.json (perplexity as the metric)."""
+    started = time.perf_counter()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    train_stream, valid_stream, test_stream, vocabulary = _streams(preset)
+    torch.manual_seed(seed)
+    model = build(model_code(preset, vocabulary)).to(device)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.uniform_(-preset.init_scale, preset.init_scale)
+    parameters = list(model.parameters())
+    data = batchify(train_stream, preset.batch_size).to(device)
+    epochs, best = [], None
+    for epoch in range(1, preset.epochs + 1):
+        epoch_start = time.perf_counter()
+        lr = learning_rate(preset, epoch)
+        model.train()
+        _reset(model)
+        total, count = 0.0, 0
+        for x, y in segments(data, preset.bptt, whole=False):
+            logits = model(x)
+            summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            for p in parameters:
+                p.grad = None
+            (summed / preset.batch_size).backward()
+            torch.nn.utils.clip_grad_norm_(parameters, preset.clip)
+            with torch.no_grad():
+                for p in parameters:
+                    p.add_(p.grad, alpha=-lr)
+                    if preset.weight_decay:
+                        p.mul_(1.0 - preset.weight_decay)
+            total += summed.item()
+            count += y.numel()
+        val_loss, val_ppl = evaluate(model, valid_stream)
+        record = {"epoch": epoch, "train_loss": total / count, "train_metric": perplexity(total, count),
+                  "val_loss": val_loss, "val_metric": val_ppl, "learning_rate": lr,
+                  "seconds": time.perf_counter() - epoch_start}
+        epochs.append(record)
+        if best is None or val_ppl < best[0]:
+            best = (val_ppl, epoch)
+        if on_epoch is not None:
+            on_epoch(record)
+    # Zaremba and Gal report the model after the last epoch; the best validation epoch is recorded beside it.
+    test_loss, test_ppl = evaluate(model, test_stream)
+    trial = {"variant": preset.name, "seed": seed, "status": "ok", "error": None, "epochs": epochs,
+             "best_epoch": best[1], "test_loss": test_loss, "test_metric": test_ppl,
+             "published": preset.published, "published_mc": preset.published_mc}
+    if preset.mc_samples:
+        trial["mc_samples"] = preset.mc_samples
+        trial["test_metric_mc"] = mc_perplexity(model, test_stream, preset.mc_samples)
+    trial["wall_seconds"] = time.perf_counter() - started
+    return trial
+
+
+def run(preset_name: str, out: Optional[str] = None, seed: int = 0, epochs: Optional[int] = None,
+        progress: Optional[Callable[[dict[str, Any]], None]] = None,
+        device: str = "cpu") -> tuple[dict[str, Any], dict[str, Path]]:
+    """``droprnn lab ptb``: train one preset, write results.json and the report into ``out``."""
+    if preset_name not in PRESETS:
+        raise DroprnnError(f"{WHERE}: argument `--preset` expected one of {', '.join(PRESETS)}, got {preset_name!r}.")
+    preset = PRESETS[preset_name]
+    if epochs is not None:
+        preset = dataclasses.replace(preset, epochs=check_positive_int(WHERE, "--epochs", epochs))
+    run_dir = Path(out or f"runs/ptb-{preset.name}")
+    trial = train(preset, seed, progress, device=device)
+
+    published = ", ".join(f"{label} {value}" for label, value in (
+        ("published test perplexity", preset.published), ("with MC dropout", preset.published_mc)) if value)
+    results = {
+        "format": report.RESULTS_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "machine": (torch.cuda.get_device_name(device) if str(device).startswith("cuda")
+                    else f"CPU, {torch.get_num_threads()} threads"),
+        "config": {"dataset": "ptb", "task": "language modelling", "metric": "perplexity", "layer": "lstm",
+                   "seeds": [seed], "variants": [preset.name], **dataclasses.asdict(preset)},
+        "variants": {preset.name: {"title": preset.name, "description": f"{preset.description}; {published}."
+                                   if published else preset.description, "code": model_code(preset)}},
+        "trials": [trial],
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    files = report.write_report(results, run_dir, {preset.name: draw_masks(preset, run_dir / "masks")})
+    return results, files
+
+
+def draw_masks(preset: Preset, folder: Path, steps: int = 35) -> Path:
+    """The preset's mask picture for the first ``steps`` test tokens (seeded: the same picture every run)."""
+    ids = torch.as_tensor(np.asarray(datasets.load("ptb").test[:steps]), dtype=torch.int64)[None]
+    torch.manual_seed(0)
+    panels = masks.mask_panels(build(model_code(preset)), ids, torch.tensor([steps]))
+    return masks.draw(panels, folder / f"{preset.name}.png", f"{preset.name}: what is dropped in {steps} test tokens")

