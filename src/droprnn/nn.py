@@ -11,7 +11,8 @@ Arguments as in ``torch.nn``: ``dropout`` keeps torch's meaning (a fresh element
 of every layer but the last). Added, keyword-only (the dropout of each layer's cell, Keras's semantics):
 ``input_dropout`` (Keras's ``dropout``: the layer's input, one mask per sequence), ``recurrent_dropout``,
 ``recurrent_dropout_mode``, ``input_dropout_mode``, ``zoneout_h`` (and ``zoneout_c`` for LSTM), ``seed``,
-and ``impl`` ("auto": droprnn's fused CPU kernel when it applies; see ``droprnn.explain``). With all the
+and ``impl`` ("auto": droprnn's fused CPU kernel, or its Triton GPU kernel for CUDA tensors, when it
+applies; see ``droprnn.explain``). With all the
 dropouts 0 the modules compute what ``torch.nn`` computes.
 
 The math is droprnn's reference kernel: torch's weights are viewed in Keras layout at each call
@@ -234,7 +235,7 @@ class _TorchStyleRNN(torch_nn.Module):
                 states = tuple(s[index] for s in initial)
                 plan = draw_plan([cell], batch, layer_input.shape[-1], self.training, x.dtype, x.device, steps)
                 weights = [self._keras_weights(self._suffixes()[index])]
-                self.last_kernel = kernels.choose(self.impl, [cell], layer_input, weights, self.where)
+                self.last_kernel = kernels.choose(self.impl, [cell], layer_input, weights, self.where, plan=plan)
                 sequence, _, final = kernels.run(
                     self.last_kernel, [cell], layer_input, [states], plan, step_mask, weights=weights,
                     go_backwards=bool(direction), zero_output_for_mask=True, return_sequences=True,

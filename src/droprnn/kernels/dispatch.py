@@ -1,8 +1,11 @@
 """Which kernel runs a recurrent call, and why: the one seam between the layers and the kernels.
 
-``impl="auto"`` takes the fused kernel whenever the *arguments* allow it (never because a kernel raised),
-``"reference"`` always takes the reference loop, ``"fused"`` insists and raises with the reason when the
-call cannot be fused. The choice is recorded on the layer (``last_kernel``) and shown by :func:`explain`.
+``impl="auto"`` takes the fastest kernel the *arguments* allow (never because a kernel raised): for CUDA
+tensors the Triton GPU kernels (:mod:`droprnn.kernels.gpu`), for CPU tensors the fused CPU kernel, else
+the reference loop. ``"reference"`` always takes the reference loop; ``"fused"`` and ``"gpu"`` insist and
+raise with the reason when the call cannot run there (``"gpu"`` on CPU tensors only under
+``TRITON_INTERPRET=1``, Triton's interpreter: auto never picks it for CPU tensors). The choice is recorded
+on the layer (``last_kernel``) and shown by :func:`explain`.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..cells import CellWeights
+from ..dropout.plan import DropoutPlan
 from ..errors import DroprnnError
-from . import cpu, fused, reference
+from . import cpu, fused, gpu, reference
 
-IMPLS = ("auto", "reference", "fused")
+IMPLS = ("auto", "reference", "fused", "gpu")
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """The kernel of one call: ``name`` is "fused" or "reference"; ``reason`` says why not fused."""
+    """The kernel of one call: ``name`` is "gpu", "fused" or "reference"; ``reason`` says why the faster
+    kernel was not taken."""
 
     name: str
     reason: Optional[str] = None
@@ -29,6 +34,8 @@ class KernelChoice:
     def __str__(self) -> str:
         if self.name == "fused":
             return f"fused CPU kernel ({cpu.library_path()})"
+        if self.name == "gpu":
+            return gpu.describe()
         return f"reference loop ({self.reason})"
 
 
@@ -38,20 +45,39 @@ def check_impl(where: str, impl: Any) -> str:
     return impl
 
 
-def choose(impl: str, cells: Sequence[torch.nn.Module], x: torch.Tensor, weights: Sequence[CellWeights], where: str) -> KernelChoice:
+def _on_gpu(x: torch.Tensor) -> bool:
+    """Whether auto looks at the GPU kernels for this input (CUDA tensors only)."""
+    return x.is_cuda
+
+
+def _pick(impl: str, cells: Sequence[torch.nn.Module], x: torch.Tensor, weights: Sequence[CellWeights],
+          plan: Optional[DropoutPlan]) -> KernelChoice:
+    """The kernel ``impl`` leads to, or the reference loop with the reason; never raises."""
     if impl == "reference":
         return KernelChoice("reference", "impl='reference' was asked for")
+    if impl == "gpu" or (impl == "auto" and _on_gpu(x)):
+        reason = gpu.unsupported_reason(cells, x, weights, plan)
+        return KernelChoice("gpu") if reason is None else KernelChoice("reference", reason)
     reason = fused.unsupported_reason(cells, x, weights)
-    if reason is None:
-        return KernelChoice("fused")
-    if impl == "fused":
-        raise DroprnnError(f"{where}: impl='fused' cannot run this call: {reason}.")
-    return KernelChoice("reference", reason)
+    return KernelChoice("fused") if reason is None else KernelChoice("reference", reason)
+
+
+def choose(impl: str, cells: Sequence[torch.nn.Module], x: torch.Tensor, weights: Sequence[CellWeights], where: str,
+           plan: Optional[DropoutPlan] = None) -> KernelChoice:
+    """The kernel of this call. ``plan`` (the call's dropout plan), when given, lets the decision see the
+    masks themselves rather than judge them from the cells' dropout configuration."""
+    choice = _pick(impl, cells, x, weights, plan)
+    if impl in ("fused", "gpu") and choice.name != impl:
+        raise DroprnnError(f"{where}: impl={impl!r} cannot run this call: {choice.reason}.")
+    return choice
+
+
+_KERNELS = {"gpu": gpu, "fused": fused, "reference": reference}
 
 
 def run(choice: KernelChoice, *args: Any, **kwargs: Any):
     """Run the chosen kernel; arguments and results as :func:`droprnn.kernels.reference.run`."""
-    return (fused if choice.name == "fused" else reference).run(*args, **kwargs)
+    return _KERNELS[choice.name].run(*args, **kwargs)
 
 
 def explain(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> str:
@@ -70,7 +96,7 @@ def explain(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> str:
             if not layer.built:
                 layer.build(x.shape[-1], dtype=x.dtype if x.is_floating_point() else None, device=x.device)
             cells = layer.cells
-            choice = choose(layer.impl if layer.impl != "fused" else "auto", cells, x, [c.weights() for c in cells], where)
+            choice = _pick(layer.impl, cells, x, [c.weights() for c in cells], None)
             return f"{where}: {choice}"
         if layer.last_kernel is None:
             return f"{where}: not called yet; pass an input to see which kernel it would run"

@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,14 +32,14 @@ Progress = Callable[[str, dict[str, Any]], None]  # (event, data): "start", "epo
 
 
 # ---------------------------------------------------------------------------------------------- one trial
-def _trial_job(config: LabConfig, variant: str, code: str, seed: int, updates: Any = None) -> dict[str, Any]:
+def _trial_job(config: LabConfig, variant: str, code: str, seed: int, sink: Any = None) -> dict[str, Any]:
     """Run one trial, never raising: an exception becomes a failed record with its traceback."""
     epochs: list[dict[str, Any]] = []
 
     def on_epoch(record: dict[str, Any]) -> None:
         epochs.append({k: v for k, v in record.items() if k not in ("variant", "seed", "epochs")})
-        if updates is not None:
-            updates.put(("epoch", record))
+        if sink is not None:
+            sink.put(("epoch", record))
 
     try:
         return run_trial(config, variant, code, seed, on_epoch)
@@ -263,7 +262,3 @@ def draw_masks(config: LabConfig, task, codes: dict[str, str], folder: Path) -> 
         title = f"{VARIANTS[variant].title} (rate {config.rate}, one test sequence of {int(sample.lengths[0])} steps)"
         images[variant] = masks.draw(panels, folder / f"{variant}.png", title)
     return images
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m droprnn lab` is the entry point
-    sys.exit("use: droprnn lab")

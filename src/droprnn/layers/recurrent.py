@@ -49,8 +49,9 @@ class RNN(Layer):
         unroll: accepted for Keras compatibility; the result is the same either way.
         zero_output_for_mask: masked steps output zeros instead of repeating the previous output.
         input_shape / input_size: the feature size D, to create the weights now instead of at the first call.
-        impl: "auto" (the fused CPU kernel when the call allows it, else the reference loop), "reference",
-            or "fused" (raise if the call cannot be fused). ``droprnn.explain(layer)`` says which ran and why.
+        impl: "auto" (the fused CPU kernel, or the Triton GPU kernel for CUDA tensors, when the call allows
+            it, else the reference loop), "reference", "fused" or "gpu" (raise if the call cannot run
+            there). ``droprnn.explain(layer)`` says which ran and why.
 
     Call: ``layer(x, mask=None, lengths=None, initial_state=None, training=None, dropout_plan=None)``
         x: (B, T, D). mask: (B, T) bool, True for real steps; or lengths: (B,) ints (steps ≥ length are
@@ -241,7 +242,7 @@ class RNN(Layer):
         self.last_dropout_plan = dropout_plan
         # run a kernel over time
         weights = [cell.weights() for cell in self.cells]
-        self.last_kernel = kernels.choose(self.impl, self.cells, x, weights, self.where)
+        self.last_kernel = kernels.choose(self.impl, self.cells, x, weights, self.where, plan=dropout_plan)
         sequence, last, final_states = kernels.run(
             self.last_kernel, self.cells, x, states, dropout_plan, step_mask, weights=weights,
             go_backwards=self.go_backwards, zero_output_for_mask=self.zero_output_for_mask,

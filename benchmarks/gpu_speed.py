@@ -1,0 +1,428 @@
+"""How fast is droprnn's GPU path (Triton kernels, issue 7), and is it right? One run checks, then times.
+
+1. Checks (small shapes, on the GPU): ``impl="gpu"`` against ``impl="reference"`` with the same dropout
+   plan, outputs, final states and every gradient -- float64 within 1e-10, and float32 within
+   max(1e-5 relative, 2x the float32 reference's own error against float64) -- for each supported mask
+   kind, step masks, go_backwards, initial states, stacked cells and the other activations; plus
+   ``retain_graph`` and double backward. Buffers are NaN-filled, so an unwritten element fails.
+2. Timings: per (batch, time, input, units) shape, float32, the median milliseconds of a training step
+   (forward + backward, CUDA-synchronised, after warm-up) and the ratio to ``torch.nn.LSTM`` (cuDNN). Rows
+   (``--variants``, ids first):
+   - ``cudnn``        torch.nn.LSTM with torch's defaults (TF32 allowed in cuDNN); cannot do recurrent dropout;
+   - ``cudnn-fp32``   the same with ``torch.backends.cudnn.allow_tf32 = False``;
+   - ``rd``           droprnn LSTM(dropout=0.25, recurrent_dropout=0.25) (Keras's per-gate masks),
+                      impl="gpu", a fresh plan each step as in training; time loops from CUDA graphs;
+   - ``rd-eager``     the same with ``DROPRNN_CUDA_GRAPHS=0``: the eager loops (what graphs bought);
+   - ``rd-tf32``      ``rd`` with ``torch.set_float32_matmul_precision("high")`` (TF32 products);
+   - ``plain``, ``plain-eager``  the same without dropout, graphs and eager;
+   - ``hand``         what a PyTorch user writes: a Python loop over torch.nn.LSTMCell with variational
+                      masks (one input and one state mask per sequence);
+   - ``ref``          droprnn's reference loop with the same dropout (first two shapes only: slow).
+   Per shape also one correctness line: max |gpu - reference| of the outputs and the input gradient, same
+   plan, float32, through the graphs; and whether graphs and eager loops agree bit for bit. A summary
+   table closes the run.
+
+    python benchmarks/gpu_speed.py                  # checks + all shapes (a few minutes on an H100)
+    python benchmarks/gpu_speed.py --shapes 1       # checks + the first shape only (smoke run)
+    python benchmarks/gpu_speed.py --no-checks --variants rd,rd-eager,rd-tf32   # cuDNN, graphs, eager, TF32
+    python benchmarks/gpu_speed.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import sys
+import warnings
+from typing import Optional
+
+# cuBLAS is deterministic only with a fixed workspace; the checks switch deterministic mode on (for the
+# NaN fill of torch.empty), so this must be set before CUDA starts.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+SHAPES = [(64, 100, 256, 256), (64, 100, 512, 512), (128, 200, 1024, 1024), (32, 500, 256, 256), (1, 1000, 256, 256)]
+RATE = 0.25
+REFERENCE_SHAPES = 2  # the reference loop is timed at the first shapes only
+
+
+# ---------------------------------------------------------------------------------------------- checks
+@contextlib.contextmanager
+def nan_filled_memory():
+    import torch
+
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        torch.utils.deterministic.fill_uninitialized_memory = was[2]
+
+
+def _training_step(layer, impl, x, plan, init, mask, create_graph=False):
+    """Returned tensors and gradients (x, initial states, parameters) of a fixed random loss."""
+    import torch
+
+    layer = copy.deepcopy(layer)
+    layer.impl = impl
+    x = x.detach().clone().requires_grad_(True)
+    leaves = [t.detach().clone().requires_grad_(True) for t in init]
+    with nan_filled_memory() if impl == "gpu" else contextlib.nullcontext():
+        out = layer(x, mask=mask, initial_state=leaves if len(layer.cells) == 1 else [leaves[:2], leaves[2:]],
+                    dropout_plan=plan)
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        out = [t for o in out for t in (o if isinstance(o, (tuple, list)) else [o])]
+        gen = torch.Generator(device=x.device).manual_seed(3)
+        loss = sum((o * torch.randn(o.shape, generator=gen, device=x.device, dtype=o.dtype)).sum() for o in out)
+        wrt = [x, *leaves, *layer.parameters()]
+        grads = torch.autograd.grad(loss, wrt, create_graph=create_graph)
+    assert layer.last_kernel.name == impl, layer.last_kernel
+    return [o.detach() for o in out] + [g.detach() for g in grads]
+
+
+def _cast_plan(plan, dtype):
+    from droprnn import CellMasks, DropoutPlan
+
+    def c(t):
+        return None if t is None else t.to(dtype)
+
+    return DropoutPlan(tuple(CellMasks(c(m.input), c(m.recurrent), c(m.update), c(m.recurrent_kernel))
+                             for m in plan.cells))
+
+
+def run_checks(device) -> bool:
+    """gpu == reference on the GPU for every supported mode; prints one line per case."""
+    import torch
+
+    from droprnn import LSTM, RNN, LSTMCell
+
+    cases = {
+        "no dropout": dict(),
+        "keras per-gate masks": dict(dropout=0.3, recurrent_dropout=0.3),
+        "input mask only": dict(dropout=0.3),
+        "tied recurrent mask": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="tied"),
+        "per-step input masks": dict(dropout=0.3, recurrent_dropout=0.3, input_dropout_mode="per_step"),
+        "per-gate input, tied": dict(dropout=0.3, recurrent_dropout=0.3, input_dropout_mode="per_gate",
+                                     recurrent_dropout_mode="tied"),
+        "DropConnect": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="weights"),
+        "relu / hard_sigmoid": dict(dropout=0.3, recurrent_dropout=0.3, activation="relu",
+                                    recurrent_activation="hard_sigmoid"),
+        "go_backwards, zero_output": dict(dropout=0.3, recurrent_dropout=0.3, go_backwards=True,
+                                          zero_output_for_mask=True),
+        "stacked": "stacked",
+    }
+    B, T, D, U = 5, 7, 6, 9
+    ok = True
+    for name, options in cases.items():
+        for dtype in (torch.float64, torch.float32):
+            torch.manual_seed(0)
+            if options == "stacked":
+                layer = RNN([LSTMCell(U, dropout=0.3, recurrent_dropout=0.3), LSTMCell(U - 2, dropout=0.3)],
+                            return_sequences=True, return_state=True)
+            else:
+                layer = LSTM(U, return_sequences=True, return_state=True, **options)
+            layer.build(D, dtype=dtype, device=device)
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.copy_(0.5 * torch.randn(p.shape, dtype=dtype, device=device))
+            x = torch.randn(B, T, D, dtype=dtype, device=device)
+            init = [0.5 * torch.randn(B, s, dtype=dtype, device=device) for c in layer.cells for s in c.state_size]
+            mask = torch.rand(B, T, device=device) > 0.3
+            mask[0, 0], mask[-1] = False, False
+            plan = layer.draw_dropout_plan(B, steps=T, training=True)
+            _training_step(layer, "gpu", x, plan, init, mask)  # loops are captured on a key's 2nd call:
+            got = _training_step(layer, "gpu", x, plan, init, mask)  # this one replays the CUDA graphs
+            ref = _training_step(layer, "reference", x, plan, init, mask)
+            if dtype == torch.float64:
+                err = max((a - b).abs().max().item() for a, b in zip(got, ref))
+                nan = any(torch.isnan(a).any().item() for a in got)
+                passed = err <= 1e-10 and not nan
+                detail = f"max |gpu - ref| {err:.2e} (bound 1e-10)"
+            else:
+                exact = _training_step(copy.deepcopy(layer).double(), "reference", x.double(),
+                                       _cast_plan(plan, torch.float64), [t.double() for t in init], mask)
+                worst, passed = 0.0, True
+                for g, r, e in zip(got, ref, exact):
+                    scale = e.abs().max().item()
+                    bound = max(1e-5 * scale, 2 * (r.double() - e).abs().max().item(), 1e-30)
+                    err = (g.double() - e).abs().max().item()
+                    passed &= err <= bound and not torch.isnan(g).any().item()
+                    worst = max(worst, err / bound)
+                detail = f"worst error / bound {worst:.2f}"
+            ok &= passed
+            print(f"  {'PASS' if passed else 'FAIL'}  {name:28} {str(dtype):14} {detail}", flush=True)
+    # retain_graph and double backward
+    torch.manual_seed(1)
+    layer = LSTM(U, dropout=0.3, recurrent_dropout=0.3, return_sequences=True, impl="gpu")
+    layer.build(D, dtype=torch.float64, device=device)
+    x = torch.randn(B, T, D, dtype=torch.float64, device=device, requires_grad=True)
+    loss = layer(x, training=True).pow(2).sum()
+    first = torch.autograd.grad(loss, [x, *layer.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *layer.parameters()])
+    passed = all(torch.equal(a, b) for a, b in zip(first, second))
+    ok &= passed
+    print(f"  {'PASS' if passed else 'FAIL'}  retain_graph: two backward passes agree", flush=True)
+    plan = layer.draw_dropout_plan(B, steps=T)
+    hvps = []
+    for impl in ("gpu", "reference"):
+        m = copy.deepcopy(layer)
+        m.impl = impl
+        xx = x.detach().clone().requires_grad_(True)
+        g = torch.autograd.grad(m(xx, dropout_plan=plan).pow(2).sum(), xx, create_graph=True)[0]
+        hvps.append(torch.autograd.grad(g.sum(), xx)[0])
+    err = (hvps[0] - hvps[1]).abs().max().item()
+    passed = err <= 1e-10
+    ok &= passed
+    print(f"  {'PASS' if passed else 'FAIL'}  double backward (Hessian-vector product) {err:.2e}", flush=True)
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------- timings
+# Rows of the table: id -> what is timed. "rd": dropout = recurrent_dropout = RATE (Keras's per-gate masks).
+VARIANTS = {
+    "cudnn": "torch.nn (cuDNN)",
+    "cudnn-fp32": "torch.nn (cuDNN), TF32 off",
+    "rd": "droprnn gpu rd",
+    "rd-eager": "droprnn gpu rd, eager",
+    "rd-tf32": "droprnn gpu rd, TF32",
+    "plain": "droprnn gpu",
+    "plain-eager": "droprnn gpu, eager",
+    "hand": "hand loop rd",
+    "ref": "droprnn ref rd",
+}
+
+
+@contextlib.contextmanager
+def settings(graphs: bool = True, cudnn_tf32: Optional[bool] = None, matmul_precision: Optional[str] = None):
+    """Run with droprnn's CUDA graphs on or off (DROPRNN_CUDA_GRAPHS), and torch's TF32 switches as given."""
+    import torch
+
+    from droprnn.kernels.gpu import graphs as droprnn_graphs
+
+    was = (os.environ.get(droprnn_graphs.ENV_SWITCH), torch.backends.cudnn.allow_tf32,
+           torch.get_float32_matmul_precision())
+    os.environ[droprnn_graphs.ENV_SWITCH] = "1" if graphs else "0"
+    if cudnn_tf32 is not None:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    if matmul_precision is not None:
+        torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        yield
+    finally:
+        if was[0] is None:
+            os.environ.pop(droprnn_graphs.ENV_SWITCH)
+        else:
+            os.environ[droprnn_graphs.ENV_SWITCH] = was[0]
+        torch.backends.cudnn.allow_tf32 = was[1]
+        torch.set_float32_matmul_precision(was[2])
+
+
+def make_step(variant: str, shape, device):
+    """A zero-argument training step (forward + backward) for one row of the table (a VARIANTS id)."""
+    import torch
+
+    import droprnn
+
+    torch.manual_seed(0)
+    batch, steps, features, units = shape
+    x = torch.randn(batch, steps, features, device=device, requires_grad=True)
+    if variant.startswith("cudnn"):
+        module = torch.nn.LSTM(features, units, batch_first=True).to(device)
+        tf32 = False if variant == "cudnn-fp32" else None  # None: torch's default (TF32 allowed in cuDNN)
+
+        def step():
+            with settings(cudnn_tf32=tf32):
+                out, _ = module(x)
+                out.sum().backward()
+
+        return step
+    if variant == "hand":
+        return _hand_loop(x, units)
+    rates = {} if variant.startswith("plain") else {"dropout": RATE, "recurrent_dropout": RATE}
+    impl = "reference" if variant == "ref" else "gpu"
+    layer = droprnn.LSTM(units, return_sequences=True, input_size=features, impl=impl, device=device, **rates)
+    options = dict(graphs=not variant.endswith("eager"), matmul_precision="high" if variant == "rd-tf32" else None)
+
+    def step():
+        with settings(**options):
+            layer(x, training=True).sum().backward()
+
+    return step
+
+
+def _hand_loop(x, units: int):
+    """Variational dropout as users write it: masks drawn per sequence, a Python loop over time."""
+    import torch
+
+    batch, steps, features = x.shape
+    cell = torch.nn.LSTMCell(features, units).to(x.device)
+
+    def step():
+        keep = 1 - RATE
+        input_mask = torch.bernoulli(torch.full((batch, features), keep, device=x.device)) / keep
+        state_mask = torch.bernoulli(torch.full((batch, units), keep, device=x.device)) / keep
+        h = torch.zeros(batch, units, device=x.device)
+        c = torch.zeros(batch, units, device=x.device)
+        outputs = []
+        for t in range(steps):
+            h, c = cell(x[:, t] * input_mask, (h * state_mask, c))
+            outputs.append(h)
+        torch.stack(outputs, 1).sum().backward()
+
+    return step
+
+
+def median_ms(step, repeats: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``step`` between CUDA events, after warm-up."""
+    import torch
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def correctness(shape, device) -> dict:
+    """Same plan, float32: max |gpu - reference| of the outputs and the input gradient (through the CUDA
+    graphs), max |graphs - eager| of both, and max |output|."""
+    import torch
+
+    import droprnn
+
+    torch.manual_seed(1)
+    batch, steps, features, units = shape
+    layer = droprnn.LSTM(units, dropout=RATE, recurrent_dropout=RATE, return_sequences=True, input_size=features,
+                         device=device)
+    x = torch.randn(batch, steps, features, device=device)
+    plan = layer.draw_dropout_plan(batch, steps=steps)
+    weights = torch.linspace(-1, 1, batch * steps * units, device=device).view(batch, steps, units)
+
+    def run(impl, graphs=True, calls=1):
+        layer.impl = impl
+        with settings(graphs=graphs):
+            for _ in range(calls):  # a loop is captured on its second call: the last call replays it
+                xx = x.clone().requires_grad_(True)
+                y = layer(xx, dropout_plan=plan)
+                (grad,) = torch.autograd.grad((y * weights).sum(), xx)
+        assert layer.last_kernel.name == impl
+        return y.detach(), grad
+
+    (y_graphs, g_graphs), (y_eager, g_eager) = run("gpu", calls=2), run("gpu", graphs=False)
+    y_ref, g_ref = run("reference")
+    return {"output": (y_graphs - y_ref).abs().max().item(), "input_grad": (g_graphs - g_ref).abs().max().item(),
+            "graphs_vs_eager": max((y_graphs - y_eager).abs().max().item(), (g_graphs - g_eager).abs().max().item()),
+            "bitwise": bool(torch.equal(y_graphs, y_eager) and torch.equal(g_graphs, g_eager)),
+            "scale": y_ref.abs().max().item()}
+
+
+def repeats_for(shape) -> int:
+    batch, steps, features, units = shape
+    return 20 if steps * batch * units <= 64 * 100 * 512 else 5
+
+
+def summary(rows: list, shapes: list) -> str:
+    """One line per shape: ms (× cuDNN) of each variant timed, and what the CUDA graphs bought."""
+    ms = {(tuple(r["shape"]), r["variant"]): r["ms"] for r in rows}
+    timed = [v for v in VARIANTS if any((tuple(s), v) in ms for s in shapes)]
+    head = f"{'shape (B, T, D, U)':22}" + "".join(f"{v:>18}" for v in timed) + f"{'eager/graphs rd':>17}"
+    lines = [head, "-" * len(head)]
+    for shape in map(tuple, shapes):
+        base = ms[(shape, "cudnn")]
+        cells = []
+        for v in timed:
+            t = ms.get((shape, v))
+            cells.append(f"{'':>18}" if t is None else f"{t:10.2f} ({t / base:5.2f})")
+        gain = ms.get((shape, "rd-eager"), float("nan")) / ms.get((shape, "rd"), float("nan"))
+        lines.append(f"{str(shape):22}" + "".join(cells) + f"{gain:17.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", type=int, default=len(SHAPES), help="time only the first N shapes")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated rows to time, of: {', '.join(VARIANTS)} (cudnn is always timed)")
+    parser.add_argument("--no-checks", action="store_true", help="skip the equality checks")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    variants = ["cudnn"] + [v for v in args.variants.split(",") if v and v != "cudnn"]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_speed.py needs a CUDA GPU (torch.cuda.is_available() is False here); "
+              "the Triton kernels are tested on the CPU by tests/test_gpu_kernels.py instead.", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("gpu_speed.py times the compiled kernels: unset TRITON_INTERPRET.", file=sys.stderr)
+        return 2
+    import triton
+
+    from droprnn.kernels import gpu
+
+    device = torch.device("cuda")
+    machine = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+               f"triton {triton.__version__}, cuDNN {torch.backends.cudnn.version()}")
+    print(f"machine: {machine}")
+    print(f"kernel: {gpu.describe()}\n")
+    result = {"machine": machine, "checks_passed": None, "rows": [], "correctness": []}
+    if not args.no_checks:
+        print("checks: impl='gpu' == impl='reference' (same plan), outputs, states and every gradient")
+        result["checks_passed"] = run_checks(device)
+        print()
+
+    header = f"{'shape (B,T,D,U)':22} {'variant':28} {'ms':>9} {'× cuDNN':>8}"
+    print(header)
+    print("-" * len(header))
+    shapes = SHAPES[:args.shapes]
+    for index, shape in enumerate(shapes):
+        times = {}
+        for variant in variants:
+            if variant == "ref" and index >= REFERENCE_SHAPES:
+                continue
+            step = make_step(variant, shape, device)
+            times[variant] = median_ms(step, repeats_for(shape) if variant != "ref" else 3)
+            del step
+            gpu.clear_graph_cache()
+            torch.cuda.empty_cache()
+        baseline = times["cudnn"]
+        for variant, ms in times.items():
+            result["rows"].append({"shape": shape, "variant": variant, "ms": ms, "ratio": ms / baseline})
+            print(f"{str(shape):22} {VARIANTS[variant]:28} {ms:9.2f} {ms / baseline:8.2f}", flush=True)
+        check = correctness(shape, device)
+        gpu.clear_graph_cache()
+        result["correctness"].append({"shape": shape, **check})
+        same = "bit for bit" if check["bitwise"] else f"max |graphs - eager| {check['graphs_vs_eager']:.2e}"
+        print(f"{str(shape):22} check: max |gpu - reference| output {check['output']:.2e} (of max |y| "
+              f"{check['scale']:.2f}), input gradient {check['input_grad']:.2e}; graphs == eager {same}\n",
+              flush=True)
+    print(f"ms (× cuDNN), {torch.cuda.get_device_name(device)}; 'eager/graphs rd': the speed-up CUDA graphs bring")
+    print(summary(result["rows"], shapes))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if result["checks_passed"] in (None, True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

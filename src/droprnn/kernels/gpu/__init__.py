@@ -1,0 +1,202 @@
+"""The GPU fast path: Triton kernels for LSTM layers (``kernels/gpu/lstm.py``), chosen for CUDA tensors.
+
+Same contract as :func:`droprnn.kernels.reference.run` (the oracle these kernels are tested against).
+This module only decides *whether* the kernels can run a call; it never imports Triton at import time,
+so ``import droprnn`` works without Triton or CUDA. The kernels module itself is imported on first use.
+
+Supported in this increment:
+    cells           one or more stacked :class:`~droprnn.LSTMCell` (exact type), no ``proj_size``
+    activations     tanh, sigmoid, hard_sigmoid, relu, linear (both ``activation`` and
+                    ``recurrent_activation``)
+    dtypes          float32, float64
+    input masks     per sequence, shared (m == 1) or per gate (m == 4); per step (T, m, B, D)
+    recurrent masks per sequence, shared (m == 1) or per gate (m == 4)
+    DropConnect     yes (folded into the recurrent kernel before the kernels run)
+    step masks, initial states, go_backwards, return_sequences, zero_output_for_mask: yes
+Not yet (the layer falls back to the reference loop and says why): per-step recurrent masks
+(``recurrent_dropout_mode="per_step"``), update masks (``"update"``, ``"update_per_step"``), zoneout.
+
+On CUDA the time loops are captured in CUDA graphs and replayed (``graphs.py``; ``DROPRNN_CUDA_GRAPHS=0``
+runs them eagerly, :func:`clear_graph_cache` frees them).
+
+Tensors must be on a CUDA device -- except under ``TRITON_INTERPRET=1``, where Triton's interpreter runs
+the kernels on the CPU and CPU tensors are accepted (that is how the kernels are tested without a GPU).
+The variable must be set before the kernels module is imported (Triton reads it when it compiles a
+``@triton.jit`` function); :func:`unsupported_reason` says so when it was set too late.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from ... import activations
+from ...cells import CellWeights, LSTMCell
+from ...dropout.plan import CellMasks, DropoutPlan
+from . import graphs
+
+Tensor = torch.Tensor
+States = tuple[Tensor, ...]
+
+# Activation codes the kernels switch on (a tl.constexpr each; see lstm._activate).
+ACTIVATION_CODES = {
+    activations.get("tanh"): 0,
+    activations.get("sigmoid"): 1,
+    activations.get("hard_sigmoid"): 2,
+    activations.get("relu"): 3,
+    activations.get("linear"): 4,
+}
+# Recurrent dropout modes whose masks the kernels do not take yet (per-step recurrent, update masks).
+_UNSUPPORTED_RECURRENT_MODES = {
+    "per_step": "draws fresh recurrent masks every step",
+    "update": "masks the cell update",
+    "update_per_step": "masks the cell update",
+}
+_KERNELS_MODULE = __name__ + ".lstm"
+_triton_reason: dict[str, Optional[str]] = {}
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the Triton kernels cannot exist in this process (None when Triton imports). Never raises."""
+    if "reason" not in _triton_reason:
+        try:
+            import triton  # noqa: F401
+        except Exception as error:  # a missing or broken install: record it, fall back, never raise
+            _triton_reason["reason"] = (
+                f"Triton is not importable ({type(error).__name__}: {error}); install it with `pip install triton`"
+            )
+        else:
+            _triton_reason["reason"] = None
+    return _triton_reason["reason"]
+
+
+def interpreting() -> bool:
+    """Whether the kernels run (or, once imported, will run) in Triton's CPU interpreter."""
+    module = sys.modules.get(_KERNELS_MODULE)
+    if module is not None:
+        return module.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _device_reason(x: Tensor) -> Optional[str]:
+    if x.device.type == "cuda":
+        return None
+    if x.device.type == "cpu" and interpreting():
+        return None
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return ("TRITON_INTERPRET=1 was set after the Triton kernels were compiled for the GPU; set it before "
+                "droprnn's GPU kernels are first used to run them on CPU tensors")
+    return (f"the Triton kernels take CUDA tensors; this input is on {x.device} "
+            "(TRITON_INTERPRET=1 runs them on CPU tensors in Triton's interpreter, for tests)")
+
+
+def _config_reason(k: int, cell: LSTMCell) -> Optional[str]:
+    """What in a cell's dropout configuration the kernels cannot take (decided without the plan)."""
+    mode = cell.recurrent_dropout_mode
+    if cell.recurrent_dropout > 0 and mode in _UNSUPPORTED_RECURRENT_MODES:
+        return (f"cell {k}'s recurrent_dropout_mode {mode!r} {_UNSUPPORTED_RECURRENT_MODES[mode]}; the Triton "
+                "kernels take per-sequence recurrent masks only so far")
+    if cell.zoneout_h > 0 or cell.zoneout_c > 0:
+        return f"cell {k} uses zoneout; the Triton kernels do not have zoneout yet"
+    return None
+
+
+def plan_reason(plan: DropoutPlan) -> Optional[str]:
+    """What masks in ``plan`` the kernels cannot take (None when they take all of them)."""
+    for k, masks in enumerate(plan.cells):
+        reason = masks_reason(k, masks)
+        if reason is not None:
+            return reason
+    return None
+
+
+def masks_reason(k: int, masks: CellMasks) -> Optional[str]:
+    if masks.recurrent is not None and masks.recurrent.dim() == 4:
+        return (f"cell {k}'s plan holds per-step recurrent masks {tuple(masks.recurrent.shape)} (what "
+                "recurrent_dropout_mode 'per_step' draws); the Triton kernels take per-sequence recurrent masks only "
+                "so far")
+    if masks.update is not None:
+        mode = "update_per_step" if masks.update.dim() == 3 else "update"
+        return (f"cell {k}'s plan holds update masks (what recurrent_dropout_mode {mode!r} draws); the Triton "
+                "kernels do not mask the cell update yet")
+    if masks.zoneout is not None and any(z is not None for z in masks.zoneout):
+        return f"cell {k}'s plan holds zoneout; the Triton kernels do not have zoneout yet"
+    return None
+
+
+def unsupported_reason(
+    cells: Sequence[torch.nn.Module], x: Tensor, weights: Sequence[CellWeights], plan: Optional[DropoutPlan] = None,
+) -> Optional[str]:
+    """Why the Triton kernels cannot run this call (None when they can). Decided from the arguments alone.
+
+    Without ``plan`` the masks are judged from each cell's dropout configuration (what ``draw_plan`` would
+    draw in training); with it, from the masks themselves.
+    """
+    reason = _device_reason(x)
+    if reason is not None:
+        return reason
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"the Triton kernels run float32 and float64; this input is {x.dtype}"
+    for k, (cell, w) in enumerate(zip(cells, weights)):
+        if type(cell) is not LSTMCell:
+            return f"cell {k} is a {type(cell).__name__}; the Triton kernels know LSTMCell only so far"
+        for name in ("activation", "recurrent_activation"):
+            fn = getattr(cell, name)
+            if fn not in ACTIVATION_CODES:
+                return (f"cell {k}'s {name} {getattr(fn, '__name__', fn)!r} is not in the Triton kernels "
+                        "(they have tanh, sigmoid, hard_sigmoid, relu, linear)")
+        if w.projection is not None:
+            return f"cell {k} has a projection (proj_size); the Triton LSTM has none yet"
+        if plan is None:
+            reason = _config_reason(k, cell)
+            if reason is not None:
+                return reason
+    if plan is not None:
+        reason = plan_reason(plan)
+        if reason is not None:
+            return reason
+    return unavailable_reason()
+
+
+def describe() -> str:
+    """One line naming the kernels for :class:`~droprnn.kernels.dispatch.KernelChoice`."""
+    try:
+        import triton
+
+        version = f"triton {triton.__version__}"
+    except Exception:  # describe() must not fail where unavailable_reason() already explained
+        version = "triton unavailable"
+    if interpreting():
+        where = "interpreted on the CPU (TRITON_INTERPRET=1), eager time loops"
+    else:
+        where = f"CUDA, {graphs.describe()}"
+    return f"Triton GPU kernel: LSTM, cuBLAS recurrent products, {version}, {where}"
+
+
+def clear_graph_cache() -> None:
+    """Free the CUDA graphs captured for the time loops and their buffers (rebuilt when next needed)."""
+    module = sys.modules.get(_KERNELS_MODULE)
+    if module is not None:
+        module.clear_graph_cache()
+
+
+def run(
+    cells: Sequence[torch.nn.Module],
+    x: Tensor,
+    initial_states: Sequence[States],
+    plan: DropoutPlan,
+    step_mask: Optional[Tensor] = None,
+    *,
+    weights: Optional[Sequence[CellWeights]] = None,
+    go_backwards: bool = False,
+    zero_output_for_mask: bool = False,
+    return_sequences: bool = True,
+) -> tuple[Optional[Tensor], Tensor, list[States]]:
+    """Same arguments and results as :func:`droprnn.kernels.reference.run` (imports the kernels)."""
+    from . import lstm
+
+    return lstm.run(cells, x, initial_states, plan, step_mask, weights=weights, go_backwards=go_backwards,
+                    zero_output_for_mask=zero_output_for_mask, return_sequences=return_sequences)

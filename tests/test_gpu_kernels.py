@@ -1,0 +1,1009 @@
+"""The Triton GPU kernels (issue 7, first increment) against the reference loop, run on the CPU by Triton's
+interpreter (TRITON_INTERPRET=1), plus the dispatch rules around them.
+
+The oracle is ``impl="reference"``: every comparison runs the same layer weights on the same input with the
+SAME dropout plan (drawn once, passed as ``dropout_plan=``) through ``impl="gpu"`` and ``impl="reference"``
+and compares the returned outputs and states and the gradients of a fixed random loss with respect to the
+input, the initial states and every parameter. Section 4 covers the CUDA graphs of the time loops: their
+bookkeeping and the replayed path on the CPU, the real capture on a CUDA machine (skipped without one).
+
+Tolerances (as tests/test_fused.py)
+- float64: gpu == reference within 1e-10 (abs and rel); the kernels compute float64 in float64.
+- float32: both float32 runs are judged against a float64 reference run of the same weights, input, states
+  and masks. Per tensor, with ``scale = max|r64|``, ``err_ref = max|r32 - r64|``, ``err_gpu = max|g32 - r64|``:
+  ``err_gpu <= max(1e-5 * scale, 2 * err_ref)``.
+Every gpu run happens with ``torch.utils.deterministic.fill_uninitialized_memory``, so ``torch.empty`` hands
+out NaN: an element a kernel forgot to write shows up as NaN, and the results are checked for NaN.
+
+Triton reads TRITON_INTERPRET when a ``@triton.jit`` function is defined, so the variable is set here, at
+collection, before droprnn's kernels module is first imported (droprnn itself may already be imported: the
+kernels load on first use). If that module was somehow imported earlier in this process without the
+variable, the in-process tests skip and ``test_whole_file_in_a_fresh_interpreter`` runs this file again in a
+subprocess instead. Shapes stay tiny: the interpreter runs every program of every launch in Python.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton compiles droprnn's kernels (see the module docstring)
+
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import droprnn  # noqa: E402
+from droprnn import GRU, LSTM, RNN, CellMasks, DropoutPlan, DroprnnError, LSTMCell  # noqa: E402
+from droprnn.kernels import dispatch, fused, gpu  # noqa: E402
+
+F32, F64 = torch.float32, torch.float64
+IN_PROCESS = gpu.interpreting()
+in_process = pytest.mark.skipif(
+    not IN_PROCESS, reason="droprnn's Triton kernels were compiled for the GPU before this module set "
+    "TRITON_INTERPRET=1; test_whole_file_in_a_fresh_interpreter runs these tests instead",
+)
+_SRC = str(Path(droprnn.__file__).resolve().parents[1])
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def uninitialized_is_nan():
+    """Make torch.empty fill with NaN (restoring the previous settings afterwards)."""
+    was_det = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(5, dtype=F32)).all(), "NaN fill inactive: the NaN check would be vacuous"
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
+
+
+def make_layer(D: int, U: int, dtype, *, mode=None, acts=("tanh", "sigmoid"), stacked=False, seed=0,
+               weight_scale=0.6, **layer_kw):
+    """A built LSTM (or two stacked LSTMCells of different widths) with random N(0, weight_scale²) weights."""
+    mode = dict(mode or {})
+    act, rec_act = acts
+    if stacked:
+        cells = [LSTMCell(U, activation=act, recurrent_activation=rec_act, **mode),
+                 LSTMCell(U - 2, activation=act, recurrent_activation=rec_act, **mode)]
+        layer = RNN(cells, **layer_kw)
+    else:
+        layer = LSTM(U, activation=act, recurrent_activation=rec_act, **mode, **layer_kw)
+    layer.build(D, dtype=dtype)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(weight_scale * torch.randn(p.shape, generator=gen, dtype=F64))
+    return layer
+
+
+def make_initial_state(layer, B: int, dtype, seed: int):
+    gen = torch.Generator().manual_seed(2000 + seed)
+    per_cell = [[0.5 * torch.randn(B, s, generator=gen, dtype=F64).to(dtype) for s in c.state_size]
+                for c in layer.cells]
+    return per_cell[0] if len(per_cell) == 1 else per_cell
+
+
+def flat(tree) -> list:
+    if tree is None:
+        return []
+    if torch.is_tensor(tree):
+        return [tree]
+    return [t for item in tree for t in flat(item)]
+
+
+def rebuild(tree, leaves):
+    it = iter(leaves)
+
+    def go(node):
+        return next(it) if torch.is_tensor(node) else [go(n) for n in node]
+
+    return None if tree is None else go(tree)
+
+
+def cast_plan(plan: DropoutPlan, dtype) -> DropoutPlan:
+    def c(t):
+        return None if t is None else t.to(dtype)
+
+    return DropoutPlan(tuple(
+        CellMasks(c(m.input), c(m.recurrent), c(m.update), c(m.recurrent_kernel),
+                  None if m.zoneout is None else tuple(c(z) for z in m.zoneout))
+        for m in plan.cells
+    ))
+
+
+def loss_weights(tensors) -> list:
+    out = []
+    for k, t in enumerate(tensors):
+        gen = torch.Generator().manual_seed(3000 + k)
+        out.append(torch.randn(t.shape, generator=gen, dtype=F64))
+    return out
+
+
+def run(layer, x, plans, *, initial_state=None, mask=None, lengths=None, calls=1, loss_on=None):
+    """Call ``layer`` ``calls`` times with the given plans; return (returned tensors, gradients of a fixed
+    random loss wrt x, the initial states and every trainable parameter)."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    x = x.detach().clone().requires_grad_(True)
+    init_leaves = [t.detach().clone().requires_grad_(True) for t in flat(initial_state)]
+    init = rebuild(initial_state, init_leaves)
+    returned = []
+    for k in range(calls):
+        out = layer(x, mask=mask, lengths=lengths, initial_state=init if k == 0 else None, dropout_plan=plans[k])
+        returned += flat(out)
+    used = returned if loss_on is None else [returned[i] for i in loss_on]
+    loss = sum((t * w.to(t.dtype)).sum() for t, w in zip(used, loss_weights(used)))
+    wrt = [x, *init_leaves, *params]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return [t.detach() for t in returned], [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
+
+
+def run_impl(layer, impl, *args, **kwargs):
+    """Run a deep copy of ``layer`` with ``impl``; check it really took that kernel."""
+    layer = copy.deepcopy(layer)
+    layer.impl = impl
+    with uninitialized_is_nan() if impl == "gpu" else contextlib.nullcontext():
+        result = run(layer, *args, **kwargs)
+    assert layer.last_kernel is not None and layer.last_kernel.name == impl, layer.last_kernel
+    return result
+
+
+def assert_f64_equal(got, want):
+    got, want = got[0] + got[1], want[0] + want[1]
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert not torch.isnan(a).any(), f"tensor #{k}: NaN in the gpu result (an element never written)"
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"tensor #{k}: {m}")
+
+
+def assert_f32_close(g32, r32, r64):
+    got, ref, exact = g32[0] + g32[1], r32[0] + r32[1], r64[0] + r64[1]
+    assert len(got) == len(ref) == len(exact)
+    for k, (g, r, e) in enumerate(zip(got, ref, exact)):
+        assert g.dtype == F32 and g.shape == e.shape, (k, g.dtype, g.shape, e.shape)
+        assert not torch.isnan(g).any(), f"tensor #{k}: NaN in the gpu result (an element never written)"
+        if not e.numel():
+            continue
+        scale = e.abs().max().item()
+        err_ref = (r.double() - e).abs().max().item()
+        err_gpu = (g.double() - e).abs().max().item()
+        bound = max(1e-5 * scale, 2 * err_ref, torch.finfo(F32).tiny)
+        assert err_gpu <= bound, f"tensor #{k}: gpu float32 error {err_gpu:.3g} > {bound:.3g} (scale {scale:.3g})"
+
+
+def compare(layer, x, plans, *, initial_state=None, **kwargs):
+    """gpu == reference (see the module docstring); returns the float64 reference result."""
+    ref = run_impl(layer, "reference", x, plans, initial_state=initial_state, **kwargs)
+    got = run_impl(layer, "gpu", x, plans, initial_state=initial_state, **kwargs)
+    if x.dtype == F64:
+        assert_f64_equal(got, ref)
+        exact = ref
+    else:
+        init64 = None if initial_state is None else rebuild(initial_state, [t.double() for t in flat(initial_state)])
+        exact = run_impl(copy.deepcopy(layer).double(), "reference", x.double(), [cast_plan(p, F64) for p in plans],
+                         initial_state=init64, **kwargs)
+        assert_f32_close(got, ref, exact)
+    # Non-vacuity: some output and the input gradient are nonzero.
+    outputs, grads = exact
+    assert any(o.abs().max() > 0 for o in outputs if o.numel())
+    assert grads[0].abs().max() > 0
+    return exact
+
+
+def draw_plans(layer, B, T, calls=1):
+    return [layer.draw_dropout_plan(B, steps=T, training=True) for _ in range(calls)]
+
+
+def holey_mask(B: int, T: int, seed: int) -> torch.Tensor:
+    """(B, T) bool with holes; row 0 starts masked, the last row (B > 1) is fully masked."""
+    gen = torch.Generator().manual_seed(4000 + seed)
+    mask = torch.rand(B, T, generator=gen) > 0.35
+    mask[0, 0] = False
+    if T > 1:
+        mask[0, 1] = True
+    if B > 1:
+        mask[-1] = False
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------- 1. equality
+MODES = {
+    "none": {},
+    "keras_both": dict(dropout=0.3, recurrent_dropout=0.3),  # per-gate input and recurrent masks
+    "keras_input_only": dict(dropout=0.3),  # one shared input mask
+    "keras_recurrent_only": dict(recurrent_dropout=0.3),
+    "tied": dict(dropout=0.25, recurrent_dropout=0.3, recurrent_dropout_mode="tied"),  # shared recurrent mask
+    "input_shared": dict(dropout=0.3, recurrent_dropout=0.3, input_dropout_mode="shared"),
+    "input_per_gate_tied": dict(dropout=0.3, recurrent_dropout=0.3, input_dropout_mode="per_gate",
+                                recurrent_dropout_mode="tied"),
+    "input_per_step": dict(dropout=0.3, recurrent_dropout=0.3, input_dropout_mode="per_step"),
+    "weights": dict(dropout=0.25, recurrent_dropout=0.3, recurrent_dropout_mode="weights"),  # DropConnect
+    "weights_per_unit": dict(recurrent_dropout=0.4, recurrent_dropout_mode="weights_per_unit"),
+}
+# Which mask each mode is about, and its first dimension (m, or T for per-step masks).
+EXPECTED_MASK = {
+    "keras_both": ("recurrent", 4), "keras_input_only": ("input", 1), "keras_recurrent_only": ("recurrent", 4),
+    "tied": ("recurrent", 1), "input_shared": ("input", 1), "input_per_gate_tied": ("input", 4),
+    "input_per_step": ("input", "T"), "weights": ("recurrent_kernel", None),
+    "weights_per_unit": ("recurrent_kernel", None),
+}
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode_name", list(MODES))
+def test_dropout_modes_gpu_equals_reference(mode_name, dtype):
+    B, T, D, U = 3, 4, 3, 5
+    seed = list(MODES).index(mode_name)
+    layer = make_layer(D, U, dtype, mode=MODES[mode_name], seed=seed, return_sequences=True, return_state=True,
+                       go_backwards=seed % 2 == 1)
+    x = torch.randn(B, T, D, dtype=dtype)
+    plans = draw_plans(layer, B, T)
+    if mode_name in EXPECTED_MASK:  # the plan holds the kind of mask the mode is about
+        field, first = EXPECTED_MASK[mode_name]
+        mask = getattr(plans[0].cells[0], field)
+        assert mask is not None
+        if first is not None:
+            assert mask.shape[0] == (T if first == "T" else first)
+    else:
+        assert plans[0].empty
+    compare(layer, x, plans, initial_state=make_initial_state(layer, B, dtype, seed), mask=holey_mask(B, T, seed))
+
+
+OPTIONS = {
+    "one_step_one_sequence": dict(shape=(1, 1)),
+    "one_step": dict(shape=(3, 1), initial_state=True),
+    "one_sequence": dict(shape=(1, 4), initial_state=True),
+    "lengths": dict(lengths=[4, 0, 2]),
+    "lengths_go_backwards": dict(lengths=[4, 0, 2], layer=dict(go_backwards=True)),
+    "mask_holes_initial_state": dict(mask=True, initial_state=True),
+    "zero_output_for_mask": dict(mask=True, layer=dict(zero_output_for_mask=True)),
+    "last_output": dict(lengths=[4, 1, 3], layer=dict(return_sequences=False)),
+    "only_final_states_in_loss": dict(initial_state=True, lengths=[4, 0, 3], loss_on=[1, 2],
+                                      layer=dict(return_sequences=False, return_state=True)),
+    "stateful_two_calls": dict(calls=2, mask=True, layer=dict(stateful=True, return_state=True)),
+    "frozen_recurrent_kernel": dict(freeze="recurrent_kernel"),
+    "frozen_kernel_and_bias": dict(freeze=("kernel", "bias"), mask=True),
+    "no_bias": dict(mask=True, mode=dict(use_bias=False)),
+}
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_options_gpu_equals_reference(option, dtype):
+    spec = OPTIONS[option]
+    B, T = spec.get("shape", (3, 4))
+    D, U = 3, 5
+    seed = list(OPTIONS).index(option)
+    layer_kw = {"return_sequences": True, **spec.get("layer", {})}
+    mode = dict(dropout=0.2, recurrent_dropout=0.3, **spec.get("mode", {}))
+    layer = make_layer(D, U, dtype, mode=mode, seed=seed, **layer_kw)
+    if "use_bias" in mode:
+        assert layer.cell.bias is None
+    for name in [spec["freeze"]] if isinstance(spec.get("freeze"), str) else spec.get("freeze", ()):
+        getattr(layer.cell, name).requires_grad_(False)
+    x = torch.randn(B, T, D, dtype=dtype)
+    calls = spec.get("calls", 1)
+    kwargs = dict(calls=calls, loss_on=spec.get("loss_on"))
+    if "lengths" in spec:
+        kwargs["lengths"] = spec["lengths"]
+    if spec.get("mask"):
+        kwargs["mask"] = holey_mask(B, T, seed)
+    init = make_initial_state(layer, B, dtype, seed) if spec.get("initial_state") else None
+    exact = compare(layer, x, draw_plans(layer, B, T) * calls, initial_state=init, **kwargs)
+    if option == "stateful_two_calls":  # the second call started from the first call's final states
+        n = len(exact[0]) // 2
+        assert not torch.allclose(exact[0][0], exact[0][n])
+
+
+# (activation, recurrent_activation, weight scale). Unbounded gates (linear / relu) grow the states
+# geometrically with large weights: small weights for them. The large weights of "tanh-hard_sigmoid" push
+# many gate inputs outside hard_sigmoid's linear band [-3, 3], where its gradient is exactly zero.
+ACTIVATIONS = [("relu", "hard_sigmoid", 0.35), ("hard_sigmoid", "tanh", 0.35), ("linear", "relu", 0.35),
+               ("sigmoid", "linear", 0.35), ("tanh", "hard_sigmoid", 2.5)]
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("acts", ACTIVATIONS, ids=["-".join(map(str, a)) for a in ACTIVATIONS])
+def test_activations_gpu_equals_reference(acts, dtype):
+    B, T, D, U = 3, 4, 3, 5
+    act, rec_act, scale = acts
+    seed = ACTIVATIONS.index(acts)
+    layer = make_layer(D, U, dtype, mode=dict(dropout=0.2, recurrent_dropout=0.2), acts=(act, rec_act), seed=seed,
+                       weight_scale=scale, return_sequences=True, return_state=True)
+    x = torch.randn(B, T, D, dtype=dtype)
+    if scale > 1:  # the saturated band really is reached
+        z = x @ layer.cell.kernel.detach() + layer.cell.bias.detach()
+        assert ((z < -3) | (z > 3)).float().mean() > 0.2
+    compare(layer, x, draw_plans(layer, B, T), initial_state=make_initial_state(layer, B, dtype, seed),
+            mask=holey_mask(B, T, seed))
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("go_backwards", [False, True], ids=["forwards", "backwards"])
+def test_stacked_cells_gpu_equals_reference(go_backwards, dtype):
+    B, T, D, U = 3, 4, 3, 5
+    layer = make_layer(D, U, dtype, mode=dict(dropout=0.3, recurrent_dropout=0.3), stacked=True, seed=7,
+                       return_sequences=True, return_state=True, go_backwards=go_backwards)
+    x = torch.randn(B, T, D, dtype=dtype)
+    compare(layer, x, draw_plans(layer, B, T), initial_state=make_initial_state(layer, B, dtype, 7),
+            mask=holey_mask(B, T, 7))
+
+
+@in_process
+def test_plan_with_expanded_masks_in_another_dtype():
+    """A plan passed in by the user may hold broadcast views, in another dtype: read as the reference does."""
+    B, T, D, U = 3, 4, 3, 5
+    layer = make_layer(D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3), return_sequences=True)
+    plan = layer.draw_dropout_plan(B, steps=T, dtype=F32).cells[0]
+    plan = DropoutPlan((CellMasks(input=plan.input[..., :1].expand(plan.input.shape),
+                                  recurrent=plan.recurrent[:, :1].expand(plan.recurrent.shape)),))
+    assert not plan.cells[0].input.is_contiguous() and plan.cells[0].input.dtype == F32
+    compare(layer, torch.randn(B, T, D, dtype=F64), [plan])
+
+
+@in_process
+def test_torch_front_gpu_equals_reference():
+    """droprnn.nn keeps torch's weight layout (transposed views in Keras layout): two layers, both directions."""
+    torch.manual_seed(5)
+    module = droprnn.nn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True, input_dropout=0.3,
+                             recurrent_dropout=0.3, seed=11).double()
+    x = torch.randn(3, 4, 3, dtype=F64)
+    results = {}
+    for impl in ("reference", "gpu"):
+        m = copy.deepcopy(module)
+        m.impl = impl
+        xx = x.clone().requires_grad_(True)
+        with uninitialized_is_nan() if impl == "gpu" else contextlib.nullcontext():
+            out, (h, c) = m(xx)
+            tensors = [out, h, c]
+            loss = sum((t * w).sum() for t, w in zip(tensors, loss_weights(tensors)))
+            grads = torch.autograd.grad(loss, [xx, *m.parameters()])
+        assert m.last_kernel.name == impl
+        results[impl] = [t.detach() for t in tensors] + list(grads)
+    for a, b in zip(results["gpu"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------- 2. autograd
+@in_process
+def test_retain_graph_backward_twice_gives_the_same_gradients():
+    B, T, D, U = 3, 4, 3, 5
+    layer = make_layer(D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3), impl="gpu", return_sequences=True)
+    x = torch.randn(B, T, D, dtype=F64, requires_grad=True)
+    y = layer(x, lengths=[4, 2, 3], training=True)
+    loss = (y * loss_weights([y])[0]).sum()
+    first = torch.autograd.grad(loss, [x, *layer.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *layer.parameters()])
+    assert layer.last_kernel.name == "gpu"
+    for a, b in zip(first, second):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@in_process
+def test_double_backward_equals_reference():
+    """create_graph=True differentiates the plain-ops recurrence: Hessian-vector products as the reference."""
+    B, T, D, U = 2, 3, 3, 4
+    layer = make_layer(D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3), return_sequences=True)
+    x = torch.randn(B, T, D, dtype=F64)
+    plan = layer.draw_dropout_plan(B, steps=T)
+    results = {}
+    for impl in ("reference", "gpu"):
+        m = copy.deepcopy(layer)
+        m.impl = impl
+        xx = x.clone().requires_grad_(True)
+        leaves = [xx, *m.parameters()]
+        y = m(xx, lengths=[3, 2], dropout_plan=plan)
+        grads = torch.autograd.grad((y * loss_weights([y])[0]).sum(), leaves, create_graph=True)
+        vs = loss_weights(grads)
+        dot = sum((g * v).sum() for g, v in zip(grads, vs))
+        results[impl] = torch.autograd.grad(dot, leaves)
+        assert m.last_kernel.name == impl
+    for a, b in zip(results["gpu"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert any(a.abs().max() > 0 for a in results["gpu"])
+
+
+@in_process
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_inference_without_autograd_equals_reference(no_grad):
+    B, T, D, U = 3, 4, 3, 5
+    layer = make_layer(D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3), return_sequences=True,
+                       return_state=True)
+    x = torch.randn(B, T, D, dtype=F64)
+    outputs = {}
+    for impl in ("reference", "gpu"):
+        m = copy.deepcopy(layer).eval()
+        m.impl = impl
+        with no_grad(), uninitialized_is_nan() if impl == "gpu" else contextlib.nullcontext():
+            outputs[impl] = m(x, lengths=[4, 1, 0])
+        assert m.last_kernel.name == impl
+    for a, b in zip(outputs["gpu"], outputs["reference"]):
+        assert not a.requires_grad
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------- 3. dispatch
+@pytest.fixture
+def spy_gpu(monkeypatch):
+    calls = []
+    original = gpu.run
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gpu, "run", wrapper)
+    return calls
+
+
+@pytest.fixture
+def pretend_cuda(monkeypatch):
+    """Make auto treat CPU tensors as it treats CUDA ones (the interpreter then runs the kernels)."""
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda x: True)
+
+
+@in_process
+def test_auto_picks_gpu_for_cuda_tensors(pretend_cuda, spy_gpu):
+    layer = make_layer(3, 4, F32, mode=dict(dropout=0.2, recurrent_dropout=0.2), stacked=True)
+    assert layer.impl == "auto"
+    layer(torch.randn(2, 3, 3), lengths=[3, 1])
+    assert layer.last_kernel.name == "gpu" and layer.last_kernel.reason is None
+    assert len(spy_gpu) == 1
+    text = dispatch.explain(layer)
+    assert "Triton GPU kernel" in text and "interpreted" in text
+
+
+def test_auto_on_cpu_keeps_its_cpu_choice(spy_gpu):
+    """TRITON_INTERPRET=1 does not make auto run the Triton kernels on CPU tensors."""
+    layer = make_layer(3, 4, F32, mode=dict(dropout=0.2, recurrent_dropout=0.2))
+    x = torch.randn(2, 3, 3)
+    layer(x)
+    expected = "fused" if fused.unsupported_reason(layer.cells, x, [layer.cell.weights()]) is None else "reference"
+    assert layer.last_kernel.name == expected
+    assert not spy_gpu
+    assert "Triton" not in dispatch.explain(layer, x)
+
+
+class MyLSTMCell(LSTMCell):
+    pass
+
+
+UNSUPPORTED = {
+    "per_step_recurrent": (lambda: LSTM(4, recurrent_dropout=0.3, recurrent_dropout_mode="per_step"), F32, "per_step"),
+    "update": (lambda: LSTM(4, recurrent_dropout=0.3, recurrent_dropout_mode="update"), F32, "update"),
+    "update_per_step": (lambda: LSTM(4, recurrent_dropout=0.3, recurrent_dropout_mode="update_per_step"), F32,
+                        "update_per_step"),
+    "zoneout_h": (lambda: LSTM(4, zoneout_h=0.2), F32, "zoneout"),
+    "zoneout_c_in_stack": (lambda: RNN([LSTMCell(4), LSTMCell(3, zoneout_c=0.2)]), F32, "zoneout"),
+    "gru": (lambda: GRU(4), F32, "GRUCell"),
+    "custom_cell": (lambda: RNN(MyLSTMCell(4)), F32, "MyLSTMCell"),
+    "proj_size": (lambda: LSTM(4, proj_size=2), F32, "proj_size"),
+    "elu": (lambda: LSTM(4, activation="elu"), F32, "elu"),
+    "bfloat16": (lambda: LSTM(4, dtype=torch.bfloat16), torch.bfloat16, "bfloat16"),
+}
+
+
+@in_process
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_unsupported_calls_fall_back_with_the_reason(case, pretend_cuda, spy_gpu):
+    factory, dtype, cause = UNSUPPORTED[case]
+    x = torch.randn(2, 3, 3, dtype=dtype)
+    layer = factory()
+    layer(x, training=True)
+    assert layer.last_kernel.name == "reference"
+    assert cause in layer.last_kernel.reason and "Triton" in layer.last_kernel.reason
+    assert not spy_gpu
+    assert cause in dispatch.explain(layer) and cause in dispatch.explain(factory(), x)
+    # insisting raises, naming the cause
+    strict = factory()
+    strict.impl = "gpu"
+    with pytest.raises(DroprnnError, match="impl='gpu'") as info:
+        strict(x, training=True)
+    assert cause in str(info.value)
+    assert not spy_gpu
+
+
+@in_process
+def test_a_given_plan_decides_instead_of_the_configuration(spy_gpu):
+    """With the plan, choose() sees per-step recurrent masks in a layer configured for Keras's masks (and,
+    in inference, that a per-step mode draws none); run() refuses such a hand-made plan with the reason."""
+    B, T = 2, 3
+    layer = make_layer(3, 4, F32, mode=dict(recurrent_dropout=0.3))
+    x = torch.randn(B, T, 3)
+    weights = [layer.cell.weights()]
+    per_step = DropoutPlan((CellMasks(recurrent=torch.ones(T, 4, B, 4)),))
+    choice = dispatch._pick("gpu", layer.cells, x, weights, per_step)
+    assert choice.name == "reference" and "per-step recurrent masks" in choice.reason
+    assert dispatch._pick("gpu", layer.cells, x, weights, None).name == "gpu"
+    with pytest.raises(DroprnnError, match="per-step recurrent masks"):
+        gpu.run(layer.cells, x, [(torch.zeros(B, 4), torch.zeros(B, 4))], per_step)
+    eval_layer = make_layer(3, 4, F32, mode=dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step"))
+    inference = eval_layer.draw_dropout_plan(B, steps=T, training=False)
+    eval_weights = [eval_layer.cell.weights()]
+    assert dispatch._pick("gpu", eval_layer.cells, x, eval_weights, None).name == "reference"
+    assert dispatch._pick("gpu", eval_layer.cells, x, eval_weights, inference).name == "gpu"
+
+
+def test_without_triton_the_reason_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(gpu, "interpreting", lambda: True)  # CPU tensors pass the device check
+    monkeypatch.setattr(gpu, "_triton_reason", {})
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    reason = gpu.unavailable_reason()
+    assert reason is not None and "pip install triton" in reason
+    layer = LSTM(4, input_size=3)
+    assert gpu.unsupported_reason(layer.cells, torch.randn(2, 3, 3), [layer.cell.weights()]) == reason
+
+
+def test_interpreter_switched_on_too_late_is_explained(monkeypatch):
+    monkeypatch.setattr(gpu, "interpreting", lambda: False)
+    layer = LSTM(4, input_size=3)
+    reason = gpu.unsupported_reason(layer.cells, torch.randn(2, 3, 3), [layer.cell.weights()])
+    assert "TRITON_INTERPRET=1 was set after" in reason
+
+
+def test_impl_gpu_is_a_known_impl():
+    assert "gpu" in dispatch.IMPLS
+    assert LSTM(4, impl="gpu").impl == "gpu"
+    with pytest.raises(DroprnnError, match="'gpu'"):
+        LSTM(4, impl="triton")
+
+
+def _run_script(script: str, env_updates: dict, unset=("TRITON_INTERPRET",)) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(env_updates)
+    env["PYTHONPATH"] = _SRC + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_cpu_without_the_interpreter_in_a_fresh_process():
+    """Without TRITON_INTERPRET: `import droprnn` loads no Triton, impl='gpu' on CPU raises a clear error,
+    auto keeps its CPU choice; setting the variable later (Triton already imported) makes the kernels run."""
+    out = _run_script("""
+        import os, sys, torch, droprnn
+        print("TRITON_LOADED", "triton" in sys.modules)
+        x = torch.randn(2, 3, 3)
+        auto = droprnn.LSTM(4)
+        auto(x)
+        print("AUTO", auto.last_kernel.name)
+        strict = droprnn.LSTM(4, impl="gpu")
+        try:
+            strict(x)
+        except droprnn.DroprnnError as error:
+            print("RAISED", error)
+        import triton  # imported before the variable is set, as another test file might
+        os.environ["TRITON_INTERPRET"] = "1"
+        y = strict(x)
+        print("LATE", strict.last_kernel.name, tuple(y.shape), bool(torch.isfinite(y).all()))
+    """, {})
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    assert lines["TRITON_LOADED"] == "False"
+    assert lines["AUTO"] in ("fused", "reference")
+    assert "impl='gpu' cannot run this call" in lines["RAISED"] and "CUDA" in lines["RAISED"]
+    assert lines["LATE"] == "gpu (2, 4) True"
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the in-process tests ran")
+def test_whole_file_in_a_fresh_interpreter():
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------- 4. CUDA graphs
+# The time loops replay from CUDA graphs on the GPU (kernels/gpu/graphs.py). On the CPU the bookkeeping is
+# tested directly, and the replayed path itself -- static buffers, copies in and out, one entry shared by
+# calls and layers -- runs with a stand-in for the capture that keeps the loop as a Python callable and
+# calls it on replay (a real graph replays the same launches on the same buffers). The real capture is
+# tested by test_cuda_graphs_equal_the_eager_loops, in a fresh process on a CUDA machine.
+from droprnn.kernels.gpu import graphs  # noqa: E402
+
+
+class FakeEntry:
+    device = torch.device("cpu")
+
+    def __init__(self, name):
+        self.name = name
+
+
+def test_graph_cache_captures_a_key_on_its_second_call():
+    built, released = [], []
+    cache = graphs.GraphCache(capacity=3, capture_on_call=2, release=released.append)
+
+    def build(name):
+        built.append(name)
+        return FakeEntry(name)
+
+    assert cache.lookup("a", lambda: build("a")) is None  # first call: eager
+    assert not built and len(cache) == 0
+    entry = cache.lookup("a", lambda: build("a"))
+    assert entry.name == "a" and built == ["a"]
+    assert cache.lookup("a", lambda: build("a")) is entry and built == ["a"]  # captured once
+    assert not released
+
+
+def test_graph_cache_is_a_bounded_lru():
+    released = []
+    cache = graphs.GraphCache(capacity=3, capture_on_call=1, release=lambda e: released.append(e.name))
+    for name in "abc":
+        cache.lookup(name, lambda: FakeEntry(name))
+    cache.lookup("a", lambda: FakeEntry("a2"))  # a hit: a becomes the most recent
+    cache.lookup("d", lambda: FakeEntry("d"))
+    assert cache.keys() == ["c", "a", "d"] and released == ["b"]
+    for k in range(20):  # variable lengths: memory stays bounded
+        cache.lookup(("T", k), lambda: FakeEntry(k))
+    assert len(cache) == 3 and len(released) == 21
+    cache.clear()
+    assert len(cache) == 0 and len(released) == 24
+    with pytest.raises(ValueError, match="capacity"):
+        graphs.GraphCache(capacity=0)
+
+
+def test_graph_cache_forgets_old_call_counts():
+    cache = graphs.GraphCache(capacity=2, capture_on_call=2, release=lambda e: None)
+    for k in range(1000):
+        assert cache.lookup(k, lambda: FakeEntry(k)) is None
+    assert len(cache._calls) <= 16 and len(cache) == 0
+
+
+def test_graph_cache_falls_back_to_eager_when_a_capture_fails():
+    cache = graphs.GraphCache(capacity=2, capture_on_call=1, release=lambda e: None)
+
+    def broken():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.warns(RuntimeWarning, match="eager loop instead"):
+        assert cache.lookup("k", broken) is None
+    assert cache.lookup("k", lambda: FakeEntry("k")) is None  # remembered: no second try
+    cache.clear()
+    assert cache.lookup("k", lambda: FakeEntry("k")).name == "k"
+
+
+@pytest.mark.parametrize("value", ["0", "false", "OFF"])
+def test_env_switch_chooses_the_eager_loops(monkeypatch, value):
+    monkeypatch.setenv(graphs.ENV_SWITCH, value)
+    assert not graphs.enabled()
+    reason = graphs.unusable_reason(torch.zeros(1))
+    assert reason is not None and graphs.ENV_SWITCH in reason
+    assert "eager" in graphs.describe()
+    monkeypatch.setattr(gpu, "interpreting", lambda: False)
+    assert "eager time loops" in gpu.describe()
+
+
+def test_graphs_need_cuda_tensors(monkeypatch):
+    monkeypatch.delenv(graphs.ENV_SWITCH, raising=False)
+    assert graphs.enabled()
+    assert "CUDA" in graphs.unusable_reason(torch.zeros(1))
+    assert "CUDA graphs" in graphs.describe()
+    monkeypatch.setattr(gpu, "interpreting", lambda: False)
+    assert "CUDA graphs" in gpu.describe()
+
+
+@in_process
+def test_describe_says_the_interpreter_runs_eager_loops():
+    assert "eager time loops" in gpu.describe() and "interpreted" in gpu.describe()
+
+
+@in_process
+def test_loop_key_holds_what_the_captured_work_depends_on():
+    from droprnn.kernels.gpu import lstm as kernels
+
+    B, T, D, U = 2, 3, 4, 5
+    x = torch.zeros(B, T, D)
+    per_gate, shared = torch.ones(4, B, D), torch.ones(1, B, D)
+    rec4, rec1, valid = torch.ones(4, B, U), torch.ones(1, B, U), torch.ones(B, T)
+    base = kernels._loop_key(False, x, U, per_gate, rec4, valid, (0, 1))
+    assert base == kernels._loop_key(False, torch.zeros(B, T, D + 3), U, per_gate, rec4, valid, (0, 1))  # D: outside
+    assert base == kernels._loop_key(False, x, U, torch.ones(T, 4, B, D), rec4, valid, (0, 1))  # per step, per gate
+    variants = [
+        kernels._loop_key(True, x, U, per_gate, rec4, valid, (0, 1)),
+        kernels._loop_key(False, torch.zeros(B + 1, T, D), U, per_gate, rec4, valid, (0, 1)),
+        kernels._loop_key(False, torch.zeros(B, T + 1, D), U, per_gate, rec4, valid, (0, 1)),
+        kernels._loop_key(False, x, U + 1, per_gate, rec4, valid, (0, 1)),
+        kernels._loop_key(False, x.double(), U, per_gate, rec4, valid, (0, 1)),
+        kernels._loop_key(False, x, U, shared, rec4, valid, (0, 1)),
+        kernels._loop_key(False, x, U, per_gate, rec1, valid, (0, 1)),
+        kernels._loop_key(False, x, U, per_gate, None, valid, (0, 1)),
+        kernels._loop_key(False, x, U, per_gate, rec4, None, (0, 1)),
+        kernels._loop_key(False, x, U, per_gate, rec4, valid, (3, 2)),
+        kernels._loop_key(True, x, U, per_gate, rec4, valid, (0, 1), has_dhs=True),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high" if previous == "highest" else "highest")
+        assert kernels._loop_key(False, x, U, per_gate, rec4, valid, (0, 1)) != base  # TF32 or not
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+class FakeGraph:
+    """Stands in for a captured loop on the CPU: replay() runs the loop again on the static buffers."""
+
+    def __init__(self, loop):
+        self.loop, self.replays = loop, 0
+
+    def replay(self):
+        self.replays += 1
+        self.loop()
+
+
+@pytest.fixture
+def replayed(monkeypatch):
+    """Send CPU calls down the graph path (captured on the first call), with FakeGraph as the capture."""
+    from droprnn.kernels.gpu import lstm as kernels
+
+    made = []
+
+    def capture(device, loop, warm_up):
+        warm_up()
+        made.append(FakeGraph(loop))
+        return made[-1]
+
+    cache = graphs.GraphCache(capacity=4, capture_on_call=1)
+    monkeypatch.setattr(kernels, "_GRAPHS", cache)
+    monkeypatch.setattr(graphs, "unusable_reason", lambda x: None)
+    monkeypatch.setattr(graphs, "capture", capture)
+    return cache, made
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode_name", ["none", "keras_both", "tied", "input_per_step", "weights"])
+def test_replayed_loops_equal_reference(mode_name, dtype, replayed):
+    cache, made = replayed
+    B, T, D, U = 3, 4, 3, 5
+    seed = list(MODES).index(mode_name)
+    layer = make_layer(D, U, dtype, mode=MODES[mode_name], seed=seed, return_sequences=True, return_state=True,
+                       go_backwards=seed % 2 == 1)
+    x = torch.randn(B, T, D, dtype=dtype)
+    compare(layer, x, draw_plans(layer, B, T), initial_state=make_initial_state(layer, B, dtype, seed),
+            mask=holey_mask(B, T, seed))
+    assert len(cache) == 2 and [g.replays for g in made] == [1, 1]  # the forward loop and the backward loop
+
+
+@in_process
+def test_replayed_two_calls_before_backward_and_two_layers_sharing_a_key(replayed):
+    """The second call replays over the first call's buffers before either backward: what the first
+    saved must survive. Two stacked cells of one width share their entries the same way."""
+    cache, made = replayed
+    B, T, U = 3, 4, 5
+    cells = [LSTMCell(U, dropout=0.3, recurrent_dropout=0.3), LSTMCell(U, dropout=0.3, recurrent_dropout=0.3)]
+    layer = RNN(cells, return_sequences=True, return_state=True)
+    layer.build(U, dtype=F64)  # D == U: both cells have the same loop key
+    x = torch.randn(B, T, U, dtype=F64)
+    compare(layer, x, draw_plans(layer, B, T, calls=2), calls=2, mask=holey_mask(B, T, 3))
+    assert len(cache) == 2  # one forward entry, one backward entry, for both cells and both calls
+    assert sorted(g.replays for g in made) == [4, 4]
+
+
+@in_process
+def test_replayed_retain_graph_and_a_first_call_in_inference_mode(replayed):
+    cache, made = replayed
+    B, T, D, U = 3, 4, 3, 5
+    layer = make_layer(D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3), impl="gpu", return_sequences=True)
+    x = torch.randn(B, T, D, dtype=F64, requires_grad=True)
+    with torch.inference_mode():  # the forward entry is built here; training below writes into it
+        layer(x.detach(), lengths=[4, 2, 3])
+    plan = layer.draw_dropout_plan(B, steps=T)
+    y = layer(x, lengths=[4, 2, 3], dropout_plan=plan)
+    loss = (y * loss_weights([y])[0]).sum()
+    first = torch.autograd.grad(loss, [x, *layer.parameters()], retain_graph=True)
+    layer(torch.randn_like(x), lengths=[4, 2, 3])  # another replay between the two backward passes
+    second = torch.autograd.grad(loss, [x, *layer.parameters()])
+    layer.impl = "reference"
+    xx = x.detach().clone().requires_grad_(True)
+    ref_y = layer(xx, lengths=[4, 2, 3], dropout_plan=plan)
+    expected = torch.autograd.grad((ref_y * loss_weights([ref_y])[0]).sum(), [xx, *layer.parameters()])
+    for a, b, c in zip(first, second, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+    assert len(cache) == 2 and sum(g.replays for g in made) == 5  # 3 forward, 2 backward
+
+
+def _graph_checks_on_cuda():
+    """Graph path == eager path on a CUDA device (run by test_cuda_graphs_equal_the_eager_loops in a fresh
+    process: the kernels must be compiled for the GPU, so TRITON_INTERPRET must not be set). Prints a line
+    per check and raises on the first failure."""
+    import copy
+    import os
+
+    import torch
+
+    from droprnn import LSTM, RNN, LSTMCell
+    from droprnn.kernels.gpu import graphs
+    from droprnn.kernels.gpu import lstm as kernels
+
+    device = torch.device("cuda")
+    kernels._GRAPHS = graphs.GraphCache(capture_on_call=1)  # capture on the first call of a key
+
+    def switch(on):
+        os.environ[graphs.ENV_SWITCH] = "1" if on else "0"
+
+    def make(options, dtype, D=6, U=9, cells=None, seed=0):
+        torch.manual_seed(seed)
+        layer = RNN(cells, return_sequences=True, return_state=True) if cells else LSTM(
+            U, return_sequences=True, return_state=True, **options)
+        layer.build(D, dtype=dtype, device=device)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, dtype=dtype, device=device))
+        layer.impl = "gpu"
+        return layer
+
+    def inputs(layer, B, T, D, dtype, seed):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(B, T, D, dtype=dtype, device=device, generator=gen)
+        init = [0.5 * torch.randn(B, s, dtype=dtype, device=device, generator=gen)
+                for c in layer.cells for s in c.state_size]
+        mask = torch.rand(B, T, device=device, generator=gen) > 0.3
+        mask[0, 0], mask[-1] = False, False
+        return x, init, mask
+
+    def train(layer, x, init, mask, plans, graphs_on):
+        """Outputs and gradients of a fixed loss over len(plans) calls (the first from ``init``)."""
+        switch(graphs_on)
+        x = x.detach().clone().requires_grad_(True)
+        leaves = [t.detach().clone().requires_grad_(True) for t in init]
+        per_cell = leaves if len(layer.cells) == 1 else [leaves[2 * k:2 * k + 2] for k in range(len(layer.cells))]
+        out = []
+        for k, plan in enumerate(plans):
+            result = layer(x, mask=mask, initial_state=per_cell if k == 0 else None, dropout_plan=plan)
+            out += [t for r in result for t in (r if isinstance(r, (list, tuple)) else [r])]
+        gen = torch.Generator(device=device).manual_seed(7)
+        loss = sum((o * torch.randn(o.shape, generator=gen, device=device, dtype=o.dtype)).sum() for o in out)
+        grads = torch.autograd.grad(loss, [x, *leaves, *layer.parameters()])
+        assert layer.last_kernel.name == "gpu"
+        return [o.detach() for o in out] + list(grads)
+
+    def same(name, got, want, bound=1e-6):
+        worst, bitwise = 0.0, True
+        for a, b in zip(got, want):
+            assert not torch.isnan(a).any(), f"{name}: NaN"
+            bitwise &= torch.equal(a, b)
+            scale = max(b.abs().max().item(), 1.0)
+            worst = max(worst, (a - b).abs().max().item() / scale)
+        assert worst <= bound, f"{name}: graphs differ from the eager loops by {worst:.3g} (relative) > {bound}"
+        print(f"PASS {name:52} {'bit for bit' if bitwise else f'max relative difference {worst:.2e}'}", flush=True)
+
+    modes = {
+        "no dropout": {},
+        "keras per-gate masks": dict(dropout=0.3, recurrent_dropout=0.3),
+        "tied recurrent mask": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="tied"),
+        "per-step input masks": dict(dropout=0.3, recurrent_dropout=0.3, input_dropout_mode="per_step"),
+        "DropConnect, go_backwards": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="weights",
+                                          go_backwards=True),
+        "relu / hard_sigmoid": dict(dropout=0.3, recurrent_dropout=0.3, activation="relu",
+                                    recurrent_activation="hard_sigmoid"),
+    }
+    B, T, D, U = 5, 7, 6, 9
+    for name, options in modes.items():
+        for dtype in (torch.float32, torch.float64):
+            layer = make(options, dtype)
+            x, init, mask = inputs(layer, B, T, D, dtype, seed=1)
+            plans = [layer.draw_dropout_plan(B, steps=T, training=True)]
+            kernels._GRAPHS.clear()
+            eager = train(layer, x, init, mask, plans, graphs_on=False)
+            assert len(kernels._GRAPHS) == 0, "DROPRNN_CUDA_GRAPHS=0 still captured"
+            replayed = train(layer, x, init, mask, plans, graphs_on=True)
+            assert len(kernels._GRAPHS) == 2, kernels._GRAPHS.keys()  # forward and backward captured
+            same(f"{name}, {dtype}", replayed, eager)
+            x2, init2, mask2 = inputs(layer, B, T, D, dtype, seed=2)  # new inputs through the same graphs
+            same(f"{name}, {dtype}, second call", train(layer, x2, init2, mask2, plans, True),
+                 train(layer, x2, init2, mask2, plans, False))
+
+    # Two calls before the backward (gradient accumulation over the sequence) and two cells sharing a key.
+    layer = make({}, torch.float32, D=U, cells=[LSTMCell(U, dropout=0.3, recurrent_dropout=0.3),
+                                                LSTMCell(U, dropout=0.3, recurrent_dropout=0.3)])
+    x, init, mask = inputs(layer, B, T, U, torch.float32, seed=3)
+    plans = [layer.draw_dropout_plan(B, steps=T, training=True) for _ in range(2)]
+    kernels._GRAPHS.clear()
+    replayed = train(layer, x, init, mask, plans, True)
+    assert len(kernels._GRAPHS) == 2, kernels._GRAPHS.keys()
+    same("two calls, two cells sharing a key", replayed, train(layer, x, init, mask, plans, False))
+
+    # retain_graph, with another replay between the two backward passes
+    layer = make(dict(dropout=0.3, recurrent_dropout=0.3), torch.float32)
+    x, init, mask = inputs(layer, B, T, D, torch.float32, seed=4)
+    plan = layer.draw_dropout_plan(B, steps=T, training=True)
+    grads = {}
+    for on in (False, True):
+        switch(on)
+        xx = x.detach().clone().requires_grad_(True)
+        y = layer(xx, mask=mask, dropout_plan=plan)[0]
+        loss = (y * torch.linspace(-1, 1, y.numel(), device=device).view(y.shape)).sum()
+        first = torch.autograd.grad(loss, [xx, *layer.parameters()], retain_graph=True)
+        layer(torch.randn_like(x), mask=mask)
+        second = torch.autograd.grad(loss, [xx, *layer.parameters()])
+        same(f"retain_graph, graphs {'on' if on else 'off'}: 2nd == 1st", second, first, bound=0.0)
+        grads[on] = first
+    same("retain_graph: graphs == eager", grads[True], grads[False])
+
+    # Separate backward passes in the reverse order of their forwards
+    switch(True)
+    layer = make(dict(dropout=0.3, recurrent_dropout=0.3), torch.float32)
+    xs = [inputs(layer, B, T, D, torch.float32, seed=s)[0].requires_grad_(True) for s in (5, 6)]
+    plan = layer.draw_dropout_plan(B, steps=T, training=True)
+    grads = {}
+    for on in (True, False):
+        switch(on)
+        ys = [layer(xx, dropout_plan=plan)[0] for xx in xs]
+        grads[on] = [torch.autograd.grad(ys[k].pow(2).sum(), xs[k])[0] for k in (1, 0)]
+    same("two forwards, backwards in reverse order", grads[True], grads[False])
+
+    # A first call in inference mode builds the forward entry; training then writes into it.
+    switch(True)
+    kernels._GRAPHS.clear()
+    layer = make(dict(dropout=0.3, recurrent_dropout=0.3), torch.float32)
+    x, init, mask = inputs(layer, B, T, D, torch.float32, seed=8)
+    with torch.inference_mode():
+        layer(x, mask=mask, training=False)
+    plans = [layer.draw_dropout_plan(B, steps=T, training=True)]
+    same("inference first, then training", train(layer, x, init, mask, plans, True),
+         train(layer, x, init, mask, plans, False))
+
+    # A user capturing their own graph: our loops go into it eagerly (no capture of our own inside).
+    switch(True)
+    layer = make(dict(dropout=0.3, recurrent_dropout=0.3), torch.float32)
+    static_x = torch.randn(B, T, D, device=device)
+    plan = layer.draw_dropout_plan(B, steps=T, training=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            layer(static_x, dropout_plan=plan)
+    torch.cuda.current_stream().wait_stream(side)
+    kernels._GRAPHS.clear()
+    user_graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(user_graph):
+        static_y = layer(static_x, dropout_plan=plan)[0]
+    assert len(kernels._GRAPHS) == 0, "captured a graph inside the user's capture"
+    new_x = torch.randn(B, T, D, device=device)
+    static_x.copy_(new_x)
+    user_graph.replay()
+    with torch.no_grad():
+        direct = layer(new_x, dropout_plan=plan)[0]
+    same("inside a user's CUDA graph capture", [static_y], [direct])
+
+    # The cache stays bounded when every call has another length.
+    switch(True)
+    kernels._GRAPHS = graphs.GraphCache()
+    layer = make(dict(dropout=0.3, recurrent_dropout=0.3), torch.float32)
+    for steps in range(1, 14):
+        for _ in range(2):
+            layer(torch.randn(B, steps, D, device=device))[0].sum().backward()
+    assert len(kernels._GRAPHS) == graphs.CACHE_SIZE, len(kernels._GRAPHS)
+    print(f"PASS {'13 lengths: the cache holds ' + str(graphs.CACHE_SIZE) + ' loops':52}", flush=True)
+    os.environ.pop(graphs.ENV_SWITCH)
+    print("ALL PASSED")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU tests above cover the "
+                    "bookkeeping and the replayed path with a stand-in for the capture)")
+def test_cuda_graphs_equal_the_eager_loops():
+    import inspect
+
+    source = inspect.getsource(_graph_checks_on_cuda) + "\n_graph_checks_on_cuda()\n"
+    out = _run_script(source, {"PYTHONUNBUFFERED": "1"}, unset=("TRITON_INTERPRET", graphs.ENV_SWITCH))
+    print(out)
+    assert "ALL PASSED" in out
+
