@@ -3,29 +3,35 @@
 1. Checks (small shapes, on the GPU): ``impl="gpu"`` against ``impl="reference"`` with the same dropout
    plan, outputs, final states and every gradient -- float64 within 1e-10, and float32 within
    max(1e-5 relative, 2x the float32 reference's own error against float64) -- for each supported mask
-   kind, step masks, go_backwards, initial states, stacked cells and the other activations; plus
-   ``retain_graph`` and double backward. Buffers are NaN-filled, so an unwritten element fails.
-2. Timings: per (batch, time, input, units) shape, float32, the median milliseconds of a training step
-   (forward + backward, CUDA-synchronised, after warm-up) and the ratio to ``torch.nn.LSTM`` (cuDNN). Rows
-   (``--variants``, ids first):
-   - ``cudnn``        torch.nn.LSTM with torch's defaults (TF32 allowed in cuDNN); cannot do recurrent dropout;
+   kind, step masks, go_backwards, initial states, stacked cells and the other activations, for LSTM and
+   GRU (both reset_after forms); plus ``retain_graph`` and double backward. Buffers are NaN-filled, so an
+   unwritten element fails.
+2. Timings: per cell (``--cells``: lstm, gru) and (batch, time, input, units) shape, the median
+   milliseconds of a training step (forward + backward, CUDA-synchronised, after warm-up) and the ratio to
+   torch.nn.LSTM / torch.nn.GRU (cuDNN) in the same dtype. Rows (``--variants``, ids first):
+   - ``cudnn``        torch.nn with torch's defaults (TF32 allowed in cuDNN); cannot do recurrent dropout;
    - ``cudnn-fp32``   the same with ``torch.backends.cudnn.allow_tf32 = False``;
-   - ``rd``           droprnn LSTM(dropout=0.25, recurrent_dropout=0.25) (Keras's per-gate masks),
+   - ``rd``           droprnn LSTM / GRU(dropout=0.25, recurrent_dropout=0.25) (Keras's per-gate masks),
                       impl="gpu", a fresh plan each step as in training; time loops from CUDA graphs;
    - ``rd-eager``     the same with ``DROPRNN_CUDA_GRAPHS=0``: the eager loops (what graphs bought);
    - ``rd-tf32``      ``rd`` with ``torch.set_float32_matmul_precision("high")`` (TF32 products);
    - ``plain``, ``plain-eager``  the same without dropout, graphs and eager;
-   - ``hand``         what a PyTorch user writes: a Python loop over torch.nn.LSTMCell with variational
-                      masks (one input and one state mask per sequence);
-   - ``ref``          droprnn's reference loop with the same dropout (first two shapes only: slow).
-   Per shape also one correctness line: max |gpu - reference| of the outputs and the input gradient, same
-   plan, float32, through the graphs; and whether graphs and eager loops agree bit for bit. A summary
-   table closes the run.
+   - ``cudnn-bf16``, ``rd-bf16``, ``plain-bf16``  cuDNN, ``rd`` and ``plain`` in bfloat16, at the
+                      BF16_SHAPES only; their ratios are to ``cudnn-bf16``;
+   - ``hand``         what a PyTorch user writes: a Python loop over torch.nn.LSTMCell / GRUCell with
+                      variational masks (one input and one state mask per sequence) -- not by default;
+   - ``ref``          droprnn's reference loop with the same dropout (first two shapes only; not by default).
+   Each row repeats up to 20 times, fewer for slow rows (about ROW_SECONDS each); ``--max-seconds``
+   stops the timings (skipping the remaining rows, said so) once the run has taken that long.
+   Per cell and shape also one correctness line: max |gpu - reference| of the outputs and the input
+   gradient, same plan, float32, through the graphs; and whether graphs and eager loops agree bit for bit.
+   A summary table per cell closes the run.
 
-    python benchmarks/gpu_speed.py                  # checks + all shapes (a few minutes on an H100)
+    python benchmarks/gpu_speed.py                  # checks + all shapes, both cells (about 2 minutes on an H200)
     python benchmarks/gpu_speed.py --shapes 1       # checks + the first shape only (smoke run)
-    python benchmarks/gpu_speed.py --no-checks --variants rd,rd-eager,rd-tf32   # cuDNN, graphs, eager, TF32
-    python benchmarks/gpu_speed.py --json out.json
+    python benchmarks/gpu_speed.py --no-checks --cells gru --variants rd,rd-eager,rd-tf32
+    python benchmarks/gpu_speed.py --variants hand,ref --shapes 2   # the slow columns
+    python benchmarks/gpu_speed.py --json out.json --max-seconds 120
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import json
 import os
 import statistics
 import sys
+import time
 import warnings
 from typing import Optional
 
@@ -45,8 +52,11 @@ from typing import Optional
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 SHAPES = [(64, 100, 256, 256), (64, 100, 512, 512), (128, 200, 1024, 1024), (32, 500, 256, 256), (1, 1000, 256, 256)]
+BF16_SHAPES = [(64, 100, 512, 512), (128, 200, 1024, 1024)]  # where the bfloat16 rows are timed
+CELLS = ("lstm", "gru")
 RATE = 0.25
 REFERENCE_SHAPES = 2  # the reference loop is timed at the first shapes only
+ROW_SECONDS = 0.6  # a row repeats until about this long (at least 3 times, at most 20)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -75,13 +85,18 @@ def _training_step(layer, impl, x, plan, init, mask, create_graph=False):
     layer.impl = impl
     x = x.detach().clone().requires_grad_(True)
     leaves = [t.detach().clone().requires_grad_(True) for t in init]
+    per_cell, start = [], 0
+    for cell in layer.cells:
+        per_cell.append(leaves[start:start + len(cell.state_size)])
+        start += len(cell.state_size)
     with nan_filled_memory() if impl == "gpu" else contextlib.nullcontext():
-        out = layer(x, mask=mask, initial_state=leaves if len(layer.cells) == 1 else [leaves[:2], leaves[2:]],
-                    dropout_plan=plan)
+        out = layer(x, mask=mask, initial_state=per_cell[0] if len(per_cell) == 1 else per_cell, dropout_plan=plan)
         out = list(out) if isinstance(out, (tuple, list)) else [out]
         out = [t for o in out for t in (o if isinstance(o, (tuple, list)) else [o])]
         gen = torch.Generator(device=x.device).manual_seed(3)
-        loss = sum((o * torch.randn(o.shape, generator=gen, device=x.device, dtype=o.dtype)).sum() for o in out)
+        # Drawn in float64 and rounded: the same loss weights in every dtype (randn in another dtype draws others).
+        loss = sum((o * torch.randn(o.shape, generator=gen, device=x.device, dtype=torch.float64).to(o.dtype)).sum()
+                   for o in out)
         wrt = [x, *leaves, *layer.parameters()]
         grads = torch.autograd.grad(loss, wrt, create_graph=create_graph)
     assert layer.last_kernel.name == impl, layer.last_kernel
@@ -98,37 +113,53 @@ def _cast_plan(plan, dtype):
                              for m in plan.cells))
 
 
+def _check_layer(kind: str, options, units: int):
+    """The layer of one check: kind "lstm", "gru" (reset_after), "gru-rb" (reset_before), or "stacked"
+    (options: the cells)."""
+    from droprnn import GRU, LSTM, RNN
+
+    if kind == "stacked":
+        return RNN(options, return_sequences=True, return_state=True)
+    if kind == "lstm":
+        return LSTM(units, return_sequences=True, return_state=True, **options)
+    return GRU(units, reset_after=kind == "gru", return_sequences=True, return_state=True, **options)
+
+
 def run_checks(device) -> bool:
     """gpu == reference on the GPU for every supported mode; prints one line per case."""
     import torch
 
-    from droprnn import LSTM, RNN, LSTMCell
+    from droprnn import LSTM, GRUCell, LSTMCell
 
-    cases = {
-        "no dropout": dict(),
-        "keras per-gate masks": dict(dropout=0.3, recurrent_dropout=0.3),
-        "input mask only": dict(dropout=0.3),
-        "tied recurrent mask": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="tied"),
-        "per-step input masks": dict(dropout=0.3, recurrent_dropout=0.3, input_dropout_mode="per_step"),
-        "per-gate input, tied": dict(dropout=0.3, recurrent_dropout=0.3, input_dropout_mode="per_gate",
-                                     recurrent_dropout_mode="tied"),
-        "DropConnect": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="weights"),
-        "relu / hard_sigmoid": dict(dropout=0.3, recurrent_dropout=0.3, activation="relu",
-                                    recurrent_activation="hard_sigmoid"),
-        "go_backwards, zero_output": dict(dropout=0.3, recurrent_dropout=0.3, go_backwards=True,
-                                          zero_output_for_mask=True),
-        "stacked": "stacked",
-    }
     B, T, D, U = 5, 7, 6, 9
+    per_gate = dict(dropout=0.3, recurrent_dropout=0.3)
+    cases = {
+        "no dropout": ("lstm", dict()),
+        "keras per-gate masks": ("lstm", per_gate),
+        "input mask only": ("lstm", dict(dropout=0.3)),
+        "tied recurrent mask": ("lstm", dict(per_gate, recurrent_dropout_mode="tied")),
+        "per-step input masks": ("lstm", dict(per_gate, input_dropout_mode="per_step")),
+        "per-gate input, tied": ("lstm", dict(per_gate, input_dropout_mode="per_gate", recurrent_dropout_mode="tied")),
+        "DropConnect": ("lstm", dict(per_gate, recurrent_dropout_mode="weights")),
+        "relu / hard_sigmoid": ("lstm", dict(per_gate, activation="relu", recurrent_activation="hard_sigmoid")),
+        "go_backwards, zero_output": ("lstm", dict(per_gate, go_backwards=True, zero_output_for_mask=True)),
+        "stacked": ("stacked", lambda: [LSTMCell(U, **per_gate), LSTMCell(U - 2, dropout=0.3)]),
+        "GRU keras per-gate masks": ("gru", per_gate),
+        "GRU reset_before, keras masks": ("gru-rb", per_gate),
+        "GRU tied, per-step input": ("gru", dict(per_gate, recurrent_dropout_mode="tied",
+                                                 input_dropout_mode="per_step")),
+        "GRU reset_before, tied, no bias": ("gru-rb", dict(per_gate, recurrent_dropout_mode="tied", use_bias=False)),
+        "GRU DropConnect, go_backwards": ("gru-rb", dict(per_gate, recurrent_dropout_mode="weights", go_backwards=True,
+                                                         zero_output_for_mask=True)),
+        "GRU relu / hard_sigmoid": ("gru", dict(per_gate, activation="relu", recurrent_activation="hard_sigmoid")),
+        "LSTM + GRU stacked": ("stacked", lambda: [LSTMCell(U, **per_gate), GRUCell(U - 2, reset_after=False,
+                                                                                     **per_gate)]),
+    }
     ok = True
-    for name, options in cases.items():
+    for name, (kind, options) in cases.items():
         for dtype in (torch.float64, torch.float32):
             torch.manual_seed(0)
-            if options == "stacked":
-                layer = RNN([LSTMCell(U, dropout=0.3, recurrent_dropout=0.3), LSTMCell(U - 2, dropout=0.3)],
-                            return_sequences=True, return_state=True)
-            else:
-                layer = LSTM(U, return_sequences=True, return_state=True, **options)
+            layer = _check_layer(kind, options() if callable(options) else options, U)
             layer.build(D, dtype=dtype, device=device)
             with torch.no_grad():
                 for p in layer.parameters():
@@ -158,7 +189,7 @@ def run_checks(device) -> bool:
                     worst = max(worst, err / bound)
                 detail = f"worst error / bound {worst:.2f}"
             ok &= passed
-            print(f"  {'PASS' if passed else 'FAIL'}  {name:28} {str(dtype):14} {detail}", flush=True)
+            print(f"  {'PASS' if passed else 'FAIL'}  {name:32} {str(dtype):14} {detail}", flush=True)
     # retain_graph and double backward
     torch.manual_seed(1)
     layer = LSTM(U, dropout=0.3, recurrent_dropout=0.3, return_sequences=True, impl="gpu")
@@ -195,9 +226,25 @@ VARIANTS = {
     "rd-tf32": "droprnn gpu rd, TF32",
     "plain": "droprnn gpu",
     "plain-eager": "droprnn gpu, eager",
+    "cudnn-bf16": "torch.nn (cuDNN), bf16",
+    "rd-bf16": "droprnn gpu rd, bf16",
+    "plain-bf16": "droprnn gpu, bf16",
     "hand": "hand loop rd",
     "ref": "droprnn ref rd",
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("hand", "ref")]
+
+
+def baseline(variant: str) -> str:
+    """The cuDNN row a variant's ratio is taken to: the one in its dtype."""
+    return "cudnn-bf16" if variant.endswith("bf16") else "cudnn"
+
+
+def timed_at(variant: str, shape, index: int) -> bool:
+    """Whether ``variant`` is timed at the ``index``-th shape."""
+    if variant.endswith("bf16"):
+        return tuple(shape) in BF16_SHAPES
+    return variant != "ref" or index < REFERENCE_SHAPES
 
 
 @contextlib.contextmanager
@@ -225,7 +272,7 @@ def settings(graphs: bool = True, cudnn_tf32: Optional[bool] = None, matmul_prec
         torch.set_float32_matmul_precision(was[2])
 
 
-def make_step(variant: str, shape, device):
+def make_step(cell: str, variant: str, shape, device):
     """A zero-argument training step (forward + backward) for one row of the table (a VARIANTS id)."""
     import torch
 
@@ -233,9 +280,11 @@ def make_step(variant: str, shape, device):
 
     torch.manual_seed(0)
     batch, steps, features, units = shape
-    x = torch.randn(batch, steps, features, device=device, requires_grad=True)
+    dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+    x = torch.randn(batch, steps, features, device=device, dtype=dtype, requires_grad=True)
     if variant.startswith("cudnn"):
-        module = torch.nn.LSTM(features, units, batch_first=True).to(device)
+        module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](features, units, batch_first=True)
+        module = module.to(device=device, dtype=dtype)
         tf32 = False if variant == "cudnn-fp32" else None  # None: torch's default (TF32 allowed in cuDNN)
 
         def step():
@@ -245,10 +294,12 @@ def make_step(variant: str, shape, device):
 
         return step
     if variant == "hand":
-        return _hand_loop(x, units)
+        return _hand_loop(cell, x, units)
     rates = {} if variant.startswith("plain") else {"dropout": RATE, "recurrent_dropout": RATE}
     impl = "reference" if variant == "ref" else "gpu"
-    layer = droprnn.LSTM(units, return_sequences=True, input_size=features, impl=impl, device=device, **rates)
+    layer_class = {"lstm": droprnn.LSTM, "gru": droprnn.GRU}[cell]  # GRU: reset_after, torch.nn.GRU's form
+    layer = layer_class(units, return_sequences=True, input_size=features, impl=impl, device=device, dtype=dtype,
+                        **rates)
     options = dict(graphs=not variant.endswith("eager"), matmul_precision="high" if variant == "rd-tf32" else None)
 
     def step():
@@ -258,12 +309,13 @@ def make_step(variant: str, shape, device):
     return step
 
 
-def _hand_loop(x, units: int):
+def _hand_loop(cell: str, x, units: int):
     """Variational dropout as users write it: masks drawn per sequence, a Python loop over time."""
     import torch
 
     batch, steps, features = x.shape
-    cell = torch.nn.LSTMCell(features, units).to(x.device)
+    lstm = cell == "lstm"
+    module = (torch.nn.LSTMCell if lstm else torch.nn.GRUCell)(features, units).to(x.device)
 
     def step():
         keep = 1 - RATE
@@ -273,32 +325,40 @@ def _hand_loop(x, units: int):
         c = torch.zeros(batch, units, device=x.device)
         outputs = []
         for t in range(steps):
-            h, c = cell(x[:, t] * input_mask, (h * state_mask, c))
+            if lstm:
+                h, c = module(x[:, t] * input_mask, (h * state_mask, c))
+            else:  # the mask on the h that meets the recurrent kernel; torch's GRUCell also updates from it
+                h = module(x[:, t] * input_mask, h * state_mask)
             outputs.append(h)
         torch.stack(outputs, 1).sum().backward()
 
     return step
 
 
-def median_ms(step, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``step`` between CUDA events, after warm-up."""
+def median_ms(step, warmup: int = 2, max_repeats: int = 20) -> float:
+    """Median milliseconds of ``step`` between CUDA events, after warm-up (which captures the CUDA graphs:
+    a loop is captured on its second call); repeated up to ``max_repeats`` times, fewer when a step is slow
+    (about ROW_SECONDS in all, at least 3 times)."""
     import torch
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
+    def timed() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         step()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        return start.elapsed_time(end)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = [timed()]
+    repeats = max(3, min(max_repeats, int(ROW_SECONDS * 1000 / max(times[0], 1e-3))))
+    times += [timed() for _ in range(repeats - 1)]
     return statistics.median(times)
 
 
-def correctness(shape, device) -> dict:
+def correctness(cell: str, shape, device) -> dict:
     """Same plan, float32: max |gpu - reference| of the outputs and the input gradient (through the CUDA
     graphs), max |graphs - eager| of both, and max |output|."""
     import torch
@@ -307,8 +367,9 @@ def correctness(shape, device) -> dict:
 
     torch.manual_seed(1)
     batch, steps, features, units = shape
-    layer = droprnn.LSTM(units, dropout=RATE, recurrent_dropout=RATE, return_sequences=True, input_size=features,
-                         device=device)
+    layer_class = {"lstm": droprnn.LSTM, "gru": droprnn.GRU}[cell]
+    layer = layer_class(units, dropout=RATE, recurrent_dropout=RATE, return_sequences=True, input_size=features,
+                        device=device)
     x = torch.randn(batch, steps, features, device=device)
     plan = layer.draw_dropout_plan(batch, steps=steps)
     weights = torch.linspace(-1, 1, batch * steps * units, device=device).view(batch, steps, units)
@@ -331,23 +392,18 @@ def correctness(shape, device) -> dict:
             "scale": y_ref.abs().max().item()}
 
 
-def repeats_for(shape) -> int:
-    batch, steps, features, units = shape
-    return 20 if steps * batch * units <= 64 * 100 * 512 else 5
-
-
-def summary(rows: list, shapes: list) -> str:
-    """One line per shape: ms (× cuDNN) of each variant timed, and what the CUDA graphs bought."""
-    ms = {(tuple(r["shape"]), r["variant"]): r["ms"] for r in rows}
+def summary(rows: list, cell: str, shapes: list) -> str:
+    """One line per shape: ms (× cuDNN in the same dtype) of each variant timed, and what the CUDA graphs
+    bought."""
+    ms = {(tuple(r["shape"]), r["variant"]): r["ms"] for r in rows if r["cell"] == cell}
     timed = [v for v in VARIANTS if any((tuple(s), v) in ms for s in shapes)]
     head = f"{'shape (B, T, D, U)':22}" + "".join(f"{v:>18}" for v in timed) + f"{'eager/graphs rd':>17}"
     lines = [head, "-" * len(head)]
     for shape in map(tuple, shapes):
-        base = ms[(shape, "cudnn")]
         cells = []
         for v in timed:
-            t = ms.get((shape, v))
-            cells.append(f"{'':>18}" if t is None else f"{t:10.2f} ({t / base:5.2f})")
+            t, base = ms.get((shape, v)), ms.get((shape, baseline(v)))
+            cells.append(f"{'':>18}" if t is None or base is None else f"{t:10.2f} ({t / base:5.2f})")
         gain = ms.get((shape, "rd-eager"), float("nan")) / ms.get((shape, "rd"), float("nan"))
         lines.append(f"{str(shape):22}" + "".join(cells) + f"{gain:17.2f}")
     return "\n".join(lines)
@@ -355,17 +411,23 @@ def summary(rows: list, shapes: list) -> str:
 
 # ---------------------------------------------------------------------------------------------- main
 def main() -> int:
+    started = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="time only the first N shapes")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated rows to time, of: {', '.join(VARIANTS)} (cudnn is always timed)")
+    parser.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, of: {', '.join(CELLS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated rows to time, of: {', '.join(VARIANTS)} (the cuDNN rows their "
+                        "ratios need are always timed)")
     parser.add_argument("--no-checks", action="store_true", help="skip the equality checks")
+    parser.add_argument("--max-seconds", type=float, help="stop timing (skip the remaining rows) after this long")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    variants = ["cudnn"] + [v for v in args.variants.split(",") if v and v != "cudnn"]
+    requested = [v for v in args.variants.split(",") if v]
+    variants = list(dict.fromkeys([baseline(v) for v in requested] + ["cudnn"] + requested))
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    cells = [c for c in args.cells.split(",") if c]
+    if unknown or any(c not in CELLS for c in cells):
+        parser.error(f"unknown variant(s) or cell(s); variants: {', '.join(VARIANTS)}; cells: {', '.join(CELLS)}")
 
     import torch
 
@@ -385,39 +447,54 @@ def main() -> int:
                f"triton {triton.__version__}, cuDNN {torch.backends.cudnn.version()}")
     print(f"machine: {machine}")
     print(f"kernel: {gpu.describe()}\n")
-    result = {"machine": machine, "checks_passed": None, "rows": [], "correctness": []}
+    result = {"machine": machine, "checks_passed": None, "rows": [], "correctness": [], "skipped": []}
     if not args.no_checks:
         print("checks: impl='gpu' == impl='reference' (same plan), outputs, states and every gradient")
         result["checks_passed"] = run_checks(device)
         print()
 
-    header = f"{'shape (B,T,D,U)':22} {'variant':28} {'ms':>9} {'× cuDNN':>8}"
+    def out_of_time() -> bool:
+        return args.max_seconds is not None and time.monotonic() - started > args.max_seconds
+
+    header = f"{'cell':5} {'shape (B,T,D,U)':22} {'variant':28} {'ms':>9} {'× cuDNN':>8}"
     print(header)
     print("-" * len(header))
     shapes = SHAPES[:args.shapes]
-    for index, shape in enumerate(shapes):
-        times = {}
-        for variant in variants:
-            if variant == "ref" and index >= REFERENCE_SHAPES:
+    for index, shape in enumerate(shapes):  # shape-major: a time limit cuts the same shapes from every cell
+        for cell in cells:
+            times = {}
+            for variant in variants:
+                if not timed_at(variant, shape, index):
+                    continue
+                if out_of_time():
+                    result["skipped"].append({"cell": cell, "shape": shape, "variant": variant})
+                    continue
+                step = make_step(cell, variant, shape, device)
+                times[variant] = median_ms(step)
+                del step
+                gpu.clear_graph_cache()
+                torch.cuda.empty_cache()
+            for variant, ms in times.items():
+                base = times.get(baseline(variant), float("nan"))
+                result["rows"].append({"cell": cell, "shape": shape, "variant": variant, "ms": ms, "ratio": ms / base})
+                print(f"{cell:5} {str(shape):22} {VARIANTS[variant]:28} {ms:9.2f} {ms / base:8.2f}", flush=True)
+            if out_of_time():
                 continue
-            step = make_step(variant, shape, device)
-            times[variant] = median_ms(step, repeats_for(shape) if variant != "ref" else 3)
-            del step
+            check = correctness(cell, shape, device)
             gpu.clear_graph_cache()
-            torch.cuda.empty_cache()
-        baseline = times["cudnn"]
-        for variant, ms in times.items():
-            result["rows"].append({"shape": shape, "variant": variant, "ms": ms, "ratio": ms / baseline})
-            print(f"{str(shape):22} {VARIANTS[variant]:28} {ms:9.2f} {ms / baseline:8.2f}", flush=True)
-        check = correctness(shape, device)
-        gpu.clear_graph_cache()
-        result["correctness"].append({"shape": shape, **check})
-        same = "bit for bit" if check["bitwise"] else f"max |graphs - eager| {check['graphs_vs_eager']:.2e}"
-        print(f"{str(shape):22} check: max |gpu - reference| output {check['output']:.2e} (of max |y| "
-              f"{check['scale']:.2f}), input gradient {check['input_grad']:.2e}; graphs == eager {same}\n",
-              flush=True)
-    print(f"ms (× cuDNN), {torch.cuda.get_device_name(device)}; 'eager/graphs rd': the speed-up CUDA graphs bring")
-    print(summary(result["rows"], shapes))
+            result["correctness"].append({"cell": cell, "shape": shape, **check})
+            same = "bit for bit" if check["bitwise"] else f"max |graphs - eager| {check['graphs_vs_eager']:.2e}"
+            print(f"{cell:5} {str(shape):22} check: max |gpu - reference| output {check['output']:.2e} (of max |y| "
+                  f"{check['scale']:.2f}), input gradient {check['input_grad']:.2e}; graphs == eager {same}\n",
+                  flush=True)
+    if result["skipped"]:
+        print(f"--max-seconds {args.max_seconds:g}: {len(result['skipped'])} rows not timed "
+              f"(first: {result['skipped'][0]})")
+    for cell in cells:
+        print(f"\n{cell.upper()}: ms (× cuDNN in the same dtype), {torch.cuda.get_device_name(device)}; "
+              "'eager/graphs rd': the speed-up CUDA graphs bring")
+        print(summary(result["rows"], cell, shapes))
+    print(f"\ntotal {time.monotonic() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -140,22 +140,6 @@ def _plain_recurrence(cell, xw: Tensor, weights: CellWeights, states: States, ma
     return tuple(torch.stack([s[j] for s in sequences], dim=1) for j in range(len(states)))
 
 
-def _differentiable_grads(ctx, inputs: tuple, grad_outputs: tuple, build) -> tuple:
-    """Gradients of ``build(*inputs)`` that autograd can differentiate again (create_graph=True)."""
-    wanted = [i for i, (t, need) in enumerate(zip(inputs, ctx.needs_input_grad)) if need and t is not None]
-    with torch.enable_grad():
-        outputs = build(*inputs)
-        grads = torch.autograd.grad(
-            outputs, [inputs[i] for i in wanted],
-            [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grad_outputs)],
-            create_graph=True, allow_unused=True,
-        )
-    result = [None] * len(ctx.needs_input_grad)
-    for i, g in zip(wanted, grads):
-        result[i] = g
-    return tuple(result)
-
-
 # ---------------------------------------------------------------------------------------------- the layer function
 class _FusedLayer(torch.autograd.Function):
     """One cell over a whole sequence -- input projection and recurrence -- as one autograd node.
@@ -211,7 +195,7 @@ class _FusedLayer(torch.autograd.Function):
                 sequences = _plain_recurrence(cell, xw, CellWeights(None, R, recurrent_bias=rbias), states, masks, valid)
                 return (sequences[0], sequences[1][:, -1]) if lstm else (sequences[0],)
 
-            return _differentiable_grads(ctx, (x, kernel, input_bias, R, rbias, h0, c0), grads, build)
+            return reference.differentiable_grads(ctx, (x, kernel, input_bias, R, rbias, h0, c0), grads, build)
 
         # The C++ backward forms every gradient in its time loop -- weight gradients accumulated per step
         # with the masks applied in cache -- so no masked copy of a whole sequence is ever made.
@@ -274,8 +258,4 @@ def run(
         h_sequence, *last_c = _fused_cell(cell, layer_input, w, tuple(states), masks, valid)
         finals.append((h_sequence[:, -1], *last_c))
         layer_input = h_sequence
-    outputs = layer_input
-    if valid is not None:
-        shown = valid if zero_output_for_mask else valid.cummax(dim=1).values
-        outputs = outputs * shown.unsqueeze(-1)
-    return (outputs if return_sequences else None), outputs[:, -1], finals
+    return (*reference.finish(layer_input, valid, zero_output_for_mask, return_sequences), finals)

@@ -18,7 +18,7 @@ For stacked cells c_0 … c_{n-1} with weights W_k, a sequence x (B, T, D) and t
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -97,3 +97,38 @@ def run(
             outputs.append(y)
     sequence = torch.stack(outputs, dim=1) if return_sequences else None
     return sequence, previous_output, states
+
+
+# ---------------------------------------------------------------------------------------------- shared by the fast kernels
+def finish(outputs: Tensor, valid: Optional[Tensor], zero_output_for_mask: bool,
+           return_sequences: bool) -> tuple[Optional[Tensor], Tensor]:
+    """A fast kernel's (sequence or None, last output) from the last cell's carried h sequence (B, T, H).
+
+    A kernel that runs one cell over all steps carries h through masked steps; the reference's outputs
+    repeat the previous output there (zero before the first real step), or are zero with
+    ``zero_output_for_mask``. ``valid``: (B, T) of 0/1 in the outputs' dtype, or None.
+    """
+    if valid is not None:
+        shown = valid if zero_output_for_mask else valid.cummax(dim=1).values
+        outputs = outputs * shown.unsqueeze(-1)
+    return (outputs if return_sequences else None), outputs[:, -1]
+
+
+def differentiable_grads(ctx, inputs: tuple, grad_outputs: tuple, build: Callable[..., tuple]) -> tuple:
+    """A fast kernel's backward when autograd must differentiate it again (``create_graph=True``): the
+    gradients of ``build(*inputs)`` -- the same recurrence in plain autograd ops -- with respect to the
+    ``inputs`` (the autograd.Function's first arguments, still attached to the caller's graph). Slower
+    than the kernels, and exact. Returns one entry per Function input (None where not wanted).
+    """
+    wanted = [k for k, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[k]]
+    with torch.enable_grad():
+        outputs = build(*inputs)
+        grads = torch.autograd.grad(
+            outputs, [inputs[k] for k in wanted],
+            [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grad_outputs)],
+            create_graph=True, allow_unused=True,
+        )
+    result: list[Optional[Tensor]] = [None] * len(ctx.needs_input_grad)
+    for k, grad in zip(wanted, grads):
+        result[k] = grad
+    return tuple(result)

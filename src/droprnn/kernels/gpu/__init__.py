@@ -1,16 +1,24 @@
-"""The GPU fast path: Triton kernels for LSTM layers (``kernels/gpu/lstm.py``), chosen for CUDA tensors.
+"""The GPU fast path: Triton kernels for LSTM and GRU layers (``kernels/gpu/``), chosen for CUDA tensors.
 
 Same contract as :func:`droprnn.kernels.reference.run` (the oracle these kernels are tested against).
 This module only decides *whether* the kernels can run a call; it never imports Triton at import time,
-so ``import droprnn`` works without Triton or CUDA. The kernels module itself is imported on first use.
+so ``import droprnn`` works without Triton or CUDA. The kernels are imported on first use.
 
-Supported in this increment:
-    cells           one or more stacked :class:`~droprnn.LSTMCell` (exact type), no ``proj_size``
+The modules: ``lstm.py`` and ``gru.py`` (one per cell: its Triton step kernels, time loops and autograd
+Function; lstm.py's docstring explains the design and the measured speed), ``stack.py`` (stacked cells),
+``loops.py`` (what the cells' time loops share: keys, buffers, the cache of captured loops),
+``products.py`` (the large cuBLAS products), ``triton_helpers.py`` (the Triton functions the kernels
+share), ``graphs.py`` (CUDA graphs).
+
+Supported:
+    cells           one or more stacked :class:`~droprnn.LSTMCell` (no ``proj_size``) and
+                    :class:`~droprnn.GRUCell` (both ``reset_after`` forms), mixed freely (exact types)
     activations     tanh, sigmoid, hard_sigmoid, relu, linear (both ``activation`` and
                     ``recurrent_activation``)
-    dtypes          float32, float64
-    input masks     per sequence, shared (m == 1) or per gate (m == 4); per step (T, m, B, D)
-    recurrent masks per sequence, shared (m == 1) or per gate (m == 4)
+    dtypes          float32, float64, float16, bfloat16 (the kernels compute and carry the states in
+                    float32 for the half-precision types; products in the input dtype)
+    input masks     per sequence, shared (m == 1) or per gate (m == 4 LSTM, 3 GRU); per step (T, m, B, D)
+    recurrent masks per sequence, shared (m == 1) or per gate (m == 4 LSTM, 3 GRU)
     DropConnect     yes (folded into the recurrent kernel before the kernels run)
     step masks, initial states, go_backwards, return_sequences, zero_output_for_mask: yes
 Not yet (the layer falls back to the reference loop and says why): per-step recurrent masks
@@ -34,7 +42,7 @@ from typing import Optional, Sequence
 import torch
 
 from ... import activations
-from ...cells import CellWeights, LSTMCell
+from ...cells import CellWeights, GRUCell, LSTMCell
 from ...dropout.plan import CellMasks, DropoutPlan
 from . import graphs
 
@@ -55,7 +63,10 @@ _UNSUPPORTED_RECURRENT_MODES = {
     "update": "masks the cell update",
     "update_per_step": "masks the cell update",
 }
-_KERNELS_MODULE = __name__ + ".lstm"
+SUPPORTED_CELLS = (LSTMCell, GRUCell)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HELPERS_MODULE = __name__ + ".triton_helpers"  # imported with the kernels; says how Triton compiled them
+_LOOPS_MODULE = __name__ + ".loops"
 _triton_reason: dict[str, Optional[str]] = {}
 
 
@@ -75,7 +86,7 @@ def unavailable_reason() -> Optional[str]:
 
 def interpreting() -> bool:
     """Whether the kernels run (or, once imported, will run) in Triton's CPU interpreter."""
-    module = sys.modules.get(_KERNELS_MODULE)
+    module = sys.modules.get(_HELPERS_MODULE)
     if module is not None:
         return module.INTERPRETED
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -93,13 +104,13 @@ def _device_reason(x: Tensor) -> Optional[str]:
             "(TRITON_INTERPRET=1 runs them on CPU tensors in Triton's interpreter, for tests)")
 
 
-def _config_reason(k: int, cell: LSTMCell) -> Optional[str]:
+def _config_reason(k: int, cell: torch.nn.Module) -> Optional[str]:
     """What in a cell's dropout configuration the kernels cannot take (decided without the plan)."""
     mode = cell.recurrent_dropout_mode
     if cell.recurrent_dropout > 0 and mode in _UNSUPPORTED_RECURRENT_MODES:
         return (f"cell {k}'s recurrent_dropout_mode {mode!r} {_UNSUPPORTED_RECURRENT_MODES[mode]}; the Triton "
                 "kernels take per-sequence recurrent masks only so far")
-    if cell.zoneout_h > 0 or cell.zoneout_c > 0:
+    if cell.zoneout_h > 0 or getattr(cell, "zoneout_c", 0.0) > 0:
         return f"cell {k} uses zoneout; the Triton kernels do not have zoneout yet"
     return None
 
@@ -138,11 +149,11 @@ def unsupported_reason(
     reason = _device_reason(x)
     if reason is not None:
         return reason
-    if x.dtype not in (torch.float32, torch.float64):
-        return f"the Triton kernels run float32 and float64; this input is {x.dtype}"
+    if x.dtype not in DTYPES:
+        return f"the Triton kernels run float32, float64, float16 and bfloat16; this input is {x.dtype}"
     for k, (cell, w) in enumerate(zip(cells, weights)):
-        if type(cell) is not LSTMCell:
-            return f"cell {k} is a {type(cell).__name__}; the Triton kernels know LSTMCell only so far"
+        if type(cell) not in SUPPORTED_CELLS:
+            return f"cell {k} is a {type(cell).__name__}; the Triton kernels know LSTMCell and GRUCell only so far"
         for name in ("activation", "recurrent_activation"):
             fn = getattr(cell, name)
             if fn not in ACTIVATION_CODES:
@@ -173,12 +184,12 @@ def describe() -> str:
         where = "interpreted on the CPU (TRITON_INTERPRET=1), eager time loops"
     else:
         where = f"CUDA, {graphs.describe()}"
-    return f"Triton GPU kernel: LSTM, cuBLAS recurrent products, {version}, {where}"
+    return f"Triton GPU kernel: LSTM and GRU cells, cuBLAS recurrent products, {version}, {where}"
 
 
 def clear_graph_cache() -> None:
     """Free the CUDA graphs captured for the time loops and their buffers (rebuilt when next needed)."""
-    module = sys.modules.get(_KERNELS_MODULE)
+    module = sys.modules.get(_LOOPS_MODULE)
     if module is not None:
         module.clear_graph_cache()
 
@@ -196,7 +207,7 @@ def run(
     return_sequences: bool = True,
 ) -> tuple[Optional[Tensor], Tensor, list[States]]:
     """Same arguments and results as :func:`droprnn.kernels.reference.run` (imports the kernels)."""
-    from . import lstm
+    from . import stack
 
-    return lstm.run(cells, x, initial_states, plan, step_mask, weights=weights, go_backwards=go_backwards,
+    return stack.run(cells, x, initial_states, plan, step_mask, weights=weights, go_backwards=go_backwards,
                     zero_output_for_mask=zero_output_for_mask, return_sequences=return_sequences)

@@ -1,13 +1,13 @@
-"""CUDA graphs for the LSTM time loops: when to use them, and a bounded cache of captured loops.
+"""CUDA graphs for the time loops of the GPU kernels: when to use them, and a bounded cache of captured loops.
 
-Why: a time loop launches two kernels per step (the recurrent product and a Triton step kernel). At small
-batches each launch costs more time on the host (Python, torch's dispatch, Triton's launcher) than on the
-GPU, so the loop is bound by the host. A loop captured once in a :class:`torch.cuda.CUDAGraph` replays all
-its launches with one call.
+Why: a time loop launches two kernels per step (the recurrent product and a Triton step kernel; four in
+the GRU's reset_before form). At small batches each launch costs more time on the host (Python, torch's
+dispatch, Triton's launcher) than on the GPU, so the loop is bound by the host. A loop captured once in a
+:class:`torch.cuda.CUDAGraph` replays all its launches with one call.
 
 What a captured loop needs: fixed sizes and fixed addresses. So each cache entry owns *static* buffers
 (allocated before capture, since capture must not allocate), each call writes its inputs into them,
-replays, and copies out what outlives the call (see ``kernels/gpu/lstm.py``). An entry serves any number
+replays, and copies out what outlives the call (see ``kernels/gpu/loops.py``). An entry serves any number
 of layers and calls with the same key, one after another.
 
 This module imports torch only (no Triton, no CUDA at import), so its bookkeeping is tested on the CPU.
@@ -69,7 +69,7 @@ class GraphCache:
     ``capture_on_call``-th call; before that it returns None (run eagerly). Evicted entries are handed to
     ``release`` (which must make sure no replay of theirs is still pending before they are freed). A key
     whose ``build()`` raised is remembered and runs eagerly (with a warning) until ``clear()``. The key must
-    hold everything the captured work depends on; see ``lstm._loop_key``.
+    hold everything the captured work depends on; see ``loops.LoopKey``.
     """
 
     def __init__(self, capacity: int = CACHE_SIZE, capture_on_call: int = CAPTURE_ON_CALL,
@@ -106,7 +106,7 @@ class GraphCache:
                 entry = build()
             except Exception as error:  # a capture that fails must not fail the call: the eager loop still runs
                 self._failed.add(key)
-                warnings.warn(f"droprnn: capturing the LSTM time loop in a CUDA graph failed ({type(error).__name__}: "
+                warnings.warn(f"droprnn: capturing a time loop in a CUDA graph failed ({type(error).__name__}: "
                               f"{error}); these shapes run the eager loop instead. {ENV_SWITCH}=0 switches the "
                               "graphs off.", RuntimeWarning, stacklevel=2)
                 return None

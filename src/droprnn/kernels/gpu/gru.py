@@ -1,0 +1,483 @@
+"""GRU on the GPU, both ``reset_after`` forms: cuBLAS products through torch, Triton kernels for the rest.
+
+The plan of ``lstm.py`` (its docstring explains the design, the CUDA graphs and the measured speed); the
+oracle is :func:`droprnn.kernels.reference.run` with :meth:`droprnn.GRUCell.transition`. Keras's gate
+order z, r, h; m_g the recurrent masks (one per gate, one shared, or none)::
+
+    forward
+        P       = (x ⊙ m_x^g) @ K_g + b_g             all steps in one product (one per gate with per-gate
+                                                        input masks), written (B, T, 3, U) or (3, B, T, U)
+        reset_after (cuDNN's and torch.nn.GRU's form), per step:
+            I   = Σ_g (h_{t-1} ⊙ m_g) @ R_g            cuBLAS: torch.mm, or torch.bmm over the 3 gates
+            kernel: I += rb; z = σ(P_z + I_z), r = σ(P_r + I_r), n = φ(P_h + r ⊙ I_h)
+        reset_before, per step (the candidate's product depends on r: two products, two kernels):
+            I   = (h_{t-1} ⊙ m_z) @ R_z, (h_{t-1} ⊙ m_r) @ R_r
+            kernel: z, r as above; a = r ⊙ (h_{t-1} ⊙ m_h)
+            A   = a @ R_h
+            kernel: n = φ(P_h + A)
+        h_t = z ⊙ h_{t-1} + (1 - z) ⊙ n, held where the step is masked; the kernel writes the activated
+        gates over P_t, h_t, and h_t ⊙ m_g -- the next step's product inputs
+    backward (t = T-1 … 0): dh = dH_t + carry + Σ_g Q_g ⊙ m_g;  dn = φ'·dh(1 - z);  dz = σ'·dh(h_{t-1} - n)
+        reset_after:   dr = σ'·dn ⊙ I_h;  the products' gradients dI = (dz, dr, dn ⊙ r);  Q = dI @ R_gᵀ
+        reset_before:  dA = dn @ R_hᵀ (a product inside the step);  dr = σ'·dA ⊙ h_{t-1} ⊙ m_h;
+                       Q = (dz, dr) @ R_{z,r}ᵀ;  the carry also takes dA ⊙ r ⊙ m_h
+        carry to h_{t-1}: dh ⊙ z (+ the above), or dh itself where the step was masked
+    after the loop, large products: dK, dx, db from (dz, dr, dn); dR_{z,r} = (H_prev ⊙ m)ᵀ (dz, dr);
+        dR_h = (H_prev ⊙ m_h)ᵀ (dn ⊙ r) (reset_after) or aᵀ dn (reset_before); drb = Σ dI
+
+Saved for the backward: the activated gates (over the projections), the h sequence, and one more
+(B, T, U) sequence -- I_h with reset_after, a with reset_before. Precision as ``lstm.py``: the h the
+recurrence carries and the backward's carry dh are kept in float32 (float64 for float64 tensors), every
+sequence in the input dtype. Update masks (recurrent_dropout_mode "update") and zoneout are not here yet.
+
+Speed (``benchmarks/gpu_speed.py``, NVIDIA H200, torch 2.11 + CUDA 13.0, cuDNN 9.19, Triton 3.6): median
+ms of a training step and × torch.nn.GRU (cuDNN) with torch's defaults, the reset_after form, columns as
+lstm.py's table; float32, all from one run::
+
+    shape (B, T, D, U)      cuDNN  gpu rd       gpu rd eager  gpu          gpu eager     gpu rd TF32  cuDNN no TF32
+    (64, 100, 256, 256)      5.1    4.0 (0.78)   20.1 (3.9)    3.2 (0.62)   25.4 (5.0)    3.3 (0.64)   5.8 (1.14)
+    (64, 100, 512, 512)      5.3    5.7 (1.06)   19.9 (3.7)    4.4 (0.82)   30.5 (5.7)    4.3 (0.81)   5.4 (1.00)
+    (128, 200, 1024, 1024)  11.9   34.2 (2.88)   60.3 (5.1)   28.1 (2.37)   76.6 (6.4)   12.0 (1.01)  33.8 (2.85)
+    (32, 500, 256, 256)     19.6   13.6 (0.69)  150.8 (7.7)   11.5 (0.59)  131.8 (6.7)   10.8 (0.55)  25.8 (1.31)
+    (1, 1000, 256, 256)     30.8   12.7 (0.41)  264.1 (8.6)   10.4 (0.34)  251.0 (8.2)   12.7 (0.41)  31.4 (1.02)
+
+bfloat16, × torch.nn.GRU in bfloat16: (64, 100, 512, 512) cuDNN 5.2 ms, gpu rd 4.9 (0.95), gpu 2.7 (0.52);
+(128, 200, 1024, 1024) cuDNN 10.4, gpu rd 8.7 (0.83), gpu 5.5 (0.53). As for the LSTM, the largest float32
+shape is bound by the products (cuDNN uses TF32 by default, cuBLAS does not). reset_before, which cuDNN
+does not have, was not timed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ...cells import CellWeights
+from ...dropout.plan import CellMasks
+from .. import reference
+from . import ACTIVATION_CODES
+from .loops import (BackwardLoop, ForwardLoop, LoopKey, States, contiguous, loop_key,
+                    outputs_and_saved, plain_layer, run_loop, saving)
+from .products import input_grads, per_gate, project, recurrent_kernel_grad
+from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, program_units, step_is_real,
+                             step_offset, store_product_inputs, through)
+
+Tensor = torch.Tensor
+
+GATES = 3
+RESET_AFTER, RESET_BEFORE = "gru", "gru-reset-before"  # loops.LoopKey.cell
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+# Layouts (g: gate z, r, h; t: step; k: mask, m = N_MASKS):
+#   gates      (B, T, 3, U), or (3, B, T, U) when GATE_MAJOR: the projections, overwritten by z, r, n
+#   h          (B, T + 1, U): slot 0 holds h0, slot t + 1 the state after step t
+#   carry      (B, U), compute dtype: the h the recurrence carries (what the kernels read as h_{t-1})
+#   side       (B, T, U): I_h (reset_after) or a = r ⊙ h_{t-1} ⊙ m_h (reset_before), saved
+#   product    the step's products (P gates of them: 3 reset_after, 2 (z, r) reset_before): (P, B, U) with
+#              per-gate masks (N_MASKS == 3), else (B, P, U); masked_h (P, B, U) or (1, B, U) likewise;
+#              dz_step and back in the backward likewise
+#   masks      (m, B, U); rbias (3U,); valid (B, T) 0/1; dhs (B, T, U); dz (B, T, 3, U); dh (B, U) compute
+#              dtype; d_inner (B, T, U) the gradient of I_h; dn_step, product_h, da (B, U)
+@triton.jit
+def _times_candidate_mask(x, masks_ptr, b, u, inside, B, U, N_MASKS: tl.constexpr):
+    """x ⊙ m_h, the recurrent mask of the candidate's product (mask 2 of per-gate masks, or the shared one)."""
+    if N_MASKS == 0:
+        return x
+    elif N_MASKS == 1:
+        return x * tl.load(masks_ptr + b * U + u, mask=inside).to(x.dtype)
+    else:
+        return x * tl.load(masks_ptr + (2 * B + b) * U + u, mask=inside).to(x.dtype)
+
+
+@triton.jit
+def _next_state(z, n, carry_ptr, h_ptr, valid_ptr, b, t, u, inside, T, U, HAS_VALID: tl.constexpr):
+    """h_t = z ⊙ h_{t-1} + (1 - z) ⊙ n, or h_{t-1} where the step is masked: stored in the carry and in
+    slot t + 1 of the h sequence, and returned."""
+    h_prev = tl.load(carry_ptr + b * U + u, mask=inside)
+    h = z * h_prev + (1.0 - z) * n
+    if HAS_VALID:
+        h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
+    tl.store(carry_ptr + b * U + u, h.to(carry_ptr.dtype.element_ty), mask=inside)
+    tl.store(h_ptr + (b * (T + 1) + t + 1) * U + u, h.to(h_ptr.dtype.element_ty), mask=inside)
+    return h
+
+
+@triton.jit(do_not_specialize=["t"])
+def _reset_after_step(
+    gates_ptr, product_ptr, rbias_ptr, h_ptr, carry_ptr, side_ptr, masked_h_ptr, masks_ptr, valid_ptr, t, B, U, T,
+    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_RBIAS: tl.constexpr, HAS_VALID: tl.constexpr,
+    ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One reset_after step for the units [BLOCK·j, BLOCK·(j+1)) of sequence b (program (b, j))."""
+    b, u, inside = program_units(U, BLOCK)
+    gz = gates_ptr + gate_offset(b, t, 0, B, T, U, 3, GATE_MAJOR) + u
+    gr = gates_ptr + gate_offset(b, t, 1, B, T, U, 3, GATE_MAJOR) + u
+    gn = gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u
+    inner_z = tl.load(product_ptr + step_offset(b, 0, B, U, 3, N_MASKS) + u, mask=inside).to(COMPUTE)
+    inner_r = tl.load(product_ptr + step_offset(b, 1, B, U, 3, N_MASKS) + u, mask=inside).to(COMPUTE)
+    inner_h = tl.load(product_ptr + step_offset(b, 2, B, U, 3, N_MASKS) + u, mask=inside).to(COMPUTE)
+    if HAS_RBIAS:
+        inner_z += tl.load(rbias_ptr + u, mask=inside).to(COMPUTE)
+        inner_r += tl.load(rbias_ptr + U + u, mask=inside).to(COMPUTE)
+        inner_h += tl.load(rbias_ptr + 2 * U + u, mask=inside).to(COMPUTE)
+    z = activate(tl.load(gz, mask=inside).to(COMPUTE) + inner_z, REC_ACT)
+    r = activate(tl.load(gr, mask=inside).to(COMPUTE) + inner_r, REC_ACT)
+    n = activate(tl.load(gn, mask=inside).to(COMPUTE) + r * inner_h, ACT)
+    dtype = gates_ptr.dtype.element_ty
+    tl.store(gz, z.to(dtype), mask=inside)
+    tl.store(gr, r.to(dtype), mask=inside)
+    tl.store(gn, n.to(dtype), mask=inside)
+    tl.store(side_ptr + (b * T + t) * U + u, inner_h.to(dtype), mask=inside)
+    h = _next_state(z, n, carry_ptr, h_ptr, valid_ptr, b, t, u, inside, T, U, HAS_VALID)
+    store_product_inputs(masked_h_ptr, masks_ptr, h, b, u, inside, B, U, N_MASKS, 3)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _reset_before_gates(
+    gates_ptr, product_ptr, carry_ptr, side_ptr, masks_ptr, t, B, U, T,
+    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """First half of a reset_before step, after the z and r products: z, r, and a = r ⊙ (h_{t-1} ⊙ m_h),
+    the input of the candidate's product (row t of ``side``)."""
+    b, u, inside = program_units(U, BLOCK)
+    gz = gates_ptr + gate_offset(b, t, 0, B, T, U, 3, GATE_MAJOR) + u
+    gr = gates_ptr + gate_offset(b, t, 1, B, T, U, 3, GATE_MAJOR) + u
+    pz = tl.load(product_ptr + step_offset(b, 0, B, U, 2, N_MASKS) + u, mask=inside).to(COMPUTE)
+    pr = tl.load(product_ptr + step_offset(b, 1, B, U, 2, N_MASKS) + u, mask=inside).to(COMPUTE)
+    z = activate(tl.load(gz, mask=inside).to(COMPUTE) + pz, REC_ACT)
+    r = activate(tl.load(gr, mask=inside).to(COMPUTE) + pr, REC_ACT)
+    h_prev = tl.load(carry_ptr + b * U + u, mask=inside).to(COMPUTE)
+    dtype = gates_ptr.dtype.element_ty
+    tl.store(gz, z.to(dtype), mask=inside)
+    tl.store(gr, r.to(dtype), mask=inside)
+    a = r * _times_candidate_mask(h_prev, masks_ptr, b, u, inside, B, U, N_MASKS)
+    tl.store(side_ptr + (b * T + t) * U + u, a.to(dtype), mask=inside)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _reset_before_state(
+    gates_ptr, product_h_ptr, h_ptr, carry_ptr, masked_h_ptr, masks_ptr, valid_ptr, t, B, U, T,
+    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_VALID: tl.constexpr, ACT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Second half, after the candidate's product a @ R_h: n and h_t."""
+    b, u, inside = program_units(U, BLOCK)
+    z = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
+    gn = gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u
+    candidate = tl.load(product_h_ptr + b * U + u, mask=inside).to(COMPUTE)
+    n = activate(tl.load(gn, mask=inside).to(COMPUTE) + candidate, ACT)
+    tl.store(gn, n.to(gates_ptr.dtype.element_ty), mask=inside)
+    h = _next_state(z, n, carry_ptr, h_ptr, valid_ptr, b, t, u, inside, T, U, HAS_VALID)
+    store_product_inputs(masked_h_ptr, masks_ptr, h, b, u, inside, B, U, N_MASKS, 2)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _reset_after_backward_step(
+    gates_ptr, h_ptr, side_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, dh_ptr, dz_ptr, d_inner_ptr, dz_step_ptr,
+    t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr,
+    ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One reset_after backward step: the gradients of the projections (dz) and of the products (dz_step:
+    dz, dr, dn ⊙ r), and the carry to h_{t-1}, in place."""
+    b, u, inside = program_units(U, BLOCK)
+    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 3, COMPUTE)
+    z = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
+    r = tl.load(gates_ptr + gate_offset(b, t, 1, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
+    n = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
+    h_prev = tl.load(h_ptr + (b * (T + 1) + t) * U + u, mask=inside).to(COMPUTE)
+    inner_h = tl.load(side_ptr + (b * T + t) * U + u, mask=inside).to(COMPUTE)
+    dzz = through(dh * (h_prev - n), z, REC_ACT)
+    dzn = through(dh * (1.0 - z), n, ACT)
+    dzr = through(dzn * inner_h, r, REC_ACT)
+    d_inner_h = dzn * r
+    dh_prev = dh * z
+    if HAS_VALID:  # a masked step held h: its gradient passes on, and the gates get none
+        keep = step_is_real(valid_ptr, b, t, T)
+        dzz = tl.where(keep, dzz, 0.0)
+        dzr = tl.where(keep, dzr, 0.0)
+        dzn = tl.where(keep, dzn, 0.0)
+        d_inner_h = tl.where(keep, d_inner_h, 0.0)
+        dh_prev = tl.where(keep, dh_prev, dh)
+    dtype = dz_ptr.dtype.element_ty
+    row = dz_ptr + (b * T + t) * 3 * U + u
+    tl.store(row, dzz.to(dtype), mask=inside)
+    tl.store(row + U, dzr.to(dtype), mask=inside)
+    tl.store(row + 2 * U, dzn.to(dtype), mask=inside)
+    tl.store(d_inner_ptr + (b * T + t) * U + u, d_inner_h.to(dtype), mask=inside)
+    tl.store(dz_step_ptr + step_offset(b, 0, B, U, 3, N_MASKS) + u, dzz.to(dtype), mask=inside)
+    tl.store(dz_step_ptr + step_offset(b, 1, B, U, 3, N_MASKS) + u, dzr.to(dtype), mask=inside)
+    tl.store(dz_step_ptr + step_offset(b, 2, B, U, 3, N_MASKS) + u, d_inner_h.to(dtype), mask=inside)
+    tl.store(dh_ptr + b * U + u, dh_prev.to(dh_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _reset_before_candidate_backward(
+    gates_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, dh_ptr, dz_ptr, dn_step_ptr, t, B, U, T,
+    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr,
+    ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """First half of a reset_before backward step: the whole gradient reaching h_t (left in dh for the
+    second half) and the candidate's dn, the input of the product dA = dn @ R_hᵀ."""
+    b, u, inside = program_units(U, BLOCK)
+    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 2, COMPUTE)
+    z = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
+    n = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
+    dzn = through(dh * (1.0 - z), n, ACT)
+    if HAS_VALID:
+        dzn = tl.where(step_is_real(valid_ptr, b, t, T), dzn, 0.0)
+    dtype = dz_ptr.dtype.element_ty
+    tl.store(dz_ptr + ((b * T + t) * 3 + 2) * U + u, dzn.to(dtype), mask=inside)
+    tl.store(dn_step_ptr + b * U + u, dzn.to(dtype), mask=inside)
+    tl.store(dh_ptr + b * U + u, dh.to(dh_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _reset_before_gates_backward(
+    gates_ptr, h_ptr, valid_ptr, da_ptr, masks_ptr, dh_ptr, dz_ptr, dz_step_ptr, t, B, U, T,
+    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_VALID: tl.constexpr, REC_ACT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Second half, after dA: the z and r gradients, and the carry to h_{t-1}, dh ⊙ z + dA ⊙ r ⊙ m_h."""
+    b, u, inside = program_units(U, BLOCK)
+    dh = tl.load(dh_ptr + b * U + u, mask=inside).to(COMPUTE)
+    z = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
+    r = tl.load(gates_ptr + gate_offset(b, t, 1, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
+    n = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
+    h_prev = tl.load(h_ptr + (b * (T + 1) + t) * U + u, mask=inside).to(COMPUTE)
+    da = tl.load(da_ptr + b * U + u, mask=inside).to(COMPUTE)
+    dzz = through(dh * (h_prev - n), z, REC_ACT)
+    dzr = through(da * _times_candidate_mask(h_prev, masks_ptr, b, u, inside, B, U, N_MASKS), r, REC_ACT)
+    dh_prev = dh * z + _times_candidate_mask(da * r, masks_ptr, b, u, inside, B, U, N_MASKS)
+    if HAS_VALID:  # a masked step held h: its gradient passes on, and the gates get none
+        keep = step_is_real(valid_ptr, b, t, T)
+        dzz = tl.where(keep, dzz, 0.0)
+        dzr = tl.where(keep, dzr, 0.0)
+        dh_prev = tl.where(keep, dh_prev, dh)
+    dtype = dz_ptr.dtype.element_ty
+    row = dz_ptr + (b * T + t) * 3 * U + u
+    tl.store(row, dzz.to(dtype), mask=inside)
+    tl.store(row + U, dzr.to(dtype), mask=inside)
+    tl.store(dz_step_ptr + step_offset(b, 0, B, U, 2, N_MASKS) + u, dzz.to(dtype), mask=inside)
+    tl.store(dz_step_ptr + step_offset(b, 1, B, U, 2, N_MASKS) + u, dzr.to(dtype), mask=inside)
+    tl.store(dh_ptr + b * U + u, dh_prev.to(dh_ptr.dtype.element_ty), mask=inside)
+
+
+# ---------------------------------------------------------------------------------------------- time loops
+def _product_gates(key: LoopKey) -> int:
+    """How many gates' recurrent products run together at the start of a step: 3, or z and r."""
+    return GATES if key.cell == RESET_AFTER else 2
+
+
+class _ForwardLoop(ForwardLoop):
+    """The forward time loop (layouts: the comment above the kernels). R is (U, 3U), or the panels R_g
+    (3, U, U) with per-gate masks; rbias (3U,), rec (m, B, U) and valid (B, T) are None where absent."""
+
+    def __init__(self, key: LoopKey, static: bool):
+        super().__init__(key, static)
+        B, T, U = key.batch, key.steps, key.units
+        self.reset_after = key.cell == RESET_AFTER
+        products = _product_gates(key)
+        self.gates = self.new(GATES, B, T, U) if key.gate_major else self.new(B, T, GATES * U)
+        self.carry = self.new_carry(B, U)
+        self.side = self.new(B, T, U)
+        self.masked_h = self.new(products if self.per_gate else 1, B, U)
+        self.product = self.new(products, B, U) if self.per_gate else self.new(B, products * U)
+        self.product_h = None if self.reset_after else self.new(B, U)
+        self.R = (self.new(GATES, U, U) if self.per_gate else self.new(U, GATES * U)) if static else None
+        self.rbias = self.new(GATES * U) if static and key.has_recurrent_bias else None
+
+    def load(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor], input_masks: Optional[Tensor], R: Tensor,
+             rbias: Optional[Tensor], h0: Tensor, rec: Optional[Tensor], valid: Optional[Tensor]) -> None:
+        units = self.key.units
+        project(x, kernel, bias, input_masks, out=self.gates, gates=GATES)
+        self.start(h0, rec)
+        self.carry.copy_(h0)
+        self.take_recurrent(R, R.reshape(units, GATES, units).permute(1, 0, 2))
+        self.take("rbias", rbias)
+        self.take("rec", rec)
+        self.take("valid", valid)
+
+    def run(self, steps: range) -> None:
+        key, units = self.key, self.key.units
+        programs, block = grid(key.batch, units)
+        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, COMPUTE=compute_type(key.dtype), BLOCK=block)
+        act, rec_act = key.codes
+        masks_arg, valid_arg = self.or_unused(self.rec), self.or_unused(self.valid)
+        multiply = torch.bmm if self.per_gate else torch.mm  # one product per gate, or one for all
+        h_in = self.masked_h if self.per_gate else self.masked_h[0]
+        if self.reset_after:
+            launch = _reset_after_step[programs]
+            rbias_arg = self.or_unused(self.rbias)
+            for t in steps:
+                multiply(h_in, self.R, out=self.product)
+                launch(self.gates, self.product, rbias_arg, self.h, self.carry, self.side, self.masked_h, masks_arg,
+                       valid_arg, t, key.batch, units, key.steps, HAS_RBIAS=key.has_recurrent_bias,
+                       HAS_VALID=key.has_valid, ACT=act, REC_ACT=rec_act, **shape)
+            return
+        gates_launch, state_launch = _reset_before_gates[programs], _reset_before_state[programs]
+        R_zr, R_h = (self.R[:2], self.R[2]) if self.per_gate else (self.R[:, :2 * units], self.R[:, 2 * units:])
+        for t in steps:
+            multiply(h_in, R_zr, out=self.product)
+            gates_launch(self.gates, self.product, self.carry, self.side, masks_arg, t, key.batch, units, key.steps,
+                         REC_ACT=rec_act, **shape)
+            torch.mm(self.side[:, t], R_h, out=self.product_h)
+            state_launch(self.gates, self.product_h, self.h, self.carry, self.masked_h, masks_arg, valid_arg, t,
+                         key.batch, units, key.steps, HAS_VALID=key.has_valid, ACT=act, **shape)
+
+
+class _BackwardLoop(BackwardLoop):
+    """The backward time loop, from step T-1 down to 0.
+
+    Inputs: gates and h as the forward left them, side (reset_after: I_h), valid (B, T) or None, d_hs
+    (B, T, U) or None, rec (m, B, U) or None, R (U, 3U) or the panels R_gᵀ (3, U, U). Working buffers:
+    back, the Q of the step after; dh (B, U); dz (B, T, 3U); dz_step; reset_after d_inner (B, T, U),
+    reset_before dn_step and da (B, U).
+    """
+
+    def __init__(self, key: LoopKey, static: bool):
+        super().__init__(key, static)
+        B, T, U = key.batch, key.steps, key.units
+        self.reset_after = key.cell == RESET_AFTER
+        products = _product_gates(key)
+        if static:
+            self.gates = self.new(GATES, B, T, U) if key.gate_major else self.new(B, T, GATES * U)
+            self.h = self.new(B, T + 1, U)
+            self.side = self.new(B, T, U) if self.reset_after else None
+            self.R = self.new(GATES, U, U) if self.per_gate else self.new(U, GATES * U)
+        self.back = self.new(products if self.per_gate else 1, B, U)
+        self.dz = self.new(B, T, GATES * U)
+        self.dz_step = self.new(products, B, U) if self.per_gate else self.new(B, products * U)
+        if self.reset_after:
+            self.d_inner = self.new(B, T, U)
+        else:
+            self.dn_step = self.new(B, U)
+            self.da = self.new(B, U)
+
+    def load(self, gates: Tensor, h_buffer: Tensor, side: Tensor, valid: Optional[Tensor], d_hs: Optional[Tensor],
+             rec: Optional[Tensor], R: Tensor) -> None:
+        units = self.key.units
+        self.take("gates", gates)
+        self.take("h", h_buffer)
+        if self.reset_after:  # reset_before reads its side (a) only after the loop, for dR_h
+            self.take("side", side)
+        self.take("valid", valid)
+        self.take("d_hs", d_hs)
+        self.take("rec", rec)
+        self.take_recurrent(R, R.reshape(units, GATES, units).permute(1, 2, 0))
+        self.back.zero_()  # no step after the last
+        self.dh.zero_()
+
+    def run(self, steps: range) -> None:
+        key, units = self.key, self.key.units
+        programs, block = grid(key.batch, units)
+        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid,
+                     COMPUTE=compute_type(key.dtype), BLOCK=block)
+        act, rec_act = key.codes
+        valid_arg, dhs_arg, masks_arg = self.or_unused(self.valid), self.or_unused(self.d_hs), self.or_unused(self.rec)
+        multiply = torch.bmm if self.per_gate else torch.mm
+        back_out = self.back if self.per_gate else self.back[0]
+        R_t = self.R if self.per_gate else self.R.t()  # R_gᵀ panels, or Rᵀ (3U, U)
+        if self.reset_after:
+            launch = _reset_after_backward_step[programs]
+            for t in steps:
+                launch(self.gates, self.h, self.side, valid_arg, dhs_arg, self.back, masks_arg, self.dh, self.dz,
+                       self.d_inner, self.dz_step, t, key.batch, units, key.steps, HAS_DHS=key.has_dhs, ACT=act,
+                       REC_ACT=rec_act, **shape)
+                multiply(self.dz_step, R_t, out=back_out)
+            return
+        candidate_launch = _reset_before_candidate_backward[programs]
+        gates_launch = _reset_before_gates_backward[programs]
+        R_zr_t, R_h_t = (R_t[:2], R_t[2]) if self.per_gate else (R_t[:2 * units], R_t[2 * units:])
+        for t in steps:
+            candidate_launch(self.gates, valid_arg, dhs_arg, self.back, masks_arg, self.dh, self.dz, self.dn_step, t,
+                             key.batch, units, key.steps, HAS_DHS=key.has_dhs, ACT=act, **shape)
+            torch.mm(self.dn_step, R_h_t, out=self.da)
+            gates_launch(self.gates, self.h, valid_arg, self.da, masks_arg, self.dh, self.dz, self.dz_step, t,
+                         key.batch, units, key.steps, REC_ACT=rec_act, **shape)
+            multiply(self.dz_step, R_zr_t, out=back_out)
+
+
+def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bias: Optional[Tensor],
+               rbias: Optional[Tensor], h_buffer: Tensor, side: Tensor, input_masks: Optional[Tensor],
+               rec: Optional[Tensor]) -> tuple:
+    """dx, dkernel, dbias, dR, drbias, dh0 (None where not needed) from a finished backward loop: large
+    products and sums over dz; none of them is a view of the loop's buffers."""
+    dz, units = loop.dz, loop.key.units
+    zr, candidate = slice(0, 2 * units), slice(2 * units, 3 * units)
+    dh0 = dbias = dR = drbias = None
+    if needs[5]:
+        dh0 = loop.initial_state_grad(rec)
+    if bias is not None and needs[2]:
+        dbias = dz.sum(dim=(0, 1))
+    if needs[3]:
+        previous = h_buffer[:, :x.shape[1]]
+        zr_masks, h_mask = (rec[:2], rec[2:]) if per_gate(rec) else (rec, rec)
+        if loop.reset_after:  # the candidate's product reads h ⊙ m_h; its output's gradient is dn ⊙ r
+            candidate_grad = recurrent_kernel_grad(previous, h_mask, loop.d_inner)
+        else:  # it reads a = r ⊙ h ⊙ m_h (saved as side); its output's gradient is dn
+            candidate_grad = recurrent_kernel_grad(side, None, dz[..., candidate])
+        dR = torch.cat([recurrent_kernel_grad(previous, zr_masks, dz[..., zr]), candidate_grad], dim=1)
+    if rbias is not None and needs[4]:
+        drbias = torch.cat([dz[..., zr].sum(dim=(0, 1)), loop.d_inner.sum(dim=(0, 1))])
+    dx, dkernel = input_grads(x, kernel, input_masks, dz, needs[0], needs[1], GATES)
+    return dx, dkernel, dbias, dR, drbias, dh0
+
+
+# ---------------------------------------------------------------------------------------------- the layer function
+class _GruLayer(torch.autograd.Function):
+    """One GRU cell over a whole sequence -- input projection and recurrence -- as one autograd node.
+
+    Inputs: x (B, T, D), kernel (D, 3U), bias (3U,) or None, R (U, 3U) (DropConnect applied), the
+    recurrent bias rb (3U,) (reset_after) or None, h0 (B, U), input masks (m, B, D) / (T, m, B, D) or None,
+    recurrent masks (m, B, U) or None, valid (B, T) of 0/1 or None, the cell, its activation codes, and
+    ``saving`` (as lstm._LstmLayer). Returns the carried h sequence (B, T, U).
+    """
+
+    @staticmethod
+    def forward(ctx, x, kernel, bias, R, rbias, h0, input_masks, rec, valid, cell, codes, saving):
+        form = RESET_AFTER if cell.reset_after else RESET_BEFORE
+        key = loop_key(form, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes,
+                       has_recurrent_bias=rbias is not None)
+
+        h_sequence, (gates, h_buffer, side) = run_loop(
+            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, rbias, h0, rec, valid),
+            lambda loop: outputs_and_saved(loop, saving, ("gates", "h", "side")))
+        ctx.save_for_backward(x, kernel, bias, R, rbias, h0, gates, h_buffer, side, input_masks, rec, valid)
+        ctx.cell, ctx.codes, ctx.form = cell, codes, form
+        return h_sequence
+
+    @staticmethod
+    def backward(ctx, d_hs):
+        x, kernel, bias, R, rbias, h0, gates, h_buffer, side, input_masks, rec, valid = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
+            def build(x, kernel, bias, R, rbias, h0):
+                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias, rbias), (h0,), input_masks, rec, valid)
+
+            return reference.differentiable_grads(ctx, (x, kernel, bias, R, rbias, h0), (d_hs,), build)
+        key = loop_key(ctx.form, True, x, R.shape[1] // GATES, input_masks, rec, valid, ctx.codes,
+                       has_dhs=d_hs is not None)
+        needs = ctx.needs_input_grad
+
+        def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
+            return _gradients(needs, loop, x, kernel, bias, rbias, h_buffer, side, input_masks, rec)
+
+        grads = run_loop(_BackwardLoop, key, x, (gates, h_buffer, side, valid, d_hs, rec, R), finish)
+        return (*grads, None, None, None, None, None, None)
+
+
+def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
+          valid: Optional[Tensor]) -> tuple[Tensor, States]:
+    """One GRUCell over x (B, T, D): the carried h sequence (B, T, U) and the final states (h,)."""
+    codes = (ACTIVATION_CODES[cell.activation], ACTIVATION_CODES[cell.recurrent_activation])
+    dtype = x.dtype
+    rbias = w.recurrent_bias if cell.reset_after else None  # reset_before has none (GRUCell.transition)
+    h_sequence = _GruLayer.apply(
+        x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, rbias, states[0].contiguous(),
+        contiguous(masks.input, dtype), contiguous(masks.recurrent, dtype), valid, cell, codes, saving(x, w, states),
+    )
+    return h_sequence, (h_sequence[:, -1],)

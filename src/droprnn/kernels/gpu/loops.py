@@ -1,0 +1,253 @@
+"""The time loops of every cell: their keys, buffers, the cache of captured loops, and the autograd glue.
+
+A cell module (``lstm.py``, ``gru.py``) writes a forward and a backward :class:`Loop` subclass -- its
+buffers, ``load`` (a call's inputs into them) and ``run`` (the per-step launches) -- and an autograd
+Function that calls :func:`run_loop`. The steps replay from a CUDA graph when one is captured for the
+loop's key (``graphs.py``), else run eagerly; ``run_loop`` decides, and the ``finish`` callback it takes
+copies out what outlives the call. One bounded cache holds the captured loops of all cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+
+from ...cells import CellWeights, StepMasks
+from . import graphs
+from .triton_helpers import accumulator_dtype
+
+Tensor = torch.Tensor
+States = tuple[Tensor, ...]
+
+
+class LoopKey(NamedTuple):
+    """Everything a time loop's buffers and launches depend on. Calls with equal keys can replay one
+    captured loop, so this is the key of :class:`graphs.GraphCache` (``D`` is absent: the input
+    projection runs before the loop, outside the graph)."""
+
+    cell: str  # which kernels and buffers: "lstm", "gru" (reset_after), "gru-reset-before"
+    backward: bool
+    device: torch.device
+    dtype: torch.dtype
+    batch: int
+    steps: int
+    units: int
+    gate_major: bool  # per-gate input masks: the gates are laid out (G, B, T, U)
+    n_masks: int  # recurrent masks: 0, 1 (shared) or G (per gate: one product per gate)
+    has_valid: bool  # a step mask (B, T)
+    has_dhs: bool  # backward: a gradient arrives for the h sequence (always False forward)
+    has_recurrent_bias: bool  # the GRU's recurrent bias (reset_after), added in its step kernel
+    codes: tuple  # (activation, recurrent_activation) codes, constexprs of the kernels
+    matmul_settings: str  # a captured cuBLAS call keeps the precision settings of its capture
+    stream: int  # the stream that orders the use of an entry's buffers: another stream gets its own entry
+
+
+def _matmul_settings(dtype: torch.dtype) -> str:
+    """The torch switches that change what a cuBLAS product of ``dtype`` computes."""
+    if dtype == torch.float32:
+        return torch.get_float32_matmul_precision()
+    if dtype == torch.float16:
+        return f"fp16 reduced reduction {torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction}"
+    if dtype == torch.bfloat16:
+        return f"bf16 reduced reduction {torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction}"
+    return ""
+
+
+def loop_key(cell: str, backward: bool, x: Tensor, units: int, input_masks: Optional[Tensor], rec: Optional[Tensor],
+             valid: Optional[Tensor], codes: tuple, has_dhs: bool = False, has_recurrent_bias: bool = False) -> LoopKey:
+    """The key of the forward (or backward) time loop of a call on x (B, T, D) with these masks."""
+    batch, steps, _ = x.shape
+    stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+    gate_major = input_masks is not None and input_masks.shape[-3] > 1
+    return LoopKey(cell, backward, x.device, x.dtype, batch, steps, units, gate_major,
+                   0 if rec is None else rec.shape[0], valid is not None, has_dhs, has_recurrent_bias, tuple(codes),
+                   _matmul_settings(x.dtype), stream)
+
+
+class Loop:
+    """Buffers of one time loop and its launches. A *static* loop (one that a CUDA graph replays) owns
+    every buffer, and ``load`` copies a call's inputs into them; an eager loop takes the call's inputs as
+    they are and allocates its working buffers only."""
+
+    def __init__(self, key: LoopKey, static: bool):
+        self.key, self.static, self.device = key, static, key.device
+        self.per_gate = key.n_masks > 1  # one recurrent product per gate (bmm over panels)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.lock = threading.Lock()
+
+    def new(self, *shape: int) -> Tensor:
+        """A buffer in the input dtype."""
+        return self._allocate(shape, self.key.dtype)
+
+    def new_carry(self, *shape: int) -> Tensor:
+        """A buffer for a state carried from step to step, in the kernels' compute dtype."""
+        return self._allocate(shape, accumulator_dtype(self.key.dtype))
+
+    def _allocate(self, shape: tuple, dtype: torch.dtype) -> Tensor:
+        # Static buffers start at zero: the warm-up before capture runs a step on them, on defined values.
+        allocate = torch.zeros if self.static else torch.empty
+        return allocate(shape, dtype=dtype, device=self.key.device)
+
+    def take(self, name: str, value: Optional[Tensor]) -> None:
+        """Input ``name`` of this call: copied into the static buffer, or taken as it is (contiguous)."""
+        if value is None:
+            return
+        if self.static:
+            getattr(self, name).copy_(value)
+        else:
+            setattr(self, name, value.contiguous())
+
+    def take_recurrent(self, R: Tensor, panels: Tensor) -> None:
+        """The recurrent kernel as the products take it: ``panels`` (G, U, U) with per-gate masks, else R
+        (U, G·U) itself -- left as it is in an eager loop (a transposed view from droprnn.nn, say)."""
+        if self.static:
+            self.R.copy_(panels if self.per_gate else R)
+        else:
+            self.R = panels.contiguous() if self.per_gate else R
+
+    def start(self, h0: Tensor, rec: Optional[Tensor]) -> None:
+        """Slot 0 of the h sequence (B, T + 1, U), and the first step's product inputs h0 ⊙ m_k."""
+        self.h[:, 0] = h0
+        if rec is None:
+            self.masked_h[0] = h0
+        else:
+            torch.mul(h0, rec[:self.masked_h.shape[0]], out=self.masked_h)
+
+    def steps(self) -> range:
+        raise NotImplementedError
+
+    def run(self, steps: range) -> None:
+        raise NotImplementedError
+
+
+    def or_unused(self, t: Optional[Tensor]) -> Tensor:
+        """``t``, or for an absent input any tensor: a kernel never reads the argument of an absent input."""
+        return self.unused if t is None else t
+
+
+class ForwardLoop(Loop):
+    """What every forward loop has: the h sequence (B, T + 1, U) (slot 0: h0), and in a static loop the
+    recurrent masks (m, B, U) and the step mask (B, T). The cell's class adds the rest."""
+
+    def __init__(self, key: LoopKey, static: bool):
+        super().__init__(key, static)
+        B, T, U, m = key.batch, key.steps, key.units, key.n_masks
+        self.h = self.unused = self.new(B, T + 1, U)
+        self.rec = self.new(m, B, U) if static and m else None
+        self.valid = self.new(B, T) if static and key.has_valid else None
+
+    def steps(self) -> range:
+        return range(self.key.steps)
+
+
+class BackwardLoop(Loop):
+    """What every backward loop has: dh (B, U), the gradient carried to the step before (compute dtype),
+    and in a static loop the step mask (B, T), the output's gradient dH (B, T, U) and the recurrent masks
+    (m, B, U). The cell's class adds the rest."""
+
+    def __init__(self, key: LoopKey, static: bool):
+        super().__init__(key, static)
+        B, T, U, m = key.batch, key.steps, key.units, key.n_masks
+        self.dh = self.unused = self.new_carry(B, U)
+        self.valid = self.new(B, T) if static and key.has_valid else None
+        self.d_hs = self.new(B, T, U) if static and key.has_dhs else None
+        self.rec = self.new(m, B, U) if static and m else None
+
+    def steps(self) -> range:
+        return range(self.key.steps - 1, -1, -1)
+
+    def initial_state_grad(self, rec: Optional[Tensor]) -> Tensor:
+        """dh0 (B, U) in the input dtype, once the loop has run: the carry plus step 0's recurrent products
+        through the masks (Σ_k Q_k ⊙ m_k over the products' masks). Never a view of the loop's buffers."""
+        back = self.back
+        total = self.dh + (back[0] if rec is None else (back * rec[:back.shape[0]]).sum(0))
+        return total.to(self.key.dtype)
+
+
+_GRAPHS = graphs.GraphCache()
+
+
+def clear_graph_cache() -> None:
+    """Free every captured loop and its buffers (they are rebuilt on demand)."""
+    _GRAPHS.clear()
+
+
+def _captured(loop_class: type, key: LoopKey) -> Loop:
+    """A static loop for ``key``, its steps captured in a CUDA graph."""
+    # Not inference tensors even when built inside torch.inference_mode(): later calls in training
+    # write into them.
+    with torch.inference_mode(False):
+        loop = loop_class(key, static=True)
+        steps = loop.steps()
+        loop.graph = graphs.capture(key.device, loop=lambda: loop.run(steps), warm_up=lambda: loop.run(steps[:1]))
+    return loop
+
+
+def _current_device(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def outputs_and_saved(loop: ForwardLoop, saving: bool, names: tuple) -> tuple[Tensor, tuple]:
+    """The carried h sequence (B, T, U) of a finished forward loop, and its buffers ``names`` (h among them)
+    for the backward -- as this call's own: a static loop's next replay overwrites its buffers, so what
+    outlives the call is copied out, the saved buffers only when a backward may follow (``saving``)."""
+    saved = tuple(getattr(loop, name) for name in names)
+    h = loop.h
+    if loop.static:
+        if not saving:
+            return h[:, 1:].clone(), (None,) * len(names)
+        saved = tuple(t.clone() for t in saved)
+        h = saved[names.index("h")]
+    return h[:, 1:], saved
+
+
+def run_loop(loop_class: type, key: LoopKey, x: Tensor, inputs: tuple, finish: Callable[[Loop], Any]) -> Any:
+    """Load ``inputs`` into a time loop, run all its steps, and return ``finish(loop)``.
+
+    The steps are replayed from a captured loop when graphs can be used (graphs.unusable_reason) and the
+    cache has one for ``key``; ``finish`` must then copy out whatever outlives the call, since the next
+    replay overwrites the buffers (the entry's lock keeps another thread out until it has). Else they
+    run eagerly, on buffers of this call's own.
+    """
+    if graphs.unusable_reason(x) is None:
+        with _current_device(key.device):  # capture and replay launch on the current device's streams
+            entry = _GRAPHS.lookup(key, lambda: _captured(loop_class, key))
+            if entry is not None:
+                with entry.lock:
+                    entry.load(*inputs)
+                    entry.graph.replay()
+                    return finish(entry)
+    loop = loop_class(key, static=False)
+    loop.load(*inputs)
+    loop.run(loop.steps())
+    return finish(loop)
+
+
+# ---------------------------------------------------------------------------------------------- autograd glue
+def saving(x: Tensor, w: CellWeights, states: States) -> bool:
+    """Whether a backward may follow this layer's call (then the forward keeps what the backward reads)."""
+    tensors = (x, w.kernel, w.input_bias, w.recurrent_kernel, w.recurrent_bias, *states)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_masks: Optional[Tensor],
+                rec: Optional[Tensor], valid: Optional[Tensor]) -> tuple[Tensor, ...]:
+    """What a cell's layer Function computes, in the cell's own plain autograd ops: the h sequence
+    (B, T, U), then the last value of every other state (the LSTM's c)."""
+    projected = cell.project_inputs(x, weights, input_masks)
+    sequence = []
+    for t in range(x.shape[1]):
+        _, new = cell.step(projected[:, t], states, weights, StepMasks(recurrent=rec))
+        if valid is not None:
+            keep = valid[:, t, None] != 0
+            new = tuple(torch.where(keep, fresh, old) for fresh, old in zip(new, states))
+        states = new
+        sequence.append(new[0])
+    return (torch.stack(sequence, dim=1), *states[1:])
+
+
+def contiguous(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype).contiguous()

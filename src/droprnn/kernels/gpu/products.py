@@ -1,0 +1,109 @@
+"""The large products around the time loops, through torch (cuBLAS), shared by every cell.
+
+Before the loop the input projections of all steps, P = (x ⊙ m_x^g) @ K_g + b_g; after the backward loop
+the weight and input gradients from the gate gradients dz of all steps. All in the input dtype (cuBLAS
+accumulates half-precision products in float32). G is the cell's gate count (LSTM 4, GRU 3); per-gate
+masks make one product per gate, with one gate's masked copy of x (or h) alive at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def time_mask(masks: Tensor, g: int) -> Tensor:
+    """Mask g of input masks (m, B, D) or per step (T, m, B, D), broadcastable against x (B, T, D)."""
+    if masks.dim() == 4:
+        return masks[:, g].permute(1, 0, 2)
+    return masks[g].unsqueeze(1)
+
+
+def per_gate(masks: Optional[Tensor]) -> bool:
+    """Whether ``masks`` ((m, B, ·) or per step (T, m, B, ·)) hold one mask per gate."""
+    return masks is not None and masks.shape[-3] > 1
+
+
+def project(x: Tensor, kernel: Tensor, bias: Optional[Tensor], masks: Optional[Tensor], out: Tensor,
+            gates: int) -> Tensor:
+    """Input projections of all steps with the bias, written into ``out``: x (B, T, D) -> (B, T, G·U), or
+    gate-major (G, B, T, U) with per-gate masks. ``out`` is a time loop's gates buffer, so that a captured
+    loop's static buffer is filled without a copy."""
+    batch, steps, features = x.shape
+    units = kernel.shape[1] // gates
+    if per_gate(masks):
+        scratch = torch.empty_like(x)
+        for g in range(gates):
+            cols = slice(g * units, (g + 1) * units)
+            masked = torch.mul(x, time_mask(masks, g), out=scratch).view(batch * steps, features)
+            target = out[g].view(batch * steps, units)
+            if bias is None:
+                torch.mm(masked, kernel[:, cols], out=target)
+            else:
+                torch.addmm(bias[cols], masked, kernel[:, cols], out=target)
+        return out
+    if masks is not None:
+        x = x * time_mask(masks, 0)
+    flat = x.reshape(batch * steps, features)
+    target = out.view(batch * steps, gates * units)
+    if bias is None:
+        torch.mm(flat, kernel, out=target)
+    else:
+        torch.addmm(bias, flat, kernel, out=target)
+    return out
+
+
+def input_grads(x: Tensor, kernel: Tensor, masks: Optional[Tensor], dz: Tensor, need_x: bool, need_kernel: bool,
+                gates: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """dx (B, T, D) and dK (D, G·U) from the gradients of the projections dz (B, T, G·U)."""
+    batch, steps, features = x.shape
+    units = kernel.shape[1] // gates
+    flat_dz = dz.view(batch * steps, gates * units)
+    dx = dkernel = None
+    if per_gate(masks):
+        dx = torch.zeros_like(x) if need_x else None
+        dkernel = kernel.new_empty(kernel.shape) if need_kernel else None
+        scratch = torch.empty_like(x) if need_kernel else None
+        for g in range(gates):
+            cols = slice(g * units, (g + 1) * units)
+            mask = time_mask(masks, g)
+            if need_kernel:
+                masked = torch.mul(x, mask, out=scratch).view(batch * steps, features)
+                dkernel[:, cols] = masked.t() @ flat_dz[:, cols]
+            if need_x:
+                dx.addcmul_((flat_dz[:, cols] @ kernel[:, cols].t()).view(batch, steps, features), mask)
+        return dx, dkernel
+    mask = None if masks is None else time_mask(masks, 0)
+    if need_kernel:
+        masked = x if mask is None else x * mask
+        dkernel = masked.reshape(batch * steps, features).t() @ flat_dz
+    if need_x:
+        dx = (flat_dz @ kernel.t()).view(batch, steps, features)
+        if mask is not None:
+            dx = dx.mul_(mask)
+    return dx, dkernel
+
+
+def recurrent_kernel_grad(previous: Tensor, masks: Optional[Tensor], grads: Tensor) -> Tensor:
+    """Columns of dR, (H, k·U) = Σ_t (h_{t-1} ⊙ m_g)ᵀ dz_g, for k gates at once.
+
+    previous: the states the products read, (B, T, H); masks: (k, B, H) one per gate, (1, B, H) shared, or
+    None; grads: the gradients of the products' outputs, (B, T, k·U) -- a column slice of a wider buffer
+    is fine (flattening (B, T) keeps it a view).
+    """
+    batch, steps, width = grads.shape
+    flat_grads = grads.reshape(batch * steps, width)
+    if not per_gate(masks):
+        masked = previous if masks is None else previous * masks[0].unsqueeze(1)
+        return masked.reshape(batch * steps, -1).t() @ flat_grads
+    units = width // masks.shape[0]
+    grad = grads.new_empty(previous.shape[-1], width)
+    scratch = grads.new_empty(previous.shape)
+    for g in range(masks.shape[0]):
+        cols = slice(g * units, (g + 1) * units)
+        masked = torch.mul(previous, masks[g].unsqueeze(1), out=scratch).view(batch * steps, -1)
+        grad[:, cols] = masked.t() @ flat_grads[:, cols]
+    return grad

@@ -1,0 +1,150 @@
+"""Triton device functions shared by the step kernels (``lstm.py``, ``gru.py``), and how they are launched.
+
+Only Triton builtins here (tl.exp, tl.where, …), no tl.sigmoid: the library's own @jit helpers are compiled
+for the GPU when Triton is imported before TRITON_INTERPRET=1 is set, and would then refuse to run inside
+an interpreted kernel. These functions are jit'd when this module is first imported, which is when the
+kernels that call them are (``stack.py`` imports both cells), so all of them run the same way.
+
+Precision: the kernels load every operand into ``COMPUTE`` -- float64 for float64 tensors, float32 for
+float32, float16 and bfloat16 ones -- and round once, on the store. The states a recurrence carries from
+step to step (the LSTM's c, the GRU's h, the backward's dh and dc) live in buffers of that compute type,
+so half-precision inputs accumulate nothing in half precision; what the products read and what autograd
+receives is in the input dtype.
+
+Every buffer's layout is fixed by the
+sizes (B, T, U) and the constexprs, so a launch passes pointers and four sizes only: each argument costs
+launch time on the host, and the per-step launches are what bounds a short-sequence step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Units per program: a (B, ceil(U / BLOCK)) grid; 128 keeps enough programs for small batches on big GPUs.
+_MAX_BLOCK = 128
+
+
+@triton.jit
+def activate(x, CODE: tl.constexpr):
+    """The activation with code CODE (gpu.ACTIVATION_CODES) of x."""
+    if CODE == 0:  # tanh, from exp(-2|x|) so that it never overflows
+        e = tl.exp(-2.0 * tl.abs(x))
+        y = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0.0, -y, y)
+    elif CODE == 1:  # sigmoid
+        return 1.0 / (1.0 + tl.exp(-x))
+    elif CODE == 2:  # hard_sigmoid, Keras 3: relu6(x + 3) / 6
+        return tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+    elif CODE == 3:  # relu
+        return tl.maximum(x, 0.0)
+    else:  # linear
+        return x
+
+
+@triton.jit
+def through(grad, y, CODE: tl.constexpr):
+    """grad · f'(x), from the activation's output y = f(x) (torch's derivatives, boundaries included)."""
+    if CODE == 0:
+        return grad * (1.0 - y * y)
+    elif CODE == 1:
+        return grad * (1.0 - y) * y
+    elif CODE == 2:  # relu6's gradient is zero at both corners
+        return tl.where((y > 0.0) & (y < 1.0), grad / 6.0, 0.0)
+    elif CODE == 3:
+        return tl.where(y > 0.0, grad, 0.0)
+    else:
+        return grad
+
+
+@triton.jit
+def program_units(U, BLOCK: tl.constexpr):
+    """What program (b, j) of a step kernel's (B, ceil(U / BLOCK)) grid works on: sequence b (int64, so that
+    offsets are computed in 64 bits), the units u = [BLOCK·j, BLOCK·(j+1)), and which of them exist."""
+    u = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return tl.program_id(0).to(tl.int64), u, u < U
+
+
+@triton.jit
+def gate_offset(b, t, g, B, T, U, GATES: tl.constexpr, GATE_MAJOR: tl.constexpr):
+    """Offset of (sequence b, step t, gate g) in a gates sequence: (B, T, G, U), or (G, B, T, U) when
+    GATE_MAJOR (per-gate input masks: one input product per gate)."""
+    if GATE_MAJOR:
+        return ((g * B + b) * T + t) * U
+    else:
+        return ((b * T + t) * GATES + g) * U
+
+
+@triton.jit
+def step_offset(b, g, B, U, GATES: tl.constexpr, N_MASKS: tl.constexpr):
+    """Offset of (gate g, sequence b) in one step's product or gate gradients: (G, B, U) with per-gate
+    recurrent masks (N_MASKS > 1: one product per gate), else (B, G, U) (one product for all gates)."""
+    if N_MASKS > 1:
+        return (g * B + b) * U
+    else:
+        return (b * GATES + g) * U
+
+
+@triton.jit
+def store_product_inputs(masked_ptr, masks_ptr, h, b, u, inside, B, U, N_MASKS: tl.constexpr,
+                         N_PRODUCTS: tl.constexpr):
+    """Write the next step's product inputs (m, B, U): h ⊙ m_k for the first N_PRODUCTS per-gate masks, h ⊙ m
+    with a shared mask, h itself without -- so that no separate pass multiplies the masks in."""
+    dtype = masked_ptr.dtype.element_ty
+    if N_MASKS == 0:
+        tl.store(masked_ptr + b * U + u, h.to(dtype), mask=inside)
+    elif N_MASKS == 1:
+        m = tl.load(masks_ptr + b * U + u, mask=inside).to(h.dtype)
+        tl.store(masked_ptr + b * U + u, (h * m).to(dtype), mask=inside)
+    else:
+        for k in tl.static_range(N_PRODUCTS):
+            m = tl.load(masks_ptr + (k * B + b) * U + u, mask=inside).to(h.dtype)
+            tl.store(masked_ptr + (k * B + b) * U + u, (h * m).to(dtype), mask=inside)
+
+
+@triton.jit
+def incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, b, t, u, inside, B, T, U, HAS_DHS: tl.constexpr,
+                  N_MASKS: tl.constexpr, N_PRODUCTS: tl.constexpr, COMPUTE: tl.constexpr):
+    """The gradient reaching h_t: the carry dh (B, U) from the step after, dH_t (B, T, U) from the layer's
+    output, and the step after's recurrent products Q_k = dz_k @ R_kᵀ (``back``, (m, B, U)) through the
+    masks: Σ_k Q_k ⊙ m_k over the first N_PRODUCTS per-gate masks, Q ⊙ m shared, or Q without masks."""
+    dh = tl.load(dh_ptr + b * U + u, mask=inside).to(COMPUTE)
+    if HAS_DHS:
+        dh += tl.load(dhs_ptr + (b * T + t) * U + u, mask=inside).to(COMPUTE)
+    if N_MASKS == 0:
+        dh += tl.load(back_ptr + b * U + u, mask=inside).to(COMPUTE)
+    elif N_MASKS == 1:
+        q = tl.load(back_ptr + b * U + u, mask=inside).to(COMPUTE)
+        dh += q * tl.load(masks_ptr + b * U + u, mask=inside).to(COMPUTE)
+    else:
+        for k in tl.static_range(N_PRODUCTS):
+            q = tl.load(back_ptr + (k * B + b) * U + u, mask=inside).to(COMPUTE)
+            dh += q * tl.load(masks_ptr + (k * B + b) * U + u, mask=inside).to(COMPUTE)
+    return dh
+
+
+@triton.jit
+def step_is_real(valid_ptr, b, t, T):
+    """Whether step t of sequence b is real (the step mask (B, T) holds 0 where it is masked)."""
+    return tl.load(valid_ptr + b * T + t) != 0
+
+
+# Whether Triton compiled the functions above for its CPU interpreter (TRITON_INTERPRET=1 at import).
+INTERPRETED = type(activate).__name__ == "InterpretedFunction"
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the carried states: float64 for float64 tensors, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_type(dtype: torch.dtype):
+    """The Triton type the kernels compute in for tensors of ``dtype`` (a COMPUTE constexpr)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def grid(batch: int, units: int) -> tuple[tuple[int, int], int]:
+    """The launch grid (B, ceil(U / BLOCK)) of a step kernel, and BLOCK."""
+    block = min(triton.next_power_of_2(units), _MAX_BLOCK)
+    return (batch, triton.cdiv(units, block)), block
