@@ -3,6 +3,7 @@ hand-made corpora, the presets' models, and the tiny preset end to end on the re
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -161,3 +162,20 @@ def test_unknown_preset_is_one_line_and_exit_2(capsys):
     assert main(["lab", "ptb", "--preset", "zaremba-huge"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "zaremba-small" in err
+
+
+@needs_ptb
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
+    preset = ptb.Preset("resume", "resume", layers=2, units=16, epochs=2, learning_rate=1.0, lr_decay=0.5,
+                        decay_after=1, init_scale=0.1, input_dropout=0.2, recurrent_dropout=0.2,
+                        output_dropout=0.2, embedding_dropout=0.1, train_tokens=12_000, eval_tokens=2_000)
+    strip = lambda t: [{k: v for k, v in e.items() if k != "seconds"} for e in t["epochs"]]  # noqa: E731
+    whole = ptb.train(preset, seed=3, checkpoint=tmp_path / "whole.pt")
+    first = ptb.train(dataclasses.replace(preset, epochs=1), seed=3, checkpoint=tmp_path / "split.pt")
+    seen = []
+    resumed = ptb.train(preset, seed=3, checkpoint=tmp_path / "split.pt", on_epoch=seen.append)
+    assert [e["epoch"] for e in seen] == [2], "only the missing epoch runs"
+    assert strip(first) == strip(whole)[:1] and strip(resumed) == strip(whole)
+    assert resumed["test_metric"] == whole["test_metric"]
+    with pytest.raises(DroprnnError, match="other settings"):
+        ptb.train(dataclasses.replace(preset, units=8), seed=3, checkpoint=tmp_path / "split.pt")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
 from .errors import DroprnnError
@@ -116,7 +117,10 @@ def _run_ptb(args) -> None:
               f"{record['val_metric']:.1f}, learning rate {record['learning_rate']:.4g}, {record['seconds']:.0f} s",
               flush=True)
 
-    results, files = ptb.run(args.preset, out=args.out or None, seed=args.seed, epochs=args.epochs, progress=show,
+    out = args.out or f"runs/ptb-{args.preset}"
+    if (Path(out) / "checkpoint.pt").exists():
+        print(f"resuming from {Path(out) / 'checkpoint.pt'}", flush=True)
+    results, files = ptb.run(args.preset, out=out, seed=args.seed, epochs=args.epochs, progress=show,
                              device=args.device)
     trial = results["trials"][0]
     lines = [("test perplexity", trial["test_metric"], trial["published"])]

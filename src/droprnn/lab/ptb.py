@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,9 +212,54 @@ def _streams(preset: Preset):
             cut(data.test, preset.eval_tokens), len(data.vocabulary))
 
 
+def _rng_states(device: str) -> dict[str, Any]:
+    states = {"cpu": torch.get_rng_state()}
+    if str(device).startswith("cuda"):
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict[str, Any], device: str) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def _resume(checkpoint: Optional[Path], preset: Preset, seed: int, model: torch.nn.Module, device: str):
+    """(finished epoch records, best (perplexity, epoch), seconds already spent) from ``checkpoint``, with
+    the model's weights and the random streams restored; nothing when there is none. A checkpoint of other
+    settings (the epoch count aside, which may grow) is refused."""
+    if checkpoint is None or not checkpoint.exists():
+        return [], None, 0.0
+    saved = torch.load(checkpoint, map_location=device, weights_only=False)
+    mine = {**dataclasses.asdict(preset), "epochs": None, "seed": seed}
+    theirs = {**saved["preset"], "epochs": None, "seed": saved["seed"]}
+    if mine != theirs:
+        differing = ", ".join(f"{k} {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items() if theirs.get(k) != v)
+        raise DroprnnError(f"{WHERE}: {checkpoint} holds a run with other settings ({differing}); "
+                           "pick another --out or remove it.")
+    model.load_state_dict(saved["model"])
+    _set_rng_states(saved["rng"], device)
+    return saved["epochs"], saved["best"], saved["seconds"]
+
+
+def _save(checkpoint: Path, preset: Preset, seed: int, model: torch.nn.Module, epochs: list, best, seconds: float,
+          device: str) -> None:
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    staged = checkpoint.with_suffix(".tmp")
+    torch.save({"preset": dataclasses.asdict(preset), "seed": seed, "model": model.state_dict(), "epochs": epochs,
+                "best": best, "seconds": seconds, "rng": _rng_states(device)}, staged)
+    os.replace(staged, checkpoint)  # a run stopped mid-write keeps the previous checkpoint
+
+
 def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
-          threads: Optional[int] = None, device: str = "cpu") -> dict[str, Any]:
-    """Train ``preset`` on ``device``; returns its trial record for results.json (perplexity as the metric)."""
+          threads: Optional[int] = None, device: str = "cpu", checkpoint: Optional[Path] = None) -> dict[str, Any]:
+    """Train ``preset`` on ``device``; returns its trial record for results.json (perplexity as the metric).
+
+    With ``checkpoint`` (a file path) the run saves itself after every epoch and, when the file exists,
+    continues after its last epoch: weights and random streams restored, so on the CPU a resumed run equals
+    an uninterrupted one bit for bit.
+    """
     started = time.perf_counter()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -225,8 +271,9 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
             parameter.uniform_(-preset.init_scale, preset.init_scale)
     parameters = list(model.parameters())
     data = batchify(train_stream, preset.batch_size).to(device)
-    epochs, best = [], None
-    for epoch in range(1, preset.epochs + 1):
+    epochs, best, spent = _resume(checkpoint, preset, seed, model, device)
+    started -= spent
+    for epoch in range(len(epochs) + 1, preset.epochs + 1):
         epoch_start = time.perf_counter()
         lr = learning_rate(preset, epoch)
         model.train()
@@ -253,6 +300,8 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
         epochs.append(record)
         if best is None or val_ppl < best[0]:
             best = (val_ppl, epoch)
+        if checkpoint is not None:
+            _save(checkpoint, preset, seed, model, epochs, best, time.perf_counter() - started, device)
         if on_epoch is not None:
             on_epoch(record)
     # Zaremba and Gal report the model after the last epoch; the best validation epoch is recorded beside it.
@@ -270,14 +319,15 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
 def run(preset_name: str, out: Optional[str] = None, seed: int = 0, epochs: Optional[int] = None,
         progress: Optional[Callable[[dict[str, Any]], None]] = None,
         device: str = "cpu") -> tuple[dict[str, Any], dict[str, Path]]:
-    """``droprnn lab ptb``: train one preset, write results.json and the report into ``out``."""
+    """``droprnn lab ptb``: train one preset, write results.json and the report into ``out``. The run saves
+    a checkpoint after every epoch; running again with the same ``out`` continues where it stopped."""
     if preset_name not in PRESETS:
         raise DroprnnError(f"{WHERE}: argument `--preset` expected one of {', '.join(PRESETS)}, got {preset_name!r}.")
     preset = PRESETS[preset_name]
     if epochs is not None:
         preset = dataclasses.replace(preset, epochs=check_positive_int(WHERE, "--epochs", epochs))
     run_dir = Path(out or f"runs/ptb-{preset.name}")
-    trial = train(preset, seed, progress, device=device)
+    trial = train(preset, seed, progress, device=device, checkpoint=run_dir / "checkpoint.pt")
 
     published = ", ".join(f"{label} {value}" for label, value in (
         ("published test perplexity", preset.published), ("with MC dropout", preset.published_mc)) if value)
