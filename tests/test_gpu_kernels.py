@@ -50,6 +50,7 @@ from droprnn import (  # noqa: E402
     GRU, LSTM, RNN, CellMasks, DropoutPlan, DroprnnError, GRUCell, LSTMCell, SimpleRNN, SimpleRNNCell,
 )
 from droprnn.kernels import dispatch, fused, gpu  # noqa: E402
+from kernel_oracle import cast_plan, flat, loss_weights, rebuild, run  # noqa: E402
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 IN_PROCESS = gpu.interpreting()
@@ -115,60 +116,6 @@ def make_initial_state(layer, B: int, dtype, seed: int):
     per_cell = [[0.5 * torch.randn(B, s, generator=gen, dtype=F64).to(dtype) for s in c.state_size]
                 for c in layer.cells]
     return per_cell[0] if len(per_cell) == 1 else per_cell
-
-
-def flat(tree) -> list:
-    if tree is None:
-        return []
-    if torch.is_tensor(tree):
-        return [tree]
-    return [t for item in tree for t in flat(item)]
-
-
-def rebuild(tree, leaves):
-    it = iter(leaves)
-
-    def go(node):
-        return next(it) if torch.is_tensor(node) else [go(n) for n in node]
-
-    return None if tree is None else go(tree)
-
-
-def cast_plan(plan: DropoutPlan, dtype) -> DropoutPlan:
-    def c(t):
-        return None if t is None else t.to(dtype)
-
-    return DropoutPlan(tuple(
-        CellMasks(c(m.input), c(m.recurrent), c(m.update), c(m.recurrent_kernel),
-                  None if m.zoneout is None else tuple(c(z) for z in m.zoneout))
-        for m in plan.cells
-    ))
-
-
-def loss_weights(tensors) -> list:
-    out = []
-    for k, t in enumerate(tensors):
-        gen = torch.Generator().manual_seed(3000 + k)
-        out.append(torch.randn(t.shape, generator=gen, dtype=F64))
-    return out
-
-
-def run(layer, x, plans, *, initial_state=None, mask=None, lengths=None, calls=1, loss_on=None):
-    """Call ``layer`` ``calls`` times with the given plans; return (returned tensors, gradients of a fixed
-    random loss wrt x, the initial states and every trainable parameter)."""
-    params = [p for p in layer.parameters() if p.requires_grad]
-    x = x.detach().clone().requires_grad_(True)
-    init_leaves = [t.detach().clone().requires_grad_(True) for t in flat(initial_state)]
-    init = rebuild(initial_state, init_leaves)
-    returned = []
-    for k in range(calls):
-        out = layer(x, mask=mask, lengths=lengths, initial_state=init if k == 0 else None, dropout_plan=plans[k])
-        returned += flat(out)
-    used = returned if loss_on is None else [returned[i] for i in loss_on]
-    loss = sum((t * w.to(t.dtype)).sum() for t, w in zip(used, loss_weights(used)))
-    wrt = [x, *init_leaves, *params]
-    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-    return [t.detach() for t in returned], [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
 
 
 def run_impl(layer, impl, *args, **kwargs):

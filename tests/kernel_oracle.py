@@ -1,0 +1,74 @@
+"""Helpers the kernel test files share: running a layer under given dropout plans and collecting every
+returned tensor and gradient of a fixed random loss, so a fast kernel can be held to the reference loop.
+
+(Imported by tests/test_fused.py and tests/test_gpu_kernels.py; pytest puts this folder on sys.path.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from droprnn import CellMasks, DropoutPlan
+
+F64 = torch.float64
+
+
+def flat(tree) -> list:
+    if tree is None:
+        return []
+    if torch.is_tensor(tree):
+        return [tree]
+    return [t for item in tree for t in flat(item)]
+
+
+def rebuild(tree, leaves):
+    """``tree`` (tensors in nested lists) with its tensors replaced by ``leaves`` in order."""
+    it = iter(leaves)
+
+    def go(node):
+        if torch.is_tensor(node):
+            return next(it)
+        return [go(n) for n in node]
+
+    return None if tree is None else go(tree)
+
+
+def cast_plan(plan: DropoutPlan, dtype) -> DropoutPlan:
+    def c(t):
+        return None if t is None else t.to(dtype)
+
+    return DropoutPlan(tuple(
+        CellMasks(c(m.input), c(m.recurrent), c(m.update), c(m.recurrent_kernel),
+                  None if m.zoneout is None else tuple(c(z) for z in m.zoneout))
+        for m in plan.cells
+    ))
+
+
+def loss_weights(tensors) -> list:
+    """Fixed random weights for a loss that touches every element of every returned tensor."""
+    out = []
+    for k, t in enumerate(tensors):
+        gen = torch.Generator().manual_seed(3000 + k)
+        out.append(torch.randn(t.shape, generator=gen, dtype=F64))
+    return out
+
+
+def run(layer, x, plans, *, initial_state=None, mask=None, lengths=None, calls=1, loss_on=None):
+    """Call ``layer`` ``calls`` times (stateful layers carry states between them) with the given plans;
+    return (returned tensors of all calls, gradients of a fixed random loss wrt x, initial states and every
+    parameter, in order). ``loss_on`` picks which returned tensors enter the loss (default: all)."""
+    params = list(layer.parameters())
+    x = x.detach().clone().requires_grad_(True)
+    init_leaves = [t.detach().clone().requires_grad_(True) for t in flat(initial_state)]
+    init = rebuild(initial_state, init_leaves)
+    returned = []
+    for k in range(calls):
+        out = layer(x, mask=mask, lengths=lengths, initial_state=init if k == 0 else None,
+                    dropout_plan=plans[k])
+        returned += flat(out)
+    used = returned if loss_on is None else [returned[i] for i in loss_on]
+    loss = sum((t * w.to(t.dtype)).sum() for t, w in zip(used, loss_weights(used)))
+    wrt = [x, *init_leaves, *[p for p in params if p.requires_grad]]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
+    return [t.detach() for t in returned], list(grads)
