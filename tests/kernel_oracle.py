@@ -72,3 +72,32 @@ def run(layer, x, plans, *, initial_state=None, mask=None, lengths=None, calls=1
     grads = torch.autograd.grad(loss, wrt, allow_unused=True)
     grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
     return [t.detach() for t in returned], list(grads)
+
+
+def draw_plans(layer, B, T, calls=1, training=True):
+    return [layer.draw_dropout_plan(B, steps=T, training=training) for _ in range(calls)]
+
+
+def holey_mask(B: int, T: int, seed: int) -> torch.Tensor:
+    """A (B, T) bool mask with holes; row 0 starts masked, the last row is fully masked (when B > 1)."""
+    gen = torch.Generator().manual_seed(4000 + seed)
+    mask = torch.rand(B, T, generator=gen) > 0.35
+    mask[0, 0] = False
+    if T > 1:
+        mask[0, 1] = True
+    if B > 1:
+        mask[-1] = False
+    return mask
+
+
+def spy_on(monkeypatch, module) -> list:
+    """Record the arguments of every call to ``module.run`` (a kernel), which still runs."""
+    calls = []
+    original = module.run
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "run", wrapper)
+    return calls

@@ -44,7 +44,7 @@ from droprnn import (
     SimpleRNNCell,
 )
 from droprnn.kernels import cpu, dispatch, fused
-from kernel_oracle import cast_plan, flat, loss_weights, rebuild, run
+from kernel_oracle import cast_plan, draw_plans, flat, holey_mask, loss_weights, rebuild, run, spy_on
 
 F32, F64 = torch.float32, torch.float64
 
@@ -196,22 +196,6 @@ def compare(layer, x, plans, *, initial_state=None, **kwargs):
     assert any(o.abs().max() > 0 for o in outputs if o.numel())
     assert grads[0].abs().max() > 0 or (kwargs.get("lengths") is not None and max(kwargs["lengths"]) == 0)
     return exact
-
-
-def draw_plans(layer, B, T, calls=1, training=True):
-    return [layer.draw_dropout_plan(B, steps=T, training=training) for _ in range(calls)]
-
-
-def holey_mask(B: int, T: int, seed: int) -> torch.Tensor:
-    """A (B, T) bool mask with holes; row 0 starts masked, the last row is fully masked (when B > 1)."""
-    gen = torch.Generator().manual_seed(4000 + seed)
-    mask = torch.rand(B, T, generator=gen) > 0.35
-    mask[0, 0] = False
-    if T > 1:
-        mask[0, 1] = True
-    if B > 1:
-        mask[-1] = False
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------- 1. equality
@@ -528,15 +512,7 @@ def test_plan_in_other_dtype():
 # ----------------------------------------------------------------------------------------------- 3. dispatch
 @pytest.fixture
 def spy_fused(monkeypatch):
-    calls = []
-    original = fused.run
-
-    def wrapper(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fused, "run", wrapper)
-    return calls
+    return spy_on(monkeypatch, fused)
 
 
 @needs_fused

@@ -50,7 +50,9 @@ from droprnn import (  # noqa: E402
     GRU, LSTM, RNN, CellMasks, DropoutPlan, DroprnnError, GRUCell, LSTMCell, SimpleRNN, SimpleRNNCell,
 )
 from droprnn.kernels import dispatch, fused, gpu  # noqa: E402
-from kernel_oracle import cast_plan, flat, loss_weights, rebuild, run  # noqa: E402
+from kernel_oracle import (  # noqa: E402
+    cast_plan, draw_plans, flat, holey_mask, loss_weights, rebuild, run, spy_on,
+)
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 IN_PROCESS = gpu.interpreting()
@@ -174,22 +176,6 @@ def compare(layer, x, plans, *, initial_state=None, **kwargs):
     assert any(o.abs().max() > 0 for o in outputs if o.numel())
     assert grads[0].abs().max() > 0
     return exact
-
-
-def draw_plans(layer, B, T, calls=1):
-    return [layer.draw_dropout_plan(B, steps=T, training=True) for _ in range(calls)]
-
-
-def holey_mask(B: int, T: int, seed: int) -> torch.Tensor:
-    """(B, T) bool with holes; row 0 starts masked, the last row (B > 1) is fully masked."""
-    gen = torch.Generator().manual_seed(4000 + seed)
-    mask = torch.rand(B, T, generator=gen) > 0.35
-    mask[0, 0] = False
-    if T > 1:
-        mask[0, 1] = True
-    if B > 1:
-        mask[-1] = False
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------- 1. equality
@@ -417,15 +403,7 @@ def test_inference_without_autograd_equals_reference(no_grad):
 # ----------------------------------------------------------------------------------------------- 3. dispatch
 @pytest.fixture
 def spy_gpu(monkeypatch):
-    calls = []
-    original = gpu.run
-
-    def wrapper(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(gpu, "run", wrapper)
-    return calls
+    return spy_on(monkeypatch, gpu)
 
 
 @pytest.fixture
