@@ -15,6 +15,9 @@
                       impl="gpu", a fresh plan each step as in training; time loops from CUDA graphs;
    - ``rd-eager``     the same with ``DROPRNN_CUDA_GRAPHS=0``: the eager loops (what graphs bought);
    - ``rd-tf32``      ``rd`` with ``torch.set_float32_matmul_precision("high")`` (TF32 products);
+   - ``rd-step``      ``rd`` with ``recurrent_dropout_mode="per_step"`` (fresh recurrent masks every step,
+                      read from the plan's (T, G, B, U) tensor);
+   - ``zoneout``      ``rd`` plus zoneout 0.1 on h (and the LSTM's c);
    - ``plain``, ``plain-eager``  the same without dropout, graphs and eager;
    - ``cudnn-bf16``, ``rd-bf16``, ``plain-bf16``  cuDNN, ``rd`` and ``plain`` in bfloat16, at the
                       BF16_SHAPES only; their ratios are to ``cudnn-bf16``;
@@ -154,6 +157,13 @@ def run_checks(device) -> bool:
         "GRU relu / hard_sigmoid": ("gru", dict(per_gate, activation="relu", recurrent_activation="hard_sigmoid")),
         "LSTM + GRU stacked": ("stacked", lambda: [LSTMCell(U, **per_gate), GRUCell(U - 2, reset_after=False,
                                                                                      **per_gate)]),
+        "per-step recurrent masks": ("lstm", dict(per_gate, recurrent_dropout_mode="per_step")),
+        "update masks per step": ("lstm", dict(per_gate, recurrent_dropout_mode="update_per_step")),
+        "zoneout h and c, keras masks": ("lstm", dict(per_gate, zoneout_h=0.2, zoneout_c=0.3)),
+        "GRU per-step recurrent masks": ("gru", dict(per_gate, recurrent_dropout_mode="per_step")),
+        "GRU reset_before per-step, zoneout": ("gru-rb", dict(per_gate, recurrent_dropout_mode="per_step",
+                                                              zoneout_h=0.2)),
+        "GRU update masks, zoneout": ("gru", dict(per_gate, recurrent_dropout_mode="update", zoneout_h=0.2)),
     }
     ok = True
     for name, (kind, options) in cases.items():
@@ -224,6 +234,8 @@ VARIANTS = {
     "rd": "droprnn gpu rd",
     "rd-eager": "droprnn gpu rd, eager",
     "rd-tf32": "droprnn gpu rd, TF32",
+    "rd-step": "droprnn gpu, per-step rd",
+    "zoneout": "droprnn gpu rd + zoneout",
     "plain": "droprnn gpu",
     "plain-eager": "droprnn gpu, eager",
     "cudnn-bf16": "torch.nn (cuDNN), bf16",
@@ -296,6 +308,10 @@ def make_step(cell: str, variant: str, shape, device):
     if variant == "hand":
         return _hand_loop(cell, x, units)
     rates = {} if variant.startswith("plain") else {"dropout": RATE, "recurrent_dropout": RATE}
+    if variant == "rd-step":
+        rates["recurrent_dropout_mode"] = "per_step"
+    if variant == "zoneout":
+        rates.update(zoneout_h=0.1, **({"zoneout_c": 0.1} if cell == "lstm" else {}))
     impl = "reference" if variant == "ref" else "gpu"
     layer_class = {"lstm": droprnn.LSTM, "gru": droprnn.GRU}[cell]  # GRU: reset_after, torch.nn.GRU's form
     layer = layer_class(units, return_sequences=True, input_size=features, impl=impl, device=device, dtype=dtype,

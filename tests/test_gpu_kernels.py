@@ -191,13 +191,19 @@ MODES = {
     "input_per_step": dict(dropout=0.3, recurrent_dropout=0.3, input_dropout_mode="per_step"),
     "weights": dict(dropout=0.25, recurrent_dropout=0.3, recurrent_dropout_mode="weights"),  # DropConnect
     "weights_per_unit": dict(recurrent_dropout=0.4, recurrent_dropout_mode="weights_per_unit"),
+    "per_step": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="per_step"),  # (T, 4, B, U)
+    "update": dict(dropout=0.25, recurrent_dropout=0.3, recurrent_dropout_mode="update"),  # Semeniuta et al.
+    "update_per_step": dict(recurrent_dropout=0.3, recurrent_dropout_mode="update_per_step"),
+    "zoneout": dict(dropout=0.2, recurrent_dropout=0.3, zoneout_h=0.3, zoneout_c=0.4),  # with Keras's masks
+    "zoneout_c_only": dict(zoneout_c=0.5),
 }
 # Which mask each mode is about, and its first dimension (m, or T for per-step masks).
 EXPECTED_MASK = {
     "keras_both": ("recurrent", 4), "keras_input_only": ("input", 1), "keras_recurrent_only": ("recurrent", 4),
     "tied": ("recurrent", 1), "input_shared": ("input", 1), "input_per_gate_tied": ("input", 4),
     "input_per_step": ("input", "T"), "weights": ("recurrent_kernel", None),
-    "weights_per_unit": ("recurrent_kernel", None),
+    "weights_per_unit": ("recurrent_kernel", None), "per_step": ("recurrent", "T"), "update": ("update", 3),
+    "update_per_step": ("update", "T"), "zoneout": ("zoneout", None), "zoneout_c_only": ("zoneout", None),
 }
 
 
@@ -356,12 +362,24 @@ def test_retain_graph_backward_twice_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+DOUBLE_BACKWARD = {
+    "lstm": ("lstm", dict(dropout=0.3, recurrent_dropout=0.3)),
+    "gru": ("gru", dict(dropout=0.3, recurrent_dropout=0.3)),
+    "gru-rb": ("gru-rb", dict(dropout=0.3, recurrent_dropout=0.3)),
+    "lstm-per_step-zoneout": ("lstm", dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step", zoneout_h=0.3,
+                                           zoneout_c=0.2)),
+    "gru-rb-update_per_step-zoneout": ("gru-rb", dict(dropout=0.3, recurrent_dropout=0.3, zoneout_h=0.3,
+                                                      recurrent_dropout_mode="update_per_step")),
+}
+
+
 @in_process
-@pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb"])
-def test_double_backward_equals_reference(cell):
+@pytest.mark.parametrize("case", list(DOUBLE_BACKWARD))
+def test_double_backward_equals_reference(case):
     """create_graph=True differentiates the plain-ops recurrence: Hessian-vector products as the reference."""
     B, T, D, U = 2, 3, 3, 4
-    layer = make_layer(D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3), cell=cell, return_sequences=True)
+    cell, mode = DOUBLE_BACKWARD[case]
+    layer = make_layer(D, U, F64, mode=mode, cell=cell, return_sequences=True)
     x = torch.randn(B, T, D, dtype=F64)
     plan = layer.draw_dropout_plan(B, steps=T)
     results = {}
@@ -439,20 +457,10 @@ class MyLSTMCell(LSTMCell):
 
 
 UNSUPPORTED = {
-    "per_step_recurrent": (lambda: LSTM(4, recurrent_dropout=0.3, recurrent_dropout_mode="per_step"), F32, "per_step"),
-    "update": (lambda: LSTM(4, recurrent_dropout=0.3, recurrent_dropout_mode="update"), F32, "update"),
-    "update_per_step": (lambda: LSTM(4, recurrent_dropout=0.3, recurrent_dropout_mode="update_per_step"), F32,
-                        "update_per_step"),
-    "zoneout_h": (lambda: LSTM(4, zoneout_h=0.2), F32, "zoneout"),
-    "zoneout_c_in_stack": (lambda: RNN([LSTMCell(4), LSTMCell(3, zoneout_c=0.2)]), F32, "zoneout"),
     "simple_rnn": (lambda: SimpleRNN(4), F32, "SimpleRNNCell"),
     "custom_cell": (lambda: RNN(MyLSTMCell(4)), F32, "MyLSTMCell"),
     "proj_size": (lambda: LSTM(4, proj_size=2), F32, "proj_size"),
     "elu": (lambda: LSTM(4, activation="elu"), F32, "elu"),
-    "gru_update": (lambda: GRU(4, recurrent_dropout=0.3, recurrent_dropout_mode="update"), F32, "update"),
-    "gru_per_step": (lambda: GRU(4, recurrent_dropout=0.3, recurrent_dropout_mode="per_step", reset_after=False),
-                     F32, "per_step"),
-    "gru_zoneout_bf16": (lambda: GRU(4, zoneout_h=0.2, dtype=BF16), BF16, "zoneout"),
     "gru_after_simple_rnn": (lambda: RNN([GRUCell(4), SimpleRNNCell(3)]), F32, "SimpleRNNCell"),
 }
 
@@ -478,24 +486,49 @@ def test_unsupported_calls_fall_back_with_the_reason(case, pretend_cuda, spy_gpu
 
 
 @in_process
-def test_a_given_plan_decides_instead_of_the_configuration(spy_gpu):
-    """With the plan, choose() sees per-step recurrent masks in a layer configured for Keras's masks (and,
-    in inference, that a per-step mode draws none); run() refuses such a hand-made plan with the reason."""
-    B, T = 2, 3
-    layer = make_layer(3, 4, F32, mode=dict(recurrent_dropout=0.3))
-    x = torch.randn(B, T, 3)
-    weights = [layer.cell.weights()]
-    per_step = DropoutPlan((CellMasks(recurrent=torch.ones(T, 4, B, 4)),))
-    choice = dispatch._pick("gpu", layer.cells, x, weights, per_step)
-    assert choice.name == "reference" and "per-step recurrent masks" in choice.reason
-    assert dispatch._pick("gpu", layer.cells, x, weights, None).name == "gpu"
-    with pytest.raises(DroprnnError, match="per-step recurrent masks"):
-        gpu.run(layer.cells, x, [(torch.zeros(B, 4), torch.zeros(B, 4))], per_step)
-    eval_layer = make_layer(3, 4, F32, mode=dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step"))
-    inference = eval_layer.draw_dropout_plan(B, steps=T, training=False)
-    eval_weights = [eval_layer.cell.weights()]
-    assert dispatch._pick("gpu", eval_layer.cells, x, eval_weights, None).name == "reference"
-    assert dispatch._pick("gpu", eval_layer.cells, x, eval_weights, inference).name == "gpu"
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb"])
+def test_every_mode_a_cell_draws_runs_on_the_gpu(cell, pretend_cuda, spy_gpu):
+    """No dropout mode sends an LSTM or GRU back to the reference loop, in training or inference."""
+    modes = [dict(recurrent_dropout=0.3, recurrent_dropout_mode=mode) for mode in
+             ("keras", "tied", "per_step", "update", "update_per_step", "weights", "weights_per_unit")]
+    modes += [dict(dropout=0.3, input_dropout_mode="per_step"), dict(zoneout_h=0.2)]
+    if cell == "lstm":
+        modes.append(dict(zoneout_c=0.2))
+    for mode in modes:
+        layer = make_layer(3, 4, F32, mode=mode, cell=cell)
+        for training in (True, False):
+            layer(torch.randn(2, 3, 3), training=training)
+            assert layer.last_kernel.name == "gpu", (mode, training, layer.last_kernel)
+    assert len(spy_gpu) == 2 * len(modes)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb"])
+def test_hand_made_shared_per_step_recurrent_masks(cell, dtype):
+    """A plan of one recurrent mask per step shared by the gates, (T, 1, B, U): no mode draws it, a user may."""
+    B, T, D, U = 3, 4, 3, 5
+    layer = make_layer(D, U, dtype, mode=dict(recurrent_dropout=0.3), cell=cell, seed=31, return_sequences=True,
+                       return_state=True, go_backwards=cell == "gru")
+    gen = torch.Generator().manual_seed(31)
+    rec = (torch.rand(T, 1, B, U, generator=gen) > 0.4).to(dtype) / 0.6
+    plans = [DropoutPlan((CellMasks(recurrent=rec),))]
+    compare(layer, random_input(B, T, D, dtype, 31), plans, initial_state=make_initial_state(layer, B, dtype, 31),
+            mask=holey_mask(B, T, 31))
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb"])
+def test_inference_zoneout_uses_its_expectation(cell, dtype):
+    """In inference zoneout mixes old and new states by the rate itself (a constexpr of the kernels)."""
+    B, T, D, U = 3, 4, 3, 5
+    mode = dict(dropout=0.2, recurrent_dropout=0.3, zoneout_h=0.3, **(dict(zoneout_c=0.6) if cell == "lstm" else {}))
+    layer = make_layer(D, U, dtype, mode=mode, cell=cell, seed=32, return_sequences=True, return_state=True)
+    plans = draw_plans(layer, B, T, training=False)
+    assert all(z.dim() == 0 for z in plans[0].cells[0].zoneout)
+    compare(layer, random_input(B, T, D, dtype, 32), plans, initial_state=make_initial_state(layer, B, dtype, 32),
+            mask=holey_mask(B, T, 32))
 
 
 def test_dtypes_the_kernels_do_not_run_are_named():
@@ -669,7 +702,7 @@ def test_describe_says_the_interpreter_runs_eager_loops():
 
 @in_process
 def test_loop_key_holds_what_the_captured_work_depends_on():
-    from droprnn.kernels.gpu.loops import loop_key
+    from droprnn.kernels.gpu.loops import Noise, loop_key
 
     B, T, D, U = 2, 3, 4, 5
     x = torch.zeros(B, T, D)
@@ -686,7 +719,12 @@ def test_loop_key_holds_what_the_captured_work_depends_on():
     variants = [key(cell="gru"), key(cell="gru-reset-before"), key(backward=True), key(x=torch.zeros(B + 1, T, D)),
                 key(x=torch.zeros(B, T + 1, D)), key(units=U + 1), key(x=x.double()), key(x=x.to(BF16)),
                 key(x=x.half()), key(input_masks=shared), key(rec=rec1), key(rec=None), key(valid=None),
-                key(codes=(3, 2)), key(backward=True, has_dhs=True), key(cell="gru", has_recurrent_bias=True)]
+                key(codes=(3, 2)), key(backward=True, has_dhs=True), key(cell="gru", has_recurrent_bias=True),
+                key(rec=torch.ones(T, 4, B, U)), key(rec=torch.ones(T, 1, B, U)),
+                key(noise=Noise(update=torch.ones(B, U))), key(noise=Noise(update=torch.ones(T, B, U))),
+                key(noise=Noise(zoneout=(torch.ones(T, B, U), None))),
+                key(noise=Noise(zoneout=(None, torch.ones(T, B, U)))),
+                key(noise=Noise(zoneout=(0.3, None))), key(noise=Noise(zoneout=(0.4, None)))]
     assert len({base, *variants}) == len(variants) + 1
     previous = torch.get_float32_matmul_precision()
     try:
@@ -728,7 +766,8 @@ def replayed(monkeypatch):
 
 @in_process
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-@pytest.mark.parametrize("mode_name", ["none", "keras_both", "tied", "input_per_step", "weights"])
+@pytest.mark.parametrize("mode_name", ["none", "keras_both", "tied", "input_per_step", "weights", "per_step",
+                                       "update_per_step", "zoneout"])
 def test_replayed_loops_equal_reference(mode_name, dtype, replayed):
     cache, made = replayed
     B, T, D, U = 3, 4, 3, 5
@@ -803,6 +842,13 @@ GRU_CASES = {
                                                                          mask=True, initial_state=True)),
     "last_output": (dict(dropout=0.2, recurrent_dropout=0.3), dict(lengths=[4, 1, 3],
                                                                    layer=dict(return_sequences=False))),
+    "per_step_backwards": (dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="per_step"),
+                           dict(mask=True, initial_state=True, expect=("recurrent", "T"), layer=dict(go_backwards=True))),
+    "update": (dict(recurrent_dropout=0.3, recurrent_dropout_mode="update"), dict(mask=True, expect=("update", 3))),
+    "update_per_step_lengths": (dict(dropout=0.2, recurrent_dropout=0.3, recurrent_dropout_mode="update_per_step"),
+                                dict(initial_state=True, lengths=[4, 0, 2], expect=("update", "T"))),
+    "zoneout": (dict(dropout=0.2, recurrent_dropout=0.3, zoneout_h=0.3), dict(mask=True, initial_state=True,
+                                                                             expect=("zoneout", None))),
 }
 
 
@@ -839,15 +885,21 @@ def test_stacked_gru_and_mixed_cells_gpu_equals_reference(kinds, dtype):
             initial_state=make_initial_state(layer, B, dtype, 9), mask=holey_mask(B, T, 9))
 
 
+HALF_MODES = {"keras": dict(dropout=0.3, recurrent_dropout=0.3),
+              "per_step_zoneout": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="per_step",
+                                       zoneout_h=0.2)}
+
+
 @in_process
+@pytest.mark.parametrize("mode", list(HALF_MODES))
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb"])
-def test_half_precision_against_float64(cell, dtype):
+def test_half_precision_against_float64(cell, dtype, mode):
     """Tensors in float16 / bfloat16 in, the same dtype out (outputs, states and every gradient), as close to
     the float64 reference as the module docstring's bound says."""
     B, T, D, U = 3, 6, 4, 6
     seed = 20 + ["lstm", "gru", "gru-rb"].index(cell)
-    layer = make_layer(D, U, dtype, mode=dict(dropout=0.3, recurrent_dropout=0.3), cell=cell, seed=seed,
+    layer = make_layer(D, U, dtype, mode=HALF_MODES[mode], cell=cell, seed=seed,
                        weight_scale=0.5, return_sequences=True, return_state=True)
     compare(layer, random_input(B, T, D, dtype, seed), draw_plans(layer, B, T),
             initial_state=make_initial_state(layer, B, dtype, seed), mask=holey_mask(B, T, seed))

@@ -72,7 +72,7 @@ def _add_lab(commands) -> None:
     ptb.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     ptb.add_argument("--seed", type=int, default=0)
     ptb.add_argument("--out", default="", help="run directory (default runs/ptb-<preset>)")
-    ptb.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the layers run the reference loop)")
+    ptb.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the layers run the GPU kernels when Triton is installed)")
 
 
 def _add_masks(commands) -> None:

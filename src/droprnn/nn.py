@@ -235,7 +235,7 @@ class _TorchStyleRNN(torch_nn.Module):
                 states = tuple(s[index] for s in initial)
                 plan = draw_plan([cell], batch, layer_input.shape[-1], self.training, x.dtype, x.device, steps)
                 weights = [self._keras_weights(self._suffixes()[index])]
-                self.last_kernel = kernels.choose(self.impl, [cell], layer_input, weights, self.where, plan=plan)
+                self.last_kernel = kernels.choose(self.impl, [cell], layer_input, weights, self.where)
                 sequence, _, final = kernels.run(
                     self.last_kernel, [cell], layer_input, [states], plan, step_mask, weights=weights,
                     go_backwards=bool(direction), zero_output_for_mask=True, return_sequences=True,

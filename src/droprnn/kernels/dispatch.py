@@ -16,7 +16,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..cells import CellWeights
-from ..dropout.plan import DropoutPlan
 from ..errors import DroprnnError
 from . import cpu, fused, gpu, reference
 
@@ -50,23 +49,22 @@ def _on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def _pick(impl: str, cells: Sequence[torch.nn.Module], x: torch.Tensor, weights: Sequence[CellWeights],
-          plan: Optional[DropoutPlan]) -> KernelChoice:
+def _pick(impl: str, cells: Sequence[torch.nn.Module], x: torch.Tensor, weights: Sequence[CellWeights]) -> KernelChoice:
     """The kernel ``impl`` leads to, or the reference loop with the reason; never raises."""
     if impl == "reference":
         return KernelChoice("reference", "impl='reference' was asked for")
     if impl == "gpu" or (impl == "auto" and _on_gpu(x)):
-        reason = gpu.unsupported_reason(cells, x, weights, plan)
+        reason = gpu.unsupported_reason(cells, x, weights)
         return KernelChoice("gpu") if reason is None else KernelChoice("reference", reason)
     reason = fused.unsupported_reason(cells, x, weights)
     return KernelChoice("fused") if reason is None else KernelChoice("reference", reason)
 
 
-def choose(impl: str, cells: Sequence[torch.nn.Module], x: torch.Tensor, weights: Sequence[CellWeights], where: str,
-           plan: Optional[DropoutPlan] = None) -> KernelChoice:
-    """The kernel of this call. ``plan`` (the call's dropout plan), when given, lets the decision see the
-    masks themselves rather than judge them from the cells' dropout configuration."""
-    choice = _pick(impl, cells, x, weights, plan)
+def choose(impl: str, cells: Sequence[torch.nn.Module], x: torch.Tensor, weights: Sequence[CellWeights],
+           where: str) -> KernelChoice:
+    """The kernel of this call (every kernel takes every dropout plan: the choice depends on the cells,
+    the input and the weights)."""
+    choice = _pick(impl, cells, x, weights)
     if impl in ("fused", "gpu") and choice.name != impl:
         raise DroprnnError(f"{where}: impl={impl!r} cannot run this call: {choice.reason}.")
     return choice
@@ -96,7 +94,7 @@ def explain(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> str:
             if not layer.built:
                 layer.build(x.shape[-1], dtype=x.dtype if x.is_floating_point() else None, device=x.device)
             cells = layer.cells
-            choice = _pick(layer.impl, cells, x, [c.weights() for c in cells], None)
+            choice = _pick(layer.impl, cells, x, [c.weights() for c in cells])
             return f"{where}: {choice}"
         if layer.last_kernel is None:
             return f"{where}: not called yet; pass an input to see which kernel it would run"

@@ -242,7 +242,7 @@ class RNN(Layer):
         self.last_dropout_plan = dropout_plan
         # run a kernel over time
         weights = [cell.weights() for cell in self.cells]
-        self.last_kernel = kernels.choose(self.impl, self.cells, x, weights, self.where, plan=dropout_plan)
+        self.last_kernel = kernels.choose(self.impl, self.cells, x, weights, self.where)
         sequence, last, final_states = kernels.run(
             self.last_kernel, self.cells, x, states, dropout_plan, step_mask, weights=weights,
             go_backwards=self.go_backwards, zero_output_for_mask=self.zero_output_for_mask,

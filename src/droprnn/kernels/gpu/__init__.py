@@ -18,11 +18,16 @@ Supported:
     dtypes          float32, float64, float16, bfloat16 (the kernels compute and carry the states in
                     float32 for the half-precision types; products in the input dtype)
     input masks     per sequence, shared (m == 1) or per gate (m == 4 LSTM, 3 GRU); per step (T, m, B, D)
-    recurrent masks per sequence, shared (m == 1) or per gate (m == 4 LSTM, 3 GRU)
+    recurrent masks per sequence or per step (T, m, B, U), shared (m == 1) or per gate (m == 4 LSTM, 3 GRU)
+    update masks    per sequence (B, U) or per step (T, B, U), on the cell update (Semeniuta et al.)
+    zoneout         on h (and the LSTM's c): drawn indicators (T, B, U) in training, the rate in inference
     DropConnect     yes (folded into the recurrent kernel before the kernels run)
     step masks, initial states, go_backwards, return_sequences, zero_output_for_mask: yes
-Not yet (the layer falls back to the reference loop and says why): per-step recurrent masks
-(``recurrent_dropout_mode="per_step"``), update masks (``"update"``, ``"update_per_step"``), zoneout.
+So every dropout plan an LSTM or GRU cell draws runs here. Not here (the layer falls back to the reference
+loop and says why): SimpleRNN, ``proj_size``, other activations, subclasses of the cells.
+
+Per-step masks and zoneout indicators are read from the plan, which holds them as (T, ...) tensors: the
+counter-based generation inside the kernels that would spare that memory is not built yet.
 
 On CUDA the time loops are captured in CUDA graphs and replayed (``graphs.py``; ``DROPRNN_CUDA_GRAPHS=0``
 runs them eagerly, :func:`clear_graph_cache` frees them).
@@ -43,7 +48,7 @@ import torch
 
 from ... import activations
 from ...cells import CellWeights, GRUCell, LSTMCell
-from ...dropout.plan import CellMasks, DropoutPlan
+from ...dropout.plan import DropoutPlan
 from . import graphs
 
 Tensor = torch.Tensor
@@ -56,12 +61,6 @@ ACTIVATION_CODES = {
     activations.get("hard_sigmoid"): 2,
     activations.get("relu"): 3,
     activations.get("linear"): 4,
-}
-# Recurrent dropout modes whose masks the kernels do not take yet (per-step recurrent, update masks).
-_UNSUPPORTED_RECURRENT_MODES = {
-    "per_step": "draws fresh recurrent masks every step",
-    "update": "masks the cell update",
-    "update_per_step": "masks the cell update",
 }
 SUPPORTED_CELLS = (LSTMCell, GRUCell)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -104,48 +103,9 @@ def _device_reason(x: Tensor) -> Optional[str]:
             "(TRITON_INTERPRET=1 runs them on CPU tensors in Triton's interpreter, for tests)")
 
 
-def _config_reason(k: int, cell: torch.nn.Module) -> Optional[str]:
-    """What in a cell's dropout configuration the kernels cannot take (decided without the plan)."""
-    mode = cell.recurrent_dropout_mode
-    if cell.recurrent_dropout > 0 and mode in _UNSUPPORTED_RECURRENT_MODES:
-        return (f"cell {k}'s recurrent_dropout_mode {mode!r} {_UNSUPPORTED_RECURRENT_MODES[mode]}; the Triton "
-                "kernels take per-sequence recurrent masks only so far")
-    if cell.zoneout_h > 0 or getattr(cell, "zoneout_c", 0.0) > 0:
-        return f"cell {k} uses zoneout; the Triton kernels do not have zoneout yet"
-    return None
-
-
-def plan_reason(plan: DropoutPlan) -> Optional[str]:
-    """What masks in ``plan`` the kernels cannot take (None when they take all of them)."""
-    for k, masks in enumerate(plan.cells):
-        reason = masks_reason(k, masks)
-        if reason is not None:
-            return reason
-    return None
-
-
-def masks_reason(k: int, masks: CellMasks) -> Optional[str]:
-    if masks.recurrent is not None and masks.recurrent.dim() == 4:
-        return (f"cell {k}'s plan holds per-step recurrent masks {tuple(masks.recurrent.shape)} (what "
-                "recurrent_dropout_mode 'per_step' draws); the Triton kernels take per-sequence recurrent masks only "
-                "so far")
-    if masks.update is not None:
-        mode = "update_per_step" if masks.update.dim() == 3 else "update"
-        return (f"cell {k}'s plan holds update masks (what recurrent_dropout_mode {mode!r} draws); the Triton "
-                "kernels do not mask the cell update yet")
-    if masks.zoneout is not None and any(z is not None for z in masks.zoneout):
-        return f"cell {k}'s plan holds zoneout; the Triton kernels do not have zoneout yet"
-    return None
-
-
-def unsupported_reason(
-    cells: Sequence[torch.nn.Module], x: Tensor, weights: Sequence[CellWeights], plan: Optional[DropoutPlan] = None,
-) -> Optional[str]:
-    """Why the Triton kernels cannot run this call (None when they can). Decided from the arguments alone.
-
-    Without ``plan`` the masks are judged from each cell's dropout configuration (what ``draw_plan`` would
-    draw in training); with it, from the masks themselves.
-    """
+def unsupported_reason(cells: Sequence[torch.nn.Module], x: Tensor, weights: Sequence[CellWeights]) -> Optional[str]:
+    """Why the Triton kernels cannot run this call (None when they can). Decided from the arguments alone:
+    the kernels take every dropout plan an LSTM or GRU cell draws."""
     reason = _device_reason(x)
     if reason is not None:
         return reason
@@ -161,14 +121,6 @@ def unsupported_reason(
                         "(they have tanh, sigmoid, hard_sigmoid, relu, linear)")
         if w.projection is not None:
             return f"cell {k} has a projection (proj_size); the Triton LSTM has none yet"
-        if plan is None:
-            reason = _config_reason(k, cell)
-            if reason is not None:
-                return reason
-    if plan is not None:
-        reason = plan_reason(plan)
-        if reason is not None:
-            return reason
     return unavailable_reason()
 
 

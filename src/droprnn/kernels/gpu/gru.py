@@ -28,7 +28,12 @@ order z, r, h; m_g the recurrent masks (one per gate, one shared, or none)::
 Saved for the backward: the activated gates (over the projections), the h sequence, and one more
 (B, T, U) sequence -- I_h with reset_after, a with reset_before. Precision as ``lstm.py``: the h the
 recurrence carries and the backward's carry dh are kept in float32 (float64 for float64 tensors), every
-sequence in the input dtype. Update masks (recurrent_dropout_mode "update") and zoneout are not here yet.
+sequence in the input dtype.
+
+Update masks m_u (per sequence or per step) multiply the candidate: h_t = z ⊙ h_{t-1} + (1 - z) ⊙ (n ⊙ m_u);
+zoneout then keeps each unit's old value with indicator d: d ⊙ h_{t-1} + (1 - d) ⊙ h_t (d the rate in
+inference). Per-step recurrent masks are read at the step that uses them: step t + 1's on h_t for the
+next products, step t's on h_{t-1} for reset_before's candidate.
 
 Speed (``benchmarks/gpu_speed.py``, NVIDIA H200, torch 2.11 + CUDA 13.0, cuDNN 9.19, Triton 3.6): median
 ms of a training step and × torch.nn.GRU (cuDNN) with torch's defaults, the reset_after form, columns as
@@ -59,11 +64,12 @@ from ...cells import CellWeights
 from ...dropout.plan import CellMasks
 from .. import reference
 from . import ACTIVATION_CODES
-from .loops import (BackwardLoop, ForwardLoop, LoopKey, States, contiguous, loop_key,
+from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, contiguous, loop_key, noise_of,
                     outputs_and_saved, plain_layer, run_loop, saving)
 from .products import input_grads, per_gate, project, recurrent_kernel_grad
-from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, program_units, step_is_real,
-                             step_offset, store_product_inputs, through)
+from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_masks, program_units,
+                             step_is_real, step_masks, step_offset, store_product_inputs, through, update_mask,
+                             zoneout_keep)
 
 Tensor = torch.Tensor
 
@@ -94,11 +100,18 @@ def _times_candidate_mask(x, masks_ptr, b, u, inside, B, U, N_MASKS: tl.constexp
 
 
 @triton.jit
-def _next_state(z, n, carry_ptr, h_ptr, valid_ptr, b, t, u, inside, T, U, HAS_VALID: tl.constexpr):
-    """h_t = z ⊙ h_{t-1} + (1 - z) ⊙ n, or h_{t-1} where the step is masked: stored in the carry and in
-    slot t + 1 of the h sequence, and returned."""
+def _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, valid_ptr, b, t, u, inside, B, T, U,
+                UPDATE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, HAS_VALID: tl.constexpr,
+                COMPUTE: tl.constexpr):
+    """h_t = z ⊙ h_{t-1} + (1 - z) ⊙ (n ⊙ m_u) -- then zoned, d ⊙ h_{t-1} + (1 - d) ⊙ h_t -- or h_{t-1} where
+    the step is masked: stored in the carry and in slot t + 1 of the h sequence, and returned."""
     h_prev = tl.load(carry_ptr + b * U + u, mask=inside)
+    if UPDATE != 0:
+        n = n * update_mask(upd_ptr, b, t, u, inside, B, U, UPDATE, COMPUTE)
     h = z * h_prev + (1.0 - z) * n
+    if ZONE_H != 0:
+        d = zoneout_keep(zone_ptr, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, COMPUTE)
+        h = d * h_prev + (1.0 - d) * h
     if HAS_VALID:
         h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
     tl.store(carry_ptr + b * U + u, h.to(carry_ptr.dtype.element_ty), mask=inside)
@@ -106,11 +119,32 @@ def _next_state(z, n, carry_ptr, h_ptr, valid_ptr, b, t, u, inside, T, U, HAS_VA
     return h
 
 
+@triton.jit
+def _state_grads(dh, z, n, upd_ptr, zone_ptr, b, t, u, inside, B, U, UPDATE: tl.constexpr, ZONE_H: tl.constexpr,
+                 ZONE_H_RATE: tl.constexpr, COMPUTE: tl.constexpr):
+    """From dh, the whole gradient reaching h_t: (dh_fresh, the gradient of the un-zoned state; the part that
+    goes straight to h_{t-1}, through z and zoneout; n ⊙ m_u, the masked candidate; the candidate's gradient)."""
+    dh_fresh = dh
+    dh_direct = tl.zeros_like(dh)
+    if ZONE_H != 0:
+        d = zoneout_keep(zone_ptr, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, COMPUTE)
+        dh_fresh = dh * (1.0 - d)
+        dh_direct = dh * d
+    n_u = n
+    d_n = dh_fresh * (1.0 - z)
+    if UPDATE != 0:
+        m_u = update_mask(upd_ptr, b, t, u, inside, B, U, UPDATE, COMPUTE)
+        n_u = n * m_u
+        d_n = d_n * m_u
+    return dh_fresh, dh_direct + dh_fresh * z, n_u, d_n
+
+
 @triton.jit(do_not_specialize=["t"])
 def _reset_after_step(
-    gates_ptr, product_ptr, rbias_ptr, h_ptr, carry_ptr, side_ptr, masked_h_ptr, masks_ptr, valid_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_RBIAS: tl.constexpr, HAS_VALID: tl.constexpr,
-    ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, product_ptr, rbias_ptr, h_ptr, carry_ptr, side_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_ptr,
+    valid_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr,
+    UPDATE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, HAS_RBIAS: tl.constexpr,
+    HAS_VALID: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One reset_after step for the units [BLOCK·j, BLOCK·(j+1)) of sequence b (program (b, j))."""
     b, u, inside = program_units(U, BLOCK)
@@ -132,15 +166,17 @@ def _reset_after_step(
     tl.store(gr, r.to(dtype), mask=inside)
     tl.store(gn, n.to(dtype), mask=inside)
     tl.store(side_ptr + (b * T + t) * U + u, inner_h.to(dtype), mask=inside)
-    h = _next_state(z, n, carry_ptr, h_ptr, valid_ptr, b, t, u, inside, T, U, HAS_VALID)
-    store_product_inputs(masked_h_ptr, masks_ptr, h, b, u, inside, B, U, N_MASKS, 3)
+    h = _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, valid_ptr, b, t, u, inside, B, T, U, UPDATE, ZONE_H,
+                    ZONE_H_RATE, HAS_VALID, COMPUTE)
+    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
+    store_product_inputs(masked_h_ptr, next_m, h, b, u, inside, B, U, N_MASKS, 3)
 
 
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_gates(
     gates_ptr, product_ptr, carry_ptr, side_ptr, masks_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr, REC_ACT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """First half of a reset_before step, after the z and r products: z, r, and a = r ⊙ (h_{t-1} ⊙ m_h),
     the input of the candidate's product (row t of ``side``)."""
@@ -155,14 +191,16 @@ def _reset_before_gates(
     dtype = gates_ptr.dtype.element_ty
     tl.store(gz, z.to(dtype), mask=inside)
     tl.store(gr, r.to(dtype), mask=inside)
-    a = r * _times_candidate_mask(h_prev, masks_ptr, b, u, inside, B, U, N_MASKS)
+    here = step_masks(masks_ptr, t, B, U, N_MASKS, REC_PER_STEP)
+    a = r * _times_candidate_mask(h_prev, here, b, u, inside, B, U, N_MASKS)
     tl.store(side_ptr + (b * T + t) * U + u, a.to(dtype), mask=inside)
 
 
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_state(
-    gates_ptr, product_h_ptr, h_ptr, carry_ptr, masked_h_ptr, masks_ptr, valid_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_VALID: tl.constexpr, ACT: tl.constexpr,
+    gates_ptr, product_h_ptr, h_ptr, carry_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_ptr, valid_ptr, t, B, U, T,
+    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr, UPDATE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, HAS_VALID: tl.constexpr, ACT: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Second half, after the candidate's product a @ R_h: n and h_t."""
@@ -172,30 +210,36 @@ def _reset_before_state(
     candidate = tl.load(product_h_ptr + b * U + u, mask=inside).to(COMPUTE)
     n = activate(tl.load(gn, mask=inside).to(COMPUTE) + candidate, ACT)
     tl.store(gn, n.to(gates_ptr.dtype.element_ty), mask=inside)
-    h = _next_state(z, n, carry_ptr, h_ptr, valid_ptr, b, t, u, inside, T, U, HAS_VALID)
-    store_product_inputs(masked_h_ptr, masks_ptr, h, b, u, inside, B, U, N_MASKS, 2)
+    h = _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, valid_ptr, b, t, u, inside, B, T, U, UPDATE, ZONE_H,
+                    ZONE_H_RATE, HAS_VALID, COMPUTE)
+    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
+    store_product_inputs(masked_h_ptr, next_m, h, b, u, inside, B, U, N_MASKS, 2)
 
 
 @triton.jit(do_not_specialize=["t"])
 def _reset_after_backward_step(
-    gates_ptr, h_ptr, side_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, dh_ptr, dz_ptr, d_inner_ptr, dz_step_ptr,
-    t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr,
-    ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, h_ptr, side_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zone_ptr, dh_ptr, dz_ptr,
+    d_inner_ptr, dz_step_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr,
+    REC_PER_STEP: tl.constexpr, UPDATE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One reset_after backward step: the gradients of the projections (dz) and of the products (dz_step:
     dz, dr, dn ⊙ r), and the carry to h_{t-1}, in place."""
     b, u, inside = program_units(U, BLOCK)
-    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 3, COMPUTE)
+    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
+    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, next_m, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 3, COMPUTE)
     z = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     r = tl.load(gates_ptr + gate_offset(b, t, 1, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     n = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     h_prev = tl.load(h_ptr + (b * (T + 1) + t) * U + u, mask=inside).to(COMPUTE)
     inner_h = tl.load(side_ptr + (b * T + t) * U + u, mask=inside).to(COMPUTE)
-    dzz = through(dh * (h_prev - n), z, REC_ACT)
-    dzn = through(dh * (1.0 - z), n, ACT)
+    dh_fresh, dh_prev, n_u, d_n = _state_grads(dh, z, n, upd_ptr, zone_ptr, b, t, u, inside, B, U, UPDATE, ZONE_H,
+                                               ZONE_H_RATE, COMPUTE)
+    dzz = through(dh_fresh * (h_prev - n_u), z, REC_ACT)
+    dzn = through(d_n, n, ACT)
     dzr = through(dzn * inner_h, r, REC_ACT)
     d_inner_h = dzn * r
-    dh_prev = dh * z
     if HAS_VALID:  # a masked step held h: its gradient passes on, and the gates get none
         keep = step_is_real(valid_ptr, b, t, T)
         dzz = tl.where(keep, dzz, 0.0)
@@ -217,17 +261,21 @@ def _reset_after_backward_step(
 
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_candidate_backward(
-    gates_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, dh_ptr, dz_ptr, dn_step_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr,
+    gates_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zone_ptr, dh_ptr, dz_ptr, dn_step_ptr, t, B, U, T,
+    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr, UPDATE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr,
     ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """First half of a reset_before backward step: the whole gradient reaching h_t (left in dh for the
     second half) and the candidate's dn, the input of the product dA = dn @ R_hᵀ."""
     b, u, inside = program_units(U, BLOCK)
-    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 2, COMPUTE)
+    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
+    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, next_m, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 2, COMPUTE)
     z = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     n = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
-    dzn = through(dh * (1.0 - z), n, ACT)
+    _, _, _, d_n = _state_grads(dh, z, n, upd_ptr, zone_ptr, b, t, u, inside, B, U, UPDATE, ZONE_H, ZONE_H_RATE,
+                                COMPUTE)
+    dzn = through(d_n, n, ACT)
     if HAS_VALID:
         dzn = tl.where(step_is_real(valid_ptr, b, t, T), dzn, 0.0)
     dtype = dz_ptr.dtype.element_ty
@@ -238,8 +286,9 @@ def _reset_before_candidate_backward(
 
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_gates_backward(
-    gates_ptr, h_ptr, valid_ptr, da_ptr, masks_ptr, dh_ptr, dz_ptr, dz_step_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_VALID: tl.constexpr, REC_ACT: tl.constexpr,
+    gates_ptr, h_ptr, valid_ptr, da_ptr, masks_ptr, upd_ptr, zone_ptr, dh_ptr, dz_ptr, dz_step_ptr, t, B, U, T,
+    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr, UPDATE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, HAS_VALID: tl.constexpr, REC_ACT: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Second half, after dA: the z and r gradients, and the carry to h_{t-1}, dh ⊙ z + dA ⊙ r ⊙ m_h."""
@@ -250,9 +299,12 @@ def _reset_before_gates_backward(
     n = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     h_prev = tl.load(h_ptr + (b * (T + 1) + t) * U + u, mask=inside).to(COMPUTE)
     da = tl.load(da_ptr + b * U + u, mask=inside).to(COMPUTE)
-    dzz = through(dh * (h_prev - n), z, REC_ACT)
-    dzr = through(da * _times_candidate_mask(h_prev, masks_ptr, b, u, inside, B, U, N_MASKS), r, REC_ACT)
-    dh_prev = dh * z + _times_candidate_mask(da * r, masks_ptr, b, u, inside, B, U, N_MASKS)
+    dh_fresh, dh_direct, n_u, _ = _state_grads(dh, z, n, upd_ptr, zone_ptr, b, t, u, inside, B, U, UPDATE, ZONE_H,
+                                               ZONE_H_RATE, COMPUTE)
+    here = step_masks(masks_ptr, t, B, U, N_MASKS, REC_PER_STEP)
+    dzz = through(dh_fresh * (h_prev - n_u), z, REC_ACT)
+    dzr = through(da * _times_candidate_mask(h_prev, here, b, u, inside, B, U, N_MASKS), r, REC_ACT)
+    dh_prev = dh_direct + _times_candidate_mask(da * r, here, b, u, inside, B, U, N_MASKS)
     if HAS_VALID:  # a masked step held h: its gradient passes on, and the gates get none
         keep = step_is_real(valid_ptr, b, t, T)
         dzz = tl.where(keep, dzz, 0.0)
@@ -292,22 +344,25 @@ class _ForwardLoop(ForwardLoop):
         self.rbias = self.new(GATES * U) if static and key.has_recurrent_bias else None
 
     def load(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor], input_masks: Optional[Tensor], R: Tensor,
-             rbias: Optional[Tensor], h0: Tensor, rec: Optional[Tensor], valid: Optional[Tensor]) -> None:
+             rbias: Optional[Tensor], h0: Tensor, rec: Optional[Tensor], noise: Noise, valid: Optional[Tensor]) -> None:
         units = self.key.units
         project(x, kernel, bias, input_masks, out=self.gates, gates=GATES)
         self.start(h0, rec)
         self.carry.copy_(h0)
         self.take_recurrent(R, R.reshape(units, GATES, units).permute(1, 0, 2))
         self.take("rbias", rbias)
-        self.take("rec", rec)
+        self.take_noise(rec, noise)
         self.take("valid", valid)
 
     def run(self, steps: range) -> None:
         key, units = self.key, self.key.units
         programs, block = grid(key.batch, units)
-        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, COMPUTE=compute_type(key.dtype), BLOCK=block)
+        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, REC_PER_STEP=key.rec_per_step,
+                     COMPUTE=compute_type(key.dtype), BLOCK=block)
+        noise = self.noise_args(1)
         act, rec_act = key.codes
         masks_arg, valid_arg = self.or_unused(self.rec), self.or_unused(self.valid)
+        upd_arg, zone_arg = self.or_unused(self.upd), self.or_unused(self.zone[0])
         multiply = torch.bmm if self.per_gate else torch.mm  # one product per gate, or one for all
         h_in = self.masked_h if self.per_gate else self.masked_h[0]
         if self.reset_after:
@@ -316,8 +371,8 @@ class _ForwardLoop(ForwardLoop):
             for t in steps:
                 multiply(h_in, self.R, out=self.product)
                 launch(self.gates, self.product, rbias_arg, self.h, self.carry, self.side, self.masked_h, masks_arg,
-                       valid_arg, t, key.batch, units, key.steps, HAS_RBIAS=key.has_recurrent_bias,
-                       HAS_VALID=key.has_valid, ACT=act, REC_ACT=rec_act, **shape)
+                       upd_arg, zone_arg, valid_arg, t, key.batch, units, key.steps, HAS_RBIAS=key.has_recurrent_bias,
+                       HAS_VALID=key.has_valid, ACT=act, REC_ACT=rec_act, **noise, **shape)
             return
         gates_launch, state_launch = _reset_before_gates[programs], _reset_before_state[programs]
         R_zr, R_h = (self.R[:2], self.R[2]) if self.per_gate else (self.R[:, :2 * units], self.R[:, 2 * units:])
@@ -326,8 +381,9 @@ class _ForwardLoop(ForwardLoop):
             gates_launch(self.gates, self.product, self.carry, self.side, masks_arg, t, key.batch, units, key.steps,
                          REC_ACT=rec_act, **shape)
             torch.mm(self.side[:, t], R_h, out=self.product_h)
-            state_launch(self.gates, self.product_h, self.h, self.carry, self.masked_h, masks_arg, valid_arg, t,
-                         key.batch, units, key.steps, HAS_VALID=key.has_valid, ACT=act, **shape)
+            state_launch(self.gates, self.product_h, self.h, self.carry, self.masked_h, masks_arg, upd_arg, zone_arg,
+                         valid_arg, t, key.batch, units, key.steps, HAS_VALID=key.has_valid, ACT=act, **noise,
+                         **shape)
 
 
 class _BackwardLoop(BackwardLoop):
@@ -359,7 +415,7 @@ class _BackwardLoop(BackwardLoop):
             self.da = self.new(B, U)
 
     def load(self, gates: Tensor, h_buffer: Tensor, side: Tensor, valid: Optional[Tensor], d_hs: Optional[Tensor],
-             rec: Optional[Tensor], R: Tensor) -> None:
+             rec: Optional[Tensor], noise: Noise, R: Tensor) -> None:
         units = self.key.units
         self.take("gates", gates)
         self.take("h", h_buffer)
@@ -367,7 +423,7 @@ class _BackwardLoop(BackwardLoop):
             self.take("side", side)
         self.take("valid", valid)
         self.take("d_hs", d_hs)
-        self.take("rec", rec)
+        self.take_noise(rec, noise)
         self.take_recurrent(R, R.reshape(units, GATES, units).permute(1, 2, 0))
         self.back.zero_()  # no step after the last
         self.dh.zero_()
@@ -375,18 +431,19 @@ class _BackwardLoop(BackwardLoop):
     def run(self, steps: range) -> None:
         key, units = self.key, self.key.units
         programs, block = grid(key.batch, units)
-        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid,
-                     COMPUTE=compute_type(key.dtype), BLOCK=block)
+        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, REC_PER_STEP=key.rec_per_step,
+                     HAS_VALID=key.has_valid, COMPUTE=compute_type(key.dtype), BLOCK=block, **self.noise_args(1))
         act, rec_act = key.codes
         valid_arg, dhs_arg, masks_arg = self.or_unused(self.valid), self.or_unused(self.d_hs), self.or_unused(self.rec)
+        upd_arg, zone_arg = self.or_unused(self.upd), self.or_unused(self.zone[0])
         multiply = torch.bmm if self.per_gate else torch.mm
         back_out = self.back if self.per_gate else self.back[0]
         R_t = self.R if self.per_gate else self.R.t()  # R_gᵀ panels, or Rᵀ (3U, U)
         if self.reset_after:
             launch = _reset_after_backward_step[programs]
             for t in steps:
-                launch(self.gates, self.h, self.side, valid_arg, dhs_arg, self.back, masks_arg, self.dh, self.dz,
-                       self.d_inner, self.dz_step, t, key.batch, units, key.steps, HAS_DHS=key.has_dhs, ACT=act,
+                launch(self.gates, self.h, self.side, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zone_arg,
+                       self.dh, self.dz, self.d_inner, self.dz_step, t, key.batch, units, key.steps, HAS_DHS=key.has_dhs, ACT=act,
                        REC_ACT=rec_act, **shape)
                 multiply(self.dz_step, R_t, out=back_out)
             return
@@ -394,11 +451,11 @@ class _BackwardLoop(BackwardLoop):
         gates_launch = _reset_before_gates_backward[programs]
         R_zr_t, R_h_t = (R_t[:2], R_t[2]) if self.per_gate else (R_t[:2 * units], R_t[2 * units:])
         for t in steps:
-            candidate_launch(self.gates, valid_arg, dhs_arg, self.back, masks_arg, self.dh, self.dz, self.dn_step, t,
-                             key.batch, units, key.steps, HAS_DHS=key.has_dhs, ACT=act, **shape)
+            candidate_launch(self.gates, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zone_arg, self.dh, self.dz,
+                             self.dn_step, t, key.batch, units, key.steps, HAS_DHS=key.has_dhs, ACT=act, **shape)
             torch.mm(self.dn_step, R_h_t, out=self.da)
-            gates_launch(self.gates, self.h, valid_arg, self.da, masks_arg, self.dh, self.dz, self.dz_step, t,
-                         key.batch, units, key.steps, REC_ACT=rec_act, **shape)
+            gates_launch(self.gates, self.h, valid_arg, self.da, masks_arg, upd_arg, zone_arg, self.dh, self.dz,
+                         self.dz_step, t, key.batch, units, key.steps, REC_ACT=rec_act, **shape)
             multiply(self.dz_step, R_zr_t, out=back_out)
 
 
@@ -416,7 +473,7 @@ def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bia
         dbias = dz.sum(dim=(0, 1))
     if needs[3]:
         previous = h_buffer[:, :x.shape[1]]
-        zr_masks, h_mask = (rec[:2], rec[2:]) if per_gate(rec) else (rec, rec)
+        zr_masks, h_mask = (rec.narrow(-3, 0, 2), rec.narrow(-3, 2, 1)) if per_gate(rec) else (rec, rec)
         if loop.reset_after:  # the candidate's product reads h ⊙ m_h; its output's gradient is dn ⊙ r
             candidate_grad = recurrent_kernel_grad(previous, h_mask, loop.d_inner)
         else:  # it reads a = r ⊙ h ⊙ m_h (saved as side); its output's gradient is dn
@@ -439,16 +496,16 @@ class _GruLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, kernel, bias, R, rbias, h0, input_masks, rec, valid, cell, codes, saving):
+    def forward(ctx, x, kernel, bias, R, rbias, h0, input_masks, rec, noise, valid, cell, codes, saving):
         form = RESET_AFTER if cell.reset_after else RESET_BEFORE
         key = loop_key(form, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes,
-                       has_recurrent_bias=rbias is not None)
+                       has_recurrent_bias=rbias is not None, noise=noise)
 
         h_sequence, (gates, h_buffer, side) = run_loop(
-            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, rbias, h0, rec, valid),
+            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, rbias, h0, rec, noise, valid),
             lambda loop: outputs_and_saved(loop, saving, ("gates", "h", "side")))
         ctx.save_for_backward(x, kernel, bias, R, rbias, h0, gates, h_buffer, side, input_masks, rec, valid)
-        ctx.cell, ctx.codes, ctx.form = cell, codes, form
+        ctx.cell, ctx.codes, ctx.form, ctx.noise = cell, codes, form, noise
         return h_sequence
 
     @staticmethod
@@ -456,18 +513,19 @@ class _GruLayer(torch.autograd.Function):
         x, kernel, bias, R, rbias, h0, gates, h_buffer, side, input_masks, rec, valid = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
             def build(x, kernel, bias, R, rbias, h0):
-                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias, rbias), (h0,), input_masks, rec, valid)
+                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias, rbias), (h0,), input_masks, rec, valid,
+                                   ctx.noise)
 
             return reference.differentiable_grads(ctx, (x, kernel, bias, R, rbias, h0), (d_hs,), build)
         key = loop_key(ctx.form, True, x, R.shape[1] // GATES, input_masks, rec, valid, ctx.codes,
-                       has_dhs=d_hs is not None)
+                       has_dhs=d_hs is not None, noise=ctx.noise)
         needs = ctx.needs_input_grad
 
         def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
             return _gradients(needs, loop, x, kernel, bias, rbias, h_buffer, side, input_masks, rec)
 
-        grads = run_loop(_BackwardLoop, key, x, (gates, h_buffer, side, valid, d_hs, rec, R), finish)
-        return (*grads, None, None, None, None, None, None)
+        grads = run_loop(_BackwardLoop, key, x, (gates, h_buffer, side, valid, d_hs, rec, ctx.noise, R), finish)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
@@ -478,6 +536,7 @@ def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
     rbias = w.recurrent_bias if cell.reset_after else None  # reset_before has none (GRUCell.transition)
     h_sequence = _GruLayer.apply(
         x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, rbias, states[0].contiguous(),
-        contiguous(masks.input, dtype), contiguous(masks.recurrent, dtype), valid, cell, codes, saving(x, w, states),
+        contiguous(masks.input, dtype), contiguous(masks.recurrent, dtype), noise_of(masks, dtype, 1), valid, cell,
+        codes, saving(x, w, states),
     )
     return h_sequence, (h_sequence[:, -1],)

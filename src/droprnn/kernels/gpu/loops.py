@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 
 from ...cells import CellWeights, StepMasks
+from ...dropout.plan import CellMasks
 from . import graphs
 from .triton_helpers import accumulator_dtype
 
@@ -37,6 +38,8 @@ class LoopKey(NamedTuple):
     units: int
     gate_major: bool  # per-gate input masks: the gates are laid out (G, B, T, U)
     n_masks: int  # recurrent masks: 0, 1 (shared) or G (per gate: one product per gate)
+    rec_per_step: bool  # the recurrent masks are drawn per step (T, m, B, U)
+    noise: tuple  # Noise.modes(): the update mask's and each state's zoneout constexprs
     has_valid: bool  # a step mask (B, T)
     has_dhs: bool  # backward: a gradient arrives for the h sequence (always False forward)
     has_recurrent_bias: bool  # the GRU's recurrent bias (reset_after), added in its step kernel
@@ -56,15 +59,45 @@ def _matmul_settings(dtype: torch.dtype) -> str:
     return ""
 
 
+class Noise(NamedTuple):
+    """What the step kernels apply besides the input and recurrent masks, as a layer Function receives it."""
+
+    update: Optional[Tensor] = None  # the cell update's mask: (B, U) per sequence, or (T, B, U) per step
+    zoneout: tuple = ()  # per state: None, the 0/1 keep-old indicators (T, B, U), or a float rate (inference)
+
+    def modes(self) -> tuple:
+        """The kernels' constexprs: (UPDATE: 0 none, 1 per sequence, 2 per step; per state (ZONE, RATE):
+        ZONE 0 none, 1 drawn indicators, 2 the expectation RATE). A rate enters the loop key, since a captured
+        loop keeps its constexprs."""
+        update = 0 if self.update is None else self.update.dim() - 1
+        zones = tuple((0, 0.0) if z is None else (2, float(z)) if isinstance(z, float) else (1, 0.0)
+                      for z in self.zoneout)
+        return update, zones
+
+    def zone(self, k: int) -> Optional[Tensor]:
+        """State k's zoneout indicators, or None (no zoneout, or its constant expectation)."""
+        z = self.zoneout[k] if k < len(self.zoneout) else None
+        return z if torch.is_tensor(z) else None
+
+
+def noise_of(masks: CellMasks, dtype: torch.dtype, states: int) -> Noise:
+    """The Noise of a cell's masks for a call in ``dtype``: tensors contiguous in ``dtype``, inference's
+    zoneout expectations (0-d tensors) as floats."""
+    zoneout = masks.zoneout or (None,) * states
+    return Noise(contiguous(masks.update, dtype),
+                 tuple(None if z is None else float(z) if z.dim() == 0 else contiguous(z, dtype) for z in zoneout))
+
+
 def loop_key(cell: str, backward: bool, x: Tensor, units: int, input_masks: Optional[Tensor], rec: Optional[Tensor],
-             valid: Optional[Tensor], codes: tuple, has_dhs: bool = False, has_recurrent_bias: bool = False) -> LoopKey:
+             valid: Optional[Tensor], codes: tuple, has_dhs: bool = False, has_recurrent_bias: bool = False,
+             noise: Noise = Noise()) -> LoopKey:
     """The key of the forward (or backward) time loop of a call on x (B, T, D) with these masks."""
     batch, steps, _ = x.shape
     stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
     gate_major = input_masks is not None and input_masks.shape[-3] > 1
     return LoopKey(cell, backward, x.device, x.dtype, batch, steps, units, gate_major,
-                   0 if rec is None else rec.shape[0], valid is not None, has_dhs, has_recurrent_bias, tuple(codes),
-                   _matmul_settings(x.dtype), stream)
+                   0 if rec is None else rec.shape[-3], rec is not None and rec.dim() == 4, noise.modes(),
+                   valid is not None, has_dhs, has_recurrent_bias, tuple(codes), _matmul_settings(x.dtype), stream)
 
 
 class Loop:
@@ -114,7 +147,8 @@ class Loop:
         if rec is None:
             self.masked_h[0] = h0
         else:
-            torch.mul(h0, rec[:self.masked_h.shape[0]], out=self.masked_h)
+            first = rec[0] if self.key.rec_per_step else rec
+            torch.mul(h0, first[:self.masked_h.shape[0]], out=self.masked_h)
 
     def steps(self) -> range:
         raise NotImplementedError
@@ -123,6 +157,39 @@ class Loop:
         raise NotImplementedError
 
 
+    def new_noise(self) -> None:
+        """Static buffers for the call's recurrent masks, (m, B, U) or per step (T, m, B, U), its update mask
+        and zoneout indicators, as the key says; None where absent or in an eager loop."""
+        key, static = self.key, self.static
+        B, T, U, m = key.batch, key.steps, key.units, key.n_masks
+        update, zones = key.noise
+        rec_shape = (T, m, B, U) if key.rec_per_step else (m, B, U)
+        self.rec = self.new(*rec_shape) if static and m else None
+        self.upd = self.new(*((B, U) if update == 1 else (T, B, U))) if static and update else None
+        self.zone = [self.new(T, B, U) if static and mode == 1 else None for mode, _ in zones]
+
+    def take_noise(self, rec: Optional[Tensor], noise: "Noise") -> None:
+        """The call's recurrent masks, update mask and zoneout indicators (see ``take``)."""
+        self.take("rec", rec)
+        self.take("upd", noise.update)
+        for k, z in enumerate(self.zone):
+            z_in = noise.zone(k)
+            if z_in is not None:
+                if self.static:
+                    z.copy_(z_in)
+                else:
+                    self.zone[k] = z_in.contiguous()
+
+    def noise_args(self, states: int) -> dict:
+        """The update and zoneout constexprs of the step kernels of a cell with ``states`` states (Noise.modes):
+        UPDATE, ZONE_H and ZONE_H_RATE, and for the LSTM ZONE_C and ZONE_C_RATE."""
+        update, zones = self.key.noise
+        zones = tuple(zones) + ((0, 0.0),) * (states - len(zones))
+        args = dict(UPDATE=update)
+        for name, (mode, rate) in zip(("H", "C")[:states], zones):
+            args[f"ZONE_{name}"], args[f"ZONE_{name}_RATE"] = mode, rate
+        return args
+
     def or_unused(self, t: Optional[Tensor]) -> Tensor:
         """``t``, or for an absent input any tensor: a kernel never reads the argument of an absent input."""
         return self.unused if t is None else t
@@ -130,13 +197,14 @@ class Loop:
 
 class ForwardLoop(Loop):
     """What every forward loop has: the h sequence (B, T + 1, U) (slot 0: h0), and in a static loop the
-    recurrent masks (m, B, U) and the step mask (B, T). The cell's class adds the rest."""
+    recurrent masks, update mask and zoneout indicators (``new_noise``) and the step mask (B, T). The cell's class
+    adds the rest."""
 
     def __init__(self, key: LoopKey, static: bool):
         super().__init__(key, static)
-        B, T, U, m = key.batch, key.steps, key.units, key.n_masks
+        B, T, U = key.batch, key.steps, key.units
         self.h = self.unused = self.new(B, T + 1, U)
-        self.rec = self.new(m, B, U) if static and m else None
+        self.new_noise()
         self.valid = self.new(B, T) if static and key.has_valid else None
 
     def steps(self) -> range:
@@ -145,16 +213,16 @@ class ForwardLoop(Loop):
 
 class BackwardLoop(Loop):
     """What every backward loop has: dh (B, U), the gradient carried to the step before (compute dtype),
-    and in a static loop the step mask (B, T), the output's gradient dH (B, T, U) and the recurrent masks
-    (m, B, U). The cell's class adds the rest."""
+    and in a static loop the step mask (B, T), the output's gradient dH (B, T, U) and the masks
+    (``new_noise``). The cell's class adds the rest."""
 
     def __init__(self, key: LoopKey, static: bool):
         super().__init__(key, static)
-        B, T, U, m = key.batch, key.steps, key.units, key.n_masks
+        B, T, U = key.batch, key.steps, key.units
         self.dh = self.unused = self.new_carry(B, U)
         self.valid = self.new(B, T) if static and key.has_valid else None
         self.d_hs = self.new(B, T, U) if static and key.has_dhs else None
-        self.rec = self.new(m, B, U) if static and m else None
+        self.new_noise()
 
     def steps(self) -> range:
         return range(self.key.steps - 1, -1, -1)
@@ -163,6 +231,8 @@ class BackwardLoop(Loop):
         """dh0 (B, U) in the input dtype, once the loop has run: the carry plus step 0's recurrent products
         through the masks (Σ_k Q_k ⊙ m_k over the products' masks). Never a view of the loop's buffers."""
         back = self.back
+        if rec is not None and self.key.rec_per_step:
+            rec = rec[0]  # step 0's masks met h0
         total = self.dh + (back[0] if rec is None else (back * rec[:back.shape[0]]).sum(0))
         return total.to(self.key.dtype)
 
@@ -233,14 +303,22 @@ def saving(x: Tensor, w: CellWeights, states: States) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _at(t: int, mask: Any, per_sequence_dim: int) -> Any:
+    """Step t's slice of a mask drawn per step; a per-sequence mask, a rate or None as it is."""
+    return mask[t] if torch.is_tensor(mask) and mask.dim() > per_sequence_dim else mask
+
+
 def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_masks: Optional[Tensor],
-                rec: Optional[Tensor], valid: Optional[Tensor]) -> tuple[Tensor, ...]:
+                rec: Optional[Tensor], valid: Optional[Tensor], noise: Noise = Noise()) -> tuple[Tensor, ...]:
     """What a cell's layer Function computes, in the cell's own plain autograd ops: the h sequence
     (B, T, U), then the last value of every other state (the LSTM's c)."""
     projected = cell.project_inputs(x, weights, input_masks)
+    zoneout = noise.zoneout if any(z is not None for z in noise.zoneout) else None
     sequence = []
     for t in range(x.shape[1]):
-        _, new = cell.step(projected[:, t], states, weights, StepMasks(recurrent=rec))
+        masks = StepMasks(_at(t, rec, 3), _at(t, noise.update, 2),
+                          None if zoneout is None else tuple(_at(t, z, 0) for z in zoneout))
+        _, new = cell.step(projected[:, t], states, weights, masks)
         if valid is not None:
             keep = valid[:, t, None] != 0
             new = tuple(torch.where(keep, fresh, old) for fresh, old in zip(new, states))

@@ -21,8 +21,13 @@ it the previous cell's carried h sequence equals the reference's per-step interl
     after the loop, large products: dR_g = (H_prev ⊙ m_h^g)ᵀ dZ_g, dK_g = (x ⊙ m_x^g)ᵀ dZ_g,
         db = Σ dZ, dx = Σ_g (dZ_g K_gᵀ) ⊙ m_x^g
 
-Saved for the backward: the activated gates (over the projections), the h and c sequences -- never a
-(T, B, H) mask. The kernels compute in float32 (float64 for float64 tensors); the c sequence and the
+Update masks m_u (per sequence or per step) multiply the candidate g in c_t; zoneout then keeps each
+unit's old h and c with indicators d_h, d_c (their rates in inference): h_t = d_h ⊙ h_{t-1} + (1 - d_h) ⊙
+h̃_t, likewise c_t, and the backward recomputes the un-zoned c̃_t from the saved gates. Per-step recurrent
+masks (T, m, B, U) are read at the step that uses them: step t + 1's on h_t.
+
+Saved for the backward: the activated gates (over the projections), the h and c sequences -- no mask
+beyond those the plan holds. The kernels compute in float32 (float64 for float64 tensors); the c sequence and the
 backward's carries dh, dc are kept in that type, everything else in the input dtype -- float32, float64,
 float16 or bfloat16 (``triton_helpers.py``). A backward that must itself be differentiable
 (``create_graph=True``, double backward) differentiates the same recurrence written with the cell's own
@@ -73,11 +78,11 @@ from ...cells import CellWeights
 from ...dropout.plan import CellMasks
 from .. import reference
 from . import ACTIVATION_CODES
-from .loops import (BackwardLoop, ForwardLoop, LoopKey, States, contiguous, loop_key,
+from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, contiguous, loop_key, noise_of,
                     outputs_and_saved, plain_layer, run_loop, saving)
 from .products import input_grads, project, recurrent_kernel_grad
-from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, program_units, step_is_real,
-                             step_offset, store_product_inputs, through)
+from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_masks, program_units,
+                             step_is_real, step_offset, store_product_inputs, through, update_mask, zoneout_keep)
 
 Tensor = torch.Tensor
 
@@ -96,9 +101,10 @@ CELL = "lstm"
 #   valid      (B, T) 0/1; dhs (B, T, U); dz (B, T, 4, U); dh, dc (B, U) in the compute dtype
 @triton.jit(do_not_specialize=["t"])
 def _forward_step(
-    gates_ptr, product_ptr, h_ptr, c_ptr, masked_h_ptr, masks_ptr, valid_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_VALID: tl.constexpr, ACT: tl.constexpr,
-    REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, product_ptr, h_ptr, c_ptr, masked_h_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, valid_ptr, t, B, U, T,
+    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr, UPDATE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_C: tl.constexpr, ZONE_C_RATE: tl.constexpr,
+    HAS_VALID: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One forward step for the units [BLOCK·j, BLOCK·(j+1)) of sequence b (program (b, j))."""
     b, u, inside = program_units(U, BLOCK)
@@ -121,13 +127,23 @@ def _forward_step(
     before = (b * (T + 1) + t) * U + u  # slot t: the states before this step
     after = before + U
     c_prev = tl.load(c_ptr + before, mask=inside).to(COMPUTE)
-    c = f * c_prev + i * g
+    update = g
+    if UPDATE != 0:  # the cell update's mask (Semeniuta et al.)
+        update = g * update_mask(upd_ptr, b, t, u, inside, B, U, UPDATE, COMPUTE)
+    c = f * c_prev + i * update
     h = o * activate(c, ACT)
-    if HAS_VALID:  # a masked step holds both states
-        keep = step_is_real(valid_ptr, b, t, T)
+    if ZONE_C != 0:  # each unit keeps its old value with indicator d (or its expectation)
+        d = zoneout_keep(zc_ptr, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, COMPUTE)
+        c = d * c_prev + (1 - d) * c
+    if HAS_VALID or ZONE_H != 0:
         h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
-        c = tl.where(keep, c, c_prev)
-        h = tl.where(keep, h, h_prev)
+        if ZONE_H != 0:
+            d = zoneout_keep(zh_ptr, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, COMPUTE)
+            h = d * h_prev + (1 - d) * h
+        if HAS_VALID:  # a masked step holds both states
+            keep = step_is_real(valid_ptr, b, t, T)
+            c = tl.where(keep, c, c_prev)
+            h = tl.where(keep, h, h_prev)
     dtype = gates_ptr.dtype.element_ty
     tl.store(gi, i.to(dtype), mask=inside)
     tl.store(gf, f.to(dtype), mask=inside)
@@ -135,38 +151,66 @@ def _forward_step(
     tl.store(go, o.to(dtype), mask=inside)
     tl.store(c_ptr + after, c.to(c_ptr.dtype.element_ty), mask=inside)
     tl.store(h_ptr + after, h.to(h_ptr.dtype.element_ty), mask=inside)
-    store_product_inputs(masked_h_ptr, masks_ptr, h, b, u, inside, B, U, N_MASKS, 4)
+    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
+    store_product_inputs(masked_h_ptr, next_m, h, b, u, inside, B, U, N_MASKS, 4)
 
 
 @triton.jit(do_not_specialize=["t"])
 def _backward_step(
-    gates_ptr, c_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, dh_ptr, dc_ptr, dz_ptr, dz_step_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr,
-    ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, c_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, dh_ptr, dc_ptr, dz_ptr,
+    dz_step_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr,
+    UPDATE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_C: tl.constexpr,
+    ZONE_C_RATE: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr, ACT: tl.constexpr,
+    REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One backward step: gate gradients and the carries dh (direct, through held steps) and dc, in place.
+    """One backward step: gate gradients and the carries dh (direct: through zoneout and held steps) and
+    dc, in place.
 
     ``back`` holds the gradient of the step after this one through its recurrent product, per mask:
-    Q_g = dz_g @ R_gᵀ; it reaches h as Σ_g Q_g ⊙ m_g.
+    Q_g = dz_g @ R_gᵀ; it reaches h as Σ_g Q_g ⊙ m_g (the step after's masks). With zoneout, h_t and c_t
+    are d·old + (1 - d)·fresh: the fresh values' gradients are (1 - d) of theirs, the rest passes straight
+    to step t - 1; the fresh c is recomputed from the saved gates, since c_t holds the zoned one.
     """
     b, u, inside = program_units(U, BLOCK)
-    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 4, COMPUTE)
+    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
+    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, next_m, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 4, COMPUTE)
     i = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 4, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     f = tl.load(gates_ptr + gate_offset(b, t, 1, B, T, U, 4, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     g = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 4, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     o = tl.load(gates_ptr + gate_offset(b, t, 3, B, T, U, 4, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     before = (b * (T + 1) + t) * U + u
     c_prev = tl.load(c_ptr + before, mask=inside).to(COMPUTE)
-    c = tl.load(c_ptr + before + U, mask=inside).to(COMPUTE)
+    update = g
+    if UPDATE != 0:
+        m_u = update_mask(upd_ptr, b, t, u, inside, B, U, UPDATE, COMPUTE)
+        update = g * m_u
+    if ZONE_C != 0:
+        c = f * c_prev + i * update
+    else:
+        c = tl.load(c_ptr + before + U, mask=inside).to(COMPUTE)
     tc = activate(c, ACT)
     dc_next = tl.load(dc_ptr + b * U + u, mask=inside).to(COMPUTE)
-    dc = dc_next + through(dh * o, tc, ACT)
-    dzi = through(dc * g, i, REC_ACT)
+    dh_fresh = dh
+    dh_carry = tl.full((BLOCK,), 0.0, COMPUTE)
+    if ZONE_H != 0:
+        d = zoneout_keep(zh_ptr, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, COMPUTE)
+        dh_fresh = dh * (1 - d)
+        dh_carry = dh * d
+    dc_fresh = dc_next
+    dc_prev = tl.full((BLOCK,), 0.0, COMPUTE)
+    if ZONE_C != 0:
+        d = zoneout_keep(zc_ptr, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, COMPUTE)
+        dc_fresh = dc_next * (1 - d)
+        dc_prev = dc_next * d
+    dc = dc_fresh + through(dh_fresh * o, tc, ACT)
+    dzi = through(dc * update, i, REC_ACT)
     dzf = through(dc * c_prev, f, REC_ACT)
-    dzc = through(dc * i, g, ACT)
-    dzo = through(dh * tc, o, REC_ACT)
-    dc_prev = dc * f
-    dh_held = tl.full((BLOCK,), 0.0, COMPUTE)
+    d_update = dc * i
+    if UPDATE != 0:
+        d_update = d_update * m_u
+    dzc = through(d_update, g, ACT)
+    dzo = through(dh_fresh * tc, o, REC_ACT)
+    dc_prev += dc * f
     if HAS_VALID:  # a masked step held h and c: their gradients pass on, and its gates get none
         keep = step_is_real(valid_ptr, b, t, T)
         dzi = tl.where(keep, dzi, 0.0)
@@ -174,7 +218,7 @@ def _backward_step(
         dzc = tl.where(keep, dzc, 0.0)
         dzo = tl.where(keep, dzo, 0.0)
         dc_prev = tl.where(keep, dc_prev, dc_next)
-        dh_held = tl.where(keep, dh_held, dh)
+        dh_carry = tl.where(keep, dh_carry, dh)
     dtype = dz_ptr.dtype.element_ty
     z = dz_ptr + (b * T + t) * 4 * U + u
     tl.store(z, dzi.to(dtype), mask=inside)
@@ -186,7 +230,7 @@ def _backward_step(
     tl.store(dz_step_ptr + step_offset(b, 2, B, U, 4, N_MASKS) + u, dzc.to(dtype), mask=inside)
     tl.store(dz_step_ptr + step_offset(b, 3, B, U, 4, N_MASKS) + u, dzo.to(dtype), mask=inside)
     tl.store(dc_ptr + b * U + u, dc_prev.to(dc_ptr.dtype.element_ty), mask=inside)
-    tl.store(dh_ptr + b * U + u, dh_held.to(dh_ptr.dtype.element_ty), mask=inside)
+    tl.store(dh_ptr + b * U + u, dh_carry.to(dh_ptr.dtype.element_ty), mask=inside)
 
 
 # ---------------------------------------------------------------------------------------------- time loops
@@ -208,30 +252,32 @@ class _ForwardLoop(ForwardLoop):
         self.R = (self.new(GATES, U, U) if self.per_gate else self.new(U, GATES * U)) if static else None
 
     def load(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor], input_masks: Optional[Tensor], R: Tensor,
-             h0: Tensor, c0: Tensor, rec: Optional[Tensor], valid: Optional[Tensor]) -> None:
+             h0: Tensor, c0: Tensor, rec: Optional[Tensor], noise: Noise, valid: Optional[Tensor]) -> None:
         units = self.key.units
         project(x, kernel, bias, input_masks, out=self.gates, gates=GATES)
         self.start(h0, rec)
         self.c[:, 0] = c0
         self.take_recurrent(R, R.reshape(units, GATES, units).permute(1, 0, 2))
-        self.take("rec", rec)
+        self.take_noise(rec, noise)
         self.take("valid", valid)
 
     def run(self, steps: range) -> None:
         key = self.key
         programs, block = grid(key.batch, key.units)
         launch = _forward_step[programs]
-        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid, ACT=key.codes[0],
-                         REC_ACT=key.codes[1], COMPUTE=compute_type(key.dtype), BLOCK=block)
+        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, REC_PER_STEP=key.rec_per_step,
+                         HAS_VALID=key.has_valid, ACT=key.codes[0], REC_ACT=key.codes[1],
+                         COMPUTE=compute_type(key.dtype), BLOCK=block, **self.noise_args(2))
         masks_arg, valid_arg = self.or_unused(self.rec), self.or_unused(self.valid)
+        upd_arg, zh_arg, zc_arg = self.or_unused(self.upd), self.or_unused(self.zone[0]), self.or_unused(self.zone[1])
         h_for_mm = self.masked_h[0]
         for t in steps:
             if self.per_gate:  # one product per gate: (4, B, U) @ (4, U, U) -> (4, B, U)
                 torch.bmm(self.masked_h, self.R, out=self.product)
             else:  # (B, U) @ (U, 4U) -> (B, 4U)
                 torch.mm(h_for_mm, self.R, out=self.product)
-            launch(self.gates, self.product, self.h, self.c, self.masked_h, masks_arg, valid_arg, t, key.batch,
-                   key.units, key.steps, **constants)
+            launch(self.gates, self.product, self.h, self.c, self.masked_h, masks_arg, upd_arg, zh_arg, zc_arg,
+                   valid_arg, t, key.batch, key.units, key.steps, **constants)
 
 
 class _BackwardLoop(BackwardLoop):
@@ -256,13 +302,13 @@ class _BackwardLoop(BackwardLoop):
         self.dz_step = self.new(GATES, B, U) if self.per_gate else self.new(B, GATES * U)
 
     def load(self, gates: Tensor, c_buffer: Tensor, valid: Optional[Tensor], d_hs: Optional[Tensor],
-             rec: Optional[Tensor], R: Tensor, d_c_last: Optional[Tensor]) -> None:
+             rec: Optional[Tensor], noise: Noise, R: Tensor, d_c_last: Optional[Tensor]) -> None:
         units = self.key.units
         self.take("gates", gates)
         self.take("c", c_buffer)
         self.take("valid", valid)
         self.take("d_hs", d_hs)  # e.g. the expanded ones of out.sum(): copied into contiguous memory
-        self.take("rec", rec)
+        self.take_noise(rec, noise)
         self.take_recurrent(R, R.reshape(units, GATES, units).permute(1, 2, 0))
         self.back.zero_()  # no step after the last
         self.dh.zero_()
@@ -275,15 +321,16 @@ class _BackwardLoop(BackwardLoop):
         key = self.key
         programs, block = grid(key.batch, key.units)
         launch = _backward_step[programs]
-        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid,
-                         HAS_DHS=key.has_dhs, ACT=key.codes[0], REC_ACT=key.codes[1],
-                         COMPUTE=compute_type(key.dtype), BLOCK=block)
+        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, REC_PER_STEP=key.rec_per_step,
+                         HAS_VALID=key.has_valid, HAS_DHS=key.has_dhs, ACT=key.codes[0], REC_ACT=key.codes[1],
+                         COMPUTE=compute_type(key.dtype), BLOCK=block, **self.noise_args(2))
         valid_arg, dhs_arg, masks_arg = self.or_unused(self.valid), self.or_unused(self.d_hs), self.or_unused(self.rec)
+        upd_arg, zh_arg, zc_arg = self.or_unused(self.upd), self.or_unused(self.zone[0]), self.or_unused(self.zone[1])
         R_t = self.R if self.per_gate else self.R.t()  # R_gᵀ panels, or (4U, U)
         back_for_mm = self.back[0]
         for t in steps:
-            launch(self.gates, self.c, valid_arg, dhs_arg, self.back, masks_arg, self.dh, self.dc, self.dz,
-                   self.dz_step, t, key.batch, key.units, key.steps, **constants)
+            launch(self.gates, self.c, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zh_arg, zc_arg, self.dh,
+                   self.dc, self.dz, self.dz_step, t, key.batch, key.units, key.steps, **constants)
             if self.per_gate:
                 torch.bmm(self.dz_step, R_t, out=self.back)
             else:
@@ -320,36 +367,38 @@ class _LstmLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, kernel, bias, R, h0, c0, input_masks, rec, valid, cell, codes, saving):
-        key = loop_key(CELL, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes)
+    def forward(ctx, x, kernel, bias, R, h0, c0, input_masks, rec, noise, valid, cell, codes, saving):
+        key = loop_key(CELL, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes, noise=noise)
 
         def finish(loop: _ForwardLoop):
             c_last = loop.c[:, -1].to(x.dtype, copy=True)
             return (c_last, *outputs_and_saved(loop, saving, ("gates", "h", "c")))
 
         c_last, h_sequence, (gates, h_buffer, c_buffer) = run_loop(
-            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, h0, c0, rec, valid), finish)
+            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, h0, c0, rec, noise, valid), finish)
         ctx.save_for_backward(x, kernel, bias, R, gates, h_buffer, c_buffer, input_masks, rec, valid, h0, c0)
-        ctx.cell, ctx.codes = cell, codes
+        ctx.cell, ctx.codes, ctx.noise = cell, codes, noise
         return h_sequence, c_last
 
     @staticmethod
     def backward(ctx, d_hs, d_c_last):
         x, kernel, bias, R, gates, h_buffer, c_buffer, input_masks, rec, valid, h0, c0 = ctx.saved_tensors
+        noise = ctx.noise
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
             def build(x, kernel, bias, R, h0, c0):
-                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias), (h0, c0), input_masks, rec, valid)
+                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias), (h0, c0), input_masks, rec, valid,
+                                   noise)
 
             return reference.differentiable_grads(ctx, (x, kernel, bias, R, h0, c0), (d_hs, d_c_last), build)
         key = loop_key(CELL, True, x, R.shape[1] // GATES, input_masks, rec, valid, ctx.codes,
-                       has_dhs=d_hs is not None)
+                       has_dhs=d_hs is not None, noise=noise)
         needs = ctx.needs_input_grad
 
         def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
             return _gradients(needs, loop, x, kernel, bias, h_buffer, input_masks, rec)
 
-        grads = run_loop(_BackwardLoop, key, x, (gates, c_buffer, valid, d_hs, rec, R, d_c_last), finish)
-        return (*grads, None, None, None, None, None, None)
+        grads = run_loop(_BackwardLoop, key, x, (gates, c_buffer, valid, d_hs, rec, noise, R, d_c_last), finish)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
@@ -359,6 +408,7 @@ def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
     dtype = x.dtype
     h_sequence, c_last = _LstmLayer.apply(
         x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, states[0].contiguous(), states[1].contiguous(),
-        contiguous(masks.input, dtype), contiguous(masks.recurrent, dtype), valid, cell, codes, saving(x, w, states),
+        contiguous(masks.input, dtype), contiguous(masks.recurrent, dtype), noise_of(masks, dtype, 2), valid, cell,
+        codes, saving(x, w, states),
     )
     return h_sequence, (h_sequence[:, -1], c_last)

@@ -90,20 +90,21 @@ def input_grads(x: Tensor, kernel: Tensor, masks: Optional[Tensor], dz: Tensor, 
 def recurrent_kernel_grad(previous: Tensor, masks: Optional[Tensor], grads: Tensor) -> Tensor:
     """Columns of dR, (H, k·U) = Σ_t (h_{t-1} ⊙ m_g)ᵀ dz_g, for k gates at once.
 
-    previous: the states the products read, (B, T, H); masks: (k, B, H) one per gate, (1, B, H) shared, or
-    None; grads: the gradients of the products' outputs, (B, T, k·U) -- a column slice of a wider buffer
-    is fine (flattening (B, T) keeps it a view).
+    previous: the states the products read, (B, T, H); masks: (k, B, H) one per gate, (1, B, H) shared,
+    either per step (T, k, B, H), or None; grads: the gradients of the products' outputs, (B, T, k·U) -- a
+    column slice of a wider buffer is fine (flattening (B, T) keeps it a view).
     """
     batch, steps, width = grads.shape
     flat_grads = grads.reshape(batch * steps, width)
     if not per_gate(masks):
-        masked = previous if masks is None else previous * masks[0].unsqueeze(1)
+        masked = previous if masks is None else previous * time_mask(masks, 0)
         return masked.reshape(batch * steps, -1).t() @ flat_grads
-    units = width // masks.shape[0]
+    count = masks.shape[-3]
+    units = width // count
     grad = grads.new_empty(previous.shape[-1], width)
     scratch = grads.new_empty(previous.shape)
-    for g in range(masks.shape[0]):
+    for g in range(count):
         cols = slice(g * units, (g + 1) * units)
-        masked = torch.mul(previous, masks[g].unsqueeze(1), out=scratch).view(batch * steps, -1)
+        masked = torch.mul(previous, time_mask(masks, g), out=scratch).view(batch * steps, -1)
         grad[:, cols] = masked.t() @ flat_grads[:, cols]
     return grad

@@ -14,9 +14,8 @@ import torch
 
 from ...cells import CellWeights, GRUCell, LSTMCell
 from ...dropout.plan import DropoutPlan
-from ...errors import DroprnnError
 from .. import reference
-from . import gru, lstm, plan_reason
+from . import gru, lstm
 from .loops import States
 
 Tensor = torch.Tensor
@@ -37,9 +36,6 @@ def run(
     return_sequences: bool = True,
 ) -> tuple[Optional[Tensor], Tensor, list[States]]:
     """Same arguments and results as :func:`droprnn.kernels.reference.run`, for stacked LSTM and GRU cells."""
-    reason = plan_reason(plan)
-    if reason is not None:  # only a hand-made plan gets here: dispatch judges drawn plans by the layer's modes
-        raise DroprnnError(f"impl='gpu' cannot run this dropout plan: {reason}. Use impl='reference'.")
     x, step_mask, weights = reference.prepare(cells, x, step_mask, plan, weights, go_backwards)
     valid = None if step_mask is None else step_mask.to(x.dtype).contiguous()
     layer_input = x

@@ -87,10 +87,30 @@ def step_offset(b, g, B, U, GATES: tl.constexpr, N_MASKS: tl.constexpr):
 
 
 @triton.jit
+def next_masks(masks_ptr, t, B, U, T, N_MASKS: tl.constexpr, PER_STEP: tl.constexpr):
+    """The recurrent masks that meet h_t: step t + 1's, of per-step masks (T, m, B, U) when PER_STEP (after the
+    last step none does; any in-bounds step serves), else the call's (m, B, U), the same at every step."""
+    if PER_STEP:
+        return masks_ptr + tl.minimum(t + 1, T - 1).to(tl.int64) * N_MASKS * B * U
+    else:
+        return masks_ptr
+
+
+@triton.jit
+def step_masks(masks_ptr, t, B, U, N_MASKS: tl.constexpr, PER_STEP: tl.constexpr):
+    """The recurrent masks of step t itself (those on h_{t-1}): per-step masks (T, m, B, U) or the call's."""
+    if PER_STEP:
+        return masks_ptr + t.to(tl.int64) * N_MASKS * B * U
+    else:
+        return masks_ptr
+
+
+@triton.jit
 def store_product_inputs(masked_ptr, masks_ptr, h, b, u, inside, B, U, N_MASKS: tl.constexpr,
                          N_PRODUCTS: tl.constexpr):
     """Write the next step's product inputs (m, B, U): h ⊙ m_k for the first N_PRODUCTS per-gate masks, h ⊙ m
-    with a shared mask, h itself without -- so that no separate pass multiplies the masks in."""
+    with a shared mask, h itself without -- so that no separate pass multiplies the masks in. ``masks_ptr``
+    points at the masks of the step that reads them (``next_masks``)."""
     dtype = masked_ptr.dtype.element_ty
     if N_MASKS == 0:
         tl.store(masked_ptr + b * U + u, h.to(dtype), mask=inside)
@@ -108,7 +128,8 @@ def incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, b, t, u, inside, B, T, U
                   N_MASKS: tl.constexpr, N_PRODUCTS: tl.constexpr, COMPUTE: tl.constexpr):
     """The gradient reaching h_t: the carry dh (B, U) from the step after, dH_t (B, T, U) from the layer's
     output, and the step after's recurrent products Q_k = dz_k @ R_kᵀ (``back``, (m, B, U)) through the
-    masks: Σ_k Q_k ⊙ m_k over the first N_PRODUCTS per-gate masks, Q ⊙ m shared, or Q without masks."""
+    masks: Σ_k Q_k ⊙ m_k over the first N_PRODUCTS per-gate masks, Q ⊙ m shared, or Q without masks.
+    ``masks_ptr`` points at the step after's masks (``next_masks``)."""
     dh = tl.load(dh_ptr + b * U + u, mask=inside).to(COMPUTE)
     if HAS_DHS:
         dh += tl.load(dhs_ptr + (b * T + t) * U + u, mask=inside).to(COMPUTE)
@@ -122,6 +143,26 @@ def incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, b, t, u, inside, B, T, U
             q = tl.load(back_ptr + (k * B + b) * U + u, mask=inside).to(COMPUTE)
             dh += q * tl.load(masks_ptr + (k * B + b) * U + u, mask=inside).to(COMPUTE)
     return dh
+
+
+@triton.jit
+def update_mask(upd_ptr, b, t, u, inside, B, U, UPDATE: tl.constexpr, COMPUTE: tl.constexpr):
+    """The update mask on the cell update at step t (Semeniuta et al.): UPDATE 1 one per sequence (B, U),
+    2 one per step (T, B, U). Only called when UPDATE != 0."""
+    if UPDATE == 2:
+        return tl.load(upd_ptr + (t.to(tl.int64) * B + b) * U + u, mask=inside, other=0.0).to(COMPUTE)
+    else:
+        return tl.load(upd_ptr + b * U + u, mask=inside, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def zoneout_keep(zone_ptr, b, t, u, inside, B, U, ZONE: tl.constexpr, RATE: tl.constexpr, COMPUTE: tl.constexpr):
+    """d, the share of the old state a unit keeps at step t: ZONE 1 the drawn 0/1 indicators (T, B, U),
+    2 their expectation RATE (inference). Only called when ZONE != 0; the state is d·old + (1 - d)·fresh."""
+    if ZONE == 1:
+        return tl.load(zone_ptr + (t.to(tl.int64) * B + b) * U + u, mask=inside, other=0.0).to(COMPUTE)
+    else:
+        return tl.full(u.shape, RATE, COMPUTE)
 
 
 @triton.jit
