@@ -121,6 +121,8 @@ def draw_cell_masks(
         return dropout_mask(shape, rate, stream, dtype, device)
 
     def per_gate(count: int, shape: tuple[int, ...], rate: float) -> Tensor:
+        if stream.seed is None:  # the global RNG: one draw for all gates (fewer kernel launches)
+            return mask((count, *shape), rate)
         # One draw per gate, in gate order: Keras's sequence of draws, so seeded masks match Keras's.
         return torch.stack([mask(shape, rate) for _ in range(count)])
 

@@ -286,11 +286,10 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
                 p.grad = None
             (summed / preset.batch_size).backward()
             torch.nn.utils.clip_grad_norm_(parameters, preset.clip)
-            with torch.no_grad():
-                for p in parameters:
-                    p.add_(p.grad, alpha=-lr)
-                    if preset.weight_decay:
-                        p.mul_(1.0 - preset.weight_decay)
+            with torch.no_grad():  # one launch per update over all parameters (on a GPU), not one per parameter
+                torch._foreach_add_(parameters, [p.grad for p in parameters], alpha=-lr)
+                if preset.weight_decay:
+                    torch._foreach_mul_(parameters, 1.0 - preset.weight_decay)
             total += summed.item()
             count += y.numel()
         val_loss, val_ppl = evaluate(model, valid_stream)
