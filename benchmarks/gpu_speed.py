@@ -106,16 +106,6 @@ def _training_step(layer, impl, x, plan, init, mask, create_graph=False):
     return [o.detach() for o in out] + [g.detach() for g in grads]
 
 
-def _cast_plan(plan, dtype):
-    from droprnn import CellMasks, DropoutPlan
-
-    def c(t):
-        return None if t is None else t.to(dtype)
-
-    return DropoutPlan(tuple(CellMasks(c(m.input), c(m.recurrent), c(m.update), c(m.recurrent_kernel))
-                             for m in plan.cells))
-
-
 def _check_layer(kind: str, options, units: int):
     """The layer of one check: kind "lstm", "gru" (reset_after), "gru-rb" (reset_before), or "stacked"
     (options: the cells)."""
@@ -189,7 +179,7 @@ def run_checks(device) -> bool:
                 detail = f"max |gpu - ref| {err:.2e} (bound 1e-10)"
             else:
                 exact = _training_step(copy.deepcopy(layer).double(), "reference", x.double(),
-                                       _cast_plan(plan, torch.float64), [t.double() for t in init], mask)
+                                       plan.to(torch.float64), [t.double() for t in init], mask)
                 worst, passed = 0.0, True
                 for g, r, e in zip(got, ref, exact):
                     scale = e.abs().max().item()

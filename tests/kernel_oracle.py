@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from droprnn import CellMasks, DropoutPlan
+from droprnn import DropoutPlan
 
 F64 = torch.float64
 
@@ -34,14 +34,7 @@ def rebuild(tree, leaves):
 
 
 def cast_plan(plan: DropoutPlan, dtype) -> DropoutPlan:
-    def c(t):
-        return None if t is None else t.to(dtype)
-
-    return DropoutPlan(tuple(
-        CellMasks(c(m.input), c(m.recurrent), c(m.update), c(m.recurrent_kernel),
-                  None if m.zoneout is None else tuple(c(z) for z in m.zoneout))
-        for m in plan.cells
-    ))
+    return plan.to(dtype)
 
 
 def loss_weights(tensors) -> list:

@@ -1186,3 +1186,116 @@ def test_cuda_graphs_equal_the_eager_loops(part):
     print(out)
     assert "ALL PASSED" in out
 
+
+
+# ----------------------------------------------------------------------------------------------- 6. counter-based masks
+# On CUDA the per-step recurrent and update masks and the zoneout indicators are CounterMask objects: the kernels
+# make each entry from (seed, stream, index) inside their steps. The fixture makes CPU plans hold them too, so
+# the interpreter runs those kernels; the reference loop makes each step's slice with the same hash in torch.
+@pytest.fixture
+def counter_cpu(monkeypatch):
+    from droprnn.dropout import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "COUNTER_DEVICES", frozenset({"cuda", "cpu"}))
+
+
+if IN_PROCESS:
+    import triton.language as tl
+
+    from droprnn.kernels.gpu.triton_helpers import counter_bits as triton_counter_bits
+
+    @triton.jit
+    def _bits_kernel(seed_ptr, index_ptr, out_ptr, N, STREAM: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        inside = offsets < N
+        index = tl.load(index_ptr + offsets, mask=inside, other=0)
+        tl.store(out_ptr + offsets, triton_counter_bits(seed_ptr, STREAM, index).to(tl.int64), mask=inside)
+
+
+@in_process
+@pytest.mark.parametrize("stream", [0, 1, 3])
+def test_triton_counter_bits_equal_torch(stream):
+    from droprnn.random import counter_bits
+
+    gen = torch.Generator().manual_seed(stream)
+    seed = torch.randint(0, 1 << 32, (2,), generator=gen, dtype=torch.int64)
+    index = torch.cat([torch.arange(40), torch.tensor([0xFFFFFFFF, 1 << 32, (1 << 32) + 7, (5 << 32) + 99]),
+                       torch.randint(0, 1 << 40, (20,), generator=gen)])
+    out = torch.empty_like(index)
+    _bits_kernel[(1,)](seed, index, out, index.numel(), STREAM=stream, BLOCK=128)
+    assert torch.equal(out, counter_bits(seed, stream, index))
+
+
+COUNTER_MODES = {
+    "per_step": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="per_step"),
+    "update_per_step_zoneout": dict(recurrent_dropout=0.3, recurrent_dropout_mode="update_per_step", zoneout_h=0.3),
+    "keras_zoneout": dict(dropout=0.2, recurrent_dropout=0.3, zoneout_h=0.3, zoneout_c=0.4),
+    "per_step_tied_zoneout": dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step", zoneout_h=0.5,
+                                  zoneout_c=0.2),
+}
+
+
+def counter_layer(cell: str, mode: str, dtype, seed: int, **layer_kw):
+    options = {k: v for k, v in COUNTER_MODES[mode].items() if cell == "lstm" or k != "zoneout_c"}
+    return make_layer(3, 5, dtype, mode=options, cell=cell, seed=seed, return_sequences=True, return_state=True,
+                      **layer_kw)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb"])
+@pytest.mark.parametrize("mode", list(COUNTER_MODES))
+def test_counter_masks_gpu_equals_reference(mode, cell, dtype, counter_cpu):
+    B, T = 3, 4
+    seed = 40 + list(COUNTER_MODES).index(mode)
+    layer = counter_layer(cell, mode, dtype, seed, go_backwards=mode == "keras_zoneout")
+    plans = draw_plans(layer, B, T)
+    assert plans[0].cells[0].counter_based
+    compare(layer, random_input(B, T, 3, dtype, seed), plans, initial_state=make_initial_state(layer, B, dtype, seed),
+            mask=holey_mask(B, T, seed))
+
+
+@in_process
+@pytest.mark.parametrize("cell", ["lstm", "gru-rb"])
+def test_replayed_counter_loops_take_each_calls_seed(cell, counter_cpu, replayed):
+    """A captured loop keeps the seed in a buffer that each call overwrites: two calls, two plans, one entry."""
+    cache, made = replayed
+    B, T = 3, 4
+    layer = counter_layer(cell, "per_step_tied_zoneout", F64, 50)
+    plans = draw_plans(layer, B, T, calls=2)
+    assert not torch.equal(plans[0].cells[0].zoneout[0].materialize(), plans[1].cells[0].zoneout[0].materialize())
+    compare(layer, random_input(B, T, 3, F64, 50), plans, calls=2, mask=holey_mask(B, T, 50))
+    assert len(cache) == 2 and [g.replays for g in made] == [2, 2]
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_counter_masks_in_half_precision(cell, dtype, counter_cpu):
+    """The kept value 1 / (1 - rate) as the dtype rounds it, in the kernels as in the reference's tensors."""
+    B, T = 3, 6
+    layer = counter_layer(cell, "per_step", dtype, 60)
+    compare(layer, random_input(B, T, 3, dtype, 60), draw_plans(layer, B, T),
+            initial_state=make_initial_state(layer, B, dtype, 60), mask=holey_mask(B, T, 60))
+
+
+@in_process
+def test_counter_masks_double_backward(counter_cpu):
+    B, T = 2, 3
+    layer = counter_layer("lstm", "per_step_tied_zoneout", F64, 70)
+    plan = layer.draw_dropout_plan(B, steps=T)
+    assert plan.cells[0].counter_based
+    x = random_input(B, T, 3, F64, 70)
+    results = {}
+    for impl in ("reference", "gpu"):
+        m = copy.deepcopy(layer)
+        m.impl = impl
+        xx = x.clone().requires_grad_(True)
+        leaves = [xx, *m.parameters()]
+        y = m(xx, dropout_plan=plan)[0]
+        grads = torch.autograd.grad((y * loss_weights([y])[0]).sum(), leaves, create_graph=True)
+        dot = sum((g * v).sum() for g, v in zip(grads, loss_weights(grads)))
+        results[impl] = torch.autograd.grad(dot, leaves)
+    for a, b in zip(results["gpu"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert any(a.abs().max() > 0 for a in results["gpu"])

@@ -18,11 +18,12 @@ from .kernels.dispatch import explain
 from .layers import (
     GRU, LSTM, RNN, Bidirectional, Dense, Embedding, Layer, Masking, Sequential, SimpleRNN, TimeDistributed,
 )
+from .random import CounterMask
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlphaDropout", "Bidirectional", "Cell", "CellMasks", "Dense", "Dropout", "DropoutPlan", "DroprnnError",
+    "AlphaDropout", "Bidirectional", "Cell", "CellMasks", "CounterMask", "Dense", "Dropout", "DropoutPlan", "DroprnnError",
     "Embedding", "EmbeddingDropout", "GRU", "GRUCell", "GaussianDropout", "GaussianNoise", "LSTM", "LSTMCell",
     "Layer", "LockedDropout", "Masking", "RNN", "Sequential", "SimpleRNN", "SimpleRNNCell", "SpatialDropout1D",
     "TimeDistributed", "TimestepDropout", "WordDropout", "explain", "from_keras", "mc_dropout_mode", "mc_predict", "nn",

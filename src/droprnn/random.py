@@ -85,3 +85,114 @@ def derived_seed(seed: int | None, index: int) -> int | None:
     if seed is None or index == 0:
         return seed
     return (seed + index * 0x9E3779B1) & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------- counter-based masks
+# A mask entry made from (seed, stream, flat index) alone: a kernel makes the entry where it uses it instead
+# of reading it from a stored tensor, and every device makes the same one. The same integer steps run here
+# (int64 tensors holding uint32 values) and in the GPU kernels (kernels/gpu/triton_helpers.counter_bits).
+_U32 = 0xFFFFFFFF
+_MIX_1, _MIX_2 = 0x7FEB352D, 0x846CA68B  # lowbias32 (C. Wellons's hash prospector): a bijection on 32 bits
+STREAM_STEP = 0x9E3779B9  # stream k adds k times this to the seed's second word
+COUNTER_BITS = 24  # each entry's uniform number has this many bits: exact in float32
+
+
+def _mul_u32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x · constant) mod 2³² for x in [0, 2³²), without overflowing int64: the constant in 16-bit halves."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _U32
+
+
+def _mix_u32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul_u32(x, _MIX_1)
+    x = x ^ (x >> 15)
+    x = _mul_u32(x, _MIX_2)
+    return x ^ (x >> 16)
+
+
+def counter_bits(seed: torch.Tensor, stream: int, index: torch.Tensor) -> torch.Tensor:
+    """The 24-bit numbers of entries ``index`` (int64, any shape) of counter stream ``stream`` under ``seed``
+    (an int64 tensor of two 32-bit words): three rounds of a 32-bit mixing bijection over the index's low
+    word, the seed and stream, and the index's high word."""
+    seed = seed.to(index.device)
+    words = (seed[1] + stream * STREAM_STEP) & _U32
+    h = _mix_u32((index & _U32) ^ seed[0])
+    h = _mix_u32(h ^ words)
+    h = _mix_u32(h ^ (index >> 32))
+    return h >> (32 - COUNTER_BITS)
+
+
+def counter_threshold(rate: float) -> int:
+    """An entry is dropped (a zoneout unit keeps its old value) where its number is below this: probability
+    ``rate`` to within 2⁻²⁴."""
+    return round(rate * (1 << COUNTER_BITS))
+
+
+def draw_seed(stream: SeedStream, device: torch.device) -> torch.Tensor:
+    """A counter seed, two 32-bit words as an int64 tensor on ``device``: one draw from ``stream``, made on
+    the device, so drawing it never waits for the device."""
+    return torch.randint(0, 1 << 32, (2,), dtype=torch.int64, device=device, generator=stream.next_generator(device))
+
+
+class CounterMask:
+    """A per-step mask that is never stored: entry i is made from (seed, stream, i) when it is needed (by
+    the GPU kernels inside their steps; :meth:`materialize` makes the tensor for everything else).
+
+    shape: (T, ...) with the step axis first; kind "dropout": 0 or 1 / (1 - rate) in ``dtype``; kind
+    "keep": zoneout's keep-old indicator d, 1 with probability ``rate``. Tensor-like where the plan's users
+    need it: ``shape``, ``dim()``, ``mask[t]`` (step t only), ``to(dtype)``.
+    """
+
+    def __init__(self, seed: torch.Tensor, stream: int, shape: tuple[int, ...], rate: float, kind: str,
+                 dtype: torch.dtype) -> None:
+        if kind not in ("dropout", "keep"):
+            raise ValueError(f"CounterMask: kind expected 'dropout' or 'keep', got {kind!r}")
+        self.seed, self.stream, self.shape = seed, stream, torch.Size(shape)
+        self.rate, self.kind, self.dtype = float(rate), kind, dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.seed.device
+
+    @property
+    def threshold(self) -> int:
+        return counter_threshold(self.rate)
+
+    @property
+    def scale(self) -> float:
+        """The value of a kept entry: 1 / (1 - rate) for dropout, 1 for zoneout indicators."""
+        return 1.0 / (1.0 - self.rate) if self.kind == "dropout" else 1.0
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def to(self, dtype: torch.dtype) -> "CounterMask":
+        return CounterMask(self.seed, self.stream, tuple(self.shape), self.rate, self.kind, dtype)
+
+    def _values(self, index: torch.Tensor) -> torch.Tensor:
+        low = counter_bits(self.seed, self.stream, index) < self.threshold
+        hit = low if self.kind == "keep" else ~low
+        if self.kind == "keep":
+            return hit.to(self.dtype)
+        return hit.to(self.dtype) / (1.0 - self.rate)
+
+    def materialize(self) -> torch.Tensor:
+        """The whole mask as a tensor of ``shape``."""
+        return self._values(torch.arange(self.shape.numel(), device=self.device).view(self.shape))
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        """Step ``step``'s mask, shape[1:]."""
+        size = self.shape[1:].numel()
+        return self._values(torch.arange(step * size, (step + 1) * size, device=self.device).view(self.shape[1:]))
+
+    def gate(self, g: int) -> torch.Tensor:
+        """Entry g of the second axis at every step: (T, *shape[2:])."""
+        steps, count = self.shape[0], self.shape[1]
+        inner = self.shape[2:].numel()
+        index = ((torch.arange(steps, device=self.device) * count + g) * inner)[:, None] + torch.arange(
+            inner, device=self.device)
+        return self._values(index.view(steps, *self.shape[2:]))
+
+    def __repr__(self) -> str:
+        return f"CounterMask(shape={tuple(self.shape)}, rate={self.rate}, kind={self.kind!r}, stream={self.stream})"

@@ -16,6 +16,11 @@ Keras 3's recipe (``recurrent_dropout_mode="keras"``, ``input_dropout_mode="kera
 
 The other modes (:mod:`droprnn.dropout.modes`) draw after Keras's masks: update masks, DropConnect masks,
 then zoneout indicators. Per-step masks carry a leading time axis (T, ...), indexed by processing step.
+
+On CUDA the masks a time loop uses per step -- per-step recurrent and update masks, zoneout indicators --
+are :class:`~droprnn.random.CounterMask` objects: one seed per cell and call, each entry made from (seed,
+index) inside the GPU kernels' steps, so no (T, B, H) tensor is stored. ``materialized()`` turns them into
+tensors (the CPU kernels do so); on the CPU they are drawn as tensors from torch's generators.
 """
 
 from __future__ import annotations
@@ -27,9 +32,14 @@ import torch
 
 from ..cells import StepMasks
 from ..errors import DroprnnError, fail, type_name
-from ..random import dropout_mask, keep_mask
+from ..random import CounterMask, draw_seed, dropout_mask, keep_mask
 
 Tensor = torch.Tensor
+
+# Devices whose plans hold counter-based per-step masks (the GPU kernels make them inside their steps).
+COUNTER_DEVICES = frozenset({"cuda"})
+# The counter stream of each kind of per-step mask (one seed per cell and call serves all of them).
+RECURRENT_STREAM, UPDATE_STREAM, ZONEOUT_STREAMS = 0, 1, (2, 3)
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,26 @@ class CellMasks:
             return weights
         return weights._replace(recurrent_kernel=weights.recurrent_kernel * self.recurrent_kernel)
 
+    def materialized(self) -> "CellMasks":
+        """These masks with every :class:`~droprnn.random.CounterMask` made into its tensor."""
+        def made(mask):
+            return mask.materialize() if isinstance(mask, CounterMask) else mask
+
+        zoneout = None if self.zoneout is None else tuple(made(z) for z in self.zoneout)
+        return CellMasks(made(self.input), made(self.recurrent), made(self.update), self.recurrent_kernel, zoneout)
+
+    def to(self, dtype: torch.dtype) -> "CellMasks":
+        """These masks in ``dtype`` (the entries of a float64 rerun of a float32 call, say)."""
+        def cast(mask):
+            return None if mask is None else mask.to(dtype)
+
+        zoneout = None if self.zoneout is None else tuple(cast(z) for z in self.zoneout)
+        return CellMasks(cast(self.input), cast(self.recurrent), cast(self.update), cast(self.recurrent_kernel), zoneout)
+
+    @property
+    def counter_based(self) -> bool:
+        return any(isinstance(m, CounterMask) for m in (self.recurrent, self.update, *(self.zoneout or ())))
+
 
 @dataclass(frozen=True)
 class DropoutPlan:
@@ -88,6 +118,16 @@ class DropoutPlan:
     @property
     def empty(self) -> bool:
         return all(masks.empty for masks in self.cells)
+
+    def to(self, dtype: torch.dtype) -> "DropoutPlan":
+        """This plan's masks in ``dtype``."""
+        return DropoutPlan(tuple(masks.to(dtype) for masks in self.cells))
+
+    def materialized(self) -> "DropoutPlan":
+        """This plan with its counter-based masks made into tensors (itself when it has none)."""
+        if not any(masks.counter_based for masks in self.cells):
+            return self
+        return DropoutPlan(tuple(masks.materialized() for masks in self.cells))
 
 
 def _keras_draw_counts(cell: Any) -> tuple[int, int]:
@@ -120,6 +160,18 @@ def draw_cell_masks(
     def mask(shape: tuple[int, ...], rate: float) -> Tensor:
         return dropout_mask(shape, rate, stream, dtype, device)
 
+    counter_seed: list[Tensor] = []  # drawn once, when the first per-step mask of this call needs it
+
+    def per_step(stream_id: int, shape: tuple[int, ...], rate: float, kind: str = "dropout") -> Any:
+        """A mask drawn per step: counter-based on COUNTER_DEVICES, else a tensor from torch's generators."""
+        if device.type not in COUNTER_DEVICES:
+            if kind == "keep":
+                return (~keep_mask(shape, rate, stream, device)).to(dtype)
+            return mask(shape, rate)
+        if not counter_seed:
+            counter_seed.append(draw_seed(stream, device))
+        return CounterMask(counter_seed[0], stream_id, shape, rate, kind, dtype)
+
     def per_gate(count: int, shape: tuple[int, ...], rate: float) -> Tensor:
         if stream.seed is None:  # the global RNG: one draw for all gates (fewer kernel launches)
             return mask((count, *shape), rate)
@@ -139,19 +191,19 @@ def draw_cell_masks(
         elif recurrent_mode == "tied":
             masks["recurrent"] = mask((1, batch, hidden), p)
         elif recurrent_mode == "per_step":
-            masks["recurrent"] = mask((steps, gates, batch, hidden), p)
+            masks["recurrent"] = per_step(RECURRENT_STREAM, (steps, gates, batch, hidden), p)
         elif recurrent_mode == "update":
             masks["update"] = mask((batch, cell.units), p)
         elif recurrent_mode == "update_per_step":
-            masks["update"] = mask((steps, batch, cell.units), p)
+            masks["update"] = per_step(UPDATE_STREAM, (steps, batch, cell.units), p)
         elif recurrent_mode == "weights":
             masks["recurrent_kernel"] = mask((hidden, gates * cell.units), p)
         elif recurrent_mode == "weights_per_unit":
             masks["recurrent_kernel"] = mask((hidden, 1), p)
     if any(zoneout_rates):
         masks["zoneout"] = tuple(
-            None if not rate else (~keep_mask((steps, batch, size), rate, stream, device)).to(dtype)
-            for rate, size in zip(zoneout_rates, cell.state_size)
+            None if not rate else per_step(ZONEOUT_STREAMS[k], (steps, batch, size), rate, kind="keep")
+            for k, (rate, size) in enumerate(zip(zoneout_rates, cell.state_size))
         )
     return CellMasks(**masks)
 

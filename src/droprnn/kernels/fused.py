@@ -250,6 +250,7 @@ def run(
     return_sequences: bool = True,
 ) -> tuple[Optional[Tensor], Tensor, list[States]]:
     """Same arguments and results as :func:`droprnn.kernels.reference.run`."""
+    plan = plan.materialized()  # the C++ kernels read every mask from a tensor
     x, step_mask, weights = reference.prepare(cells, x, step_mask, plan, weights, go_backwards)
     valid = None if step_mask is None else step_mask.to(x.dtype).contiguous()
     layer_input = x

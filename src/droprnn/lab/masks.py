@@ -47,7 +47,7 @@ def _over_time(mask: Optional[Tensor], steps: int, per_sequence_dim: int) -> Opt
 
 
 def _recurrent_panels(layer: RNN, steps: int) -> list[Panel]:
-    masks = layer.last_dropout_plan.cells[0]
+    masks = layer.last_dropout_plan.cells[0].materialized()
     gates = f"{layer.cells[0].gates} gates"
     panels = []
     inputs = _over_time(masks.input, steps, 3)

@@ -26,8 +26,11 @@ Supported:
 So every dropout plan an LSTM or GRU cell draws runs here. Not here (the layer falls back to the reference
 loop and says why): SimpleRNN, ``proj_size``, other activations, subclasses of the cells.
 
-Per-step masks and zoneout indicators are read from the plan, which holds them as (T, ...) tensors: the
-counter-based generation inside the kernels that would spare that memory is not built yet.
+On CUDA the plan holds per-step recurrent and update masks and zoneout indicators as
+:class:`~droprnn.random.CounterMask` objects (one seed per cell and call): the step kernels make each entry
+from (seed, stream, index) where they use it, forward and backward, so no (T, B, U) mask is stored; the
+weight gradient's large product makes one gate's (T, B, U) slice at a time. Plans of (T, ...) tensors (drawn
+on the CPU, or made by hand) run as well, read from memory.
 
 On CUDA the time loops are captured in CUDA graphs and replayed (``graphs.py``; ``DROPRNN_CUDA_GRAPHS=0``
 runs them eagerly, :func:`clear_graph_cache` frees them).

@@ -64,11 +64,11 @@ from ...cells import CellWeights
 from ...dropout.plan import CellMasks
 from .. import reference
 from . import ACTIVATION_CODES
-from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, contiguous, loop_key, noise_of,
+from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, loop_key, stored, kernel_masks,
                     outputs_and_saved, plain_layer, run_loop, saving)
-from .products import input_grads, per_gate, project, recurrent_kernel_grad
-from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_masks, program_units,
-                             step_is_real, step_masks, step_offset, store_product_inputs, through, update_mask,
+from .products import input_grads, project, recurrent_kernel_grad
+from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_step, program_units,
+                             rec_mask, step_is_real, step_offset, store_product_inputs, through, update_mask,
                              zoneout_keep)
 
 Tensor = torch.Tensor
@@ -89,28 +89,30 @@ RESET_AFTER, RESET_BEFORE = "gru", "gru-reset-before"  # loops.LoopKey.cell
 #   masks      (m, B, U); rbias (3U,); valid (B, T) 0/1; dhs (B, T, U); dz (B, T, 3, U); dh (B, U) compute
 #              dtype; d_inner (B, T, U) the gradient of I_h; dn_step, product_h, da (B, U)
 @triton.jit
-def _times_candidate_mask(x, masks_ptr, b, u, inside, B, U, N_MASKS: tl.constexpr):
-    """x ⊙ m_h, the recurrent mask of the candidate's product (mask 2 of per-gate masks, or the shared one)."""
+def _times_candidate_mask(x, masks_ptr, seed_ptr, t, b, u, inside, B, U, N_MASKS: tl.constexpr,
+                          REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr,
+                          COMPUTE: tl.constexpr):
+    """x ⊙ m_h, step t's recurrent mask of the candidate's product (mask 2 of per-gate masks, or the shared one)."""
     if N_MASKS == 0:
         return x
-    elif N_MASKS == 1:
-        return x * tl.load(masks_ptr + b * U + u, mask=inside).to(x.dtype)
     else:
-        return x * tl.load(masks_ptr + (2 * B + b) * U + u, mask=inside).to(x.dtype)
+        return x * rec_mask(masks_ptr, seed_ptr, t, 2 if N_MASKS > 1 else 0, b, u, inside, B, U, N_MASKS, REC_MODE,
+                            REC_THRESH, REC_SCALE, COMPUTE)
 
 
 @triton.jit
-def _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, valid_ptr, b, t, u, inside, B, T, U,
-                UPDATE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, HAS_VALID: tl.constexpr,
+def _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u, inside, B, T, U,
+                UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr, UPD_SCALE: tl.constexpr, ZONE_H: tl.constexpr,
+                ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, HAS_VALID: tl.constexpr,
                 COMPUTE: tl.constexpr):
     """h_t = z ⊙ h_{t-1} + (1 - z) ⊙ (n ⊙ m_u) -- then zoned, d ⊙ h_{t-1} + (1 - d) ⊙ h_t -- or h_{t-1} where
     the step is masked: stored in the carry and in slot t + 1 of the h sequence, and returned."""
     h_prev = tl.load(carry_ptr + b * U + u, mask=inside)
     if UPDATE != 0:
-        n = n * update_mask(upd_ptr, b, t, u, inside, B, U, UPDATE, COMPUTE)
+        n = n * update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH, UPD_SCALE, COMPUTE)
     h = z * h_prev + (1.0 - z) * n
     if ZONE_H != 0:
-        d = zoneout_keep(zone_ptr, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, COMPUTE)
+        d = zoneout_keep(zone_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
         h = d * h_prev + (1.0 - d) * h
     if HAS_VALID:
         h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
@@ -120,20 +122,21 @@ def _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, valid_ptr, b, t, u, i
 
 
 @triton.jit
-def _state_grads(dh, z, n, upd_ptr, zone_ptr, b, t, u, inside, B, U, UPDATE: tl.constexpr, ZONE_H: tl.constexpr,
-                 ZONE_H_RATE: tl.constexpr, COMPUTE: tl.constexpr):
+def _state_grads(dh, z, n, upd_ptr, zone_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE: tl.constexpr,
+                 UPD_THRESH: tl.constexpr, UPD_SCALE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr,
+                 ZONE_H_THRESH: tl.constexpr, COMPUTE: tl.constexpr):
     """From dh, the whole gradient reaching h_t: (dh_fresh, the gradient of the un-zoned state; the part that
     goes straight to h_{t-1}, through z and zoneout; n ⊙ m_u, the masked candidate; the candidate's gradient)."""
     dh_fresh = dh
     dh_direct = tl.zeros_like(dh)
     if ZONE_H != 0:
-        d = zoneout_keep(zone_ptr, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, COMPUTE)
+        d = zoneout_keep(zone_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
         dh_fresh = dh * (1.0 - d)
         dh_direct = dh * d
     n_u = n
     d_n = dh_fresh * (1.0 - z)
     if UPDATE != 0:
-        m_u = update_mask(upd_ptr, b, t, u, inside, B, U, UPDATE, COMPUTE)
+        m_u = update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH, UPD_SCALE, COMPUTE)
         n_u = n * m_u
         d_n = d_n * m_u
     return dh_fresh, dh_direct + dh_fresh * z, n_u, d_n
@@ -142,9 +145,11 @@ def _state_grads(dh, z, n, upd_ptr, zone_ptr, b, t, u, inside, B, U, UPDATE: tl.
 @triton.jit(do_not_specialize=["t"])
 def _reset_after_step(
     gates_ptr, product_ptr, rbias_ptr, h_ptr, carry_ptr, side_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_ptr,
-    valid_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr,
-    UPDATE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, HAS_RBIAS: tl.constexpr,
-    HAS_VALID: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    seed_ptr, valid_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr,
+    REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr,
+    UPD_SCALE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr,
+    HAS_RBIAS: tl.constexpr, HAS_VALID: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One reset_after step for the units [BLOCK·j, BLOCK·(j+1)) of sequence b (program (b, j))."""
     b, u, inside = program_units(U, BLOCK)
@@ -166,17 +171,17 @@ def _reset_after_step(
     tl.store(gr, r.to(dtype), mask=inside)
     tl.store(gn, n.to(dtype), mask=inside)
     tl.store(side_ptr + (b * T + t) * U + u, inner_h.to(dtype), mask=inside)
-    h = _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, valid_ptr, b, t, u, inside, B, T, U, UPDATE, ZONE_H,
-                    ZONE_H_RATE, HAS_VALID, COMPUTE)
-    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
-    store_product_inputs(masked_h_ptr, next_m, h, b, u, inside, B, U, N_MASKS, 3)
+    h = _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u, inside, B, T, U, UPDATE,
+                    UPD_THRESH, UPD_SCALE, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
+    store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, U, N_MASKS, 3,
+                         REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
 
 
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_gates(
-    gates_ptr, product_ptr, carry_ptr, side_ptr, masks_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr, REC_ACT: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, product_ptr, carry_ptr, side_ptr, masks_ptr, seed_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr,
+    N_MASKS: tl.constexpr, REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr,
+    REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """First half of a reset_before step, after the z and r products: z, r, and a = r ⊙ (h_{t-1} ⊙ m_h),
     the input of the candidate's product (row t of ``side``)."""
@@ -191,17 +196,18 @@ def _reset_before_gates(
     dtype = gates_ptr.dtype.element_ty
     tl.store(gz, z.to(dtype), mask=inside)
     tl.store(gr, r.to(dtype), mask=inside)
-    here = step_masks(masks_ptr, t, B, U, N_MASKS, REC_PER_STEP)
-    a = r * _times_candidate_mask(h_prev, here, b, u, inside, B, U, N_MASKS)
+    a = r * _times_candidate_mask(h_prev, masks_ptr, seed_ptr, t, b, u, inside, B, U, N_MASKS, REC_MODE, REC_THRESH,
+                                  REC_SCALE, COMPUTE)
     tl.store(side_ptr + (b * T + t) * U + u, a.to(dtype), mask=inside)
 
 
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_state(
-    gates_ptr, product_h_ptr, h_ptr, carry_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_ptr, valid_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr, UPDATE: tl.constexpr,
-    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, HAS_VALID: tl.constexpr, ACT: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, product_h_ptr, h_ptr, carry_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, t,
+    B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr,
+    REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr, UPD_SCALE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, HAS_VALID: tl.constexpr,
+    ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Second half, after the candidate's product a @ R_h: n and h_t."""
     b, u, inside = program_units(U, BLOCK)
@@ -210,32 +216,33 @@ def _reset_before_state(
     candidate = tl.load(product_h_ptr + b * U + u, mask=inside).to(COMPUTE)
     n = activate(tl.load(gn, mask=inside).to(COMPUTE) + candidate, ACT)
     tl.store(gn, n.to(gates_ptr.dtype.element_ty), mask=inside)
-    h = _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, valid_ptr, b, t, u, inside, B, T, U, UPDATE, ZONE_H,
-                    ZONE_H_RATE, HAS_VALID, COMPUTE)
-    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
-    store_product_inputs(masked_h_ptr, next_m, h, b, u, inside, B, U, N_MASKS, 2)
+    h = _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u, inside, B, T, U, UPDATE,
+                    UPD_THRESH, UPD_SCALE, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
+    store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, U, N_MASKS, 2,
+                         REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
 
 
 @triton.jit(do_not_specialize=["t"])
 def _reset_after_backward_step(
-    gates_ptr, h_ptr, side_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zone_ptr, dh_ptr, dz_ptr,
-    d_inner_ptr, dz_step_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr,
-    REC_PER_STEP: tl.constexpr, UPDATE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr,
+    gates_ptr, h_ptr, side_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, dh_ptr, dz_ptr,
+    d_inner_ptr, dz_step_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr,
+    REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr,
+    UPD_SCALE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr,
     HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One reset_after backward step: the gradients of the projections (dz) and of the products (dz_step:
     dz, dr, dn ⊙ r), and the carry to h_{t-1}, in place."""
     b, u, inside = program_units(U, BLOCK)
-    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
-    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, next_m, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 3, COMPUTE)
+    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T, U,
+                       HAS_DHS, N_MASKS, 3, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
     z = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     r = tl.load(gates_ptr + gate_offset(b, t, 1, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     n = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     h_prev = tl.load(h_ptr + (b * (T + 1) + t) * U + u, mask=inside).to(COMPUTE)
     inner_h = tl.load(side_ptr + (b * T + t) * U + u, mask=inside).to(COMPUTE)
-    dh_fresh, dh_prev, n_u, d_n = _state_grads(dh, z, n, upd_ptr, zone_ptr, b, t, u, inside, B, U, UPDATE, ZONE_H,
-                                               ZONE_H_RATE, COMPUTE)
+    dh_fresh, dh_prev, n_u, d_n = _state_grads(dh, z, n, upd_ptr, zone_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE,
+                                               UPD_THRESH, UPD_SCALE, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
     dzz = through(dh_fresh * (h_prev - n_u), z, REC_ACT)
     dzn = through(d_n, n, ACT)
     dzr = through(dzn * inner_h, r, REC_ACT)
@@ -261,20 +268,21 @@ def _reset_after_backward_step(
 
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_candidate_backward(
-    gates_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zone_ptr, dh_ptr, dz_ptr, dn_step_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr, UPDATE: tl.constexpr,
-    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr,
-    ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, dh_ptr, dz_ptr, dn_step_ptr, t,
+    B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr,
+    REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr, UPD_SCALE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_DHS: tl.constexpr, ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """First half of a reset_before backward step: the whole gradient reaching h_t (left in dh for the
     second half) and the candidate's dn, the input of the product dA = dn @ R_hᵀ."""
     b, u, inside = program_units(U, BLOCK)
-    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
-    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, next_m, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 2, COMPUTE)
+    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T, U,
+                       HAS_DHS, N_MASKS, 2, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
     z = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     n = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
-    _, _, _, d_n = _state_grads(dh, z, n, upd_ptr, zone_ptr, b, t, u, inside, B, U, UPDATE, ZONE_H, ZONE_H_RATE,
-                                COMPUTE)
+    _, _, _, d_n = _state_grads(dh, z, n, upd_ptr, zone_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH,
+                                UPD_SCALE, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
     dzn = through(d_n, n, ACT)
     if HAS_VALID:
         dzn = tl.where(step_is_real(valid_ptr, b, t, T), dzn, 0.0)
@@ -286,10 +294,11 @@ def _reset_before_candidate_backward(
 
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_gates_backward(
-    gates_ptr, h_ptr, valid_ptr, da_ptr, masks_ptr, upd_ptr, zone_ptr, dh_ptr, dz_ptr, dz_step_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr, UPDATE: tl.constexpr,
-    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, HAS_VALID: tl.constexpr, REC_ACT: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, h_ptr, valid_ptr, da_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, dh_ptr, dz_ptr, dz_step_ptr, t, B,
+    U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr,
+    REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr, UPD_SCALE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, HAS_VALID: tl.constexpr,
+    REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Second half, after dA: the z and r gradients, and the carry to h_{t-1}, dh ⊙ z + dA ⊙ r ⊙ m_h."""
     b, u, inside = program_units(U, BLOCK)
@@ -299,12 +308,13 @@ def _reset_before_gates_backward(
     n = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 3, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     h_prev = tl.load(h_ptr + (b * (T + 1) + t) * U + u, mask=inside).to(COMPUTE)
     da = tl.load(da_ptr + b * U + u, mask=inside).to(COMPUTE)
-    dh_fresh, dh_direct, n_u, _ = _state_grads(dh, z, n, upd_ptr, zone_ptr, b, t, u, inside, B, U, UPDATE, ZONE_H,
-                                               ZONE_H_RATE, COMPUTE)
-    here = step_masks(masks_ptr, t, B, U, N_MASKS, REC_PER_STEP)
+    dh_fresh, dh_direct, n_u, _ = _state_grads(dh, z, n, upd_ptr, zone_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE,
+                                               UPD_THRESH, UPD_SCALE, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
     dzz = through(dh_fresh * (h_prev - n_u), z, REC_ACT)
-    dzr = through(da * _times_candidate_mask(h_prev, here, b, u, inside, B, U, N_MASKS), r, REC_ACT)
-    dh_prev = dh_direct + _times_candidate_mask(da * r, here, b, u, inside, B, U, N_MASKS)
+    dzr = through(da * _times_candidate_mask(h_prev, masks_ptr, seed_ptr, t, b, u, inside, B, U, N_MASKS, REC_MODE,
+                                             REC_THRESH, REC_SCALE, COMPUTE), r, REC_ACT)
+    dh_prev = dh_direct + _times_candidate_mask(da * r, masks_ptr, seed_ptr, t, b, u, inside, B, U, N_MASKS,
+                                                REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
     if HAS_VALID:  # a masked step held h: its gradient passes on, and the gates get none
         keep = step_is_real(valid_ptr, b, t, T)
         dzz = tl.where(keep, dzz, 0.0)
@@ -357,11 +367,11 @@ class _ForwardLoop(ForwardLoop):
     def run(self, steps: range) -> None:
         key, units = self.key, self.key.units
         programs, block = grid(key.batch, units)
-        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, REC_PER_STEP=key.rec_per_step,
-                     COMPUTE=compute_type(key.dtype), BLOCK=block)
+        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, COMPUTE=compute_type(key.dtype), BLOCK=block,
+                     **self.rec_args())
         noise = self.noise_args(1)
         act, rec_act = key.codes
-        masks_arg, valid_arg = self.or_unused(self.rec), self.or_unused(self.valid)
+        masks_arg, valid_arg, seed_arg = self.or_unused(self.rec), self.or_unused(self.valid), self.or_unused(self.seed)
         upd_arg, zone_arg = self.or_unused(self.upd), self.or_unused(self.zone[0])
         multiply = torch.bmm if self.per_gate else torch.mm  # one product per gate, or one for all
         h_in = self.masked_h if self.per_gate else self.masked_h[0]
@@ -371,18 +381,18 @@ class _ForwardLoop(ForwardLoop):
             for t in steps:
                 multiply(h_in, self.R, out=self.product)
                 launch(self.gates, self.product, rbias_arg, self.h, self.carry, self.side, self.masked_h, masks_arg,
-                       upd_arg, zone_arg, valid_arg, t, key.batch, units, key.steps, HAS_RBIAS=key.has_recurrent_bias,
+                       upd_arg, zone_arg, seed_arg, valid_arg, t, key.batch, units, key.steps, HAS_RBIAS=key.has_recurrent_bias,
                        HAS_VALID=key.has_valid, ACT=act, REC_ACT=rec_act, **noise, **shape)
             return
         gates_launch, state_launch = _reset_before_gates[programs], _reset_before_state[programs]
         R_zr, R_h = (self.R[:2], self.R[2]) if self.per_gate else (self.R[:, :2 * units], self.R[:, 2 * units:])
         for t in steps:
             multiply(h_in, R_zr, out=self.product)
-            gates_launch(self.gates, self.product, self.carry, self.side, masks_arg, t, key.batch, units, key.steps,
-                         REC_ACT=rec_act, **shape)
+            gates_launch(self.gates, self.product, self.carry, self.side, masks_arg, seed_arg, t, key.batch, units,
+                         key.steps, REC_ACT=rec_act, **shape)
             torch.mm(self.side[:, t], R_h, out=self.product_h)
             state_launch(self.gates, self.product_h, self.h, self.carry, self.masked_h, masks_arg, upd_arg, zone_arg,
-                         valid_arg, t, key.batch, units, key.steps, HAS_VALID=key.has_valid, ACT=act, **noise,
+                         seed_arg, valid_arg, t, key.batch, units, key.steps, HAS_VALID=key.has_valid, ACT=act, **noise,
                          **shape)
 
 
@@ -431,10 +441,11 @@ class _BackwardLoop(BackwardLoop):
     def run(self, steps: range) -> None:
         key, units = self.key, self.key.units
         programs, block = grid(key.batch, units)
-        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, REC_PER_STEP=key.rec_per_step,
-                     HAS_VALID=key.has_valid, COMPUTE=compute_type(key.dtype), BLOCK=block, **self.noise_args(1))
+        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid,
+                     COMPUTE=compute_type(key.dtype), BLOCK=block, **self.rec_args(), **self.noise_args(1))
         act, rec_act = key.codes
         valid_arg, dhs_arg, masks_arg = self.or_unused(self.valid), self.or_unused(self.d_hs), self.or_unused(self.rec)
+        seed_arg = self.or_unused(self.seed)
         upd_arg, zone_arg = self.or_unused(self.upd), self.or_unused(self.zone[0])
         multiply = torch.bmm if self.per_gate else torch.mm
         back_out = self.back if self.per_gate else self.back[0]
@@ -443,19 +454,20 @@ class _BackwardLoop(BackwardLoop):
             launch = _reset_after_backward_step[programs]
             for t in steps:
                 launch(self.gates, self.h, self.side, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zone_arg,
-                       self.dh, self.dz, self.d_inner, self.dz_step, t, key.batch, units, key.steps, HAS_DHS=key.has_dhs, ACT=act,
-                       REC_ACT=rec_act, **shape)
+                       seed_arg, self.dh, self.dz, self.d_inner, self.dz_step, t, key.batch, units, key.steps,
+                       HAS_DHS=key.has_dhs, ACT=act, REC_ACT=rec_act, **shape)
                 multiply(self.dz_step, R_t, out=back_out)
             return
         candidate_launch = _reset_before_candidate_backward[programs]
         gates_launch = _reset_before_gates_backward[programs]
         R_zr_t, R_h_t = (R_t[:2], R_t[2]) if self.per_gate else (R_t[:2 * units], R_t[2 * units:])
         for t in steps:
-            candidate_launch(self.gates, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zone_arg, self.dh, self.dz,
-                             self.dn_step, t, key.batch, units, key.steps, HAS_DHS=key.has_dhs, ACT=act, **shape)
+            candidate_launch(self.gates, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zone_arg, seed_arg, self.dh,
+                             self.dz, self.dn_step, t, key.batch, units, key.steps, HAS_DHS=key.has_dhs, ACT=act,
+                             **shape)
             torch.mm(self.dn_step, R_h_t, out=self.da)
-            gates_launch(self.gates, self.h, valid_arg, self.da, masks_arg, upd_arg, zone_arg, self.dh, self.dz,
-                         self.dz_step, t, key.batch, units, key.steps, REC_ACT=rec_act, **shape)
+            gates_launch(self.gates, self.h, valid_arg, self.da, masks_arg, upd_arg, zone_arg, seed_arg, self.dh,
+                         self.dz, self.dz_step, t, key.batch, units, key.steps, REC_ACT=rec_act, **shape)
             multiply(self.dz_step, R_zr_t, out=back_out)
 
 
@@ -473,12 +485,11 @@ def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bia
         dbias = dz.sum(dim=(0, 1))
     if needs[3]:
         previous = h_buffer[:, :x.shape[1]]
-        zr_masks, h_mask = (rec.narrow(-3, 0, 2), rec.narrow(-3, 2, 1)) if per_gate(rec) else (rec, rec)
         if loop.reset_after:  # the candidate's product reads h ⊙ m_h; its output's gradient is dn ⊙ r
-            candidate_grad = recurrent_kernel_grad(previous, h_mask, loop.d_inner)
+            candidate_grad = recurrent_kernel_grad(previous, rec, loop.d_inner, gates=(2,))
         else:  # it reads a = r ⊙ h ⊙ m_h (saved as side); its output's gradient is dn
             candidate_grad = recurrent_kernel_grad(side, None, dz[..., candidate])
-        dR = torch.cat([recurrent_kernel_grad(previous, zr_masks, dz[..., zr]), candidate_grad], dim=1)
+        dR = torch.cat([recurrent_kernel_grad(previous, rec, dz[..., zr], gates=(0, 1)), candidate_grad], dim=1)
     if rbias is not None and needs[4]:
         drbias = torch.cat([dz[..., zr].sum(dim=(0, 1)), loop.d_inner.sum(dim=(0, 1))])
     dx, dkernel = input_grads(x, kernel, input_masks, dz, needs[0], needs[1], GATES)
@@ -504,13 +515,15 @@ class _GruLayer(torch.autograd.Function):
         h_sequence, (gates, h_buffer, side) = run_loop(
             _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, rbias, h0, rec, noise, valid),
             lambda loop: outputs_and_saved(loop, saving, ("gates", "h", "side")))
-        ctx.save_for_backward(x, kernel, bias, R, rbias, h0, gates, h_buffer, side, input_masks, rec, valid)
+        ctx.save_for_backward(x, kernel, bias, R, rbias, h0, gates, h_buffer, side, input_masks, stored(rec), valid)
+        ctx.rec = None if torch.is_tensor(rec) else rec
         ctx.cell, ctx.codes, ctx.form, ctx.noise = cell, codes, form, noise
         return h_sequence
 
     @staticmethod
     def backward(ctx, d_hs):
         x, kernel, bias, R, rbias, h0, gates, h_buffer, side, input_masks, rec, valid = ctx.saved_tensors
+        rec = rec if rec is not None else ctx.rec  # a CounterMask is kept on ctx
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
             def build(x, kernel, bias, R, rbias, h0):
                 return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias, rbias), (h0,), input_masks, rec, valid,
@@ -536,7 +549,7 @@ def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
     rbias = w.recurrent_bias if cell.reset_after else None  # reset_before has none (GRUCell.transition)
     h_sequence = _GruLayer.apply(
         x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, rbias, states[0].contiguous(),
-        contiguous(masks.input, dtype), contiguous(masks.recurrent, dtype), noise_of(masks, dtype, 1), valid, cell,
+        dense(masks.input, dtype), *kernel_masks(masks, dtype, 1), valid, cell,
         codes, saving(x, w, states),
     )
     return h_sequence, (h_sequence[:, -1],)

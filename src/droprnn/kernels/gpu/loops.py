@@ -17,6 +17,7 @@ import torch
 
 from ...cells import CellWeights, StepMasks
 from ...dropout.plan import CellMasks
+from ...random import CounterMask
 from . import graphs
 from .triton_helpers import accumulator_dtype
 
@@ -38,7 +39,7 @@ class LoopKey(NamedTuple):
     units: int
     gate_major: bool  # per-gate input masks: the gates are laid out (G, B, T, U)
     n_masks: int  # recurrent masks: 0, 1 (shared) or G (per gate: one product per gate)
-    rec_per_step: bool  # the recurrent masks are drawn per step (T, m, B, U)
+    rec: tuple  # rec_modes(): how the recurrent masks come (per sequence, per step, counter-based)
     noise: tuple  # Noise.modes(): the update mask's and each state's zoneout constexprs
     has_valid: bool  # a step mask (B, T)
     has_dhs: bool  # backward: a gradient arrives for the h sequence (always False forward)
@@ -59,36 +60,66 @@ def _matmul_settings(dtype: torch.dtype) -> str:
     return ""
 
 
+def counter_constants(mask: CounterMask) -> tuple[int, float]:
+    """(THRESH, SCALE) of a counter-based mask for the kernels: its threshold, and its kept value as the
+    mask's dtype holds it (what ``CounterMask.materialize`` computes)."""
+    return mask.threshold, float(torch.ones((), dtype=mask.dtype) / (1.0 - mask.rate))
+
+
+def rec_modes(rec: Any) -> tuple:
+    """The recurrent masks' constexprs (REC_MODE, REC_THRESH, REC_SCALE): mode 0 per sequence (m, B, U) (or
+    none), 1 per step (T, m, B, U) read from a tensor, 2 per step made from the counter."""
+    if isinstance(rec, CounterMask):
+        return (2, *counter_constants(rec))
+    return (1 if rec is not None and rec.dim() == 4 else 0, 0, 1.0)
+
+
 class Noise(NamedTuple):
     """What the step kernels apply besides the input and recurrent masks, as a layer Function receives it."""
 
-    update: Optional[Tensor] = None  # the cell update's mask: (B, U) per sequence, or (T, B, U) per step
-    zoneout: tuple = ()  # per state: None, the 0/1 keep-old indicators (T, B, U), or a float rate (inference)
+    update: Any = None  # the cell update's mask: (B, U) per sequence, (T, B, U) per step, or a CounterMask
+    zoneout: tuple = ()  # per state: None, the keep-old indicators (T, B, U) or a CounterMask, or a float rate
+    seed: Optional[Tensor] = None  # the counter seed shared by the call's counter-based masks (recurrent ones too)
 
     def modes(self) -> tuple:
-        """The kernels' constexprs: (UPDATE: 0 none, 1 per sequence, 2 per step; per state (ZONE, RATE):
-        ZONE 0 none, 1 drawn indicators, 2 the expectation RATE). A rate enters the loop key, since a captured
-        loop keeps its constexprs."""
-        update = 0 if self.update is None else self.update.dim() - 1
-        zones = tuple((0, 0.0) if z is None else (2, float(z)) if isinstance(z, float) else (1, 0.0)
+        """The kernels' constexprs, part of the loop key (a captured loop keeps its constexprs):
+        (UPDATE: 0 none, 1 per sequence, 2 per step, 3 counter-based; UPD_THRESH; UPD_SCALE), and per state
+        (ZONE, RATE, THRESH): ZONE 0 none, 1 drawn indicators, 2 the expectation RATE, 3 counter-based."""
+        if isinstance(self.update, CounterMask):
+            update = (3, *counter_constants(self.update))
+        else:
+            update = (0 if self.update is None else self.update.dim() - 1, 0, 1.0)
+        zones = tuple((0, 0.0, 0) if z is None else (2, float(z), 0) if isinstance(z, float)
+                      else (3, 0.0, z.threshold) if isinstance(z, CounterMask) else (1, 0.0, 0)
                       for z in self.zoneout)
         return update, zones
 
     def zone(self, k: int) -> Optional[Tensor]:
-        """State k's zoneout indicators, or None (no zoneout, or its constant expectation)."""
+        """State k's zoneout indicators as a tensor, or None (none, counter-based, or the expectation)."""
         z = self.zoneout[k] if k < len(self.zoneout) else None
         return z if torch.is_tensor(z) else None
 
 
-def noise_of(masks: CellMasks, dtype: torch.dtype, states: int) -> Noise:
-    """The Noise of a cell's masks for a call in ``dtype``: tensors contiguous in ``dtype``, inference's
-    zoneout expectations (0-d tensors) as floats."""
+
+def kernel_masks(masks: CellMasks, dtype: torch.dtype, states: int) -> tuple[Any, Noise]:
+    """A cell's recurrent masks and Noise for a call in ``dtype``: tensors contiguous in ``dtype``,
+    inference's zoneout expectations (0-d tensors) as floats, counter-based masks as they are -- when they
+    share one seed (what ``draw_plan`` makes); any other counter-based mask is made into its tensor."""
+    counters = [m for m in (masks.recurrent, masks.update, *(masks.zoneout or ())) if isinstance(m, CounterMask)]
+    seed = counters[0].seed if counters else None
+
+    def prepared(m):
+        if isinstance(m, CounterMask):
+            return m.to(dtype) if m.seed is seed else contiguous(m.materialize(), dtype)
+        return contiguous(m, dtype)
+
     zoneout = masks.zoneout or (None,) * states
-    return Noise(contiguous(masks.update, dtype),
-                 tuple(None if z is None else float(z) if z.dim() == 0 else contiguous(z, dtype) for z in zoneout))
+    noise = Noise(prepared(masks.update),
+                  tuple(None if z is None else float(z) if z.dim() == 0 else prepared(z) for z in zoneout), seed)
+    return prepared(masks.recurrent), noise
 
 
-def loop_key(cell: str, backward: bool, x: Tensor, units: int, input_masks: Optional[Tensor], rec: Optional[Tensor],
+def loop_key(cell: str, backward: bool, x: Tensor, units: int, input_masks: Optional[Tensor], rec: Any,
              valid: Optional[Tensor], codes: tuple, has_dhs: bool = False, has_recurrent_bias: bool = False,
              noise: Noise = Noise()) -> LoopKey:
     """The key of the forward (or backward) time loop of a call on x (B, T, D) with these masks."""
@@ -96,7 +127,7 @@ def loop_key(cell: str, backward: bool, x: Tensor, units: int, input_masks: Opti
     stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
     gate_major = input_masks is not None and input_masks.shape[-3] > 1
     return LoopKey(cell, backward, x.device, x.dtype, batch, steps, units, gate_major,
-                   0 if rec is None else rec.shape[-3], rec is not None and rec.dim() == 4, noise.modes(),
+                   0 if rec is None else rec.shape[-3], rec_modes(rec), noise.modes(),
                    valid is not None, has_dhs, has_recurrent_bias, tuple(codes), _matmul_settings(x.dtype), stream)
 
 
@@ -147,7 +178,7 @@ class Loop:
         if rec is None:
             self.masked_h[0] = h0
         else:
-            first = rec[0] if self.key.rec_per_step else rec
+            first = rec[0] if self.key.rec[0] else rec  # per step: step 0's masks
             torch.mul(h0, first[:self.masked_h.shape[0]], out=self.masked_h)
 
     def steps(self) -> range:
@@ -162,16 +193,22 @@ class Loop:
         and zoneout indicators, as the key says; None where absent or in an eager loop."""
         key, static = self.key, self.static
         B, T, U, m = key.batch, key.steps, key.units, key.n_masks
-        update, zones = key.noise
-        rec_shape = (T, m, B, U) if key.rec_per_step else (m, B, U)
-        self.rec = self.new(*rec_shape) if static and m else None
-        self.upd = self.new(*((B, U) if update == 1 else (T, B, U))) if static and update else None
-        self.zone = [self.new(T, B, U) if static and mode == 1 else None for mode, _ in zones]
+        (update, _, _), zones = key.noise
+        rec_mode = key.rec[0]
+        self.rec = self.new(*((T, m, B, U) if rec_mode else (m, B, U))) if static and m and rec_mode < 2 else None
+        self.upd = self.new(*((B, U) if update == 1 else (T, B, U))) if static and update in (1, 2) else None
+        self.zone = [self.new(T, B, U) if static and mode == 1 else None for mode, _, _ in zones]
+        counter = rec_mode == 2 or update == 3 or any(mode == 3 for mode, _, _ in zones)
+        self.seed = torch.zeros(2, dtype=torch.int64, device=key.device) if static and counter else None
 
     def take_noise(self, rec: Optional[Tensor], noise: "Noise") -> None:
-        """The call's recurrent masks, update mask and zoneout indicators (see ``take``)."""
-        self.take("rec", rec)
-        self.take("upd", noise.update)
+        """The call's recurrent masks, update mask and zoneout indicators, or for counter-based masks their
+        seed (see ``take``)."""
+        if self.key.rec[0] < 2:
+            self.take("rec", rec)
+        if self.key.noise[0][0] < 3:
+            self.take("upd", noise.update)
+        self.take("seed", noise.seed)
         for k, z in enumerate(self.zone):
             z_in = noise.zone(k)
             if z_in is not None:
@@ -180,14 +217,19 @@ class Loop:
                 else:
                     self.zone[k] = z_in.contiguous()
 
+    def rec_args(self) -> dict:
+        """The recurrent masks' constexprs of the step kernels (rec_modes)."""
+        mode, thresh, scale = self.key.rec
+        return dict(REC_MODE=mode, REC_THRESH=thresh, REC_SCALE=scale)
+
     def noise_args(self, states: int) -> dict:
         """The update and zoneout constexprs of the step kernels of a cell with ``states`` states (Noise.modes):
-        UPDATE, ZONE_H and ZONE_H_RATE, and for the LSTM ZONE_C and ZONE_C_RATE."""
-        update, zones = self.key.noise
-        zones = tuple(zones) + ((0, 0.0),) * (states - len(zones))
-        args = dict(UPDATE=update)
-        for name, (mode, rate) in zip(("H", "C")[:states], zones):
-            args[f"ZONE_{name}"], args[f"ZONE_{name}_RATE"] = mode, rate
+        UPDATE, UPD_THRESH, UPD_SCALE, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, and for the LSTM the ZONE_C ones."""
+        (update, thresh, scale), zones = self.key.noise
+        zones = tuple(zones) + ((0, 0.0, 0),) * (states - len(zones))
+        args = dict(UPDATE=update, UPD_THRESH=thresh, UPD_SCALE=scale)
+        for name, (mode, rate, zone_thresh) in zip(("H", "C")[:states], zones):
+            args[f"ZONE_{name}"], args[f"ZONE_{name}_RATE"], args[f"ZONE_{name}_THRESH"] = mode, rate, zone_thresh
         return args
 
     def or_unused(self, t: Optional[Tensor]) -> Tensor:
@@ -231,7 +273,7 @@ class BackwardLoop(Loop):
         """dh0 (B, U) in the input dtype, once the loop has run: the carry plus step 0's recurrent products
         through the masks (Σ_k Q_k ⊙ m_k over the products' masks). Never a view of the loop's buffers."""
         back = self.back
-        if rec is not None and self.key.rec_per_step:
+        if rec is not None and self.key.rec[0]:
             rec = rec[0]  # step 0's masks met h0
         total = self.dh + (back[0] if rec is None else (back * rec[:back.shape[0]]).sum(0))
         return total.to(self.key.dtype)
@@ -304,8 +346,10 @@ def saving(x: Tensor, w: CellWeights, states: States) -> bool:
 
 
 def _at(t: int, mask: Any, per_sequence_dim: int) -> Any:
-    """Step t's slice of a mask drawn per step; a per-sequence mask, a rate or None as it is."""
-    return mask[t] if torch.is_tensor(mask) and mask.dim() > per_sequence_dim else mask
+    """Step t's slice of a mask drawn per step (a tensor or a CounterMask); a per-sequence mask, a rate or None
+    as it is."""
+    per_step = isinstance(mask, CounterMask) or (torch.is_tensor(mask) and mask.dim() > per_sequence_dim)
+    return mask[t] if per_step else mask
 
 
 def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_masks: Optional[Tensor],
@@ -327,5 +371,21 @@ def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_mas
     return (torch.stack(sequence, dim=1), *states[1:])
 
 
-def contiguous(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+def stored(t: Any) -> Optional[Tensor]:
+    """What ``save_for_backward`` keeps of a mask: the tensor, or None for a CounterMask (kept on ctx)."""
+    return t if torch.is_tensor(t) else None
+
+
+def dense(t: Any, dtype: torch.dtype) -> Optional[Tensor]:
+    """A mask read from memory (the input masks, used by the large products): ``t`` as a contiguous tensor
+    in ``dtype``, a CounterMask made into its tensor."""
+    if isinstance(t, CounterMask):
+        t = t.materialize()
     return None if t is None else t.to(dtype).contiguous()
+
+
+def contiguous(t: Any, dtype: torch.dtype) -> Any:
+    """``t`` in ``dtype`` and contiguous; None and CounterMask objects (never stored) pass through."""
+    if t is None or isinstance(t, CounterMask):
+        return t if t is None else t.to(dtype)
+    return t.to(dtype).contiguous()

@@ -24,7 +24,9 @@ it the previous cell's carried h sequence equals the reference's per-step interl
 Update masks m_u (per sequence or per step) multiply the candidate g in c_t; zoneout then keeps each
 unit's old h and c with indicators d_h, d_c (their rates in inference): h_t = d_h ⊙ h_{t-1} + (1 - d_h) ⊙
 h̃_t, likewise c_t, and the backward recomputes the un-zoned c̃_t from the saved gates. Per-step recurrent
-masks (T, m, B, U) are read at the step that uses them: step t + 1's on h_t.
+masks (T, m, B, U) are taken at the step that uses them: step t + 1's on h_t. Per-step masks come as
+tensors or, from plans drawn on CUDA, counter-based (``triton_helpers.counter_value``): made in the step
+kernels from the call's seed and the entry's index, never stored.
 
 Saved for the backward: the activated gates (over the projections), the h and c sequences -- no mask
 beyond those the plan holds. The kernels compute in float32 (float64 for float64 tensors); the c sequence and the
@@ -78,10 +80,10 @@ from ...cells import CellWeights
 from ...dropout.plan import CellMasks
 from .. import reference
 from . import ACTIVATION_CODES
-from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, contiguous, loop_key, noise_of,
+from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, loop_key, stored, kernel_masks,
                     outputs_and_saved, plain_layer, run_loop, saving)
 from .products import input_grads, project, recurrent_kernel_grad
-from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_masks, program_units,
+from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_step, program_units,
                              step_is_real, step_offset, store_product_inputs, through, update_mask, zoneout_keep)
 
 Tensor = torch.Tensor
@@ -101,10 +103,11 @@ CELL = "lstm"
 #   valid      (B, T) 0/1; dhs (B, T, U); dz (B, T, 4, U); dh, dc (B, U) in the compute dtype
 @triton.jit(do_not_specialize=["t"])
 def _forward_step(
-    gates_ptr, product_ptr, h_ptr, c_ptr, masked_h_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, valid_ptr, t, B, U, T,
-    GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr, UPDATE: tl.constexpr,
-    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_C: tl.constexpr, ZONE_C_RATE: tl.constexpr,
-    HAS_VALID: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, product_ptr, h_ptr, c_ptr, masked_h_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, seed_ptr, valid_ptr, t,
+    B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr,
+    REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr, UPD_SCALE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, ZONE_C: tl.constexpr,
+    ZONE_C_RATE: tl.constexpr, ZONE_C_THRESH: tl.constexpr, HAS_VALID: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One forward step for the units [BLOCK·j, BLOCK·(j+1)) of sequence b (program (b, j))."""
     b, u, inside = program_units(U, BLOCK)
@@ -129,16 +132,16 @@ def _forward_step(
     c_prev = tl.load(c_ptr + before, mask=inside).to(COMPUTE)
     update = g
     if UPDATE != 0:  # the cell update's mask (Semeniuta et al.)
-        update = g * update_mask(upd_ptr, b, t, u, inside, B, U, UPDATE, COMPUTE)
+        update = g * update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH, UPD_SCALE, COMPUTE)
     c = f * c_prev + i * update
     h = o * activate(c, ACT)
     if ZONE_C != 0:  # each unit keeps its old value with indicator d (or its expectation)
-        d = zoneout_keep(zc_ptr, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, COMPUTE)
+        d = zoneout_keep(zc_ptr, seed_ptr, 3, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, ZONE_C_THRESH, COMPUTE)
         c = d * c_prev + (1 - d) * c
     if HAS_VALID or ZONE_H != 0:
         h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
         if ZONE_H != 0:
-            d = zoneout_keep(zh_ptr, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, COMPUTE)
+            d = zoneout_keep(zh_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
             h = d * h_prev + (1 - d) * h
         if HAS_VALID:  # a masked step holds both states
             keep = step_is_real(valid_ptr, b, t, T)
@@ -151,16 +154,17 @@ def _forward_step(
     tl.store(go, o.to(dtype), mask=inside)
     tl.store(c_ptr + after, c.to(c_ptr.dtype.element_ty), mask=inside)
     tl.store(h_ptr + after, h.to(h_ptr.dtype.element_ty), mask=inside)
-    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
-    store_product_inputs(masked_h_ptr, next_m, h, b, u, inside, B, U, N_MASKS, 4)
+    store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, U, N_MASKS, 4,
+                         REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
 
 
 @triton.jit(do_not_specialize=["t"])
 def _backward_step(
-    gates_ptr, c_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, dh_ptr, dc_ptr, dz_ptr,
-    dz_step_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_PER_STEP: tl.constexpr,
-    UPDATE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_C: tl.constexpr,
-    ZONE_C_RATE: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr, ACT: tl.constexpr,
+    gates_ptr, c_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, seed_ptr, dh_ptr, dc_ptr,
+    dz_ptr, dz_step_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr,
+    REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr,
+    UPD_SCALE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr,
+    ZONE_C: tl.constexpr, ZONE_C_RATE: tl.constexpr, ZONE_C_THRESH: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr, ACT: tl.constexpr,
     REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One backward step: gate gradients and the carries dh (direct: through zoneout and held steps) and
@@ -172,8 +176,8 @@ def _backward_step(
     to step t - 1; the fresh c is recomputed from the saved gates, since c_t holds the zoned one.
     """
     b, u, inside = program_units(U, BLOCK)
-    next_m = next_masks(masks_ptr, t, B, U, T, N_MASKS, REC_PER_STEP)
-    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, next_m, b, t, u, inside, B, T, U, HAS_DHS, N_MASKS, 4, COMPUTE)
+    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T, U,
+                       HAS_DHS, N_MASKS, 4, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
     i = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 4, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     f = tl.load(gates_ptr + gate_offset(b, t, 1, B, T, U, 4, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     g = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 4, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
@@ -182,7 +186,7 @@ def _backward_step(
     c_prev = tl.load(c_ptr + before, mask=inside).to(COMPUTE)
     update = g
     if UPDATE != 0:
-        m_u = update_mask(upd_ptr, b, t, u, inside, B, U, UPDATE, COMPUTE)
+        m_u = update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH, UPD_SCALE, COMPUTE)
         update = g * m_u
     if ZONE_C != 0:
         c = f * c_prev + i * update
@@ -193,13 +197,13 @@ def _backward_step(
     dh_fresh = dh
     dh_carry = tl.full((BLOCK,), 0.0, COMPUTE)
     if ZONE_H != 0:
-        d = zoneout_keep(zh_ptr, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, COMPUTE)
+        d = zoneout_keep(zh_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
         dh_fresh = dh * (1 - d)
         dh_carry = dh * d
     dc_fresh = dc_next
     dc_prev = tl.full((BLOCK,), 0.0, COMPUTE)
     if ZONE_C != 0:
-        d = zoneout_keep(zc_ptr, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, COMPUTE)
+        d = zoneout_keep(zc_ptr, seed_ptr, 3, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, ZONE_C_THRESH, COMPUTE)
         dc_fresh = dc_next * (1 - d)
         dc_prev = dc_next * d
     dc = dc_fresh + through(dh_fresh * o, tc, ACT)
@@ -265,10 +269,10 @@ class _ForwardLoop(ForwardLoop):
         key = self.key
         programs, block = grid(key.batch, key.units)
         launch = _forward_step[programs]
-        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, REC_PER_STEP=key.rec_per_step,
-                         HAS_VALID=key.has_valid, ACT=key.codes[0], REC_ACT=key.codes[1],
-                         COMPUTE=compute_type(key.dtype), BLOCK=block, **self.noise_args(2))
-        masks_arg, valid_arg = self.or_unused(self.rec), self.or_unused(self.valid)
+        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid, ACT=key.codes[0],
+                         REC_ACT=key.codes[1], COMPUTE=compute_type(key.dtype), BLOCK=block, **self.rec_args(),
+                         **self.noise_args(2))
+        masks_arg, valid_arg, seed_arg = self.or_unused(self.rec), self.or_unused(self.valid), self.or_unused(self.seed)
         upd_arg, zh_arg, zc_arg = self.or_unused(self.upd), self.or_unused(self.zone[0]), self.or_unused(self.zone[1])
         h_for_mm = self.masked_h[0]
         for t in steps:
@@ -277,7 +281,7 @@ class _ForwardLoop(ForwardLoop):
             else:  # (B, U) @ (U, 4U) -> (B, 4U)
                 torch.mm(h_for_mm, self.R, out=self.product)
             launch(self.gates, self.product, self.h, self.c, self.masked_h, masks_arg, upd_arg, zh_arg, zc_arg,
-                   valid_arg, t, key.batch, key.units, key.steps, **constants)
+                   seed_arg, valid_arg, t, key.batch, key.units, key.steps, **constants)
 
 
 class _BackwardLoop(BackwardLoop):
@@ -321,16 +325,17 @@ class _BackwardLoop(BackwardLoop):
         key = self.key
         programs, block = grid(key.batch, key.units)
         launch = _backward_step[programs]
-        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, REC_PER_STEP=key.rec_per_step,
-                         HAS_VALID=key.has_valid, HAS_DHS=key.has_dhs, ACT=key.codes[0], REC_ACT=key.codes[1],
-                         COMPUTE=compute_type(key.dtype), BLOCK=block, **self.noise_args(2))
+        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid,
+                         HAS_DHS=key.has_dhs, ACT=key.codes[0], REC_ACT=key.codes[1], COMPUTE=compute_type(key.dtype),
+                         BLOCK=block, **self.rec_args(), **self.noise_args(2))
         valid_arg, dhs_arg, masks_arg = self.or_unused(self.valid), self.or_unused(self.d_hs), self.or_unused(self.rec)
+        seed_arg = self.or_unused(self.seed)
         upd_arg, zh_arg, zc_arg = self.or_unused(self.upd), self.or_unused(self.zone[0]), self.or_unused(self.zone[1])
         R_t = self.R if self.per_gate else self.R.t()  # R_gᵀ panels, or (4U, U)
         back_for_mm = self.back[0]
         for t in steps:
-            launch(self.gates, self.c, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zh_arg, zc_arg, self.dh,
-                   self.dc, self.dz, self.dz_step, t, key.batch, key.units, key.steps, **constants)
+            launch(self.gates, self.c, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zh_arg, zc_arg, seed_arg,
+                   self.dh, self.dc, self.dz, self.dz_step, t, key.batch, key.units, key.steps, **constants)
             if self.per_gate:
                 torch.bmm(self.dz_step, R_t, out=self.back)
             else:
@@ -376,13 +381,14 @@ class _LstmLayer(torch.autograd.Function):
 
         c_last, h_sequence, (gates, h_buffer, c_buffer) = run_loop(
             _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, h0, c0, rec, noise, valid), finish)
-        ctx.save_for_backward(x, kernel, bias, R, gates, h_buffer, c_buffer, input_masks, rec, valid, h0, c0)
-        ctx.cell, ctx.codes, ctx.noise = cell, codes, noise
+        ctx.save_for_backward(x, kernel, bias, R, gates, h_buffer, c_buffer, input_masks, stored(rec), valid, h0, c0)
+        ctx.cell, ctx.codes, ctx.noise, ctx.rec = cell, codes, noise, None if torch.is_tensor(rec) else rec
         return h_sequence, c_last
 
     @staticmethod
     def backward(ctx, d_hs, d_c_last):
         x, kernel, bias, R, gates, h_buffer, c_buffer, input_masks, rec, valid, h0, c0 = ctx.saved_tensors
+        rec = rec if rec is not None else ctx.rec  # a CounterMask is kept on ctx
         noise = ctx.noise
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
             def build(x, kernel, bias, R, h0, c0):
@@ -408,7 +414,7 @@ def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
     dtype = x.dtype
     h_sequence, c_last = _LstmLayer.apply(
         x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, states[0].contiguous(), states[1].contiguous(),
-        contiguous(masks.input, dtype), contiguous(masks.recurrent, dtype), noise_of(masks, dtype, 2), valid, cell,
+        dense(masks.input, dtype), *kernel_masks(masks, dtype, 2), valid, cell,
         codes, saving(x, w, states),
     )
     return h_sequence, (h_sequence[:, -1], c_last)

@@ -8,21 +8,26 @@ masks make one product per gate, with one gate's masked copy of x (or h) alive a
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
+
+from ...random import CounterMask
 
 Tensor = torch.Tensor
 
 
-def time_mask(masks: Tensor, g: int) -> Tensor:
-    """Mask g of input masks (m, B, D) or per step (T, m, B, D), broadcastable against x (B, T, D)."""
+def time_mask(masks: Any, g: int) -> Tensor:
+    """Mask g of masks (m, B, D) or per step (T, m, B, D) -- a tensor or a CounterMask, made here one gate
+    at a time -- broadcastable against x (B, T, D)."""
+    if isinstance(masks, CounterMask):
+        return masks.gate(g).permute(1, 0, 2)
     if masks.dim() == 4:
         return masks[:, g].permute(1, 0, 2)
     return masks[g].unsqueeze(1)
 
 
-def per_gate(masks: Optional[Tensor]) -> bool:
+def per_gate(masks: Any) -> bool:
     """Whether ``masks`` ((m, B, ·) or per step (T, m, B, ·)) hold one mask per gate."""
     return masks is not None and masks.shape[-3] > 1
 
@@ -87,24 +92,25 @@ def input_grads(x: Tensor, kernel: Tensor, masks: Optional[Tensor], dz: Tensor, 
     return dx, dkernel
 
 
-def recurrent_kernel_grad(previous: Tensor, masks: Optional[Tensor], grads: Tensor) -> Tensor:
+def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Optional[Sequence[int]] = None) -> Tensor:
     """Columns of dR, (H, k·U) = Σ_t (h_{t-1} ⊙ m_g)ᵀ dz_g, for k gates at once.
 
-    previous: the states the products read, (B, T, H); masks: (k, B, H) one per gate, (1, B, H) shared,
-    either per step (T, k, B, H), or None; grads: the gradients of the products' outputs, (B, T, k·U) -- a
-    column slice of a wider buffer is fine (flattening (B, T) keeps it a view).
+    previous: the states the products read, (B, T, H); masks: (G, B, H) one per gate, (1, B, H) shared,
+    either per step (T, ·, B, H) (a tensor or a CounterMask), or None; grads: the gradients of the products'
+    outputs, (B, T, k·U) -- a column slice of a wider buffer is fine (flattening (B, T) keeps it a view);
+    gates: which per-gate masks the k column blocks use (default: all of them, in order).
     """
     batch, steps, width = grads.shape
     flat_grads = grads.reshape(batch * steps, width)
     if not per_gate(masks):
         masked = previous if masks is None else previous * time_mask(masks, 0)
         return masked.reshape(batch * steps, -1).t() @ flat_grads
-    count = masks.shape[-3]
-    units = width // count
+    gates = range(masks.shape[-3]) if gates is None else gates
+    units = width // len(gates)
     grad = grads.new_empty(previous.shape[-1], width)
     scratch = grads.new_empty(previous.shape)
-    for g in range(count):
-        cols = slice(g * units, (g + 1) * units)
+    for block, g in enumerate(gates):
+        cols = slice(block * units, (block + 1) * units)
         masked = torch.mul(previous, time_mask(masks, g), out=scratch).view(batch * steps, -1)
         grad[:, cols] = masked.t() @ flat_grads[:, cols]
     return grad

@@ -87,82 +87,121 @@ def step_offset(b, g, B, U, GATES: tl.constexpr, N_MASKS: tl.constexpr):
 
 
 @triton.jit
-def next_masks(masks_ptr, t, B, U, T, N_MASKS: tl.constexpr, PER_STEP: tl.constexpr):
-    """The recurrent masks that meet h_t: step t + 1's, of per-step masks (T, m, B, U) when PER_STEP (after the
-    last step none does; any in-bounds step serves), else the call's (m, B, U), the same at every step."""
-    if PER_STEP:
-        return masks_ptr + tl.minimum(t + 1, T - 1).to(tl.int64) * N_MASKS * B * U
-    else:
-        return masks_ptr
+def _mix32(x):
+    """lowbias32 on uint32 (droprnn.random._mix_u32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
 
 
 @triton.jit
-def step_masks(masks_ptr, t, B, U, N_MASKS: tl.constexpr, PER_STEP: tl.constexpr):
-    """The recurrent masks of step t itself (those on h_{t-1}): per-step masks (T, m, B, U) or the call's."""
-    if PER_STEP:
-        return masks_ptr + t.to(tl.int64) * N_MASKS * B * U
-    else:
-        return masks_ptr
+def counter_bits(seed_ptr, STREAM: tl.constexpr, index):
+    """The 24-bit numbers of entries ``index`` (int64) of counter stream STREAM under the seed at ``seed_ptr``
+    (two int64 words below 2³²): :func:`droprnn.random.counter_bits`, bit for bit."""
+    words = ((tl.load(seed_ptr + 1) + STREAM * 0x9E3779B9) & 0xFFFFFFFF).to(tl.uint32)
+    h = _mix32((index & 0xFFFFFFFF).to(tl.uint32) ^ tl.load(seed_ptr).to(tl.uint32))
+    h = _mix32(h ^ words)
+    h = _mix32(h ^ (index >> 32).to(tl.uint32))
+    return h >> 8
 
 
 @triton.jit
-def store_product_inputs(masked_ptr, masks_ptr, h, b, u, inside, B, U, N_MASKS: tl.constexpr,
-                         N_PRODUCTS: tl.constexpr):
-    """Write the next step's product inputs (m, B, U): h ⊙ m_k for the first N_PRODUCTS per-gate masks, h ⊙ m
-    with a shared mask, h itself without -- so that no separate pass multiplies the masks in. ``masks_ptr``
-    points at the masks of the step that reads them (``next_masks``)."""
+def counter_value(seed_ptr, STREAM: tl.constexpr, index, THRESH: tl.constexpr, LOW: tl.constexpr,
+                  HIGH: tl.constexpr, COMPUTE: tl.constexpr):
+    """A counter-based mask entry (droprnn.random.CounterMask): LOW where its number is below THRESH, else
+    HIGH -- (0, 1 / (1 - rate)) for dropout, (1, 0) for zoneout's keep-old indicator."""
+    low = counter_bits(seed_ptr, STREAM, index) < THRESH
+    # the values made in COMPUTE: a float literal alone would pass through float32
+    return tl.where(low, tl.full(index.shape, LOW, COMPUTE), tl.full(index.shape, HIGH, COMPUTE))
+
+
+@triton.jit
+def rec_mask(masks_ptr, seed_ptr, step, k, b, u, inside, B, U, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr,
+             REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, COMPUTE: tl.constexpr):
+    """Recurrent mask k on sequence b's units u at step ``step``: the call's (m, B, U) when REC_MODE is 0,
+    else per step (T, m, B, U), read (1) or made from counter stream 0 (2)."""
+    if REC_MODE == 0:
+        offset = (k * B + b) * U + u
+    else:
+        offset = ((step.to(tl.int64) * N_MASKS + k) * B + b) * U + u
+    if REC_MODE == 2:
+        return counter_value(seed_ptr, 0, offset, REC_THRESH, 0.0, REC_SCALE, COMPUTE)
+    else:
+        return tl.load(masks_ptr + offset, mask=inside).to(COMPUTE)
+
+
+@triton.jit
+def next_step(t, T):
+    """The step whose products read h_t: t + 1 (after the last step none does; any real step serves)."""
+    return tl.minimum(t + 1, T - 1)
+
+
+@triton.jit
+def store_product_inputs(masked_ptr, masks_ptr, seed_ptr, step, h, b, u, inside, B, U, N_MASKS: tl.constexpr,
+                         N_PRODUCTS: tl.constexpr, REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr,
+                         REC_SCALE: tl.constexpr, COMPUTE: tl.constexpr):
+    """Write step ``step``'s product inputs (m, B, U): h ⊙ m_k for the first N_PRODUCTS per-gate masks, h ⊙ m
+    with a shared mask, h itself without -- so that no separate pass multiplies the masks in."""
     dtype = masked_ptr.dtype.element_ty
     if N_MASKS == 0:
         tl.store(masked_ptr + b * U + u, h.to(dtype), mask=inside)
-    elif N_MASKS == 1:
-        m = tl.load(masks_ptr + b * U + u, mask=inside).to(h.dtype)
-        tl.store(masked_ptr + b * U + u, (h * m).to(dtype), mask=inside)
     else:
-        for k in tl.static_range(N_PRODUCTS):
-            m = tl.load(masks_ptr + (k * B + b) * U + u, mask=inside).to(h.dtype)
+        for k in tl.static_range(N_PRODUCTS if N_MASKS > 1 else 1):
+            m = rec_mask(masks_ptr, seed_ptr, step, k, b, u, inside, B, U, N_MASKS, REC_MODE, REC_THRESH, REC_SCALE,
+                         COMPUTE)
             tl.store(masked_ptr + (k * B + b) * U + u, (h * m).to(dtype), mask=inside)
 
 
 @triton.jit
-def incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, b, t, u, inside, B, T, U, HAS_DHS: tl.constexpr,
-                  N_MASKS: tl.constexpr, N_PRODUCTS: tl.constexpr, COMPUTE: tl.constexpr):
+def incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, step, b, t, u, inside, B, T, U,
+                  HAS_DHS: tl.constexpr, N_MASKS: tl.constexpr, N_PRODUCTS: tl.constexpr, REC_MODE: tl.constexpr,
+                  REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, COMPUTE: tl.constexpr):
     """The gradient reaching h_t: the carry dh (B, U) from the step after, dH_t (B, T, U) from the layer's
-    output, and the step after's recurrent products Q_k = dz_k @ R_kᵀ (``back``, (m, B, U)) through the
-    masks: Σ_k Q_k ⊙ m_k over the first N_PRODUCTS per-gate masks, Q ⊙ m shared, or Q without masks.
-    ``masks_ptr`` points at the step after's masks (``next_masks``)."""
+    output, and the step after's recurrent products Q_k = dz_k @ R_kᵀ (``back``, (m, B, U)) through that
+    step's masks (``step``): Σ_k Q_k ⊙ m_k over the first N_PRODUCTS per-gate masks, Q ⊙ m shared, or Q
+    without masks."""
     dh = tl.load(dh_ptr + b * U + u, mask=inside).to(COMPUTE)
     if HAS_DHS:
         dh += tl.load(dhs_ptr + (b * T + t) * U + u, mask=inside).to(COMPUTE)
     if N_MASKS == 0:
         dh += tl.load(back_ptr + b * U + u, mask=inside).to(COMPUTE)
-    elif N_MASKS == 1:
-        q = tl.load(back_ptr + b * U + u, mask=inside).to(COMPUTE)
-        dh += q * tl.load(masks_ptr + b * U + u, mask=inside).to(COMPUTE)
     else:
-        for k in tl.static_range(N_PRODUCTS):
+        for k in tl.static_range(N_PRODUCTS if N_MASKS > 1 else 1):
             q = tl.load(back_ptr + (k * B + b) * U + u, mask=inside).to(COMPUTE)
-            dh += q * tl.load(masks_ptr + (k * B + b) * U + u, mask=inside).to(COMPUTE)
+            dh += q * rec_mask(masks_ptr, seed_ptr, step, k, b, u, inside, B, U, N_MASKS, REC_MODE, REC_THRESH,
+                               REC_SCALE, COMPUTE)
     return dh
 
 
 @triton.jit
-def update_mask(upd_ptr, b, t, u, inside, B, U, UPDATE: tl.constexpr, COMPUTE: tl.constexpr):
-    """The update mask on the cell update at step t (Semeniuta et al.): UPDATE 1 one per sequence (B, U),
-    2 one per step (T, B, U). Only called when UPDATE != 0."""
-    if UPDATE == 2:
-        return tl.load(upd_ptr + (t.to(tl.int64) * B + b) * U + u, mask=inside, other=0.0).to(COMPUTE)
-    else:
+def update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr,
+                UPD_SCALE: tl.constexpr, COMPUTE: tl.constexpr):
+    """The mask on the cell update at step t (Semeniuta et al.): UPDATE 1 one per sequence (B, U), 2 one
+    per step (T, B, U), 3 per step from counter stream 1. Only called when UPDATE != 0."""
+    if UPDATE == 1:
         return tl.load(upd_ptr + b * U + u, mask=inside, other=0.0).to(COMPUTE)
+    offset = (t.to(tl.int64) * B + b) * U + u
+    if UPDATE == 3:
+        return counter_value(seed_ptr, 1, offset, UPD_THRESH, 0.0, UPD_SCALE, COMPUTE)
+    else:
+        return tl.load(upd_ptr + offset, mask=inside, other=0.0).to(COMPUTE)
 
 
 @triton.jit
-def zoneout_keep(zone_ptr, b, t, u, inside, B, U, ZONE: tl.constexpr, RATE: tl.constexpr, COMPUTE: tl.constexpr):
+def zoneout_keep(zone_ptr, seed_ptr, STREAM: tl.constexpr, b, t, u, inside, B, U, ZONE: tl.constexpr,
+                 RATE: tl.constexpr, THRESH: tl.constexpr, COMPUTE: tl.constexpr):
     """d, the share of the old state a unit keeps at step t: ZONE 1 the drawn 0/1 indicators (T, B, U),
-    2 their expectation RATE (inference). Only called when ZONE != 0; the state is d·old + (1 - d)·fresh."""
-    if ZONE == 1:
-        return tl.load(zone_ptr + (t.to(tl.int64) * B + b) * U + u, mask=inside, other=0.0).to(COMPUTE)
-    else:
+    2 their expectation RATE (inference), 3 the indicators made from counter stream STREAM. Only called when
+    ZONE != 0; the state is d·old + (1 - d)·fresh."""
+    if ZONE == 2:
         return tl.full(u.shape, RATE, COMPUTE)
+    offset = (t.to(tl.int64) * B + b) * U + u
+    if ZONE == 3:
+        return counter_value(seed_ptr, STREAM, offset, THRESH, 1.0, 0.0, COMPUTE)
+    else:
+        return tl.load(zone_ptr + offset, mask=inside, other=0.0).to(COMPUTE)
 
 
 @triton.jit
