@@ -370,18 +370,26 @@ DOUBLE_BACKWARD = {
                                            zoneout_c=0.2)),
     "gru-rb-update_per_step-zoneout": ("gru-rb", dict(dropout=0.3, recurrent_dropout=0.3, zoneout_h=0.3,
                                                       recurrent_dropout_mode="update_per_step")),
+    # the same with counter-based masks (section 6)
+    "lstm-per_step-zoneout-counter": ("lstm", dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step",
+                                                   zoneout_h=0.3, zoneout_c=0.2)),
+    "gru-update_per_step-zoneout-counter": ("gru", dict(recurrent_dropout=0.3, zoneout_h=0.3,
+                                                        recurrent_dropout_mode="update_per_step")),
 }
 
 
 @in_process
 @pytest.mark.parametrize("case", list(DOUBLE_BACKWARD))
-def test_double_backward_equals_reference(case):
+def test_double_backward_equals_reference(case, request):
     """create_graph=True differentiates the plain-ops recurrence: Hessian-vector products as the reference."""
     B, T, D, U = 2, 3, 3, 4
     cell, mode = DOUBLE_BACKWARD[case]
+    if case.endswith("counter"):
+        request.getfixturevalue("counter_cpu")
     layer = make_layer(D, U, F64, mode=mode, cell=cell, return_sequences=True)
     x = torch.randn(B, T, D, dtype=F64)
     plan = layer.draw_dropout_plan(B, steps=T)
+    assert plan.cells[0].counter_based == case.endswith("counter")
     results = {}
     for impl in ("reference", "gpu"):
         m = copy.deepcopy(layer)
@@ -1277,25 +1285,3 @@ def test_counter_masks_in_half_precision(cell, dtype, counter_cpu):
     layer = counter_layer(cell, "per_step", dtype, 60)
     compare(layer, random_input(B, T, 3, dtype, 60), draw_plans(layer, B, T),
             initial_state=make_initial_state(layer, B, dtype, 60), mask=holey_mask(B, T, 60))
-
-
-@in_process
-def test_counter_masks_double_backward(counter_cpu):
-    B, T = 2, 3
-    layer = counter_layer("lstm", "per_step_tied_zoneout", F64, 70)
-    plan = layer.draw_dropout_plan(B, steps=T)
-    assert plan.cells[0].counter_based
-    x = random_input(B, T, 3, F64, 70)
-    results = {}
-    for impl in ("reference", "gpu"):
-        m = copy.deepcopy(layer)
-        m.impl = impl
-        xx = x.clone().requires_grad_(True)
-        leaves = [xx, *m.parameters()]
-        y = m(xx, dropout_plan=plan)[0]
-        grads = torch.autograd.grad((y * loss_weights([y])[0]).sum(), leaves, create_graph=True)
-        dot = sum((g * v).sum() for g, v in zip(grads, loss_weights(grads)))
-        results[impl] = torch.autograd.grad(dot, leaves)
-    for a, b in zip(results["gpu"], results["reference"]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert any(a.abs().max() > 0 for a in results["gpu"])

@@ -69,7 +69,7 @@ from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, lo
 from .products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_step, program_units,
                              rec_mask, step_is_real, step_offset, store_product_inputs, through, update_mask,
-                             zoneout_keep)
+                             zoneout_keep, zoneout_split)
 
 Tensor = torch.Tensor
 
@@ -127,12 +127,8 @@ def _state_grads(dh, z, n, upd_ptr, zone_ptr, seed_ptr, b, t, u, inside, B, U, U
                  ZONE_H_THRESH: tl.constexpr, COMPUTE: tl.constexpr):
     """From dh, the whole gradient reaching h_t: (dh_fresh, the gradient of the un-zoned state; the part that
     goes straight to h_{t-1}, through z and zoneout; n ⊙ m_u, the masked candidate; the candidate's gradient)."""
-    dh_fresh = dh
-    dh_direct = tl.zeros_like(dh)
-    if ZONE_H != 0:
-        d = zoneout_keep(zone_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
-        dh_fresh = dh * (1.0 - d)
-        dh_direct = dh * d
+    dh_fresh, dh_direct = zoneout_split(dh, zone_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
+                                        ZONE_H_THRESH, COMPUTE)
     n_u = n
     d_n = dh_fresh * (1.0 - z)
     if UPDATE != 0:

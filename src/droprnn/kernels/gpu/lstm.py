@@ -84,7 +84,8 @@ from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, lo
                     outputs_and_saved, plain_layer, run_loop, saving)
 from .products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_step, program_units,
-                             step_is_real, step_offset, store_product_inputs, through, update_mask, zoneout_keep)
+                             step_is_real, step_offset, store_product_inputs, through, update_mask, zoneout_keep,
+                             zoneout_split)
 
 Tensor = torch.Tensor
 
@@ -194,18 +195,10 @@ def _backward_step(
         c = tl.load(c_ptr + before + U, mask=inside).to(COMPUTE)
     tc = activate(c, ACT)
     dc_next = tl.load(dc_ptr + b * U + u, mask=inside).to(COMPUTE)
-    dh_fresh = dh
-    dh_carry = tl.full((BLOCK,), 0.0, COMPUTE)
-    if ZONE_H != 0:
-        d = zoneout_keep(zh_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
-        dh_fresh = dh * (1 - d)
-        dh_carry = dh * d
-    dc_fresh = dc_next
-    dc_prev = tl.full((BLOCK,), 0.0, COMPUTE)
-    if ZONE_C != 0:
-        d = zoneout_keep(zc_ptr, seed_ptr, 3, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, ZONE_C_THRESH, COMPUTE)
-        dc_fresh = dc_next * (1 - d)
-        dc_prev = dc_next * d
+    dh_fresh, dh_carry = zoneout_split(dh, zh_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
+                                       ZONE_H_THRESH, COMPUTE)
+    dc_fresh, dc_prev = zoneout_split(dc_next, zc_ptr, seed_ptr, 3, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE,
+                                      ZONE_C_THRESH, COMPUTE)
     dc = dc_fresh + through(dh_fresh * o, tc, ACT)
     dzi = through(dc * update, i, REC_ACT)
     dzf = through(dc * c_prev, f, REC_ACT)

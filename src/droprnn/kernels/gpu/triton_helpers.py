@@ -205,6 +205,18 @@ def zoneout_keep(zone_ptr, seed_ptr, STREAM: tl.constexpr, b, t, u, inside, B, U
 
 
 @triton.jit
+def zoneout_split(grad, zone_ptr, seed_ptr, STREAM: tl.constexpr, b, t, u, inside, B, U, ZONE: tl.constexpr,
+                  RATE: tl.constexpr, THRESH: tl.constexpr, COMPUTE: tl.constexpr):
+    """The gradient of a zoned state d·old + (1 - d)·fresh split in two: (1 - d)·grad for the fresh value,
+    d·grad straight to the step before (zeros without zoneout)."""
+    if ZONE == 0:
+        return grad, tl.zeros_like(grad)
+    else:
+        d = zoneout_keep(zone_ptr, seed_ptr, STREAM, b, t, u, inside, B, U, ZONE, RATE, THRESH, COMPUTE)
+        return grad * (1.0 - d), grad * d
+
+
+@triton.jit
 def step_is_real(valid_ptr, b, t, T):
     """Whether step t of sequence b is real (the step mask (B, T) holds 0 where it is masked)."""
     return tl.load(valid_ptr + b * T + t) != 0
