@@ -16,7 +16,9 @@
    - ``rd-eager``     the same with ``DROPRNN_CUDA_GRAPHS=0``: the eager loops (what graphs bought);
    - ``rd-tf32``      ``rd`` with ``torch.set_float32_matmul_precision("high")`` (TF32 products);
    - ``rd-step``      ``rd`` with ``recurrent_dropout_mode="per_step"`` (fresh recurrent masks every step,
-                      read from the plan's (T, G, B, U) tensor);
+                      counter-based: made inside the step kernels);
+   - ``rd-step-stored``  the same with the masks drawn as a (T, G, B, U) tensor and read from memory (what
+                      counter-based masks save);
    - ``zoneout``      ``rd`` plus zoneout 0.1 on h (and the LSTM's c);
    - ``plain``, ``plain-eager``  the same without dropout, graphs and eager;
    - ``cudnn-bf16``, ``rd-bf16``, ``plain-bf16``  cuDNN, ``rd`` and ``plain`` in bfloat16, at the
@@ -107,14 +109,16 @@ def _training_step(layer, impl, x, plan, init, mask, create_graph=False):
 
 
 def _check_layer(kind: str, options, units: int):
-    """The layer of one check: kind "lstm", "gru" (reset_after), "gru-rb" (reset_before), or "stacked"
-    (options: the cells)."""
-    from droprnn import GRU, LSTM, RNN
+    """The layer of one check: kind "lstm", "gru" (reset_after), "gru-rb" (reset_before), "simple", or
+    "stacked" (options: the cells)."""
+    from droprnn import GRU, LSTM, RNN, SimpleRNN
 
     if kind == "stacked":
         return RNN(options, return_sequences=True, return_state=True)
     if kind == "lstm":
         return LSTM(units, return_sequences=True, return_state=True, **options)
+    if kind == "simple":
+        return SimpleRNN(units, return_sequences=True, return_state=True, **options)
     return GRU(units, reset_after=kind == "gru", return_sequences=True, return_state=True, **options)
 
 
@@ -154,6 +158,9 @@ def run_checks(device) -> bool:
         "GRU reset_before per-step, zoneout": ("gru-rb", dict(per_gate, recurrent_dropout_mode="per_step",
                                                               zoneout_h=0.2)),
         "GRU update masks, zoneout": ("gru", dict(per_gate, recurrent_dropout_mode="update", zoneout_h=0.2)),
+        "SimpleRNN keras masks": ("simple", per_gate),
+        "SimpleRNN per-step masks, zoneout": ("simple", dict(per_gate, recurrent_dropout_mode="per_step",
+                                                              zoneout_h=0.2)),
     }
     ok = True
     for name, (kind, options) in cases.items():
@@ -225,6 +232,7 @@ VARIANTS = {
     "rd-eager": "droprnn gpu rd, eager",
     "rd-tf32": "droprnn gpu rd, TF32",
     "rd-step": "droprnn gpu, per-step rd",
+    "rd-step-stored": "droprnn gpu, per-step rd, stored masks",
     "zoneout": "droprnn gpu rd + zoneout",
     "plain": "droprnn gpu",
     "plain-eager": "droprnn gpu, eager",
@@ -250,14 +258,19 @@ def timed_at(variant: str, shape, index: int) -> bool:
 
 
 @contextlib.contextmanager
-def settings(graphs: bool = True, cudnn_tf32: Optional[bool] = None, matmul_precision: Optional[str] = None):
-    """Run with droprnn's CUDA graphs on or off (DROPRNN_CUDA_GRAPHS), and torch's TF32 switches as given."""
+def settings(graphs: bool = True, cudnn_tf32: Optional[bool] = None, matmul_precision: Optional[str] = None,
+             stored_masks: bool = False):
+    """Run with droprnn's CUDA graphs on or off (DROPRNN_CUDA_GRAPHS), torch's TF32 switches as given, and
+    per-step masks drawn as tensors instead of counter-based (``stored_masks``)."""
     import torch
 
+    from droprnn.dropout import plan as droprnn_plan
     from droprnn.kernels.gpu import graphs as droprnn_graphs
 
     was = (os.environ.get(droprnn_graphs.ENV_SWITCH), torch.backends.cudnn.allow_tf32,
-           torch.get_float32_matmul_precision())
+           torch.get_float32_matmul_precision(), droprnn_plan.COUNTER_DEVICES)
+    if stored_masks:
+        droprnn_plan.COUNTER_DEVICES = frozenset()
     os.environ[droprnn_graphs.ENV_SWITCH] = "1" if graphs else "0"
     if cudnn_tf32 is not None:
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
@@ -272,6 +285,7 @@ def settings(graphs: bool = True, cudnn_tf32: Optional[bool] = None, matmul_prec
             os.environ[droprnn_graphs.ENV_SWITCH] = was[0]
         torch.backends.cudnn.allow_tf32 = was[1]
         torch.set_float32_matmul_precision(was[2])
+        droprnn_plan.COUNTER_DEVICES = was[3]
 
 
 def make_step(cell: str, variant: str, shape, device):
@@ -298,7 +312,7 @@ def make_step(cell: str, variant: str, shape, device):
     if variant == "hand":
         return _hand_loop(cell, x, units)
     rates = {} if variant.startswith("plain") else {"dropout": RATE, "recurrent_dropout": RATE}
-    if variant == "rd-step":
+    if variant.startswith("rd-step"):
         rates["recurrent_dropout_mode"] = "per_step"
     if variant == "zoneout":
         rates.update(zoneout_h=0.1, **({"zoneout_c": 0.1} if cell == "lstm" else {}))
@@ -306,7 +320,8 @@ def make_step(cell: str, variant: str, shape, device):
     layer_class = {"lstm": droprnn.LSTM, "gru": droprnn.GRU}[cell]  # GRU: reset_after, torch.nn.GRU's form
     layer = layer_class(units, return_sequences=True, input_size=features, impl=impl, device=device, dtype=dtype,
                         **rates)
-    options = dict(graphs=not variant.endswith("eager"), matmul_precision="high" if variant == "rd-tf32" else None)
+    options = dict(graphs=not variant.endswith("eager"), matmul_precision="high" if variant == "rd-tf32" else None,
+                   stored_masks=variant == "rd-step-stored")
 
     def step():
         with settings(**options):

@@ -81,7 +81,11 @@ def uninitialized_is_nan():
 
 
 def make_cell(kind: str, units: int, **options):
-    """An LSTMCell ("lstm") or a GRUCell ("gru": reset_after, "gru-rb": reset_before)."""
+    """An LSTMCell ("lstm"), a GRUCell ("gru": reset_after, "gru-rb": reset_before) or a SimpleRNNCell
+    ("simple", which has no recurrent_activation)."""
+    if kind == "simple":
+        options.pop("recurrent_activation", None)
+        return SimpleRNNCell(units, **options)
     return LSTMCell(units, **options) if kind == "lstm" else GRUCell(units, reset_after=kind == "gru", **options)
 
 
@@ -98,6 +102,8 @@ def make_layer(D: int, U: int, dtype, *, mode=None, acts=("tanh", "sigmoid"), st
         layer = RNN(cells, **layer_kw)
     elif cell == "lstm":
         layer = LSTM(U, activation=act, recurrent_activation=rec_act, **mode, **layer_kw)
+    elif cell == "simple":
+        layer = SimpleRNN(U, activation=act, **mode, **layer_kw)
     else:
         layer = GRU(U, activation=act, recurrent_activation=rec_act, reset_after=cell == "gru", **mode, **layer_kw)
     layer.build(D, dtype=dtype)
@@ -375,6 +381,9 @@ DOUBLE_BACKWARD = {
                                                    zoneout_h=0.3, zoneout_c=0.2)),
     "gru-update_per_step-zoneout-counter": ("gru", dict(recurrent_dropout=0.3, zoneout_h=0.3,
                                                         recurrent_dropout_mode="update_per_step")),
+    "simple": ("simple", dict(dropout=0.3, recurrent_dropout=0.3)),
+    "simple-per_step-zoneout-counter": ("simple", dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step",
+                                                       zoneout_h=0.3)),
 }
 
 
@@ -465,11 +474,11 @@ class MyLSTMCell(LSTMCell):
 
 
 UNSUPPORTED = {
-    "simple_rnn": (lambda: SimpleRNN(4), F32, "SimpleRNNCell"),
     "custom_cell": (lambda: RNN(MyLSTMCell(4)), F32, "MyLSTMCell"),
+    "simple_rnn_elu": (lambda: SimpleRNN(4, activation="elu"), F32, "elu"),
     "proj_size": (lambda: LSTM(4, proj_size=2), F32, "proj_size"),
     "elu": (lambda: LSTM(4, activation="elu"), F32, "elu"),
-    "gru_after_simple_rnn": (lambda: RNN([GRUCell(4), SimpleRNNCell(3)]), F32, "SimpleRNNCell"),
+    "gru_after_custom_cell": (lambda: RNN([GRUCell(4), MyLSTMCell(3)]), F32, "MyLSTMCell"),
 }
 
 
@@ -494,11 +503,13 @@ def test_unsupported_calls_fall_back_with_the_reason(case, pretend_cuda, spy_gpu
 
 
 @in_process
-@pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb", "simple"])
 def test_every_mode_a_cell_draws_runs_on_the_gpu(cell, pretend_cuda, spy_gpu):
-    """No dropout mode sends an LSTM or GRU back to the reference loop, in training or inference."""
-    modes = [dict(recurrent_dropout=0.3, recurrent_dropout_mode=mode) for mode in
-             ("keras", "tied", "per_step", "update", "update_per_step", "weights", "weights_per_unit")]
+    """No dropout mode sends an LSTM, GRU or SimpleRNN back to the reference loop, in training or inference."""
+    rec_modes = ("keras", "tied", "per_step", "weights", "weights_per_unit")
+    if cell != "simple":  # SimpleRNN has no cell update to mask
+        rec_modes += ("update", "update_per_step")
+    modes = [dict(recurrent_dropout=0.3, recurrent_dropout_mode=mode) for mode in rec_modes]
     modes += [dict(dropout=0.3, input_dropout_mode="per_step"), dict(zoneout_h=0.2)]
     if cell == "lstm":
         modes.append(dict(zoneout_c=0.2))
@@ -866,13 +877,20 @@ GRU_CASES = {
 @pytest.mark.parametrize("case", list(GRU_CASES))
 def test_gru_gpu_equals_reference(case, form, dtype):
     mode, spec = GRU_CASES[case]
+    layer = run_case(form, mode, spec, dtype, seed=list(GRU_CASES).index(case))
+    assert layer.cell.reset_after == (form == "gru")
+
+
+def run_case(cell: str, mode: dict, spec: dict, dtype, seed: int):
+    """One case of a cell's table (GRU_CASES, SIMPLE_CASES): the layer's dropout ``mode``; ``spec`` varies the
+    call and names the mask the mode is about ("expect": field and first dimension, m or "T") so that the case
+    cannot pass on an empty plan. Compares gpu and reference; returns the layer."""
     B, T, D, U = 3, 4, 3, 5
-    seed = list(GRU_CASES).index(case)
-    layer = make_layer(D, U, dtype, mode=mode, cell=form, acts=spec.get("acts", ("tanh", "sigmoid")), seed=seed,
+    layer = make_layer(D, U, dtype, mode=mode, cell=cell, acts=spec.get("acts", ("tanh", "sigmoid")), seed=seed,
                        weight_scale=spec.get("scale", 0.6), **{"return_sequences": True, "return_state": True,
                                                                **spec.get("layer", {})})
-    assert layer.cell.reset_after == (form == "gru")
     plans = draw_plans(layer, B, T)
+    assert plans[0].cells[0].counter_based == bool(spec.get("counter"))
     if "expect" in spec:
         field, first = spec["expect"]
         drawn = getattr(plans[0].cells[0], field)
@@ -880,11 +898,13 @@ def test_gru_gpu_equals_reference(case, form, dtype):
     init = make_initial_state(layer, B, dtype, seed) if spec.get("initial_state") else None
     compare(layer, random_input(B, T, D, dtype, seed), plans, initial_state=init, lengths=spec.get("lengths"),
             mask=holey_mask(B, T, seed) if spec.get("mask") else None)
+    return layer
 
 
 @in_process
-@pytest.mark.parametrize("kinds, dtype", [(("gru", "gru-rb"), F64), (("lstm", "gru"), F32), (("gru-rb", "lstm"), F64)],
-                         ids=["gru-gru_rb-f64", "lstm-gru-f32", "gru_rb-lstm-f64"])
+@pytest.mark.parametrize("kinds, dtype", [(("gru", "gru-rb"), F64), (("lstm", "gru"), F32), (("gru-rb", "lstm"), F64),
+                                         (("simple", "lstm"), F64), (("gru", "simple"), F32)],
+                         ids=["gru-gru_rb-f64", "lstm-gru-f32", "gru_rb-lstm-f64", "simple-lstm-f64", "gru-simple-f32"])
 def test_stacked_gru_and_mixed_cells_gpu_equals_reference(kinds, dtype):
     B, T, D, U = 3, 4, 3, 5
     layer = make_layer(D, U, dtype, mode=dict(dropout=0.3, recurrent_dropout=0.3), stacked=kinds, seed=9,
@@ -901,12 +921,12 @@ HALF_MODES = {"keras": dict(dropout=0.3, recurrent_dropout=0.3),
 @in_process
 @pytest.mark.parametrize("mode", list(HALF_MODES))
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb", "simple"])
 def test_half_precision_against_float64(cell, dtype, mode):
     """Tensors in float16 / bfloat16 in, the same dtype out (outputs, states and every gradient), as close to
     the float64 reference as the module docstring's bound says."""
     B, T, D, U = 3, 6, 4, 6
-    seed = 20 + ["lstm", "gru", "gru-rb"].index(cell)
+    seed = 20 + ["lstm", "gru", "gru-rb", "simple"].index(cell)
     layer = make_layer(D, U, dtype, mode=HALF_MODES[mode], cell=cell, seed=seed,
                        weight_scale=0.5, return_sequences=True, return_state=True)
     compare(layer, random_input(B, T, D, dtype, seed), draw_plans(layer, B, T),
@@ -1285,3 +1305,45 @@ def test_counter_masks_in_half_precision(cell, dtype, counter_cpu):
     layer = counter_layer(cell, "per_step", dtype, 60)
     compare(layer, random_input(B, T, 3, dtype, 60), draw_plans(layer, B, T),
             initial_state=make_initial_state(layer, B, dtype, 60), mask=holey_mask(B, T, 60))
+
+
+# ----------------------------------------------------------------------------------------------- 7. SimpleRNN
+SIMPLE_CASES = {
+    "none": ({}, dict(mask=True, initial_state=True)),
+    "keras": (dict(dropout=0.3, recurrent_dropout=0.3), dict(mask=True, initial_state=True, expect=("recurrent", 1))),
+    "tied_lengths_backwards": (dict(dropout=0.2, recurrent_dropout=0.3, recurrent_dropout_mode="tied"),
+                               dict(lengths=[4, 0, 2], layer=dict(go_backwards=True))),
+    "per_step": (dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="per_step"),
+                 dict(mask=True, expect=("recurrent", "T"))),
+    "per_step_counter": (dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step", zoneout_h=0.3),
+                         dict(mask=True, initial_state=True, counter=True)),
+    "input_per_step_zero_output": (dict(dropout=0.3, input_dropout_mode="per_step"),
+                                   dict(mask=True, expect=("input", "T"), layer=dict(zero_output_for_mask=True))),
+    "weights_no_bias": (dict(recurrent_dropout=0.3, recurrent_dropout_mode="weights", use_bias=False),
+                        dict(mask=True, expect=("recurrent_kernel", None))),
+    "zoneout": (dict(dropout=0.2, recurrent_dropout=0.3, zoneout_h=0.4), dict(mask=True, expect=("zoneout", None))),
+    "relu": (dict(dropout=0.2, recurrent_dropout=0.2), dict(acts=("relu", "sigmoid"), scale=0.35, mask=True)),
+    "last_output": (dict(dropout=0.2, recurrent_dropout=0.3), dict(lengths=[4, 1, 3],
+                                                                   layer=dict(return_sequences=False))),
+}
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", list(SIMPLE_CASES))
+def test_simple_rnn_gpu_equals_reference(case, dtype, request):
+    mode, spec = SIMPLE_CASES[case]
+    if spec.get("counter"):
+        request.getfixturevalue("counter_cpu")
+    run_case("simple", mode, spec, dtype, seed=80 + list(SIMPLE_CASES).index(case))
+
+
+@in_process
+def test_replayed_simple_rnn_loops_equal_reference(replayed):
+    cache, made = replayed
+    B, T, D, U = 3, 4, 3, 5
+    layer = make_layer(D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3, zoneout_h=0.2), cell="simple",
+                       seed=90, return_sequences=True, return_state=True)
+    compare(layer, random_input(B, T, D, F64, 90), draw_plans(layer, B, T, calls=2), calls=2,
+            initial_state=make_initial_state(layer, B, F64, 90), mask=holey_mask(B, T, 90))
+    assert len(cache) == 2 and [g.replays for g in made] == [2, 2]

@@ -53,6 +53,8 @@ class CellMasks:
     recurrent_kernel: (H, k·U), or (H, 1) per unit; multiplies the recurrent kernel (DropConnect).
     zoneout:          per state, None or the keep-old indicator: (T, B, size) of 0/1 in training, a 0-d
                       tensor holding the zoneout rate (its expectation) in inference.
+    A per-step recurrent or update mask and a zoneout indicator may be a :class:`~droprnn.random.CounterMask`
+    (plans drawn on CUDA): shaped like its tensor, made on demand (``materialized()``).
     """
 
     input: Optional[Tensor] = None

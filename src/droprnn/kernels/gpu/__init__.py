@@ -1,18 +1,19 @@
-"""The GPU fast path: Triton kernels for LSTM and GRU layers (``kernels/gpu/``), chosen for CUDA tensors.
+"""The GPU fast path: Triton kernels for LSTM, GRU and SimpleRNN layers (``kernels/gpu/``), for CUDA tensors.
 
 Same contract as :func:`droprnn.kernels.reference.run` (the oracle these kernels are tested against).
 This module only decides *whether* the kernels can run a call; it never imports Triton at import time,
 so ``import droprnn`` works without Triton or CUDA. The kernels are imported on first use.
 
-The modules: ``lstm.py`` and ``gru.py`` (one per cell: its Triton step kernels, time loops and autograd
+The modules: ``lstm.py``, ``gru.py`` and ``simple.py`` (one per cell: its Triton step kernels, time loops and autograd
 Function; lstm.py's docstring explains the design and the measured speed), ``stack.py`` (stacked cells),
 ``loops.py`` (what the cells' time loops share: keys, buffers, the cache of captured loops),
 ``products.py`` (the large cuBLAS products), ``triton_helpers.py`` (the Triton functions the kernels
 share), ``graphs.py`` (CUDA graphs).
 
 Supported:
-    cells           one or more stacked :class:`~droprnn.LSTMCell` (no ``proj_size``) and
-                    :class:`~droprnn.GRUCell` (both ``reset_after`` forms), mixed freely (exact types)
+    cells           one or more stacked :class:`~droprnn.LSTMCell` (no ``proj_size``),
+                    :class:`~droprnn.GRUCell` (both ``reset_after`` forms) and :class:`~droprnn.SimpleRNNCell`,
+                    mixed freely (exact types)
     activations     tanh, sigmoid, hard_sigmoid, relu, linear (both ``activation`` and
                     ``recurrent_activation``)
     dtypes          float32, float64, float16, bfloat16 (the kernels compute and carry the states in
@@ -23,8 +24,8 @@ Supported:
     zoneout         on h (and the LSTM's c): drawn indicators (T, B, U) in training, the rate in inference
     DropConnect     yes (folded into the recurrent kernel before the kernels run)
     step masks, initial states, go_backwards, return_sequences, zero_output_for_mask: yes
-So every dropout plan an LSTM or GRU cell draws runs here. Not here (the layer falls back to the reference
-loop and says why): SimpleRNN, ``proj_size``, other activations, subclasses of the cells.
+So every dropout plan these cells draw runs here. Not here (the layer falls back to the reference loop and
+says why): ``proj_size``, other activations, subclasses of the cells.
 
 On CUDA the plan holds per-step recurrent and update masks and zoneout indicators as
 :class:`~droprnn.random.CounterMask` objects (one seed per cell and call): the step kernels make each entry
@@ -50,7 +51,7 @@ from typing import Optional, Sequence
 import torch
 
 from ... import activations
-from ...cells import CellWeights, GRUCell, LSTMCell
+from ...cells import CellWeights, GRUCell, LSTMCell, SimpleRNNCell
 from ...dropout.plan import DropoutPlan
 from . import graphs
 
@@ -65,7 +66,7 @@ ACTIVATION_CODES = {
     activations.get("relu"): 3,
     activations.get("linear"): 4,
 }
-SUPPORTED_CELLS = (LSTMCell, GRUCell)
+SUPPORTED_CELLS = (LSTMCell, GRUCell, SimpleRNNCell)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HELPERS_MODULE = __name__ + ".triton_helpers"  # imported with the kernels; says how Triton compiled them
 _LOOPS_MODULE = __name__ + ".loops"
@@ -116,8 +117,9 @@ def unsupported_reason(cells: Sequence[torch.nn.Module], x: Tensor, weights: Seq
         return f"the Triton kernels run float32, float64, float16 and bfloat16; this input is {x.dtype}"
     for k, (cell, w) in enumerate(zip(cells, weights)):
         if type(cell) not in SUPPORTED_CELLS:
-            return f"cell {k} is a {type(cell).__name__}; the Triton kernels know LSTMCell and GRUCell only so far"
-        for name in ("activation", "recurrent_activation"):
+            return (f"cell {k} is a {type(cell).__name__}; the Triton kernels know LSTMCell, GRUCell and "
+                    "SimpleRNNCell (exact types)")
+        for name in ("activation",) if type(cell) is SimpleRNNCell else ("activation", "recurrent_activation"):
             fn = getattr(cell, name)
             if fn not in ACTIVATION_CODES:
                 return (f"cell {k}'s {name} {getattr(fn, '__name__', fn)!r} is not in the Triton kernels "
@@ -139,7 +141,7 @@ def describe() -> str:
         where = "interpreted on the CPU (TRITON_INTERPRET=1), eager time loops"
     else:
         where = f"CUDA, {graphs.describe()}"
-    return f"Triton GPU kernel: LSTM and GRU cells, cuBLAS recurrent products, {version}, {where}"
+    return f"Triton GPU kernel: LSTM, GRU and SimpleRNN cells, cuBLAS recurrent products, {version}, {where}"
 
 
 def clear_graph_cache() -> None:

@@ -67,9 +67,9 @@ from . import ACTIVATION_CODES
 from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, loop_key, stored, kernel_masks,
                     outputs_and_saved, plain_layer, run_loop, saving)
 from .products import input_grads, project, recurrent_kernel_grad
-from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_step, program_units,
-                             rec_mask, step_is_real, step_offset, store_product_inputs, through, update_mask,
-                             zoneout_keep, zoneout_split)
+from .triton_helpers import (activate, carry_state, compute_type, gate_offset, grid, incoming_grad, next_step,
+                             program_units, rec_mask, step_is_real, step_offset, store_product_inputs, through,
+                             update_mask, zoneout_split)
 
 Tensor = torch.Tensor
 
@@ -110,15 +110,8 @@ def _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, 
     h_prev = tl.load(carry_ptr + b * U + u, mask=inside)
     if UPDATE != 0:
         n = n * update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH, UPD_SCALE, COMPUTE)
-    h = z * h_prev + (1.0 - z) * n
-    if ZONE_H != 0:
-        d = zoneout_keep(zone_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
-        h = d * h_prev + (1.0 - d) * h
-    if HAS_VALID:
-        h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
-    tl.store(carry_ptr + b * U + u, h.to(carry_ptr.dtype.element_ty), mask=inside)
-    tl.store(h_ptr + (b * (T + 1) + t + 1) * U + u, h.to(h_ptr.dtype.element_ty), mask=inside)
-    return h
+    return carry_state(z * h_prev + (1.0 - z) * n, h_prev, carry_ptr, h_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u,
+                       inside, B, T, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
 
 
 @triton.jit

@@ -217,6 +217,22 @@ def zoneout_split(grad, zone_ptr, seed_ptr, STREAM: tl.constexpr, b, t, u, insid
 
 
 @triton.jit
+def carry_state(h, h_prev, carry_ptr, h_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u, inside, B, T, U,
+                ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr,
+                HAS_VALID: tl.constexpr, COMPUTE: tl.constexpr):
+    """The step's h from its fresh value: zoned (d ⊙ h_{t-1} + (1 - d) ⊙ h), h_{t-1} itself where the step is
+    masked; stored in the carry (B, U) and in slot t + 1 of the h sequence (B, T + 1, U), and returned."""
+    if ZONE_H != 0:
+        d = zoneout_keep(zone_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
+        h = d * h_prev + (1.0 - d) * h
+    if HAS_VALID:
+        h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
+    tl.store(carry_ptr + b * U + u, h.to(carry_ptr.dtype.element_ty), mask=inside)
+    tl.store(h_ptr + (b * (T + 1) + t + 1) * U + u, h.to(h_ptr.dtype.element_ty), mask=inside)
+    return h
+
+
+@triton.jit
 def step_is_real(valid_ptr, b, t, T):
     """Whether step t of sequence b is real (the step mask (B, T) holds 0 where it is masked)."""
     return tl.load(valid_ptr + b * T + t) != 0

@@ -1,0 +1,237 @@
+"""SimpleRNN on the GPU: the plan of ``lstm.py`` with one gate, h_t = φ((x ⊙ m_x) @ K + b + (h_{t-1} ⊙ m_h) @ R).
+
+The oracle is :func:`droprnn.kernels.reference.run` with :meth:`droprnn.SimpleRNNCell.transition`::
+
+    forward
+        P       = (x ⊙ m_x) @ K + b                   all steps in one product
+        for t in 0 … T-1:
+            Z   = (h_{t-1} ⊙ m_h) @ R                  cuBLAS, into a fixed buffer
+            kernel _forward_step: y = φ(P_t + Z), written over P_t (saved for the backward); h_t = y, zoned
+                  (d ⊙ h_{t-1} + (1 - d) ⊙ y) and held where the step is masked; h_t ⊙ m_h of the next step
+    backward (t = T-1 … 0)
+        kernel _backward_step: dh = dH_t + carry + Q ⊙ m_h; dz = φ'(y) · (1 - d) dh; carry d · dh (all of dh
+                  where the step was masked)
+        Q       = dz_t @ Rᵀ
+    after the loop: dR = Σ_t (h_{t-1} ⊙ m_h)ᵀ dz_t, dK, dx, db from dz in large products
+
+SimpleRNN has one gate, so its masks are shared (m == 1): per sequence, per step, or counter-based per step;
+DropConnect is folded into R before the loop. Precision as the other cells: h is carried in float32
+(float64 for float64 tensors), sequences are kept in the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ...cells import CellWeights
+from ...dropout.plan import CellMasks
+from .. import reference
+from . import ACTIVATION_CODES
+from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, kernel_masks, loop_key,
+                    outputs_and_saved, plain_layer, run_loop, saving, stored)
+from .products import input_grads, project, recurrent_kernel_grad
+from .triton_helpers import (activate, carry_state, compute_type, grid, incoming_grad, next_step, program_units,
+                             step_is_real, store_product_inputs, through, zoneout_split)
+
+Tensor = torch.Tensor
+
+CELL = "simple"
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+# Layouts: pre (B, T, U) the projections, overwritten by y; h (B, T + 1, U) (slot 0: h0); carry (B, U) in the
+# compute dtype; product, masked_h, back, dz_step (B, U); masks (1, B, U) or (T, 1, B, U); dz (B, T, U).
+@triton.jit(do_not_specialize=["t"])
+def _forward_step(
+    pre_ptr, product_ptr, h_ptr, carry_ptr, masked_h_ptr, masks_ptr, zone_ptr, seed_ptr, valid_ptr, t, B, U, T,
+    N_MASKS: tl.constexpr, REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, HAS_VALID: tl.constexpr,
+    ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One forward step for the units [BLOCK·j, BLOCK·(j+1)) of sequence b (program (b, j))."""
+    b, u, inside = program_units(U, BLOCK)
+    p = pre_ptr + (b * T + t) * U + u
+    y = activate(tl.load(p, mask=inside).to(COMPUTE) + tl.load(product_ptr + b * U + u, mask=inside).to(COMPUTE),
+                 ACT)
+    tl.store(p, y.to(pre_ptr.dtype.element_ty), mask=inside)
+    h_prev = tl.load(carry_ptr + b * U + u, mask=inside).to(COMPUTE)
+    h = carry_state(y, h_prev, carry_ptr, h_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u, inside, B, T, U, ZONE_H,
+                    ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
+    store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, U, N_MASKS, 1,
+                         REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _backward_step(
+    pre_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, zone_ptr, seed_ptr, dh_ptr, dz_ptr, dz_step_ptr, t, B, U, T,
+    N_MASKS: tl.constexpr, REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_DHS: tl.constexpr, ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One backward step: the gradient of the step's pre-activation (dz) and the carry to h_{t-1}, in place."""
+    b, u, inside = program_units(U, BLOCK)
+    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T, U,
+                       HAS_DHS, N_MASKS, 1, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
+    y = tl.load(pre_ptr + (b * T + t) * U + u, mask=inside).to(COMPUTE)
+    dh_fresh, dh_carry = zoneout_split(dh, zone_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
+                                       ZONE_H_THRESH, COMPUTE)
+    dz = through(dh_fresh, y, ACT)
+    if HAS_VALID:  # a masked step held h: its gradient passes on, and the step gets none
+        keep = step_is_real(valid_ptr, b, t, T)
+        dz = tl.where(keep, dz, 0.0)
+        dh_carry = tl.where(keep, dh_carry, dh)
+    dtype = dz_ptr.dtype.element_ty
+    tl.store(dz_ptr + (b * T + t) * U + u, dz.to(dtype), mask=inside)
+    tl.store(dz_step_ptr + b * U + u, dz.to(dtype), mask=inside)
+    tl.store(dh_ptr + b * U + u, dh_carry.to(dh_ptr.dtype.element_ty), mask=inside)
+
+
+# ---------------------------------------------------------------------------------------------- time loops
+def _zone_args(loop) -> dict:
+    """The zoneout constexprs (SimpleRNN has no update mask)."""
+    return {k: v for k, v in loop.noise_args(1).items() if k.startswith("ZONE")}
+
+
+class _ForwardLoop(ForwardLoop):
+    """The forward time loop: pre (B, T, U), filled with the projections by ``load`` and overwritten with y;
+    carry (B, U) in the compute dtype; masked_h (1, B, U); product (B, U); R (U, U)."""
+
+    def __init__(self, key: LoopKey, static: bool):
+        super().__init__(key, static)
+        B, T, U = key.batch, key.steps, key.units
+        self.pre = self.new(B, T, U)
+        self.carry = self.new_carry(B, U)
+        self.masked_h = self.new(1, B, U)
+        self.product = self.new(B, U)
+        self.R = self.new(U, U) if static else None
+
+    def load(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor], input_masks: Optional[Tensor], R: Tensor,
+             h0: Tensor, rec, noise: Noise, valid: Optional[Tensor]) -> None:
+        project(x, kernel, bias, input_masks, out=self.pre, gates=1)
+        self.start(h0, rec)
+        self.carry.copy_(h0)
+        self.take_recurrent(R, R)
+        self.take_noise(rec, noise)
+        self.take("valid", valid)
+
+    def run(self, steps: range) -> None:
+        key = self.key
+        programs, block = grid(key.batch, key.units)
+        launch = _forward_step[programs]
+        constants = dict(N_MASKS=key.n_masks, HAS_VALID=key.has_valid, ACT=key.codes[0],
+                         COMPUTE=compute_type(key.dtype), BLOCK=block, **self.rec_args(), **_zone_args(self))
+        masks_arg, valid_arg, seed_arg = self.or_unused(self.rec), self.or_unused(self.valid), self.or_unused(self.seed)
+        zone_arg = self.or_unused(self.zone[0])
+        h_for_mm = self.masked_h[0]
+        for t in steps:
+            torch.mm(h_for_mm, self.R, out=self.product)
+            launch(self.pre, self.product, self.h, self.carry, self.masked_h, masks_arg, zone_arg, seed_arg, valid_arg,
+                   t, key.batch, key.units, key.steps, **constants)
+
+
+class _BackwardLoop(BackwardLoop):
+    """The backward time loop, from step T-1 down to 0: pre as the forward left it (y), back (1, B, U) the Q
+    of the step after, dz (B, T, U), dz_step (B, U), R (U, U)."""
+
+    def __init__(self, key: LoopKey, static: bool):
+        super().__init__(key, static)
+        B, T, U = key.batch, key.steps, key.units
+        if static:
+            self.pre = self.new(B, T, U)
+            self.R = self.new(U, U)
+        self.back = self.new(1, B, U)
+        self.dz = self.new(B, T, U)
+        self.dz_step = self.new(B, U)
+
+    def load(self, pre: Tensor, valid: Optional[Tensor], d_hs: Optional[Tensor], rec, noise: Noise,
+             R: Tensor) -> None:
+        self.take("pre", pre)
+        self.take("valid", valid)
+        self.take("d_hs", d_hs)
+        self.take_noise(rec, noise)
+        self.take_recurrent(R, R)
+        self.back.zero_()  # no step after the last
+        self.dh.zero_()
+
+    def run(self, steps: range) -> None:
+        key = self.key
+        programs, block = grid(key.batch, key.units)
+        launch = _backward_step[programs]
+        constants = dict(N_MASKS=key.n_masks, HAS_VALID=key.has_valid, HAS_DHS=key.has_dhs, ACT=key.codes[0],
+                         COMPUTE=compute_type(key.dtype), BLOCK=block, **self.rec_args(), **_zone_args(self))
+        valid_arg, dhs_arg, masks_arg = self.or_unused(self.valid), self.or_unused(self.d_hs), self.or_unused(self.rec)
+        zone_arg, seed_arg = self.or_unused(self.zone[0]), self.or_unused(self.seed)
+        R_t, back_for_mm = self.R.t(), self.back[0]
+        for t in steps:
+            launch(self.pre, valid_arg, dhs_arg, self.back, masks_arg, zone_arg, seed_arg, self.dh, self.dz,
+                   self.dz_step, t, key.batch, key.units, key.steps, **constants)
+            torch.mm(self.dz_step, R_t, out=back_for_mm)
+
+
+def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bias: Optional[Tensor],
+               h_buffer: Tensor, input_masks: Optional[Tensor], rec) -> tuple:
+    """dx, dkernel, dbias, dR, dh0 (None where not needed) from a finished backward loop."""
+    dz = loop.dz
+    dh0 = dbias = dR = None
+    if needs[4]:
+        dh0 = loop.initial_state_grad(rec)
+    if bias is not None and needs[2]:
+        dbias = dz.sum(dim=(0, 1))
+    if needs[3]:
+        dR = recurrent_kernel_grad(h_buffer[:, :x.shape[1]], rec, dz)
+    dx, dkernel = input_grads(x, kernel, input_masks, dz, needs[0], needs[1], 1)
+    return dx, dkernel, dbias, dR, dh0
+
+
+# ---------------------------------------------------------------------------------------------- the layer function
+class _SimpleLayer(torch.autograd.Function):
+    """One SimpleRNN cell over a whole sequence as one autograd node. Inputs: x (B, T, D), kernel (D, U),
+    bias (U,) or None, R (U, U) (DropConnect applied), h0 (B, U), input masks, recurrent masks (a tensor or
+    a CounterMask) or None, the Noise (zoneout), valid (B, T) or None, the cell, its activation codes and
+    ``saving`` (as lstm._LstmLayer). Returns the carried h sequence (B, T, U)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, bias, R, h0, input_masks, rec, noise, valid, cell, codes, saving):
+        key = loop_key(CELL, False, x, R.shape[1], input_masks, rec, valid, codes, noise=noise)
+        h_sequence, (pre, h_buffer) = run_loop(
+            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, h0, rec, noise, valid),
+            lambda loop: outputs_and_saved(loop, saving, ("pre", "h")))
+        ctx.save_for_backward(x, kernel, bias, R, h0, pre, h_buffer, input_masks, stored(rec), valid)
+        ctx.cell, ctx.codes, ctx.noise, ctx.rec = cell, codes, noise, None if torch.is_tensor(rec) else rec
+        return h_sequence
+
+    @staticmethod
+    def backward(ctx, d_hs):
+        x, kernel, bias, R, h0, pre, h_buffer, input_masks, rec, valid = ctx.saved_tensors
+        rec = rec if rec is not None else ctx.rec  # a CounterMask is kept on ctx
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
+            def build(x, kernel, bias, R, h0):
+                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias), (h0,), input_masks, rec, valid,
+                                   ctx.noise)
+
+            return reference.differentiable_grads(ctx, (x, kernel, bias, R, h0), (d_hs,), build)
+        key = loop_key(CELL, True, x, R.shape[1], input_masks, rec, valid, ctx.codes, has_dhs=d_hs is not None,
+                       noise=ctx.noise)
+        needs = ctx.needs_input_grad
+
+        def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
+            return _gradients(needs, loop, x, kernel, bias, h_buffer, input_masks, rec)
+
+        grads = run_loop(_BackwardLoop, key, x, (pre, valid, d_hs, rec, ctx.noise, R), finish)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
+          valid: Optional[Tensor]) -> tuple[Tensor, States]:
+    """One SimpleRNNCell over x (B, T, D): the carried h sequence (B, T, U) and the final states (h,)."""
+    code = ACTIVATION_CODES[cell.activation]
+    dtype = x.dtype
+    h_sequence = _SimpleLayer.apply(
+        x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, states[0].contiguous(), dense(masks.input, dtype),
+        *kernel_masks(masks, dtype, 1), valid, cell, (code, code), saving(x, w, states),
+    )
+    return h_sequence, (h_sequence[:, -1],)
