@@ -159,6 +159,9 @@ def run_checks(device) -> bool:
                                                               zoneout_h=0.2)),
         "GRU update masks, zoneout": ("gru", dict(per_gate, recurrent_dropout_mode="update", zoneout_h=0.2)),
         "SimpleRNN keras masks": ("simple", per_gate),
+        "LSTM proj_size, keras masks": ("lstm", dict(per_gate, proj_size=5)),
+        "LSTM proj_size, per-step, zoneout": ("lstm", dict(per_gate, proj_size=4, recurrent_dropout_mode="per_step",
+                                                            zoneout_h=0.2, zoneout_c=0.1)),
         "SimpleRNN per-step masks, zoneout": ("simple", dict(per_gate, recurrent_dropout_mode="per_step",
                                                               zoneout_h=0.2)),
     }

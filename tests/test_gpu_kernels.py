@@ -330,12 +330,15 @@ def test_plan_with_expanded_masks_in_another_dtype():
 
 
 @in_process
-@pytest.mark.parametrize("module_class", ["LSTM", "GRU"])
+@pytest.mark.parametrize("module_class", ["LSTM", "GRU", "LSTM-proj"])
 def test_torch_front_gpu_equals_reference(module_class):
-    """droprnn.nn keeps torch's weight layout (transposed views in Keras layout): two layers, both directions."""
+    """droprnn.nn keeps torch's weight layout (transposed views in Keras layout): two layers, both directions
+    (and torch's proj_size)."""
     torch.manual_seed(5)
-    module = getattr(droprnn.nn, module_class)(3, 5, num_layers=2, bidirectional=True, batch_first=True,
-                                               input_dropout=0.3, recurrent_dropout=0.3, seed=11).double()
+    options = dict(proj_size=2) if module_class == "LSTM-proj" else {}
+    module = getattr(droprnn.nn, module_class.split("-")[0])(
+        3, 5, num_layers=2, bidirectional=True, batch_first=True, input_dropout=0.3, recurrent_dropout=0.3, seed=11,
+        **options).double()
     x = torch.randn(3, 4, 3, dtype=F64)
     results = {}
     for impl in ("reference", "gpu"):
@@ -382,6 +385,8 @@ DOUBLE_BACKWARD = {
     "gru-update_per_step-zoneout-counter": ("gru", dict(recurrent_dropout=0.3, zoneout_h=0.3,
                                                         recurrent_dropout_mode="update_per_step")),
     "simple": ("simple", dict(dropout=0.3, recurrent_dropout=0.3)),
+    "lstm-proj-zoneout-counter": ("lstm", dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="per_step",
+                                               zoneout_h=0.3, proj_size=2)),
     "simple-per_step-zoneout-counter": ("simple", dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step",
                                                        zoneout_h=0.3)),
 }
@@ -476,7 +481,6 @@ class MyLSTMCell(LSTMCell):
 UNSUPPORTED = {
     "custom_cell": (lambda: RNN(MyLSTMCell(4)), F32, "MyLSTMCell"),
     "simple_rnn_elu": (lambda: SimpleRNN(4, activation="elu"), F32, "elu"),
-    "proj_size": (lambda: LSTM(4, proj_size=2), F32, "proj_size"),
     "elu": (lambda: LSTM(4, activation="elu"), F32, "elu"),
     "gru_after_custom_cell": (lambda: RNN([GRUCell(4), MyLSTMCell(3)]), F32, "MyLSTMCell"),
 }
@@ -914,14 +918,18 @@ def test_stacked_gru_and_mixed_cells_gpu_equals_reference(kinds, dtype):
 
 
 HALF_MODES = {"keras": dict(dropout=0.3, recurrent_dropout=0.3),
+              "proj": dict(dropout=0.3, recurrent_dropout=0.3, zoneout_h=0.2, proj_size=4),
               "per_step_zoneout": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="per_step",
                                        zoneout_h=0.2)}
 
 
+HALF_CASES = [(cell, mode) for cell in ("lstm", "gru", "gru-rb", "simple") for mode in HALF_MODES
+              if mode != "proj" or cell == "lstm"]  # proj_size is the LSTM's
+
+
 @in_process
-@pytest.mark.parametrize("mode", list(HALF_MODES))
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "gru-rb", "simple"])
+@pytest.mark.parametrize("cell, mode", HALF_CASES, ids=[f"{c}-{m}" for c, m in HALF_CASES])
 def test_half_precision_against_float64(cell, dtype, mode):
     """Tensors in float16 / bfloat16 in, the same dtype out (outputs, states and every gradient), as close to
     the float64 reference as the module docstring's bound says."""
@@ -1346,4 +1354,43 @@ def test_replayed_simple_rnn_loops_equal_reference(replayed):
                        seed=90, return_sequences=True, return_state=True)
     compare(layer, random_input(B, T, D, F64, 90), draw_plans(layer, B, T, calls=2), calls=2,
             initial_state=make_initial_state(layer, B, F64, 90), mask=holey_mask(B, T, 90))
+    assert len(cache) == 2 and [g.replays for g in made] == [2, 2]
+
+
+# ----------------------------------------------------------------------------------------------- 8. LSTM proj_size
+# h = (o ⊙ φ(c)) @ P has proj_size units: the recurrent masks, zoneout_h and the carried h are that size.
+PROJ_CASES = {
+    "none": (dict(proj_size=3), dict(mask=True, initial_state=True)),
+    "keras": (dict(dropout=0.3, recurrent_dropout=0.3, proj_size=3), dict(mask=True, initial_state=True,
+                                                                          expect=("recurrent", 4))),
+    "tied_backwards": (dict(dropout=0.2, recurrent_dropout=0.3, recurrent_dropout_mode="tied", proj_size=2),
+                       dict(lengths=[4, 0, 2], layer=dict(go_backwards=True))),
+    "per_step_zoneout": (dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step", zoneout_h=0.3, zoneout_c=0.2,
+                              proj_size=3), dict(mask=True, initial_state=True, expect=("recurrent", "T"))),
+    "per_step_zoneout_counter": (dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step", zoneout_h=0.3,
+                                      zoneout_c=0.2, proj_size=3), dict(mask=True, initial_state=True, counter=True)),
+    "update_weights_last_output": (dict(recurrent_dropout=0.3, recurrent_dropout_mode="weights", proj_size=2),
+                                   dict(lengths=[4, 1, 3], layer=dict(return_sequences=False))),
+}
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", list(PROJ_CASES))
+def test_lstm_projection_gpu_equals_reference(case, dtype, request):
+    mode, spec = PROJ_CASES[case]
+    if spec.get("counter"):
+        request.getfixturevalue("counter_cpu")
+    layer = run_case("lstm", mode, spec, dtype, seed=100 + list(PROJ_CASES).index(case))
+    assert layer.cell.projection is not None and layer.output_size == mode["proj_size"]
+
+
+@in_process
+def test_replayed_projection_loops_equal_reference(replayed):
+    cache, made = replayed
+    B, T, D, U = 3, 4, 3, 5
+    layer = make_layer(D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3, zoneout_h=0.2, proj_size=3), seed=110,
+                       return_sequences=True, return_state=True)
+    compare(layer, random_input(B, T, D, F64, 110), draw_plans(layer, B, T, calls=2), calls=2,
+            initial_state=make_initial_state(layer, B, F64, 110), mask=holey_mask(B, T, 110))
     assert len(cache) == 2 and [g.replays for g in made] == [2, 2]

@@ -11,7 +11,7 @@ Function; lstm.py's docstring explains the design and the measured speed), ``sta
 share), ``graphs.py`` (CUDA graphs).
 
 Supported:
-    cells           one or more stacked :class:`~droprnn.LSTMCell` (no ``proj_size``),
+    cells           one or more stacked :class:`~droprnn.LSTMCell` (``proj_size`` too),
                     :class:`~droprnn.GRUCell` (both ``reset_after`` forms) and :class:`~droprnn.SimpleRNNCell`,
                     mixed freely (exact types)
     activations     tanh, sigmoid, hard_sigmoid, relu, linear (both ``activation`` and
@@ -25,7 +25,7 @@ Supported:
     DropConnect     yes (folded into the recurrent kernel before the kernels run)
     step masks, initial states, go_backwards, return_sequences, zero_output_for_mask: yes
 So every dropout plan these cells draw runs here. Not here (the layer falls back to the reference loop and
-says why): ``proj_size``, other activations, subclasses of the cells.
+says why): other activations, subclasses of the cells.
 
 On CUDA the plan holds per-step recurrent and update masks and zoneout indicators as
 :class:`~droprnn.random.CounterMask` objects (one seed per cell and call): the step kernels make each entry
@@ -124,8 +124,6 @@ def unsupported_reason(cells: Sequence[torch.nn.Module], x: Tensor, weights: Seq
             if fn not in ACTIVATION_CODES:
                 return (f"cell {k}'s {name} {getattr(fn, '__name__', fn)!r} is not in the Triton kernels "
                         "(they have tanh, sigmoid, hard_sigmoid, relu, linear)")
-        if w.projection is not None:
-            return f"cell {k} has a projection (proj_size); the Triton LSTM has none yet"
     return unavailable_reason()
 
 

@@ -37,6 +37,7 @@ class LoopKey(NamedTuple):
     batch: int
     steps: int
     units: int
+    proj: int  # the LSTM's projection size (h has this many units), 0 without one
     gate_major: bool  # per-gate input masks: the gates are laid out (G, B, T, U)
     n_masks: int  # recurrent masks: 0, 1 (shared) or G (per gate: one product per gate)
     rec: tuple  # rec_modes(): how the recurrent masks come (per sequence, per step, counter-based)
@@ -121,12 +122,12 @@ def kernel_masks(masks: CellMasks, dtype: torch.dtype, states: int) -> tuple[Any
 
 def loop_key(cell: str, backward: bool, x: Tensor, units: int, input_masks: Optional[Tensor], rec: Any,
              valid: Optional[Tensor], codes: tuple, has_dhs: bool = False, has_recurrent_bias: bool = False,
-             noise: Noise = Noise()) -> LoopKey:
+             noise: Noise = Noise(), proj: int = 0) -> LoopKey:
     """The key of the forward (or backward) time loop of a call on x (B, T, D) with these masks."""
     batch, steps, _ = x.shape
     stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
     gate_major = input_masks is not None and input_masks.shape[-3] > 1
-    return LoopKey(cell, backward, x.device, x.dtype, batch, steps, units, gate_major,
+    return LoopKey(cell, backward, x.device, x.dtype, batch, steps, units, proj, gate_major,
                    0 if rec is None else rec.shape[-3], rec_modes(rec), noise.modes(),
                    valid is not None, has_dhs, has_recurrent_bias, tuple(codes), _matmul_settings(x.dtype), stream)
 
@@ -139,6 +140,7 @@ class Loop:
     def __init__(self, key: LoopKey, static: bool):
         self.key, self.static, self.device = key, static, key.device
         self.per_gate = key.n_masks > 1  # one recurrent product per gate (bmm over panels)
+        self.h_units = key.proj or key.units  # h's size: the projection's with one
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.lock = threading.Lock()
 
@@ -192,12 +194,13 @@ class Loop:
         """Static buffers for the call's recurrent masks, (m, B, U) or per step (T, m, B, U), its update mask
         and zoneout indicators, as the key says; None where absent or in an eager loop."""
         key, static = self.key, self.static
-        B, T, U, m = key.batch, key.steps, key.units, key.n_masks
+        B, T, U, H, m = key.batch, key.steps, key.units, self.h_units, key.n_masks
         (update, _, _), zones = key.noise
         rec_mode = key.rec[0]
-        self.rec = self.new(*((T, m, B, U) if rec_mode else (m, B, U))) if static and m and rec_mode < 2 else None
+        self.rec = self.new(*((T, m, B, H) if rec_mode else (m, B, H))) if static and m and rec_mode < 2 else None
         self.upd = self.new(*((B, U) if update == 1 else (T, B, U))) if static and update in (1, 2) else None
-        self.zone = [self.new(T, B, U) if static and mode == 1 else None for mode, _, _ in zones]
+        self.zone = [self.new(T, B, size) if static and mode == 1 else None
+                     for (mode, _, _), size in zip(zones, (H, U))]
         counter = rec_mode == 2 or update == 3 or any(mode == 3 for mode, _, _ in zones)
         self.seed = torch.zeros(2, dtype=torch.int64, device=key.device) if static and counter else None
 
@@ -244,8 +247,8 @@ class ForwardLoop(Loop):
 
     def __init__(self, key: LoopKey, static: bool):
         super().__init__(key, static)
-        B, T, U = key.batch, key.steps, key.units
-        self.h = self.unused = self.new(B, T + 1, U)
+        B, T = key.batch, key.steps
+        self.h = self.unused = self.new(B, T + 1, self.h_units)
         self.new_noise()
         self.valid = self.new(B, T) if static and key.has_valid else None
 
@@ -260,10 +263,10 @@ class BackwardLoop(Loop):
 
     def __init__(self, key: LoopKey, static: bool):
         super().__init__(key, static)
-        B, T, U = key.batch, key.steps, key.units
-        self.dh = self.unused = self.new_carry(B, U)
+        B, T, H = key.batch, key.steps, self.h_units
+        self.dh = self.unused = self.new_carry(B, H)
         self.valid = self.new(B, T) if static and key.has_valid else None
-        self.d_hs = self.new(B, T, U) if static and key.has_dhs else None
+        self.d_hs = self.new(B, T, H) if static and key.has_dhs else None
         self.new_noise()
 
     def steps(self) -> range:
@@ -341,7 +344,7 @@ def run_loop(loop_class: type, key: LoopKey, x: Tensor, inputs: tuple, finish: C
 # ---------------------------------------------------------------------------------------------- autograd glue
 def saving(x: Tensor, w: CellWeights, states: States) -> bool:
     """Whether a backward may follow this layer's call (then the forward keeps what the backward reads)."""
-    tensors = (x, w.kernel, w.input_bias, w.recurrent_kernel, w.recurrent_bias, *states)
+    tensors = (x, w.kernel, w.input_bias, w.recurrent_kernel, w.recurrent_bias, w.projection, *states)
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

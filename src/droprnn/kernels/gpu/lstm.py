@@ -28,8 +28,13 @@ masks (T, m, B, U) are taken at the step that uses them: step t + 1's on h_t. Pe
 tensors or, from plans drawn on CUDA, counter-based (``triton_helpers.counter_value``): made in the step
 kernels from the call's seed and the entry's index, never stored.
 
-Saved for the backward: the activated gates (over the projections), the h and c sequences -- no mask
-beyond those the plan holds. The kernels compute in float32 (float64 for float64 tensors); the c sequence and the
+``proj_size`` (torch's projection P (U, H)): the step kernel stops at r_t = o ⊙ φ(c_t) (saved), a cuBLAS
+product makes r_t @ P, and ``_projected_step`` zones and holds the H-unit h_t and writes the next products'
+inputs; the backward mirrors it (``_projected_backward_step``, dr = dhp @ Pᵀ, then the gate kernel), and
+dP = Σ_t r_tᵀ dhp_t is one product after the loop.
+
+Saved for the backward: the activated gates (over the projections), the h and c sequences (and r) -- no
+mask beyond those the plan holds. The kernels compute in float32 (float64 for float64 tensors); the c sequence and the
 backward's carries dh, dc are kept in that type, everything else in the input dtype -- float32, float64,
 float16 or bfloat16 (``triton_helpers.py``). A backward that must itself be differentiable
 (``create_graph=True``, double backward) differentiates the same recurrence written with the cell's own
@@ -94,23 +99,26 @@ CELL = "lstm"
 
 
 # ---------------------------------------------------------------------------------------------- Triton
-# Layouts (g: gate, k: mask, t: step; m = max(N_MASKS, 1)):
+# Layouts (g: gate, k: mask, t: step; m = max(N_MASKS, 1); H = h's units: proj_size with a projection, else U):
 #   gates      (B, T, 4, U), or (4, B, T, U) when GATE_MAJOR (per-gate input masks): the projections,
 #              overwritten in place by the activated gates i, f, g, o
 #   product    (4, B, U) when N_MASKS == 4 (one product per gate), else (B, 4, U); dz_step likewise
-#   h, c       (B, T + 1, U): slot 0 holds the initial state, slot t + 1 the state after step t; c in the
-#              compute dtype
-#   masks      (m, B, U) recurrent masks; masked_h and back (m, B, U)
-#   valid      (B, T) 0/1; dhs (B, T, U); dz (B, T, 4, U); dh, dc (B, U) in the compute dtype
+#   h          (B, T + 1, H), c (B, T + 1, U) in the compute dtype: slot 0 holds the initial state, slot
+#              t + 1 the state after step t
+#   masks      (m, B, H) recurrent masks, or per step (T, m, B, H); masked_h and back (m, B, H)
+#   valid      (B, T) 0/1; dhs (B, T, H); dz (B, T, 4, U); dh (B, H), dc (B, U) in the compute dtype
+#   projection r (B, T, U); hp, dhp_step (B, H); dhp (B, T, H); dr (B, U)
 @triton.jit(do_not_specialize=["t"])
 def _forward_step(
-    gates_ptr, product_ptr, h_ptr, c_ptr, masked_h_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, seed_ptr, valid_ptr, t,
-    B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr,
-    REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr, UPD_SCALE: tl.constexpr,
-    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, ZONE_C: tl.constexpr,
-    ZONE_C_RATE: tl.constexpr, ZONE_C_THRESH: tl.constexpr, HAS_VALID: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, product_ptr, h_ptr, c_ptr, r_ptr, masked_h_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, seed_ptr,
+    valid_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr,
+    REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr,
+    UPD_SCALE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr,
+    ZONE_C: tl.constexpr, ZONE_C_RATE: tl.constexpr, ZONE_C_THRESH: tl.constexpr, PROJ: tl.constexpr,
+    HAS_VALID: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One forward step for the units [BLOCK·j, BLOCK·(j+1)) of sequence b (program (b, j))."""
+    """One forward step for the units [BLOCK·j, BLOCK·(j+1)) of sequence b (program (b, j)). With PROJ it
+    stops at r = o ⊙ φ(c) (row t of ``r``): the projection's product and ``_projected_step`` make h."""
     b, u, inside = program_units(U, BLOCK)
     gi = gates_ptr + gate_offset(b, t, 0, B, T, U, 4, GATE_MAJOR) + u
     gf = gates_ptr + gate_offset(b, t, 1, B, T, U, 4, GATE_MAJOR) + u
@@ -139,34 +147,63 @@ def _forward_step(
     if ZONE_C != 0:  # each unit keeps its old value with indicator d (or its expectation)
         d = zoneout_keep(zc_ptr, seed_ptr, 3, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, ZONE_C_THRESH, COMPUTE)
         c = d * c_prev + (1 - d) * c
-    if HAS_VALID or ZONE_H != 0:
-        h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
-        if ZONE_H != 0:
-            d = zoneout_keep(zh_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
-            h = d * h_prev + (1 - d) * h
-        if HAS_VALID:  # a masked step holds both states
-            keep = step_is_real(valid_ptr, b, t, T)
-            c = tl.where(keep, c, c_prev)
-            h = tl.where(keep, h, h_prev)
+    if HAS_VALID:  # a masked step holds both states
+        c = tl.where(step_is_real(valid_ptr, b, t, T), c, c_prev)
     dtype = gates_ptr.dtype.element_ty
     tl.store(gi, i.to(dtype), mask=inside)
     tl.store(gf, f.to(dtype), mask=inside)
     tl.store(gc, g.to(dtype), mask=inside)
     tl.store(go, o.to(dtype), mask=inside)
     tl.store(c_ptr + after, c.to(c_ptr.dtype.element_ty), mask=inside)
-    tl.store(h_ptr + after, h.to(h_ptr.dtype.element_ty), mask=inside)
-    store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, U, N_MASKS, 4,
+    if PROJ:
+        tl.store(r_ptr + (b * T + t) * U + u, h.to(r_ptr.dtype.element_ty), mask=inside)
+    else:
+        if HAS_VALID or ZONE_H != 0:
+            h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
+            if ZONE_H != 0:
+                d = zoneout_keep(zh_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH,
+                                 COMPUTE)
+                h = d * h_prev + (1 - d) * h
+            if HAS_VALID:
+                h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
+        tl.store(h_ptr + after, h.to(h_ptr.dtype.element_ty), mask=inside)
+        store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, U, N_MASKS, 4,
+                             REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _projected_step(
+    hp_ptr, h_ptr, masked_h_ptr, masks_ptr, zh_ptr, seed_ptr, valid_ptr, t, B, H, T, N_MASKS: tl.constexpr,
+    REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, ZONE_H: tl.constexpr,
+    ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, HAS_VALID: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """With a projection, after hp = r_t @ P: h_t from hp (zoned, held where the step is masked) over the H
+    projected units, and the next step's product inputs."""
+    b, u, inside = program_units(H, BLOCK)
+    h = tl.load(hp_ptr + b * H + u, mask=inside).to(COMPUTE)
+    before = (b * (T + 1) + t) * H + u
+    if HAS_VALID or ZONE_H != 0:
+        h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
+        if ZONE_H != 0:
+            d = zoneout_keep(zh_ptr, seed_ptr, 2, b, t, u, inside, B, H, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
+            h = d * h_prev + (1 - d) * h
+        if HAS_VALID:
+            h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
+    tl.store(h_ptr + before + H, h.to(h_ptr.dtype.element_ty), mask=inside)
+    store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, H, N_MASKS, 4,
                          REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
 
 
 @triton.jit(do_not_specialize=["t"])
 def _backward_step(
-    gates_ptr, c_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, seed_ptr, dh_ptr, dc_ptr,
-    dz_ptr, dz_step_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr, REC_MODE: tl.constexpr,
-    REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr,
-    UPD_SCALE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr,
-    ZONE_C: tl.constexpr, ZONE_C_RATE: tl.constexpr, ZONE_C_THRESH: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr, ACT: tl.constexpr,
-    REC_ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    gates_ptr, c_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, seed_ptr, dr_ptr, dh_ptr,
+    dc_ptr, dz_ptr, dz_step_ptr, t, B, U, T, GATE_MAJOR: tl.constexpr, N_MASKS: tl.constexpr,
+    REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, UPDATE: tl.constexpr,
+    UPD_THRESH: tl.constexpr, UPD_SCALE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr,
+    ZONE_H_THRESH: tl.constexpr, ZONE_C: tl.constexpr, ZONE_C_RATE: tl.constexpr, ZONE_C_THRESH: tl.constexpr,
+    PROJ: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DHS: tl.constexpr, ACT: tl.constexpr, REC_ACT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One backward step: gate gradients and the carries dh (direct: through zoneout and held steps) and
     dc, in place.
@@ -174,11 +211,16 @@ def _backward_step(
     ``back`` holds the gradient of the step after this one through its recurrent product, per mask:
     Q_g = dz_g @ R_gᵀ; it reaches h as Σ_g Q_g ⊙ m_g (the step after's masks). With zoneout, h_t and c_t
     are d·old + (1 - d)·fresh: the fresh values' gradients are (1 - d) of theirs, the rest passes straight
-    to step t - 1; the fresh c is recomputed from the saved gates, since c_t holds the zoned one.
+    to step t - 1; the fresh c is recomputed from the saved gates, since c_t holds the zoned one. With PROJ
+    the gradient of r = o ⊙ φ(c) arrives in ``dr`` (``_projected_backward_step`` and dr = dh @ Pᵀ did h's
+    part: its zoneout, held steps and carry).
     """
     b, u, inside = program_units(U, BLOCK)
-    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T, U,
-                       HAS_DHS, N_MASKS, 4, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
+    if PROJ:
+        dh = tl.load(dr_ptr + b * U + u, mask=inside).to(COMPUTE)
+    else:
+        dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T,
+                           U, HAS_DHS, N_MASKS, 4, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
     i = tl.load(gates_ptr + gate_offset(b, t, 0, B, T, U, 4, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     f = tl.load(gates_ptr + gate_offset(b, t, 1, B, T, U, 4, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
     g = tl.load(gates_ptr + gate_offset(b, t, 2, B, T, U, 4, GATE_MAJOR) + u, mask=inside).to(COMPUTE)
@@ -227,7 +269,33 @@ def _backward_step(
     tl.store(dz_step_ptr + step_offset(b, 2, B, U, 4, N_MASKS) + u, dzc.to(dtype), mask=inside)
     tl.store(dz_step_ptr + step_offset(b, 3, B, U, 4, N_MASKS) + u, dzo.to(dtype), mask=inside)
     tl.store(dc_ptr + b * U + u, dc_prev.to(dc_ptr.dtype.element_ty), mask=inside)
-    tl.store(dh_ptr + b * U + u, dh_carry.to(dh_ptr.dtype.element_ty), mask=inside)
+    if not PROJ:
+        tl.store(dh_ptr + b * U + u, dh_carry.to(dh_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["t"])
+def _projected_backward_step(
+    dhs_ptr, back_ptr, masks_ptr, zh_ptr, seed_ptr, valid_ptr, dh_ptr, dhp_ptr, dhp_step_ptr, t, B, H, T,
+    N_MASKS: tl.constexpr, REC_MODE: tl.constexpr, REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr,
+    ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_DHS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """With a projection, first: the gradient reaching h_t (H units), split by zoneout and held steps into
+    the projection's output gradient dhp (row t of ``dhp``, and ``dhp_step`` for dr = dhp @ Pᵀ) and the
+    carry to h_{t-1}."""
+    b, u, inside = program_units(H, BLOCK)
+    dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T, H,
+                       HAS_DHS, N_MASKS, 4, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
+    dh_fresh, dh_carry = zoneout_split(dh, zh_ptr, seed_ptr, 2, b, t, u, inside, B, H, ZONE_H, ZONE_H_RATE,
+                                       ZONE_H_THRESH, COMPUTE)
+    if HAS_VALID:
+        keep = step_is_real(valid_ptr, b, t, T)
+        dh_fresh = tl.where(keep, dh_fresh, 0.0)
+        dh_carry = tl.where(keep, dh_carry, dh)
+    dtype = dhp_ptr.dtype.element_ty
+    tl.store(dhp_ptr + (b * T + t) * H + u, dh_fresh.to(dtype), mask=inside)
+    tl.store(dhp_step_ptr + b * H + u, dh_fresh.to(dtype), mask=inside)
+    tl.store(dh_ptr + b * H + u, dh_carry.to(dh_ptr.dtype.element_ty), mask=inside)
 
 
 # ---------------------------------------------------------------------------------------------- time loops
@@ -241,40 +309,58 @@ class _ForwardLoop(ForwardLoop):
 
     def __init__(self, key: LoopKey, static: bool):
         super().__init__(key, static)
-        B, T, U, m = key.batch, key.steps, key.units, key.n_masks
+        B, T, U, H, m = key.batch, key.steps, key.units, self.h_units, key.n_masks
         self.gates = self.new(GATES, B, T, U) if key.gate_major else self.new(B, T, GATES * U)
         self.c = self.new_carry(B, T + 1, U)
-        self.masked_h = self.new(max(m, 1), B, U)  # h_{t-1} ⊙ m_g, the product's input
+        self.masked_h = self.new(max(m, 1), B, H)  # h_{t-1} ⊙ m_g, the product's input
         self.product = self.new(GATES, B, U) if self.per_gate else self.new(B, GATES * U)
-        self.R = (self.new(GATES, U, U) if self.per_gate else self.new(U, GATES * U)) if static else None
+        self.R = (self.new(GATES, H, U) if self.per_gate else self.new(H, GATES * U)) if static else None
+        self.r = self.new(B, T, U) if key.proj else None  # o ⊙ φ(c), the projection's input
+        self.hp = self.new(B, H) if key.proj else None  # r_t @ P
+        self.P = self.new(U, H) if key.proj and static else None
 
     def load(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor], input_masks: Optional[Tensor], R: Tensor,
-             h0: Tensor, c0: Tensor, rec: Optional[Tensor], noise: Noise, valid: Optional[Tensor]) -> None:
-        units = self.key.units
+             P: Optional[Tensor], h0: Tensor, c0: Tensor, rec: Optional[Tensor], noise: Noise,
+             valid: Optional[Tensor]) -> None:
         project(x, kernel, bias, input_masks, out=self.gates, gates=GATES)
         self.start(h0, rec)
         self.c[:, 0] = c0
-        self.take_recurrent(R, R.reshape(units, GATES, units).permute(1, 0, 2))
+        self.take_recurrent(R, R.reshape(self.h_units, GATES, self.key.units).permute(1, 0, 2))
+        self.take("P", P)
         self.take_noise(rec, noise)
         self.take("valid", valid)
 
     def run(self, steps: range) -> None:
-        key = self.key
+        key, proj = self.key, self.key.proj
         programs, block = grid(key.batch, key.units)
         launch = _forward_step[programs]
+        noise = self.noise_args(2)
+        if proj:  # h's zoneout happens after the projection, in _projected_step
+            noise.update(ZONE_H=0, ZONE_H_RATE=0.0, ZONE_H_THRESH=0)
         constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid, ACT=key.codes[0],
-                         REC_ACT=key.codes[1], COMPUTE=compute_type(key.dtype), BLOCK=block, **self.rec_args(),
-                         **self.noise_args(2))
+                         REC_ACT=key.codes[1], COMPUTE=compute_type(key.dtype), BLOCK=block, PROJ=bool(proj),
+                         **self.rec_args(), **noise)
         masks_arg, valid_arg, seed_arg = self.or_unused(self.rec), self.or_unused(self.valid), self.or_unused(self.seed)
         upd_arg, zh_arg, zc_arg = self.or_unused(self.upd), self.or_unused(self.zone[0]), self.or_unused(self.zone[1])
+        r_arg = self.or_unused(self.r)
+        if proj:
+            h_programs, h_block = grid(key.batch, proj)
+            h_launch = _projected_step[h_programs]
+            zone_h = {k: v for k, v in self.noise_args(2).items() if k.startswith("ZONE_H")}
+            h_constants = dict(N_MASKS=key.n_masks, HAS_VALID=key.has_valid, COMPUTE=compute_type(key.dtype),
+                               BLOCK=h_block, **self.rec_args(), **zone_h)
         h_for_mm = self.masked_h[0]
         for t in steps:
-            if self.per_gate:  # one product per gate: (4, B, U) @ (4, U, U) -> (4, B, U)
+            if self.per_gate:  # one product per gate: (4, B, H) @ (4, H, U) -> (4, B, U)
                 torch.bmm(self.masked_h, self.R, out=self.product)
-            else:  # (B, U) @ (U, 4U) -> (B, 4U)
+            else:  # (B, H) @ (H, 4U) -> (B, 4U)
                 torch.mm(h_for_mm, self.R, out=self.product)
-            launch(self.gates, self.product, self.h, self.c, self.masked_h, masks_arg, upd_arg, zh_arg, zc_arg,
+            launch(self.gates, self.product, self.h, self.c, r_arg, self.masked_h, masks_arg, upd_arg, zh_arg, zc_arg,
                    seed_arg, valid_arg, t, key.batch, key.units, key.steps, **constants)
+            if proj:
+                torch.mm(self.r[:, t], self.P, out=self.hp)
+                h_launch(self.hp, self.h, self.masked_h, masks_arg, zh_arg, seed_arg, valid_arg, t, key.batch, proj,
+                         key.steps, **h_constants)
 
 
 class _BackwardLoop(BackwardLoop):
@@ -288,25 +374,29 @@ class _BackwardLoop(BackwardLoop):
 
     def __init__(self, key: LoopKey, static: bool):
         super().__init__(key, static)
-        B, T, U, m = key.batch, key.steps, key.units, key.n_masks
+        B, T, U, H, m = key.batch, key.steps, key.units, self.h_units, key.n_masks
         if static:
             self.gates = self.new(GATES, B, T, U) if key.gate_major else self.new(B, T, GATES * U)
             self.c = self.new_carry(B, T + 1, U)
-            self.R = self.new(GATES, U, U) if self.per_gate else self.new(U, GATES * U)
-        self.back = self.new(max(m, 1), B, U)
+            self.R = self.new(GATES, U, H) if self.per_gate else self.new(H, GATES * U)
+            self.P = self.new(U, H) if key.proj else None
+        self.back = self.new(max(m, 1), B, H)
         self.dc = self.new_carry(B, U)
         self.dz = self.new(B, T, GATES * U)
         self.dz_step = self.new(GATES, B, U) if self.per_gate else self.new(B, GATES * U)
+        self.dr = self.new(B, U) if key.proj else None  # the gradient of r_t: dhp_t @ Pᵀ
+        self.dhp = self.new(B, T, H) if key.proj else None  # the projection's output gradients, for dP
+        self.dhp_step = self.new(B, H) if key.proj else None
 
     def load(self, gates: Tensor, c_buffer: Tensor, valid: Optional[Tensor], d_hs: Optional[Tensor],
-             rec: Optional[Tensor], noise: Noise, R: Tensor, d_c_last: Optional[Tensor]) -> None:
-        units = self.key.units
+             rec: Optional[Tensor], noise: Noise, R: Tensor, P: Optional[Tensor], d_c_last: Optional[Tensor]) -> None:
         self.take("gates", gates)
         self.take("c", c_buffer)
         self.take("valid", valid)
         self.take("d_hs", d_hs)  # e.g. the expanded ones of out.sum(): copied into contiguous memory
         self.take_noise(rec, noise)
-        self.take_recurrent(R, R.reshape(units, GATES, units).permute(1, 2, 0))
+        self.take_recurrent(R, R.reshape(self.h_units, GATES, self.key.units).permute(1, 2, 0))
+        self.take("P", P)
         self.back.zero_()  # no step after the last
         self.dh.zero_()
         if d_c_last is None:
@@ -315,20 +405,34 @@ class _BackwardLoop(BackwardLoop):
             self.dc.copy_(d_c_last)
 
     def run(self, steps: range) -> None:
-        key = self.key
+        key, proj = self.key, self.key.proj
         programs, block = grid(key.batch, key.units)
         launch = _backward_step[programs]
+        noise = self.noise_args(2)
+        if proj:  # h's part (zoneout, held steps, carry) happens in _projected_backward_step
+            noise.update(ZONE_H=0, ZONE_H_RATE=0.0, ZONE_H_THRESH=0)
         constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid,
                          HAS_DHS=key.has_dhs, ACT=key.codes[0], REC_ACT=key.codes[1], COMPUTE=compute_type(key.dtype),
-                         BLOCK=block, **self.rec_args(), **self.noise_args(2))
+                         BLOCK=block, PROJ=bool(proj), **self.rec_args(), **noise)
         valid_arg, dhs_arg, masks_arg = self.or_unused(self.valid), self.or_unused(self.d_hs), self.or_unused(self.rec)
-        seed_arg = self.or_unused(self.seed)
+        seed_arg, dr_arg = self.or_unused(self.seed), self.or_unused(self.dr)
         upd_arg, zh_arg, zc_arg = self.or_unused(self.upd), self.or_unused(self.zone[0]), self.or_unused(self.zone[1])
-        R_t = self.R if self.per_gate else self.R.t()  # R_gᵀ panels, or (4U, U)
+        if proj:
+            h_programs, h_block = grid(key.batch, proj)
+            h_launch = _projected_backward_step[h_programs]
+            zone_h = {k: v for k, v in self.noise_args(2).items() if k.startswith("ZONE_H")}
+            h_constants = dict(N_MASKS=key.n_masks, HAS_VALID=key.has_valid, HAS_DHS=key.has_dhs,
+                               COMPUTE=compute_type(key.dtype), BLOCK=h_block, **self.rec_args(), **zone_h)
+            P_t = self.P.t()
+        R_t = self.R if self.per_gate else self.R.t()  # R_gᵀ panels, or (4U, H)
         back_for_mm = self.back[0]
         for t in steps:
+            if proj:
+                h_launch(dhs_arg, self.back, masks_arg, zh_arg, seed_arg, valid_arg, self.dh, self.dhp, self.dhp_step,
+                         t, key.batch, proj, key.steps, **h_constants)
+                torch.mm(self.dhp_step, P_t, out=self.dr)
             launch(self.gates, self.c, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zh_arg, zc_arg, seed_arg,
-                   self.dh, self.dc, self.dz, self.dz_step, t, key.batch, key.units, key.steps, **constants)
+                   dr_arg, self.dh, self.dc, self.dz, self.dz_step, t, key.batch, key.units, key.steps, **constants)
             if self.per_gate:
                 torch.bmm(self.dz_step, R_t, out=self.back)
             else:
@@ -336,78 +440,87 @@ class _BackwardLoop(BackwardLoop):
 
 
 def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bias: Optional[Tensor],
-               h_buffer: Tensor, input_masks: Optional[Tensor], rec: Optional[Tensor]) -> tuple:
-    """dx, dkernel, dbias, dR, dh0, dc0 (None where not needed) from a finished backward loop: large
-    products over dz. None of them is a view of the loop's buffers (dc0 is copied out of a static loop)."""
+               h_buffer: Tensor, r: Optional[Tensor], input_masks: Optional[Tensor], rec: Optional[Tensor]) -> tuple:
+    """dx, dkernel, dbias, dR, dP, dh0, dc0 (None where not needed) from a finished backward loop: large
+    products over dz (and dhp). None of them is a view of the loop's buffers (dc0 is copied out of a static
+    loop)."""
     dz = loop.dz
-    dh0 = dc0 = dbias = dR = None
-    if needs[4]:
-        dh0 = loop.initial_state_grad(rec)
+    dh0 = dc0 = dbias = dR = dP = None
+    if needs[4] and r is not None:  # dP = Σ_t r_tᵀ dhp_t
+        dP = r.reshape(-1, r.shape[-1]).t() @ loop.dhp.reshape(-1, loop.dhp.shape[-1])
     if needs[5]:
+        dh0 = loop.initial_state_grad(rec)
+    if needs[6]:
         dc0 = loop.dc.to(x.dtype, copy=loop.static)
     if bias is not None and needs[2]:
         dbias = dz.sum(dim=(0, 1))
     if needs[3]:
         dR = recurrent_kernel_grad(h_buffer[:, :x.shape[1]], rec, dz)
     dx, dkernel = input_grads(x, kernel, input_masks, dz, needs[0], needs[1], GATES)
-    return dx, dkernel, dbias, dR, dh0, dc0
+    return dx, dkernel, dbias, dR, dP, dh0, dc0
 
 
 # ---------------------------------------------------------------------------------------------- the layer function
 class _LstmLayer(torch.autograd.Function):
     """One LSTM cell over a whole sequence -- input projection and recurrence -- as one autograd node.
 
-    Inputs: x (B, T, D), kernel (D, 4U), bias (4U,) or None, R (U, 4U) (DropConnect applied), h0, c0
-    (B, U), input masks (m, B, D) / (T, m, B, D) or None, recurrent masks (m, B, U) or None, valid (B, T)
-    of 0/1 or None, the cell, its activation codes, and ``saving``: whether a backward may follow (inside
-    forward, autograd's own flags say so even under no_grad). Returns the carried h sequence (B, T, U)
-    and the last c (B, U).
+    Inputs: x (B, T, D), kernel (D, 4U), bias (4U,) or None, R (H, 4U) (DropConnect applied), the projection
+    P (U, H) or None (then H = U), h0 (B, H), c0 (B, U), input masks (m, B, D) / (T, m, B, D) or None,
+    recurrent masks (m, B, H) / per step (a tensor or a CounterMask) or None, the Noise (update masks,
+    zoneout), valid (B, T) of 0/1 or None, the cell, its activation codes, and ``saving``: whether a backward
+    may follow (inside forward, autograd's own flags say so even under no_grad). Returns the carried h
+    sequence (B, T, H) and the last c (B, U).
     """
 
     @staticmethod
-    def forward(ctx, x, kernel, bias, R, h0, c0, input_masks, rec, noise, valid, cell, codes, saving):
-        key = loop_key(CELL, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes, noise=noise)
+    def forward(ctx, x, kernel, bias, R, P, h0, c0, input_masks, rec, noise, valid, cell, codes, saving):
+        proj = 0 if P is None else P.shape[1]
+        key = loop_key(CELL, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes, noise=noise, proj=proj)
+        names = ("gates", "h", "c", "r") if proj else ("gates", "h", "c")
 
         def finish(loop: _ForwardLoop):
             c_last = loop.c[:, -1].to(x.dtype, copy=True)
-            return (c_last, *outputs_and_saved(loop, saving, ("gates", "h", "c")))
+            return (c_last, *outputs_and_saved(loop, saving, names))
 
-        c_last, h_sequence, (gates, h_buffer, c_buffer) = run_loop(
-            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, h0, c0, rec, noise, valid), finish)
-        ctx.save_for_backward(x, kernel, bias, R, gates, h_buffer, c_buffer, input_masks, stored(rec), valid, h0, c0)
+        c_last, h_sequence, saved = run_loop(
+            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, P, h0, c0, rec, noise, valid), finish)
+        gates, h_buffer, c_buffer, r = (*saved, None) if not proj else saved
+        ctx.save_for_backward(x, kernel, bias, R, P, gates, h_buffer, c_buffer, r, input_masks, stored(rec), valid, h0,
+                              c0)
         ctx.cell, ctx.codes, ctx.noise, ctx.rec = cell, codes, noise, None if torch.is_tensor(rec) else rec
         return h_sequence, c_last
 
     @staticmethod
     def backward(ctx, d_hs, d_c_last):
-        x, kernel, bias, R, gates, h_buffer, c_buffer, input_masks, rec, valid, h0, c0 = ctx.saved_tensors
+        x, kernel, bias, R, P, gates, h_buffer, c_buffer, r, input_masks, rec, valid, h0, c0 = ctx.saved_tensors
         rec = rec if rec is not None else ctx.rec  # a CounterMask is kept on ctx
         noise = ctx.noise
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
-            def build(x, kernel, bias, R, h0, c0):
-                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias), (h0, c0), input_masks, rec, valid,
-                                   noise)
+            def build(x, kernel, bias, R, P, h0, c0):
+                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias, projection=P), (h0, c0), input_masks,
+                                   rec, valid, noise)
 
-            return reference.differentiable_grads(ctx, (x, kernel, bias, R, h0, c0), (d_hs, d_c_last), build)
+            return reference.differentiable_grads(ctx, (x, kernel, bias, R, P, h0, c0), (d_hs, d_c_last), build)
         key = loop_key(CELL, True, x, R.shape[1] // GATES, input_masks, rec, valid, ctx.codes,
-                       has_dhs=d_hs is not None, noise=noise)
+                       has_dhs=d_hs is not None, noise=noise, proj=0 if P is None else P.shape[1])
         needs = ctx.needs_input_grad
 
         def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
-            return _gradients(needs, loop, x, kernel, bias, h_buffer, input_masks, rec)
+            return _gradients(needs, loop, x, kernel, bias, h_buffer, r, input_masks, rec)
 
-        grads = run_loop(_BackwardLoop, key, x, (gates, c_buffer, valid, d_hs, rec, noise, R, d_c_last), finish)
+        grads = run_loop(_BackwardLoop, key, x, (gates, c_buffer, valid, d_hs, rec, noise, R, P, d_c_last), finish)
         return (*grads, None, None, None, None, None, None, None)
 
 
 def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
           valid: Optional[Tensor]) -> tuple[Tensor, States]:
-    """One LSTMCell over x (B, T, D): the carried h sequence (B, T, U) and the final states (h, c)."""
+    """One LSTMCell over x (B, T, D): the carried h sequence (B, T, H) and the final states (h, c); H is the
+    projection's size with ``proj_size``, else U."""
     codes = (ACTIVATION_CODES[cell.activation], ACTIVATION_CODES[cell.recurrent_activation])
     dtype = x.dtype
     h_sequence, c_last = _LstmLayer.apply(
-        x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, states[0].contiguous(), states[1].contiguous(),
-        dense(masks.input, dtype), *kernel_masks(masks, dtype, 2), valid, cell,
-        codes, saving(x, w, states),
+        x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, w.projection, states[0].contiguous(),
+        states[1].contiguous(), dense(masks.input, dtype), *kernel_masks(masks, dtype, 2), valid, cell, codes,
+        saving(x, w, states),
     )
     return h_sequence, (h_sequence[:, -1], c_last)
