@@ -1337,16 +1337,6 @@ SIMPLE_CASES = {
 
 
 @in_process
-@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", list(SIMPLE_CASES))
-def test_simple_rnn_gpu_equals_reference(case, dtype, request):
-    mode, spec = SIMPLE_CASES[case]
-    if spec.get("counter"):
-        request.getfixturevalue("counter_cpu")
-    run_case("simple", mode, spec, dtype, seed=80 + list(SIMPLE_CASES).index(case))
-
-
-@in_process
 def test_replayed_simple_rnn_loops_equal_reference(replayed):
     cache, made = replayed
     B, T, D, U = 3, 4, 3, 5
@@ -1374,15 +1364,22 @@ PROJ_CASES = {
 }
 
 
+# table -> (cell, cases, seed base)
+CASE_TABLES = {"simple": ("simple", SIMPLE_CASES, 80), "proj": ("lstm", PROJ_CASES, 100)}
+TABLE_CASES = [(table, case) for table, (_, cases, _) in CASE_TABLES.items() for case in cases]
+
+
 @in_process
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", list(PROJ_CASES))
-def test_lstm_projection_gpu_equals_reference(case, dtype, request):
-    mode, spec = PROJ_CASES[case]
+@pytest.mark.parametrize("table, case", TABLE_CASES, ids=[f"{t}-{c}" for t, c in TABLE_CASES])
+def test_simple_rnn_and_projection_cases_gpu_equals_reference(table, case, dtype, request):
+    cell, cases, seed = CASE_TABLES[table]
+    mode, spec = cases[case]
     if spec.get("counter"):
         request.getfixturevalue("counter_cpu")
-    layer = run_case("lstm", mode, spec, dtype, seed=100 + list(PROJ_CASES).index(case))
-    assert layer.cell.projection is not None and layer.output_size == mode["proj_size"]
+    layer = run_case(cell, mode, spec, dtype, seed=seed + list(cases).index(case))
+    if "proj_size" in mode:
+        assert layer.cell.projection is not None and layer.output_size == mode["proj_size"]
 
 
 @in_process
