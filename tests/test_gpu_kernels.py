@@ -1391,3 +1391,21 @@ def test_replayed_projection_loops_equal_reference(replayed):
     compare(layer, random_input(B, T, D, F64, 110), draw_plans(layer, B, T, calls=2), calls=2,
             initial_state=make_initial_state(layer, B, F64, 110), mask=holey_mask(B, T, 110))
     assert len(cache) == 2 and [g.replays for g in made] == [2, 2]
+
+
+@in_process
+@pytest.mark.parametrize("cell, mode", [("lstm", "per_step_tied_zoneout"), ("gru-rb", "per_step"),
+                                        ("lstm-proj", "keras_zoneout")])
+def test_counter_masks_over_two_unit_blocks(cell, mode, counter_cpu):
+    """130 units: two programs per sequence (BLOCK 128), the second mostly outside -- each entry's counter
+    index must still be its place in the mask."""
+    B, T, D, U = 2, 3, 4, 130
+    options = {k: v for k, v in COUNTER_MODES[mode].items() if cell.startswith("lstm") or k != "zoneout_c"}
+    if cell == "lstm-proj":
+        options["proj_size"] = 129
+    layer = make_layer(D, U, F64, mode=options, cell=cell.split("-proj")[0], seed=120, weight_scale=0.1,
+                       return_sequences=True, return_state=True)
+    plans = draw_plans(layer, B, T)
+    assert plans[0].cells[0].counter_based
+    compare(layer, random_input(B, T, D, F64, 120), plans, initial_state=make_initial_state(layer, B, F64, 120),
+            mask=holey_mask(B, T, 120))
