@@ -385,6 +385,7 @@ DOUBLE_BACKWARD = {
     "gru-update_per_step-zoneout-counter": ("gru", dict(recurrent_dropout=0.3, zoneout_h=0.3,
                                                         recurrent_dropout_mode="update_per_step")),
     "simple": ("simple", dict(dropout=0.3, recurrent_dropout=0.3)),
+    "lstm-zoneout-inference": ("lstm", dict(dropout=0.3, zoneout_h=0.3, zoneout_c=0.2)),  # the rates themselves
     "lstm-proj-zoneout-counter": ("lstm", dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="per_step",
                                                zoneout_h=0.3, proj_size=2)),
     "simple-per_step-zoneout-counter": ("simple", dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step",
@@ -402,7 +403,7 @@ def test_double_backward_equals_reference(case, request):
         request.getfixturevalue("counter_cpu")
     layer = make_layer(D, U, F64, mode=mode, cell=cell, return_sequences=True)
     x = torch.randn(B, T, D, dtype=F64)
-    plan = layer.draw_dropout_plan(B, steps=T)
+    plan = layer.draw_dropout_plan(B, steps=T, training=not case.endswith("inference"))
     assert plan.cells[0].counter_based == case.endswith("counter")
     results = {}
     for impl in ("reference", "gpu"):

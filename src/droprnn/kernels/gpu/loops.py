@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from ...cells import CellWeights, StepMasks
+from ...cells import CellWeights
 from ...dropout.plan import CellMasks
 from ...random import CounterMask
 from . import graphs
@@ -99,7 +99,6 @@ class Noise(NamedTuple):
         """State k's zoneout indicators as a tensor, or None (none, counter-based, or the expectation)."""
         z = self.zoneout[k] if k < len(self.zoneout) else None
         return z if torch.is_tensor(z) else None
-
 
 
 def kernel_masks(masks: CellMasks, dtype: torch.dtype, states: int) -> tuple[Any, Noise]:
@@ -188,7 +187,6 @@ class Loop:
 
     def run(self, steps: range) -> None:
         raise NotImplementedError
-
 
     def new_noise(self) -> None:
         """Static buffers for the call's recurrent masks, (m, B, U) or per step (T, m, B, U), its update mask
@@ -348,24 +346,18 @@ def saving(x: Tensor, w: CellWeights, states: States) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _at(t: int, mask: Any, per_sequence_dim: int) -> Any:
-    """Step t's slice of a mask drawn per step (a tensor or a CounterMask); a per-sequence mask, a rate or None
-    as it is."""
-    per_step = isinstance(mask, CounterMask) or (torch.is_tensor(mask) and mask.dim() > per_sequence_dim)
-    return mask[t] if per_step else mask
-
-
 def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_masks: Optional[Tensor],
                 rec: Optional[Tensor], valid: Optional[Tensor], noise: Noise = Noise()) -> tuple[Tensor, ...]:
     """What a cell's layer Function computes, in the cell's own plain autograd ops: the h sequence
     (B, T, U), then the last value of every other state (the LSTM's c)."""
     projected = cell.project_inputs(x, weights, input_masks)
-    zoneout = noise.zoneout if any(z is not None for z in noise.zoneout) else None
+    zoneout = tuple(torch.tensor(z, dtype=x.dtype, device=x.device) if isinstance(z, float) else z
+                    for z in noise.zoneout)  # inference's rates back as the plan holds them
+    masks = CellMasks(recurrent=rec, update=noise.update,
+                      zoneout=zoneout if any(z is not None for z in zoneout) else None)
     sequence = []
     for t in range(x.shape[1]):
-        masks = StepMasks(_at(t, rec, 3), _at(t, noise.update, 2),
-                          None if zoneout is None else tuple(_at(t, z, 0) for z in zoneout))
-        _, new = cell.step(projected[:, t], states, weights, masks)
+        _, new = cell.step(projected[:, t], states, weights, masks.at(t))
         if valid is not None:
             keep = valid[:, t, None] != 0
             new = tuple(torch.where(keep, fresh, old) for fresh, old in zip(new, states))
