@@ -38,7 +38,8 @@ Tensor = torch.Tensor
 
 # Devices whose plans hold counter-based per-step masks (the GPU kernels make them inside their steps).
 COUNTER_DEVICES = frozenset({"cuda"})
-# The counter stream of each kind of per-step mask (one seed per cell and call serves all of them).
+# The counter stream of each kind of per-step mask (one seed per cell and call serves all of them); the GPU
+# kernels use the same numbers (literals in kernels/gpu: rec_mask 0, update_mask 1, zoneout of h 2 and c 3).
 RECURRENT_STREAM, UPDATE_STREAM, ZONEOUT_STREAMS = 0, 1, (2, 3)
 
 
@@ -90,21 +91,20 @@ class CellMasks:
             return weights
         return weights._replace(recurrent_kernel=weights.recurrent_kernel * self.recurrent_kernel)
 
+    def _map(self, fn) -> "CellMasks":
+        def each(mask):
+            return None if mask is None else fn(mask)
+
+        zoneout = None if self.zoneout is None else tuple(each(z) for z in self.zoneout)
+        return CellMasks(each(self.input), each(self.recurrent), each(self.update), each(self.recurrent_kernel), zoneout)
+
     def materialized(self) -> "CellMasks":
         """These masks with every :class:`~droprnn.random.CounterMask` made into its tensor."""
-        def made(mask):
-            return mask.materialize() if isinstance(mask, CounterMask) else mask
-
-        zoneout = None if self.zoneout is None else tuple(made(z) for z in self.zoneout)
-        return CellMasks(made(self.input), made(self.recurrent), made(self.update), self.recurrent_kernel, zoneout)
+        return self._map(lambda mask: mask.materialize() if isinstance(mask, CounterMask) else mask)
 
     def to(self, dtype: torch.dtype) -> "CellMasks":
         """These masks in ``dtype`` (the entries of a float64 rerun of a float32 call, say)."""
-        def cast(mask):
-            return None if mask is None else mask.to(dtype)
-
-        zoneout = None if self.zoneout is None else tuple(cast(z) for z in self.zoneout)
-        return CellMasks(cast(self.input), cast(self.recurrent), cast(self.update), cast(self.recurrent_kernel), zoneout)
+        return self._map(lambda mask: mask.to(dtype))
 
     @property
     def counter_based(self) -> bool:

@@ -148,7 +148,8 @@ def _forward_step(
         d = zoneout_keep(zc_ptr, seed_ptr, 3, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, ZONE_C_THRESH, COMPUTE)
         c = d * c_prev + (1 - d) * c
     if HAS_VALID:  # a masked step holds both states
-        c = tl.where(step_is_real(valid_ptr, b, t, T), c, c_prev)
+        keep = step_is_real(valid_ptr, b, t, T)
+        c = tl.where(keep, c, c_prev)
     dtype = gates_ptr.dtype.element_ty
     tl.store(gi, i.to(dtype), mask=inside)
     tl.store(gf, f.to(dtype), mask=inside)
@@ -165,7 +166,7 @@ def _forward_step(
                                  COMPUTE)
                 h = d * h_prev + (1 - d) * h
             if HAS_VALID:
-                h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
+                h = tl.where(keep, h, h_prev)
         tl.store(h_ptr + after, h.to(h_ptr.dtype.element_ty), mask=inside)
         store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, U, N_MASKS, 4,
                              REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
