@@ -58,7 +58,9 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 SHAPES = [(64, 100, 256, 256), (64, 100, 512, 512), (128, 200, 1024, 1024), (32, 500, 256, 256), (1, 1000, 256, 256)]
 BF16_SHAPES = [(64, 100, 512, 512), (128, 200, 1024, 1024)]  # where the bfloat16 rows are timed
-CELLS = ("lstm", "gru")
+CELLS = ("lstm", "gru", "simple")  # simple: droprnn.SimpleRNN against torch.nn.RNN (tanh); not by default
+DEFAULT_CELLS = ("lstm", "gru")
+LAYERS = {"lstm": "LSTM", "gru": "GRU", "simple": "SimpleRNN"}  # droprnn's layer per cell (looked up on use)
 RATE = 0.25
 REFERENCE_SHAPES = 2  # the reference loop is timed at the first shapes only
 ROW_SECONDS = 0.6  # a row repeats until about this long (at least 3 times, at most 20)
@@ -302,7 +304,8 @@ def make_step(cell: str, variant: str, shape, device):
     dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
     x = torch.randn(batch, steps, features, device=device, dtype=dtype, requires_grad=True)
     if variant.startswith("cudnn"):
-        module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](features, units, batch_first=True)
+        module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "simple": torch.nn.RNN}[cell](features, units,
+                                                                                           batch_first=True)
         module = module.to(device=device, dtype=dtype)
         tf32 = False if variant == "cudnn-fp32" else None  # None: torch's default (TF32 allowed in cuDNN)
 
@@ -320,7 +323,7 @@ def make_step(cell: str, variant: str, shape, device):
     if variant == "zoneout":
         rates.update(zoneout_h=0.1, **({"zoneout_c": 0.1} if cell == "lstm" else {}))
     impl = "reference" if variant == "ref" else "gpu"
-    layer_class = {"lstm": droprnn.LSTM, "gru": droprnn.GRU}[cell]  # GRU: reset_after, torch.nn.GRU's form
+    layer_class = getattr(droprnn, LAYERS[cell])  # GRU: reset_after, torch.nn.GRU's form
     layer = layer_class(units, return_sequences=True, input_size=features, impl=impl, device=device, dtype=dtype,
                         **rates)
     options = dict(graphs=not variant.endswith("eager"), matmul_precision="high" if variant == "rd-tf32" else None,
@@ -339,7 +342,8 @@ def _hand_loop(cell: str, x, units: int):
 
     batch, steps, features = x.shape
     lstm = cell == "lstm"
-    module = (torch.nn.LSTMCell if lstm else torch.nn.GRUCell)(features, units).to(x.device)
+    module = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "simple": torch.nn.RNNCell}[cell](features, units)
+    module = module.to(x.device)
 
     def step():
         keep = 1 - RATE
@@ -391,7 +395,7 @@ def correctness(cell: str, shape, device) -> dict:
 
     torch.manual_seed(1)
     batch, steps, features, units = shape
-    layer_class = {"lstm": droprnn.LSTM, "gru": droprnn.GRU}[cell]
+    layer_class = getattr(droprnn, LAYERS[cell])
     layer = layer_class(units, dropout=RATE, recurrent_dropout=RATE, return_sequences=True, input_size=features,
                         device=device)
     x = torch.randn(batch, steps, features, device=device)
@@ -438,7 +442,7 @@ def main() -> int:
     started = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="time only the first N shapes")
-    parser.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, of: {', '.join(CELLS)}")
+    parser.add_argument("--cells", default=",".join(DEFAULT_CELLS), help=f"comma-separated, of: {', '.join(CELLS)}")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated rows to time, of: {', '.join(VARIANTS)} (the cuDNN rows their "
                         "ratios need are always timed)")
