@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import droprnn
-from droprnn import CellMasks, DropoutPlan, DroprnnError
+from droprnn import DropoutPlan, DroprnnError
 
 F64 = torch.float64
 B, T, D, U = 3, 5, 4, 3
