@@ -660,6 +660,16 @@ def test_embedding_ids_out_of_range(ids, got):
         layer(torch.tensor(ids))
 
 
+@pytest.mark.parametrize("ids", [[[1, 10]], [[-1, 3]]])
+def test_embedding_range_check_queued_on_the_device(ids):
+    """On CUDA the check is queued on the device instead (no host wait per call); it names the layer and the
+    range. On the CPU the queued form raises at once, so its message is tested here."""
+    layer = d.Embedding(10, 4, name="emb")
+    with pytest.raises(RuntimeError, match=rx("Embedding 'emb'", "`inputs`", "ids in [0, 9]")):
+        layer._assert_ids_in_range(torch.tensor(ids))
+    layer._assert_ids_in_range(torch.tensor([[0, 9]]))  # in range: nothing happens
+
+
 # ====================================================================== seeds
 BAD_SEEDS = ["1", 1.5, True, [1]]
 

@@ -163,13 +163,15 @@ def evaluate(model: torch.nn.Module, stream: np.ndarray, bptt: int = EVAL_BPTT) 
     """(mean NLL per token, perplexity) of ``stream`` read as one sequence, dropout off."""
     model.eval()
     _reset(model)
-    total, count = 0.0, 0
+    device = _device(model)
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: no wait per window
     with torch.no_grad():
-        for x, y in segments(batchify(stream, 1).to(_device(model)), bptt):
+        for x, y in segments(batchify(stream, 1).to(device), bptt):
             logits = model(x)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").double()
             count += y.numel()
     _reset(model)
+    total = total.item()
     return total / count, perplexity(total, count)
 
 
@@ -278,7 +280,7 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
         lr = learning_rate(preset, epoch)
         model.train()
         _reset(model)
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # read back once per epoch
         for x, y in segments(data, preset.bptt, whole=False):
             logits = model(x)
             summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
@@ -290,8 +292,9 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
                 torch._foreach_add_(parameters, [p.grad for p in parameters], alpha=-lr)
                 if preset.weight_decay:
                     torch._foreach_mul_(parameters, 1.0 - preset.weight_decay)
-            total += summed.item()
+            total += summed.detach().double()
             count += y.numel()
+        total = total.item()
         val_loss, val_ppl = evaluate(model, valid_stream)
         record = {"epoch": epoch, "train_loss": total / count, "train_metric": perplexity(total, count),
                   "val_loss": val_loss, "val_metric": val_ppl, "learning_rate": lr,

@@ -217,9 +217,19 @@ class Embedding(Layer):
             ids = ids.long()
         if ids.dtype not in (torch.int32, torch.int64):
             ids = ids.long()
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.input_dim):
+        if not ids.numel():
+            return ids
+        if ids.is_cuda:  # reading the range back would wait for the GPU at every call: check it on the device
+            self._assert_ids_in_range(ids)
+        elif int(ids.min()) < 0 or int(ids.max()) >= self.input_dim:
             raise fail(self.where, "inputs", f"ids in [0, {self.input_dim - 1}]", f"ids in [{int(ids.min())}, {int(ids.max())}]")
         return ids
+
+    def _assert_ids_in_range(self, ids: Tensor) -> None:
+        """The range check queued on the ids' device: it fails at the next synchronisation (as a device-side
+        assertion on a GPU), never making the host wait."""
+        inside = (ids.min() >= 0) & (ids.max() < self.input_dim)
+        torch._assert_async(inside, f"{self.where}: argument `inputs` expected ids in [0, {self.input_dim - 1}]")
 
     def compute_mask(self, x: Tensor, mask: Optional[Tensor] = None) -> Optional[Tensor]:
         if not self.mask_zero:
