@@ -101,17 +101,21 @@ def _times_candidate_mask(x, masks_ptr, seed_ptr, t, b, u, inside, B, U, N_MASKS
 
 
 @triton.jit
-def _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u, inside, B, T, U,
-                UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr, UPD_SCALE: tl.constexpr, ZONE_H: tl.constexpr,
-                ZONE_H_RATE: tl.constexpr, ZONE_H_THRESH: tl.constexpr, HAS_VALID: tl.constexpr,
-                COMPUTE: tl.constexpr):
+def _next_state(z, n, carry_ptr, h_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u,
+                inside, B, T, U, N_MASKS: tl.constexpr, N_PRODUCTS: tl.constexpr, REC_MODE: tl.constexpr,
+                REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, UPDATE: tl.constexpr, UPD_THRESH: tl.constexpr,
+                UPD_SCALE: tl.constexpr, ZONE_H: tl.constexpr, ZONE_H_RATE: tl.constexpr,
+                ZONE_H_THRESH: tl.constexpr, HAS_VALID: tl.constexpr, COMPUTE: tl.constexpr):
     """h_t = z ⊙ h_{t-1} + (1 - z) ⊙ (n ⊙ m_u) -- then zoned, d ⊙ h_{t-1} + (1 - d) ⊙ h_t -- or h_{t-1} where
-    the step is masked: stored in the carry and in slot t + 1 of the h sequence, and returned."""
+    the step is masked: stored in the carry and in slot t + 1 of the h sequence, with the next step's inputs
+    of its first N_PRODUCTS products."""
     h_prev = tl.load(carry_ptr + b * U + u, mask=inside)
     if UPDATE != 0:
         n = n * update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH, UPD_SCALE, COMPUTE)
-    return carry_state(z * h_prev + (1.0 - z) * n, h_prev, carry_ptr, h_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u,
-                       inside, B, T, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
+    h = carry_state(z * h_prev + (1.0 - z) * n, h_prev, carry_ptr, h_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u,
+                    inside, B, T, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
+    store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, U, N_MASKS,
+                         N_PRODUCTS, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
 
 
 @triton.jit
@@ -160,10 +164,9 @@ def _reset_after_step(
     tl.store(gr, r.to(dtype), mask=inside)
     tl.store(gn, n.to(dtype), mask=inside)
     tl.store(side_ptr + (b * T + t) * U + u, inner_h.to(dtype), mask=inside)
-    h = _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u, inside, B, T, U, UPDATE,
-                    UPD_THRESH, UPD_SCALE, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
-    store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, U, N_MASKS, 3,
-                         REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
+    _next_state(z, n, carry_ptr, h_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u,
+                inside, B, T, U, N_MASKS, 3, REC_MODE, REC_THRESH, REC_SCALE, UPDATE, UPD_THRESH, UPD_SCALE, ZONE_H,
+                ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -205,10 +208,9 @@ def _reset_before_state(
     candidate = tl.load(product_h_ptr + b * U + u, mask=inside).to(COMPUTE)
     n = activate(tl.load(gn, mask=inside).to(COMPUTE) + candidate, ACT)
     tl.store(gn, n.to(gates_ptr.dtype.element_ty), mask=inside)
-    h = _next_state(z, n, carry_ptr, h_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u, inside, B, T, U, UPDATE,
-                    UPD_THRESH, UPD_SCALE, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
-    store_product_inputs(masked_h_ptr, masks_ptr, seed_ptr, next_step(t, T), h, b, u, inside, B, U, N_MASKS, 2,
-                         REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
+    _next_state(z, n, carry_ptr, h_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u,
+                inside, B, T, U, N_MASKS, 2, REC_MODE, REC_THRESH, REC_SCALE, UPDATE, UPD_THRESH, UPD_SCALE, ZONE_H,
+                ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
 
 
 @triton.jit(do_not_specialize=["t"])
