@@ -4,8 +4,9 @@ Same contract as :func:`droprnn.kernels.reference.run` (the oracle these kernels
 This module only decides *whether* the kernels can run a call; it never imports Triton at import time,
 so ``import droprnn`` works without Triton or CUDA. The kernels are imported on first use.
 
-The modules: ``lstm.py``, ``gru.py`` and ``simple.py`` (one per cell: its Triton step kernels, time loops and autograd
-Function; lstm.py's docstring explains the design and the measured speed), ``stack.py`` (stacked cells),
+The modules: ``lstm.py``, ``gru.py`` and ``simple.py`` (one per cell: its Triton step kernels, time loops
+and autograd Function; lstm.py's docstring explains the design and the measured speed), ``stack.py``
+(stacked cells),
 ``loops.py`` (what the cells' time loops share: keys, buffers, the cache of captured loops),
 ``products.py`` (the large cuBLAS products), ``triton_helpers.py`` (the Triton functions the kernels
 share), ``graphs.py`` (CUDA graphs).
@@ -14,7 +15,7 @@ Supported:
     cells           one or more stacked :class:`~droprnn.LSTMCell` (``proj_size`` too),
                     :class:`~droprnn.GRUCell` (both ``reset_after`` forms) and :class:`~droprnn.SimpleRNNCell`,
                     mixed freely (exact types)
-    activations     tanh, sigmoid, hard_sigmoid, relu, linear (both ``activation`` and
+    activations     tanh, sigmoid, hard_sigmoid, relu, linear (``activation``, and the LSTM's and GRU's
                     ``recurrent_activation``)
     dtypes          float32, float64, float16, bfloat16 (the kernels compute and carry the states in
                     float32 for the half-precision types; products in the input dtype)
