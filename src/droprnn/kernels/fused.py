@@ -27,23 +27,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import activations
-from ..cells import CellWeights, GRUCell, LSTMCell, SimpleRNNCell
+from ..cells import CellWeights, GRUCell, LSTMCell
 from ..dropout.plan import CellMasks, DropoutPlan
-from . import cpu, reference
+from . import ACTIVATION_CODES, SUPPORTED_CELLS, cpu, reference
 
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
 
-# Activation codes of kernels/cpu/common.h.
-ACTIVATION_CODES = {
-    activations.get("tanh"): 0,
-    activations.get("sigmoid"): 1,
-    activations.get("hard_sigmoid"): 2,
-    activations.get("relu"): 3,
-    activations.get("linear"): 4,
-}
-SUPPORTED_CELLS = (LSTMCell, GRUCell, SimpleRNNCell)
 # A recurrent kernel up to this size stays one panel (it fits in L2 with room to spare).
 _ONE_PANEL_BYTES = 512 * 1024
 

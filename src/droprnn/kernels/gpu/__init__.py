@@ -51,23 +51,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from ... import activations
-from ...cells import CellWeights, GRUCell, LSTMCell, SimpleRNNCell
+from ...cells import CellWeights, SimpleRNNCell
 from ...dropout.plan import DropoutPlan
+from .. import ACTIVATION_CODES, SUPPORTED_CELLS
 from . import graphs
 
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
 
-# Activation codes the kernels switch on (a tl.constexpr each; see lstm._activate).
-ACTIVATION_CODES = {
-    activations.get("tanh"): 0,
-    activations.get("sigmoid"): 1,
-    activations.get("hard_sigmoid"): 2,
-    activations.get("relu"): 3,
-    activations.get("linear"): 4,
-}
-SUPPORTED_CELLS = (LSTMCell, GRUCell, SimpleRNNCell)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HELPERS_MODULE = __name__ + ".triton_helpers"  # imported with the kernels; says how Triton compiled them
 _LOOPS_MODULE = __name__ + ".loops"

@@ -30,7 +30,7 @@ import triton.language as tl
 from ...cells import CellWeights
 from ...dropout.plan import CellMasks
 from .. import reference
-from . import ACTIVATION_CODES
+from .. import ACTIVATION_CODES
 from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, kernel_masks, loop_key,
                     outputs_and_saved, plain_layer, run_loop, saving, stored)
 from .products import input_grads, project, recurrent_kernel_grad
