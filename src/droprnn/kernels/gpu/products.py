@@ -2,8 +2,13 @@
 
 Before the loop the input projections of all steps, P = (x ⊙ m_x^g) @ K_g + b_g; after the backward loop
 the weight and input gradients from the gate gradients dz of all steps. All in the input dtype (cuBLAS
-accumulates half-precision products in float32). G is the cell's gate count (LSTM 4, GRU 3); per-gate
-masks make one product per gate, with one gate's masked copy of x (or h) alive at a time.
+accumulates half-precision products in float32). G is the cell's gate count (LSTM 4, GRU 3).
+
+Per-gate masks (Keras's) make one product per gate. Where the G masked copies of x (or h) are small they
+are made at once, (G, B, T, D), and the G products are one batched product: a few launches instead of a
+few per gate, which is what a small layer's time goes to (a Penn Treebank window: 64 launches fewer).
+Above ``BATCHED_LIMIT`` elements, where the launches no longer matter but G copies would, the gates go
+one at a time with one gate's masked copy alive.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from ...random import CounterMask
 
 Tensor = torch.Tensor
 
+BATCHED_LIMIT = 1 << 24  # elements of the (G, B, T, D) masked copies: 64 MiB in float32
+
 
 def time_mask(masks: Any, g: int) -> Tensor:
     """Mask g of masks (m, B, D) or per step (T, m, B, D) -- a tensor or a CounterMask, made here one gate
@@ -27,9 +34,38 @@ def time_mask(masks: Any, g: int) -> Tensor:
     return masks[g].unsqueeze(1)
 
 
+def gate_masks(masks: Any, gates: Sequence[int]) -> Tensor:
+    """Masks ``gates`` (consecutive) of masks (m, B, D) or per step (T, m, B, D) -- a tensor or a
+    CounterMask -- as (k, B, T or 1, D), broadcastable against x (B, T, D) with a gate axis in front."""
+    chosen = slice(gates[0], gates[-1] + 1)
+    if list(gates) != list(range(chosen.start, chosen.stop)):
+        raise ValueError(f"gate_masks takes consecutive gates, got {tuple(gates)}")
+    if isinstance(masks, CounterMask):
+        masks = masks.materialize()
+    if masks.dim() == 4:
+        return masks[:, chosen].permute(1, 2, 0, 3)
+    return masks[chosen].unsqueeze(2)
+
+
 def per_gate(masks: Any) -> bool:
     """Whether ``masks`` ((m, B, ·) or per step (T, m, B, ·)) hold one mask per gate."""
     return masks is not None and masks.shape[-3] > 1
+
+
+def batched(x: Tensor, gates: int) -> bool:
+    """Whether ``gates`` masked copies of x fit under BATCHED_LIMIT (then one batched product serves them)."""
+    return gates * x.numel() <= BATCHED_LIMIT
+
+
+def masked_copies(x: Tensor, masks: Any, gates: Sequence[int]) -> Tensor:
+    """x (B, T, D) through each of the masks ``gates``: (k, B·T, D), contiguous."""
+    batch, steps, features = x.shape
+    return torch.mul(x.unsqueeze(0), gate_masks(masks, gates)).view(len(gates), batch * steps, features)
+
+
+def gate_columns(t: Tensor, gates: int) -> Tensor:
+    """The gate axis of a (rows, G·U) matrix split off and put first: (G, rows, U), a view."""
+    return t.unflatten(1, (gates, t.shape[1] // gates)).transpose(0, 1)
 
 
 def project(x: Tensor, kernel: Tensor, bias: Optional[Tensor], masks: Optional[Tensor], out: Tensor,
@@ -39,6 +75,14 @@ def project(x: Tensor, kernel: Tensor, bias: Optional[Tensor], masks: Optional[T
     loop's static buffer is filled without a copy."""
     batch, steps, features = x.shape
     units = kernel.shape[1] // gates
+    if per_gate(masks) and batched(x, gates):
+        target = out.view(gates, batch * steps, units)
+        masked, panels = masked_copies(x, masks, range(gates)), gate_columns(kernel, gates)
+        if bias is None:
+            torch.bmm(masked, panels, out=target)
+        else:
+            torch.baddbmm(bias.view(gates, 1, units), masked, panels, out=target)
+        return out
     if per_gate(masks):
         scratch = torch.empty_like(x)
         for g in range(gates):
@@ -68,6 +112,15 @@ def input_grads(x: Tensor, kernel: Tensor, masks: Optional[Tensor], dz: Tensor, 
     units = kernel.shape[1] // gates
     flat_dz = dz.view(batch * steps, gates * units)
     dx = dkernel = None
+    if per_gate(masks) and batched(x, gates):
+        dz_gates = gate_columns(flat_dz, gates)  # (G, B·T, U)
+        if need_kernel:
+            per_gate_grads = torch.bmm(masked_copies(x, masks, range(gates)).transpose(1, 2), dz_gates)
+            dkernel = per_gate_grads.transpose(0, 1).reshape(features, gates * units)
+        if need_x:
+            through = torch.bmm(dz_gates, gate_columns(kernel, gates).transpose(1, 2))  # (G, B·T, D)
+            dx = through.view(gates, batch, steps, features).mul_(gate_masks(masks, range(gates))).sum(0)
+        return dx, dkernel
     if per_gate(masks):
         dx = torch.zeros_like(x) if need_x else None
         dkernel = kernel.new_empty(kernel.shape) if need_kernel else None
@@ -98,7 +151,7 @@ def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Op
     previous: the states the products read, (B, T, H); masks: (G, B, H) one per gate, (1, B, H) shared,
     either per step (T, ·, B, H) (a tensor or a CounterMask), or None; grads: the gradients of the products'
     outputs, (B, T, k·U) -- a column slice of a wider buffer is fine (flattening (B, T) keeps it a view);
-    gates: which per-gate masks the k column blocks use (default: all of them, in order).
+    gates: which per-gate masks the k column blocks use, consecutive (default: all of them, in order).
     """
     batch, steps, width = grads.shape
     flat_grads = grads.reshape(batch * steps, width)
@@ -107,6 +160,10 @@ def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Op
         return masked.reshape(batch * steps, -1).t() @ flat_grads
     gates = range(masks.shape[-3]) if gates is None else gates
     units = width // len(gates)
+    if batched(previous, len(gates)):
+        per_gate_grads = torch.bmm(masked_copies(previous, masks, gates).transpose(1, 2),
+                                   gate_columns(flat_grads, len(gates)))
+        return per_gate_grads.transpose(0, 1).reshape(previous.shape[-1], width)
     grad = grads.new_empty(previous.shape[-1], width)
     scratch = grads.new_empty(previous.shape)
     for block, g in enumerate(gates):
