@@ -758,6 +758,36 @@ def test_loop_key_holds_what_the_captured_work_depends_on():
         torch.set_float32_matmul_precision(previous)
 
 
+NEW_TF32_API = hasattr(torch.backends, "fp32_precision")
+
+
+@pytest.mark.skipif(not NEW_TF32_API, reason="torch < 2.9 has no per-backend TF32 switches")
+@pytest.mark.parametrize("switch", ["torch.backends.cuda.matmul", "torch.backends"])
+@in_process
+def test_torch_per_backend_tf32_switches_are_read_without_raising(switch):
+    """Once a user sets torch >= 2.9's fp32_precision switches, torch.get_float32_matmul_precision() raises;
+    a layer call must still run (and the loop key must see TF32, since a captured product keeps it)."""
+    from droprnn.kernels.gpu.loops import loop_key
+
+    x = torch.zeros(2, 3, 4)
+    target = torch.backends.cuda.matmul if switch == "torch.backends.cuda.matmul" else torch.backends
+    saved = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "none"  # torch's defaults
+        base = loop_key("lstm", False, x, 5, None, None, None, (0, 1))
+        target.fp32_precision = "tf32"
+        with pytest.raises(RuntimeError):  # what droprnn must not call
+            torch.get_float32_matmul_precision()
+        assert loop_key("lstm", False, x, 5, None, None, None, (0, 1)) != base
+        layer = LSTM(3, dropout=0.2, recurrent_dropout=0.2, impl="gpu")
+        assert layer(torch.randn(2, 4, 5)).shape == (2, 3)
+        assert layer.last_kernel.name == "gpu"
+        target.fp32_precision = "none"
+        assert loop_key("lstm", False, x, 5, None, None, None, (0, 1)) == base
+    finally:
+        torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
 class FakeGraph:
     """Stands in for a captured loop on the CPU: replay() runs the loop again on the static buffers."""
 

@@ -53,7 +53,12 @@ class LoopKey(NamedTuple):
 def _matmul_settings(dtype: torch.dtype) -> str:
     """The torch switches that change what a cuBLAS product of ``dtype`` computes."""
     if dtype == torch.float32:
-        return torch.get_float32_matmul_precision()
+        # torch >= 2.9 has per-backend switches (torch.backends.cuda.matmul.fp32_precision, inherited from
+        # torch.backends.fp32_precision); once a user sets those, torch.get_float32_matmul_precision() raises
+        # ("mix of the legacy and new APIs"), so the new switch is read where it exists. It reflects the
+        # legacy setter too.
+        precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+        return f"fp32 {precision}" if precision is not None else torch.get_float32_matmul_precision()
     if dtype == torch.float16:
         return f"fp16 reduced reduction {torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction}"
     if dtype == torch.bfloat16:
