@@ -78,6 +78,16 @@ def uninitialized_is_nan():
 KINDS = ["lstm", "gru", "gru_reset_before", "simple", "stacked"]
 
 
+@pytest.fixture(params=["in loop", "after loop"])
+def weight_grads(request, monkeypatch):
+    """Both ways the backward forms the weight and input gradients (fused._DEFER_BYTES): accumulated in the
+    C++ loop (what these small shapes get), or from every step's gate gradients after it (large layers)."""
+    if request.param == "after loop":
+        monkeypatch.setattr(fused, "_DEFER_BYTES", 0)
+        monkeypatch.setattr(fused, "_DEFER_BYTES_PER_ROW", 0)
+    return request.param
+
+
 def cell_kwargs(kind_of_cell: str, mode: dict) -> dict:
     """The dropout options (and ``use_bias``) of ``mode`` that a cell of this kind accepts."""
     kw = dict(mode)
@@ -241,7 +251,7 @@ MODE_CASES = [(k, m) for k in KINDS for m in MODES if _mode_applies(k, m)]
 @needs_fused
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind,mode_name", MODE_CASES)
-def test_dropout_modes_fused_equals_reference(kind, mode_name, dtype):
+def test_dropout_modes_fused_equals_reference(kind, mode_name, dtype, weight_grads):
     B, T, D, U = 3, 5, 3, 5
     seed = _seed(kind, mode_name)
     # every mode runs backwards for about half of the layer kinds (per-step masks follow processing order)
@@ -295,7 +305,7 @@ OPTIONS = {
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("kind", KINDS)
-def test_options_fused_equals_reference(kind, option, dtype):
+def test_options_fused_equals_reference(kind, option, dtype, weight_grads):
     B, T, D, U = 4, 6, 3, 5
     spec = OPTIONS[option]
     seed = _seed(kind, option)
@@ -363,7 +373,7 @@ def _random_case(k: int):
 @needs_fused
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("k", range(18))
-def test_random_shapes_and_thread_counts(k, dtype):
+def test_random_shapes_and_thread_counts(k, dtype, weight_grads):
     B, T, D, U, kind, mode_name, threads, rng = _random_case(k)
     layer = make_layer(kind, D, U, dtype, mode=MODES[mode_name], seed=k, return_sequences=rng.random() < 0.7,
                        return_state=True, go_backwards=rng.random() < 0.5,
@@ -817,7 +827,7 @@ BIG = dict(B=24, T=40, D=48, U=144)  # float64 LSTM gates: 24·40·576·8 B = 4.
 
 @needs_fused
 @pytest.mark.parametrize("kind", ["lstm", "gru", "simple"])
-def test_large_shapes_through_the_block_cache_equal_reference(kind):
+def test_large_shapes_through_the_block_cache_equal_reference(kind, weight_grads):
     B, T, D, U = BIG.values()
     cpu.empty_cache()
     layer = make_layer(kind, D, U, F64, mode=dict(dropout=0.3, recurrent_dropout=0.3), seed=7, weight_scale=0.05,
@@ -888,3 +898,29 @@ def test_cache_limit_from_environment_in_subprocess(megabytes, most):
     assert cached <= most
     if most:
         assert cached > 0
+
+
+# ----------------------------------------------------------------------------------------------- weight gradients
+@needs_fused
+@pytest.mark.parametrize("kind", ["lstm", "simple", "gru", "gru_reset_before"])
+def test_weight_gradients_after_the_loop_only_where_they_outgrow_the_cache(kind, monkeypatch):
+    """Small layers accumulate the weight gradients in the C++ loop; past fused._DEFER_BYTES (and
+    _DEFER_BYTES_PER_ROW per sequence) they are formed after it."""
+    calls = []
+    real = fused._grads_after_loop
+    monkeypatch.setattr(fused, "_grads_after_loop", lambda *a: calls.append(1) or real(*a))
+    layer = make_layer(kind, 3, 5, F32, mode=dict(dropout=0.3, recurrent_dropout=0.3), return_sequences=True)
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    layer(x).sum().backward()
+    assert calls == []
+    monkeypatch.setattr(fused, "_DEFER_BYTES", 0)
+    monkeypatch.setattr(fused, "_DEFER_BYTES_PER_ROW", 0)
+    layer(x).sum().backward()
+    assert len(calls) == 1
+    monkeypatch.setattr(fused, "_DEFER_BYTES", 1 << 20)
+    monkeypatch.setattr(fused, "_DEFER_BYTES_PER_ROW", 48 << 10)
+    gates = layer.cells[0].gates
+    R = torch.zeros(650, gates * 650)
+    assert fused._defers_weight_grads(torch.zeros(20, 1, 650), R)  # 650 units: 3.3-13 MiB
+    assert not fused._defers_weight_grads(torch.zeros(2000, 1, 650), R)  # a step's update is 2000 rows thick
+    assert not fused._defers_weight_grads(torch.zeros(1, 1, 32), torch.zeros(32, gates * 32))

@@ -141,7 +141,7 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
                               const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                               const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
                               int64_t rec_act, bool reset_after, bool want_dx, const Tensor& dx, Tensor& dK,
-                              Tensor& db, Tensor& dR, Tensor& drb, Tensor& dh0) {
+                              Tensor& db, Tensor& dR, Tensor& drb, Tensor& dh0, const Tensor& dz) {
   const int64_t B = hs.size(0), steps = hs.size(1), U = hs.size(2), D = x.size(2), G3 = 3 * U;
   const T* dh_in = dhs.data_ptr<T>();
   const T* rt = RT.data_ptr<T>();  // (3U, U)
@@ -157,6 +157,9 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
   const StepMask<T> upd = plain_mask<T>(upd_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h);
   const T* v = valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr;
+  // (B, T, 4U) when asked for: every step's Dz, then the candidate's recurrent-product side -- its output's
+  // gradient dn * r (reset_after) or its input a = r * (h * m_h) (reset_before).
+  T* dz_all = dz.defined() ? dz.data_ptr<T>() : nullptr;
 
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
@@ -246,6 +249,14 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
           scale_by_act_grad(rec_act, dr, rg, U);
         }
       }
+      if (dz_all != nullptr) {
+        for (int64_t b = r0; b < r1; ++b) {
+          T* kept = dz_all + (b * steps + t) * 4 * U;
+          std::copy(Dz + (b - r0) * G3, Dz + (b - r0 + 1) * G3, kept);
+          const T* side = reset_after ? Di + (b - r0) * G3 + 2 * U : A + (b - r0) * U;
+          std::copy(side, side + U, kept + G3);
+        }
+      }
       const T* D_inner = reset_after ? Di : Dz;  // gradients at the recurrent product's output
       const int64_t first = reset_after ? 3 : 2;   // gates in the first recurrent product
       if (want_dR) {
@@ -271,7 +282,8 @@ Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, con
                    const Tensor& hs, const Tensor& gates, const Tensor& inner, const optional<Tensor>& input_mask,
                    const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                    const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
-                   bool reset_after, bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_drb) {
+                   bool reset_after, bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_drb,
+                   bool want_dz) {
   const int64_t U = hs.size(2);
   Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
   Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
@@ -279,12 +291,14 @@ Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, con
   Tensor dR = want_dR ? pooled_empty(R.sizes(), R.options()) : Tensor();
   Tensor drb = want_drb && reset_after ? pooled_empty({3 * U}, x.options()) : Tensor();
   Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
+  Tensor dz = want_dz ? pooled_empty({x.size(0), x.size(1), 4 * U}, x.options()) : Tensor();
+  const Tensor KT = want_dx ? transposed(kernel) : kernel;  // read for dx only
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "droprnn_gru_backward", [&] {
-    gru_backward_impl<scalar_t>(dhs, R.t().contiguous(), kernel.t().contiguous(), x, h0, hs, gates, inner, input_mask,
+    gru_backward_impl<scalar_t>(dhs, transposed(R), KT, x, h0, hs, gates, inner, input_mask,
                                 rec_mask, upd_mask, zoneout_h, valid, act, rec_act, reset_after, want_dx, dx, dK, db,
-                                dR, drb, dh0);
+                                dR, drb, dh0, dz);
   });
-  return {dx, dK, db, dR, drb, dh0, Tensor()};
+  return {dx, dK, db, dR, drb, dh0, Tensor(), dz};
 }
 
 }  // namespace droprnn

@@ -197,7 +197,8 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
                                const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                                const optional<Tensor>& zoneout_h, const optional<Tensor>& zoneout_c,
                                const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool want_dx,
-                               const Tensor& dx, Tensor& dK, Tensor& db, Tensor& dR, Tensor& dh0, Tensor& dc0) {
+                               const Tensor& dx, Tensor& dK, Tensor& db, Tensor& dR, Tensor& dh0, Tensor& dc0,
+                               const Tensor& dz) {
   const int64_t B = cs.size(0), steps = cs.size(1), U = cs.size(2), H = hs.size(2), D = x.size(2), G4 = 4 * U;
   const T* dh_in = dhs.data_ptr<T>();
   const T* dc_end = dc_last.data_ptr<T>();  // (B, U): dL/dc at the last step, the only c the caller sees
@@ -214,6 +215,7 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
   const StepMask<T> upd = plain_mask<T>(upd_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h), zc = zoneout_of<T>(zoneout_c);
   const T* v = valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr;
+  T* dz_all = dz.defined() ? dz.data_ptr<T>() : nullptr;
 
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
@@ -290,6 +292,7 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
         scale_by_act_grad(act, dzg, gg, U);
         scale_by_act_grad(rec_act, dzo, og, U);
       }
+      keep_step_grads(dz_all, Dz, G4, r0, r1, t, steps);
       const T* h_prev = t == 0 ? h_init + r0 * H : h_all + (r0 * steps + t - 1) * H;
       const int64_t ldh = t == 0 ? H : steps * H;
       if (want_dR) weight_grad(h_prev, ldh, r0, r1, H, rec, t, Dz, G4, 4, U, dR_acc, G4, ST);
@@ -307,19 +310,21 @@ Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, c
                     const optional<Tensor>& input_mask, const optional<Tensor>& rec_mask,
                     const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                     const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
-                    bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR) {
+                    bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_dz) {
   Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
   Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
   Tensor db = want_dbias ? pooled_empty({kernel.size(1)}, x.options()) : Tensor();
   Tensor dR = want_dR ? pooled_empty(R.sizes(), R.options()) : Tensor();
   Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
   Tensor dc0 = pooled_empty(c0.sizes(), c0.options());
+  Tensor dz = want_dz ? pooled_empty({x.size(0), x.size(1), kernel.size(1)}, x.options()) : Tensor();
+  const Tensor KT = want_dx ? transposed(kernel) : kernel;  // read for dx only
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "droprnn_lstm_backward", [&] {
-    lstm_backward_impl<scalar_t>(dhs, dc_last, R.t().contiguous(), kernel.t().contiguous(), x, h0, c0, hs, cs, gates,
+    lstm_backward_impl<scalar_t>(dhs, dc_last, transposed(R), KT, x, h0, c0, hs, cs, gates,
                                  input_mask, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act, rec_act, want_dx,
-                                 dx, dK, db, dR, dh0, dc0);
+                                 dx, dK, db, dR, dh0, dc0, dz);
   });
-  return {dx, dK, db, dR, Tensor(), dh0, dc0};
+  return {dx, dK, db, dR, Tensor(), dh0, dc0, dz};
 }
 
 }  // namespace droprnn

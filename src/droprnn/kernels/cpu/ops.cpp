@@ -17,7 +17,7 @@ Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, c
                     const optional<Tensor>& input_mask, const optional<Tensor>& rec_mask,
                     const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                     const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
-                    bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR);
+                    bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_dz);
 std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
                                        const optional<Tensor>& rbias,
                                        const Tensor& h0, const optional<Tensor>& rec_mask,
@@ -27,7 +27,8 @@ Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, con
                    const Tensor& hs, const Tensor& gates, const Tensor& inner, const optional<Tensor>& input_mask,
                    const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                    const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
-                   bool reset_after, bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_drb);
+                   bool reset_after, bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_drb,
+                   bool want_dz);
 std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
                                               const Tensor& h0,
                                               const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
@@ -36,7 +37,7 @@ Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kern
                           const Tensor& hs, const Tensor& fresh, const optional<Tensor>& input_mask,
                           const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                           const optional<Tensor>& valid, int64_t act, bool want_dx, bool want_dkernel,
-                          bool want_dbias, bool want_dR);
+                          bool want_dbias, bool want_dR, bool want_dz);
 
 Tensor pooled_empty_op(at::IntArrayRef sizes, at::ScalarType dtype);
 int64_t empty_cache();

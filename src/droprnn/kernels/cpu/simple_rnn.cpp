@@ -84,7 +84,8 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
                                  const Tensor& h0, const Tensor& hs, const Tensor& fresh,
                                  const optional<Tensor>& input_mask, const optional<Tensor>& rec_mask,
                                  const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
-                                 bool want_dx, const Tensor& dx, Tensor& dK, Tensor& db, Tensor& dR, Tensor& dh0) {
+                                 bool want_dx, const Tensor& dx, Tensor& dK, Tensor& db, Tensor& dR, Tensor& dh0,
+                                 const Tensor& dz) {
   const int64_t B = fresh.size(0), steps = fresh.size(1), U = fresh.size(2), D = x.size(2);
   const T* dh_in = dhs.data_ptr<T>();
   const T* rt = RT.data_ptr<T>();
@@ -97,6 +98,7 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
   const StepMask<T> rec = gated_mask<T>(rec_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h);
   const T* v = valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr;
+  T* dz_all = dz.defined() ? dz.data_ptr<T>() : nullptr;
 
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
@@ -135,6 +137,7 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
         }
         scale_by_act_grad(act, dz, fr, U);
       }
+      keep_step_grads(dz_all, Dz, U, r0, r1, t, steps);
       const T* h_prev = t == 0 ? h_init + r0 * U : h_all + (r0 * steps + t - 1) * U;
       const int64_t ldh = t == 0 ? U : steps * U;
       if (want_dR) weight_grad(h_prev, ldh, r0, r1, U, rec, t, Dz, U, 1, U, dR_acc, U, ST);
@@ -150,17 +153,19 @@ Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kern
                           const Tensor& hs, const Tensor& fresh, const optional<Tensor>& input_mask,
                           const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                           const optional<Tensor>& valid, int64_t act, bool want_dx, bool want_dkernel,
-                          bool want_dbias, bool want_dR) {
+                          bool want_dbias, bool want_dR, bool want_dz) {
   Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
   Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
   Tensor db = want_dbias ? pooled_empty({kernel.size(1)}, x.options()) : Tensor();
   Tensor dR = want_dR ? pooled_empty(R.sizes(), R.options()) : Tensor();
   Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
+  Tensor dz = want_dz ? pooled_empty({x.size(0), x.size(1), kernel.size(1)}, x.options()) : Tensor();
+  const Tensor KT = want_dx ? transposed(kernel) : kernel;  // read for dx only
   AT_DISPATCH_FLOATING_TYPES(fresh.scalar_type(), "droprnn_simple_rnn_backward", [&] {
-    simple_backward_impl<scalar_t>(dhs, R.t().contiguous(), kernel.t().contiguous(), x, h0, hs, fresh, input_mask,
-                                   rec_mask, zoneout_h, valid, act, want_dx, dx, dK, db, dR, dh0);
+    simple_backward_impl<scalar_t>(dhs, transposed(R), KT, x, h0, hs, fresh, input_mask,
+                                   rec_mask, zoneout_h, valid, act, want_dx, dx, dK, db, dR, dh0, dz);
   });
-  return {dx, dK, db, dR, Tensor(), dh0, Tensor()};
+  return {dx, dK, db, dR, Tensor(), dh0, Tensor(), dz};
 }
 
 }  // namespace droprnn

@@ -6,10 +6,9 @@ so ``import droprnn`` works without Triton or CUDA. The kernels are imported on 
 
 The modules: ``lstm.py``, ``gru.py`` and ``simple.py`` (one per cell: its Triton step kernels, time loops
 and autograd Function; lstm.py's docstring explains the design and the measured speed), ``stack.py``
-(stacked cells),
-``loops.py`` (what the cells' time loops share: keys, buffers, the cache of captured loops),
-``products.py`` (the large cuBLAS products), ``triton_helpers.py`` (the Triton functions the kernels
-share), ``graphs.py`` (CUDA graphs).
+(stacked cells), ``loops.py`` (what the cells' time loops share: keys, buffers, the cache of captured
+loops), ``triton_helpers.py`` (the Triton functions the kernels share), ``graphs.py`` (CUDA graphs); the
+large cuBLAS products are ``kernels/products.py``, shared with the fused CPU backward.
 
 Supported:
     cells           one or more stacked :class:`~droprnn.LSTMCell` (``proj_size`` too),

@@ -66,7 +66,7 @@ from .. import reference
 from .. import ACTIVATION_CODES
 from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, loop_key, stored, kernel_masks,
                     outputs_and_saved, plain_layer, run_loop, saving)
-from .products import input_grads, project, recurrent_kernel_grad
+from ..products import gru_recurrent_kernel_grad, input_grads, project
 from .triton_helpers import (activate, carry_state, compute_type, gate_offset, grid, incoming_grad, next_step,
                              program_units, rec_mask, step_is_real, step_offset, store_product_inputs, through,
                              update_mask, zoneout_split)
@@ -468,21 +468,16 @@ def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bia
     """dx, dkernel, dbias, dR, drbias, dh0 (None where not needed) from a finished backward loop: large
     products and sums over dz; none of them is a view of the loop's buffers."""
     dz, units = loop.dz, loop.key.units
-    zr, candidate = slice(0, 2 * units), slice(2 * units, 3 * units)
     dh0 = dbias = dR = drbias = None
     if needs[5]:
         dh0 = loop.initial_state_grad(rec)
     if bias is not None and needs[2]:
         dbias = dz.sum(dim=(0, 1))
     if needs[3]:
-        previous = h_buffer[:, :x.shape[1]]
-        if loop.reset_after:  # the candidate's product reads h ⊙ m_h; its output's gradient is dn ⊙ r
-            candidate_grad = recurrent_kernel_grad(previous, rec, loop.d_inner, gates=(2,))
-        else:  # it reads a = r ⊙ h ⊙ m_h (saved as side); its output's gradient is dn
-            candidate_grad = recurrent_kernel_grad(side, None, dz[..., candidate])
-        dR = torch.cat([recurrent_kernel_grad(previous, rec, dz[..., zr], gates=(0, 1)), candidate_grad], dim=1)
+        dR = gru_recurrent_kernel_grad(h_buffer[:, :x.shape[1]], rec, dz, loop.d_inner if loop.reset_after else side,
+                                       loop.reset_after)
     if rbias is not None and needs[4]:
-        drbias = torch.cat([dz[..., zr].sum(dim=(0, 1)), loop.d_inner.sum(dim=(0, 1))])
+        drbias = torch.cat([dz[..., :2 * units].sum(dim=(0, 1)), loop.d_inner.sum(dim=(0, 1))])
     dx, dkernel = input_grads(x, kernel, input_masks, dz, needs[0], needs[1], GATES)
     return dx, dkernel, dbias, dR, drbias, dh0
 

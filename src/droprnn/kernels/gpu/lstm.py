@@ -87,7 +87,7 @@ from .. import reference
 from .. import ACTIVATION_CODES
 from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, loop_key, stored, kernel_masks,
                     outputs_and_saved, plain_layer, run_loop, saving)
-from .products import input_grads, project, recurrent_kernel_grad
+from ..products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_step, program_units,
                              step_is_real, step_offset, store_product_inputs, through, update_mask, zoneout_keep,
                              zoneout_split)

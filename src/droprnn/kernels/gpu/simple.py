@@ -33,7 +33,7 @@ from .. import reference
 from .. import ACTIVATION_CODES
 from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, kernel_masks, loop_key,
                     outputs_and_saved, plain_layer, run_loop, saving, stored)
-from .products import input_grads, project, recurrent_kernel_grad
+from ..products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (activate, carry_state, compute_type, grid, incoming_grad, next_step, program_units,
                              step_is_real, store_product_inputs, through, zoneout_split)
 

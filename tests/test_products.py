@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from droprnn.kernels.gpu import products
+from droprnn.kernels import products
 from droprnn.random import CounterMask
 
 F64 = torch.float64

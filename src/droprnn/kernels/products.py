@@ -1,8 +1,9 @@
-"""The large products around the time loops, through torch (cuBLAS), shared by every cell.
+"""The large products around the time loops, through torch: cuBLAS for the GPU kernels (``kernels/gpu/``),
+the CPU's BLAS for the fused kernels' backward at large sizes (``kernels/fused.py``).
 
-Before the loop the input projections of all steps, P = (x ⊙ m_x^g) @ K_g + b_g; after the backward loop
-the weight and input gradients from the gate gradients dz of all steps. All in the input dtype (cuBLAS
-accumulates half-precision products in float32). G is the cell's gate count (LSTM 4, GRU 3).
+Before the loop the input projections of all steps, P = (x ⊙ m_x^g) @ K_g + b_g (GPU); after the backward
+loop the weight and input gradients from the gate gradients dz of all steps. All in the input dtype
+(cuBLAS accumulates half-precision products in float32). G is the cell's gate count (LSTM 4, GRU 3).
 
 Per-gate masks (Keras's) make one product per gate. Where the G masked copies of x (or h) are small they
 are made at once, (G, B, T, D), and the G products are one batched product: a few launches instead of a
@@ -17,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ...random import CounterMask
+from ..random import CounterMask
 
 Tensor = torch.Tensor
 
@@ -171,3 +172,19 @@ def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Op
         masked = torch.mul(previous, time_mask(masks, g), out=scratch).view(batch * steps, -1)
         grad[:, cols] = masked.t() @ flat_grads[:, cols]
     return grad
+
+
+def gru_recurrent_kernel_grad(previous: Tensor, masks: Any, dz: Tensor, side: Tensor, reset_after: bool) -> Tensor:
+    """dR (H, 3U) of a GRU from its gate gradients dz (B, T, 3U) (z, r, candidate).
+
+    The z and r columns are products of h_{t-1} ⊙ m_g with dz; the candidate's differ by form -- ``side``
+    (B, T, U) is, reset_after, the gradient of its product's output dn ⊙ r (the product reads h ⊙ m_h), and
+    reset_before, the product's input a = r ⊙ (h ⊙ m_h) (its output's gradient is dn itself).
+    """
+    units = dz.shape[-1] // 3
+    zr, candidate = slice(0, 2 * units), slice(2 * units, 3 * units)
+    if reset_after:
+        candidate_grad = recurrent_kernel_grad(previous, masks, side, gates=(2,))
+    else:
+        candidate_grad = recurrent_kernel_grad(side, None, dz[..., candidate])
+    return torch.cat([recurrent_kernel_grad(previous, masks, dz[..., zr], gates=(0, 1)), candidate_grad], dim=1)
