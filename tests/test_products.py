@@ -118,3 +118,18 @@ def test_batched_route_is_taken_under_the_limit_only(monkeypatch):
 def test_gate_masks_refuse_gates_that_are_not_consecutive():
     with pytest.raises(ValueError, match="consecutive gates, got \\(0, 2\\)"):
         products.gate_masks(torch.ones(3, B, D), (0, 2))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_empty_batch_gives_zero_gradients(route, layout):
+    gates = 4
+    x = torch.zeros(0, T, D, dtype=F64)
+    masks = {"none": None, "shared": torch.ones(1, 0, D, dtype=F64), "per sequence": torch.ones(gates, 0, D, dtype=F64),
+             "per step": torch.ones(T, gates, 0, D, dtype=F64),
+             "counter": CounterMask(torch.tensor([1, 2]), 0, (T, gates, 0, D), 0.3, "dropout", F64)}[layout]
+    kernel = torch.randn(D, gates * U, dtype=F64)
+    dz = torch.zeros(0, T, gates * U, dtype=F64)
+    dx, dkernel = products.input_grads(x, kernel, masks, dz, True, True, gates)
+    assert dx.shape == x.shape and dkernel.shape == kernel.shape and not dkernel.any()
+    dR = products.recurrent_kernel_grad(x, masks, dz)
+    assert dR.shape == (D, gates * U) and not dR.any()

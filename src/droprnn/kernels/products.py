@@ -158,7 +158,7 @@ def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Op
     flat_grads = grads.reshape(batch * steps, width)
     if not per_gate(masks):
         masked = previous if masks is None else previous * time_mask(masks, 0)
-        return masked.reshape(batch * steps, -1).t() @ flat_grads
+        return masked.reshape(batch * steps, previous.shape[-1]).t() @ flat_grads
     gates = range(masks.shape[-3]) if gates is None else gates
     units = width // len(gates)
     if batched(previous, len(gates)):
@@ -169,7 +169,7 @@ def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Op
     scratch = grads.new_empty(previous.shape)
     for block, g in enumerate(gates):
         cols = slice(block * units, (block + 1) * units)
-        masked = torch.mul(previous, time_mask(masks, g), out=scratch).view(batch * steps, -1)
+        masked = torch.mul(previous, time_mask(masks, g), out=scratch).view(batch * steps, previous.shape[-1])
         grad[:, cols] = masked.t() @ flat_grads[:, cols]
     return grad
 

@@ -81,6 +81,7 @@ constexpr int64_t kGemmBlock = 256;
 
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                  float* C, int64_t ldc, bool accumulate) {
+  if (M == 0) return;  // an empty batch: oneDNN's brgemm throws std::bad_alloc for M == 0, aborting the process
   for (int64_t j = 0; j < N; j += kGemmBlock) {
     const int64_t nb = std::min(kGemmBlock, N - j);
     for (int64_t k = 0; k < K; k += kGemmBlock) {
