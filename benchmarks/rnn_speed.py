@@ -17,6 +17,8 @@ fresh subprocess per row (Linux: /proc/self/status).
     python benchmarks/rnn_speed.py                 # the issue's shapes, 2 threads
     python benchmarks/rnn_speed.py --quick         # one small shape, for a smoke run
     python benchmarks/rnn_speed.py --json out.json
+    python benchmarks/rnn_speed.py --shapes 20,35,650,650 --layers LSTM   # other shapes (this one: a
+                                                   # medium Penn Treebank layer)
 """
 
 from __future__ import annotations
@@ -194,6 +196,20 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def _shapes(text: str) -> list[tuple[int, ...]]:
+    shapes = [tuple(int(n) for n in part.split(",")) for part in text.split(";") if part.strip()]
+    if not shapes or any(len(shape) != 4 or min(shape) < 1 for shape in shapes):
+        raise argparse.ArgumentTypeError(f"expected shapes B,T,D,U separated by ';', each a positive int, got {text!r}")
+    return shapes
+
+
+def _layers(text: str) -> list[str]:
+    layers = text.split(",")
+    if not layers or any(layer not in ("LSTM", "GRU") for layer in layers):
+        raise argparse.ArgumentTypeError(f"expected LSTM and/or GRU separated by ',', got {text!r}")
+    return layers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -202,12 +218,14 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-row memory subprocesses")
     parser.add_argument("--no-keras", action="store_true", help="skip Keras on JAX")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--shapes", type=_shapes, help="B,T,D,U shapes separated by ';' instead of the issue's")
+    parser.add_argument("--layers", type=_layers, default="LSTM,GRU", help="comma-separated, of LSTM and GRU")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    shapes = [(16, 50, 32, 64)] if args.quick else SHAPES
+    shapes = [(16, 50, 32, 64)] if args.quick else args.shapes or SHAPES
     repeats = 3 if args.quick else args.repeats
     variants = ["torch.nn", "droprnn rd", "droprnn", "droprnn ref rd", "hand loop rd"]
     from droprnn.kernels import cpu
@@ -218,7 +236,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     rows = []
-    for kind in ("LSTM", "GRU"):
+    for kind in args.layers:
         for shape in shapes:
             steps = {variant: make_step(kind, variant, shape) for variant in variants}
             times = interleaved_medians(steps, repeats, slow={"droprnn ref rd", "hand loop rd"})
