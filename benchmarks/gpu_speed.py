@@ -14,7 +14,8 @@
    - ``rd``           droprnn LSTM / GRU(dropout=0.25, recurrent_dropout=0.25) (Keras's per-gate masks),
                       impl="gpu", a fresh plan each step as in training; time loops from CUDA graphs;
    - ``rd-eager``     the same with ``DROPRNN_CUDA_GRAPHS=0``: the eager loops (what graphs bought);
-   - ``rd-tf32``      ``rd`` with ``torch.set_float32_matmul_precision("high")`` (TF32 products);
+   - ``rd-fp32``      ``rd`` with ``torch.backends.cudnn.allow_tf32 = False``: droprnn's float32 products
+                      follow torch's switch for its RNNs, so this is full float32 (compare ``cudnn-fp32``);
    - ``rd-step``      ``rd`` with ``recurrent_dropout_mode="per_step"`` (fresh recurrent masks every step,
                       counter-based: made inside the step kernels);
    - ``rd-step-stored``  the same with the masks drawn as a (T, G, B, U) tensor and read from memory (what
@@ -29,12 +30,13 @@
    Each row repeats up to 20 times, fewer for slow rows (about ROW_SECONDS each); ``--max-seconds``
    stops the timings (skipping the remaining rows, said so) once the run has taken that long.
    Per cell and shape also one correctness line: max |gpu - reference| of the outputs and the input
-   gradient, same plan, float32, through the graphs; and whether graphs and eager loops agree bit for bit.
+   gradient, same plan, float32 with TF32 off, through the graphs; and whether graphs and eager loops
+   agree bit for bit.
    A summary table per cell closes the run.
 
     python benchmarks/gpu_speed.py                  # checks + all shapes, both cells (about 2 minutes on an H200)
     python benchmarks/gpu_speed.py --shapes 1       # checks + the first shape only (smoke run)
-    python benchmarks/gpu_speed.py --no-checks --cells gru --variants rd,rd-eager,rd-tf32
+    python benchmarks/gpu_speed.py --no-checks --cells gru --variants rd,rd-eager,rd-fp32
     python benchmarks/gpu_speed.py --variants hand,ref --shapes 2   # the slow columns
     python benchmarks/gpu_speed.py --json out.json --max-seconds 120
 """
@@ -235,7 +237,7 @@ VARIANTS = {
     "cudnn-fp32": "torch.nn (cuDNN), TF32 off",
     "rd": "droprnn gpu rd",
     "rd-eager": "droprnn gpu rd, eager",
-    "rd-tf32": "droprnn gpu rd, TF32",
+    "rd-fp32": "droprnn gpu rd, TF32 off",
     "rd-step": "droprnn gpu, per-step rd",
     "rd-step-stored": "droprnn gpu, per-step rd, stored masks",
     "zoneout": "droprnn gpu rd + zoneout",
@@ -263,8 +265,7 @@ def timed_at(variant: str, shape, index: int) -> bool:
 
 
 @contextlib.contextmanager
-def settings(graphs: bool = True, cudnn_tf32: Optional[bool] = None, matmul_precision: Optional[str] = None,
-             stored_masks: bool = False):
+def settings(graphs: bool = True, cudnn_tf32: Optional[bool] = None, stored_masks: bool = False):
     """Run with droprnn's CUDA graphs on or off (DROPRNN_CUDA_GRAPHS), torch's TF32 switches as given, and
     per-step masks drawn as tensors instead of counter-based (``stored_masks``)."""
     import torch
@@ -272,15 +273,12 @@ def settings(graphs: bool = True, cudnn_tf32: Optional[bool] = None, matmul_prec
     from droprnn.dropout import plan as droprnn_plan
     from droprnn.kernels.gpu import graphs as droprnn_graphs
 
-    was = (os.environ.get(droprnn_graphs.ENV_SWITCH), torch.backends.cudnn.allow_tf32,
-           torch.get_float32_matmul_precision(), droprnn_plan.COUNTER_DEVICES)
+    was = (os.environ.get(droprnn_graphs.ENV_SWITCH), torch.backends.cudnn.allow_tf32, droprnn_plan.COUNTER_DEVICES)
     if stored_masks:
         droprnn_plan.COUNTER_DEVICES = frozenset()
     os.environ[droprnn_graphs.ENV_SWITCH] = "1" if graphs else "0"
     if cudnn_tf32 is not None:
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
-    if matmul_precision is not None:
-        torch.set_float32_matmul_precision(matmul_precision)
     try:
         yield
     finally:
@@ -289,8 +287,7 @@ def settings(graphs: bool = True, cudnn_tf32: Optional[bool] = None, matmul_prec
         else:
             os.environ[droprnn_graphs.ENV_SWITCH] = was[0]
         torch.backends.cudnn.allow_tf32 = was[1]
-        torch.set_float32_matmul_precision(was[2])
-        droprnn_plan.COUNTER_DEVICES = was[3]
+        droprnn_plan.COUNTER_DEVICES = was[2]
 
 
 def make_step(cell: str, variant: str, shape, device):
@@ -326,7 +323,7 @@ def make_step(cell: str, variant: str, shape, device):
     layer_class = getattr(droprnn, LAYERS[cell])  # GRU: reset_after, torch.nn.GRU's form
     layer = layer_class(units, return_sequences=True, input_size=features, impl=impl, device=device, dtype=dtype,
                         **rates)
-    options = dict(graphs=not variant.endswith("eager"), matmul_precision="high" if variant == "rd-tf32" else None,
+    options = dict(graphs=not variant.endswith("eager"), cudnn_tf32=False if variant == "rd-fp32" else None,
                    stored_masks=variant == "rd-step-stored")
 
     def step():
@@ -387,8 +384,8 @@ def median_ms(step, warmup: int = 2, max_repeats: int = 20) -> float:
 
 
 def correctness(cell: str, shape, device) -> dict:
-    """Same plan, float32: max |gpu - reference| of the outputs and the input gradient (through the CUDA
-    graphs), max |graphs - eager| of both, and max |output|."""
+    """Same plan, float32 with TF32 off: max |gpu - reference| of the outputs and the input gradient (through
+    the CUDA graphs), max |graphs - eager| of both, and max |output|."""
     import torch
 
     import droprnn
@@ -404,7 +401,7 @@ def correctness(cell: str, shape, device) -> dict:
 
     def run(impl, graphs=True, calls=1):
         layer.impl = impl
-        with settings(graphs=graphs):
+        with settings(graphs=graphs, cudnn_tf32=False):  # full float32, as the reference loop's products
             for _ in range(calls):  # a loop is captured on its second call: the last call replays it
                 xx = x.clone().requires_grad_(True)
                 y = layer(xx, dropout_plan=plan)
@@ -477,8 +474,9 @@ def main() -> int:
     print(f"kernel: {gpu.describe()}\n")
     result = {"machine": machine, "checks_passed": None, "rows": [], "correctness": [], "skipped": []}
     if not args.no_checks:
-        print("checks: impl='gpu' == impl='reference' (same plan), outputs, states and every gradient")
-        result["checks_passed"] = run_checks(device)
+        print("checks: impl='gpu' == impl='reference' (same plan), outputs, states and every gradient; TF32 off")
+        with settings(cudnn_tf32=False):  # droprnn's float32 products follow it; the reference's stay full float32
+            result["checks_passed"] = run_checks(device)
         print()
 
     def out_of_time() -> bool:

@@ -788,6 +788,110 @@ def test_torch_per_backend_tf32_switches_are_read_without_raising(switch):
         torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
 
 
+@contextlib.contextmanager
+def tf32_switches():
+    """Restore torch's TF32 switches (legacy and per-backend) after a test that sets them."""
+    legacy = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    per_backend = {}
+    if NEW_TF32_API:
+        per_backend = {(torch.backends, "fp32_precision"): torch.backends.fp32_precision,
+                       (torch.backends.cuda.matmul, "fp32_precision"): torch.backends.cuda.matmul.fp32_precision,
+                       (torch.backends.cudnn, "fp32_precision"): torch.backends.cudnn.fp32_precision,
+                       (torch.backends.cudnn.rnn, "fp32_precision"): torch.backends.cudnn.rnn.fp32_precision}
+    try:
+        yield
+    finally:
+        for (where, name), value in per_backend.items():
+            setattr(where, name, "none")
+        torch.set_float32_matmul_precision(legacy[0])
+        torch.backends.cudnn.allow_tf32 = legacy[1]
+        for (where, name), value in per_backend.items():
+            setattr(where, name, value)
+
+
+def mix_tf32_switches():
+    """The state where torch.get_float32_matmul_precision() raises: the legacy switch says full float32, the
+    global per-backend one (inherited by cuBLAS) says TF32."""
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    torch.backends.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError):
+        torch.get_float32_matmul_precision()
+
+
+def test_float32_products_follow_torch_rnn_tf32_switch():
+    """droprnn's float32 products on CUDA run at the precision torch lets its own RNNs (cuDNN) use: TF32 by
+    default ("high"), full float32 ("highest") with cudnn.allow_tf32 off -- whatever the matmul switch says."""
+    from types import SimpleNamespace
+
+    from droprnn.kernels.gpu.loops import float32_precision, rnn_allows_tf32
+
+    cuda32 = SimpleNamespace(dtype=torch.float32, device=torch.device("cuda"))  # no CUDA needed to decide
+    with tf32_switches():
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("highest")
+        assert rnn_allows_tf32() and float32_precision(cuda32) == "high"
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("high")
+        assert not rnn_allows_tf32() and float32_precision(cuda32) == "highest"
+        assert float32_precision(SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda"))) is None
+        assert float32_precision(torch.zeros(1)) is None  # CPU tensors (the interpreter): nothing set
+        if NEW_TF32_API:
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.rnn.fp32_precision = "ieee"
+            assert not rnn_allows_tf32()
+            torch.backends.cudnn.rnn.fp32_precision = "tf32"
+            assert rnn_allows_tf32()
+            mix_tf32_switches()
+            assert float32_precision(cuda32) is None
+
+
+def test_products_precision_sets_and_restores_torch_switches_exactly():
+    from droprnn.kernels.gpu.loops import products_precision
+
+    with tf32_switches():
+        torch.set_float32_matmul_precision("highest")
+        if NEW_TF32_API:
+            torch.backends.cuda.matmul.fp32_precision = "none"
+        with products_precision("high"):
+            assert torch.get_float32_matmul_precision() == "high"
+        assert torch.get_float32_matmul_precision() == "highest"
+        if NEW_TF32_API:
+            assert torch.backends.cuda.matmul.fp32_precision == "none"
+        with products_precision(None):
+            assert torch.get_float32_matmul_precision() == "highest"
+        torch.set_float32_matmul_precision("medium")
+        with products_precision("highest"):
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "medium"
+        if NEW_TF32_API:
+            mix_tf32_switches()
+            with products_precision("highest"):  # leaves everything alone
+                assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+@in_process
+@pytest.mark.parametrize("make", [lambda: LSTM(4, dropout=0.2, recurrent_dropout=0.2), lambda: GRU(4, dropout=0.2),
+                                  lambda: SimpleRNN(4, recurrent_dropout=0.2)], ids=["lstm", "gru", "simple"])
+def test_backward_products_run_at_the_forwards_precision(make, monkeypatch):
+    """The backward's products use the precision the forward took, even if torch's switch changed between."""
+    from droprnn.kernels.gpu import gru, loops, lstm, simple
+
+    keys = []
+    real = loops.run_loop
+    for module in (lstm, gru, simple):
+        monkeypatch.setattr(module, "run_loop", lambda cls, key, *a: keys.append(key) or real(cls, key, *a))
+        monkeypatch.setattr(module, "float32_precision", lambda x: "highest")
+    layer = make()
+    layer.impl = "gpu"
+    y = layer(torch.randn(2, 3, 5))
+    for module in (lstm, gru, simple):
+        monkeypatch.setattr(module, "float32_precision", lambda x: "high")
+    y.sum().backward()
+    assert [(key.backward, key.precision) for key in keys] == [(False, "highest"), (True, "highest")]
+    assert keys[0].matmul_settings == keys[1].matmul_settings == "float32 products at highest"
+
+
 class FakeGraph:
     """Stands in for a captured loop on the CPU: replay() runs the loop again on the static buffers."""
 

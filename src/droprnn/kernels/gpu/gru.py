@@ -48,8 +48,8 @@ lstm.py's table; float32, all from one run::
 
 bfloat16, × torch.nn.GRU in bfloat16: (64, 100, 512, 512) cuDNN 5.2 ms, gpu rd 4.9 (0.95), gpu 2.7 (0.52);
 (128, 200, 1024, 1024) cuDNN 10.4, gpu rd 8.7 (0.83), gpu 5.5 (0.53). As for the LSTM, the largest float32
-shape is bound by the products (cuDNN uses TF32 by default, cuBLAS does not). reset_before, which cuDNN
-does not have, was not timed.
+shape is bound by the products (cuDNN used TF32, droprnn's products did not then: they now follow torch's
+RNN switch, TF32 by default -- see lstm.py). reset_before, which cuDNN does not have, was not timed.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ from ...cells import CellWeights
 from ...dropout.plan import CellMasks
 from .. import reference
 from .. import ACTIVATION_CODES
-from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, loop_key, stored, kernel_masks,
-                    outputs_and_saved, plain_layer, run_loop, saving)
+from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, float32_precision, loop_key, stored,
+                    kernel_masks, outputs_and_saved, plain_layer, run_loop, saving)
 from ..products import gru_recurrent_kernel_grad, input_grads, project
 from .triton_helpers import (activate, carry_state, compute_type, gate_offset, grid, incoming_grad, next_step,
                              program_units, rec_mask, step_is_real, step_offset, store_product_inputs, through,
@@ -496,14 +496,14 @@ class _GruLayer(torch.autograd.Function):
     def forward(ctx, x, kernel, bias, R, rbias, h0, input_masks, rec, noise, valid, cell, codes, saving):
         form = RESET_AFTER if cell.reset_after else RESET_BEFORE
         key = loop_key(form, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes,
-                       has_recurrent_bias=rbias is not None, noise=noise)
+                       has_recurrent_bias=rbias is not None, noise=noise, precision=float32_precision(x))
 
         h_sequence, (gates, h_buffer, side) = run_loop(
             _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, rbias, h0, rec, noise, valid),
             lambda loop: outputs_and_saved(loop, saving, ("gates", "h", "side")))
         ctx.save_for_backward(x, kernel, bias, R, rbias, h0, gates, h_buffer, side, input_masks, stored(rec), valid)
         ctx.rec = None if torch.is_tensor(rec) else rec
-        ctx.cell, ctx.codes, ctx.form, ctx.noise = cell, codes, form, noise
+        ctx.cell, ctx.codes, ctx.form, ctx.noise, ctx.precision = cell, codes, form, noise, key.precision
         return h_sequence
 
     @staticmethod
@@ -517,7 +517,7 @@ class _GruLayer(torch.autograd.Function):
 
             return reference.differentiable_grads(ctx, (x, kernel, bias, R, rbias, h0), (d_hs,), build)
         key = loop_key(ctx.form, True, x, R.shape[1] // GATES, input_masks, rec, valid, ctx.codes,
-                       has_dhs=d_hs is not None, noise=ctx.noise)
+                       has_dhs=d_hs is not None, noise=ctx.noise, precision=ctx.precision)
         needs = ctx.needs_input_grad
 
         def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it

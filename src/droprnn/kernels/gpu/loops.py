@@ -48,10 +48,64 @@ class LoopKey(NamedTuple):
     codes: tuple  # (activation, recurrent_activation) codes, constexprs of the kernels
     matmul_settings: str  # a captured cuBLAS call keeps the precision settings of its capture
     stream: int  # the stream that orders the use of an entry's buffers: another stream gets its own entry
+    precision: Optional[str] = None  # float32 products: the matmul precision run_loop sets (float32_precision)
 
 
-def _matmul_settings(dtype: torch.dtype) -> str:
-    """The torch switches that change what a cuBLAS product of ``dtype`` computes."""
+def rnn_allows_tf32() -> bool:
+    """Whether torch lets its own recurrent layers (cuDNN) compute float32 with TF32: its switch for them,
+    ``torch.backends.cudnn.rnn.fp32_precision`` (torch >= 2.9; "tf32" by default), else the older
+    ``torch.backends.cudnn.allow_tf32`` (True by default). Never raises."""
+    rnn = getattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision", "none")
+    if rnn in ("tf32", "ieee"):
+        return rnn == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # torch's legacy and per-backend switches were mixed: read the per-backend ones
+        return "tf32" in (torch.backends.cudnn.fp32_precision, getattr(torch.backends, "fp32_precision", "none"))
+
+
+def float32_precision(x: Tensor) -> Optional[str]:
+    """The float32 matmul precision droprnn's cuBLAS products run under for a call on ``x``: "high" (TF32)
+    where torch's RNNs may use TF32 (``rnn_allows_tf32``), else "highest" -- so droprnn computes like the
+    cuDNN layers it replaces, whatever ``torch.set_float32_matmul_precision`` says (its default keeps
+    cuBLAS in full float32 while cuDNN's RNNs use TF32). None, nothing set: other dtypes, CPU tensors (the
+    interpreter), and torch's TF32 switches left mixed (then the matmul switch stands, as the key records)."""
+    if x.dtype != torch.float32 or x.device.type != "cuda":
+        return None
+    try:
+        torch.get_float32_matmul_precision()
+    except RuntimeError:  # mixed legacy and per-backend switches: setting one more would not be safe
+        return None
+    return "high" if rnn_allows_tf32() else "highest"
+
+
+@contextlib.contextmanager
+def products_precision(precision: Optional[str]):
+    """Run the enclosed cuBLAS products (and their capture) under the float32 matmul ``precision``, restoring
+    torch's switches exactly afterwards -- the legacy one and, where torch has it, the per-backend string
+    (set through the legacy setter, both stay consistent). Nothing for None."""
+    try:
+        legacy = None if precision is None else torch.get_float32_matmul_precision()
+    except RuntimeError:  # the switches were mixed since the forward took its precision: leave them alone
+        legacy = None
+    if legacy is None or legacy == precision:
+        yield
+        return
+    per_backend = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(legacy)
+        if per_backend is not None:
+            torch.backends.cuda.matmul.fp32_precision = per_backend
+
+
+def _matmul_settings(dtype: torch.dtype, precision: Optional[str] = None) -> str:
+    """The torch switches that change what a cuBLAS product of ``dtype`` computes (``precision``: what
+    run_loop sets for float32, see float32_precision)."""
+    if precision is not None:
+        return f"float32 products at {precision}"
     if dtype == torch.float32:
         # torch >= 2.9 has per-backend switches (torch.backends.cuda.matmul.fp32_precision, inherited from
         # torch.backends.fp32_precision); once a user sets those, torch.get_float32_matmul_precision() raises
@@ -126,14 +180,16 @@ def kernel_masks(masks: CellMasks, dtype: torch.dtype, states: int) -> tuple[Any
 
 def loop_key(cell: str, backward: bool, x: Tensor, units: int, input_masks: Optional[Tensor], rec: Any,
              valid: Optional[Tensor], codes: tuple, has_dhs: bool = False, has_recurrent_bias: bool = False,
-             noise: Noise = Noise(), proj: int = 0) -> LoopKey:
-    """The key of the forward (or backward) time loop of a call on x (B, T, D) with these masks."""
+             noise: Noise = Noise(), proj: int = 0, precision: Optional[str] = None) -> LoopKey:
+    """The key of the forward (or backward) time loop of a call on x (B, T, D) with these masks;
+    ``precision``: float32_precision(x), taken by the forward and kept for its backward."""
     batch, steps, _ = x.shape
     stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
     gate_major = input_masks is not None and input_masks.shape[-3] > 1
     return LoopKey(cell, backward, x.device, x.dtype, batch, steps, units, proj, gate_major,
                    0 if rec is None else rec.shape[-3], rec_modes(rec), noise.modes(),
-                   valid is not None, has_dhs, has_recurrent_bias, tuple(codes), _matmul_settings(x.dtype), stream)
+                   valid is not None, has_dhs, has_recurrent_bias, tuple(codes), _matmul_settings(x.dtype, precision),
+                   stream, precision)
 
 
 class Loop:
@@ -328,20 +384,21 @@ def run_loop(loop_class: type, key: LoopKey, x: Tensor, inputs: tuple, finish: C
     The steps are replayed from a captured loop when graphs can be used (graphs.unusable_reason) and the
     cache has one for ``key``; ``finish`` must then copy out whatever outlives the call, since the next
     replay overwrites the buffers (the entry's lock keeps another thread out until it has). Else they
-    run eagerly, on buffers of this call's own.
+    run eagerly, on buffers of this call's own. Everything runs under ``key.precision`` (products_precision).
     """
-    if graphs.unusable_reason(x) is None:
-        with _current_device(key.device):  # capture and replay launch on the current device's streams
-            entry = _GRAPHS.lookup(key, lambda: _captured(loop_class, key))
-            if entry is not None:
-                with entry.lock:
-                    entry.load(*inputs)
-                    entry.graph.replay()
-                    return finish(entry)
-    loop = loop_class(key, static=False)
-    loop.load(*inputs)
-    loop.run(loop.steps())
-    return finish(loop)
+    with products_precision(key.precision):
+        if graphs.unusable_reason(x) is None:
+            with _current_device(key.device):  # capture and replay launch on the current device's streams
+                entry = _GRAPHS.lookup(key, lambda: _captured(loop_class, key))
+                if entry is not None:
+                    with entry.lock:
+                        entry.load(*inputs)
+                        entry.graph.replay()
+                        return finish(entry)
+        loop = loop_class(key, static=False)
+        loop.load(*inputs)
+        loop.run(loop.steps())
+        return finish(loop)
 
 
 # ---------------------------------------------------------------------------------------------- autograd glue

@@ -70,7 +70,9 @@ kernels take 1.12× cuDNN. (An earlier run: a Python loop over torch.nn.LSTMCell
 took 10-20× cuDNN, droprnn's reference loop 26-29×.) A later run with the GRU rows (``gru.py``) gave the
 float32 graph and cuDNN columns within about 15% (the host-bound eager ones varied up to 26%); in
 bfloat16, × torch.nn.LSTM in bfloat16: (64, 100, 512, 512) cuDNN 6.3 ms, gpu rd 5.3 (0.85), gpu 2.1
-(0.33); (128, 200, 1024, 1024) cuDNN 11.2, gpu rd 8.5 (0.75), gpu 5.8 (0.52).
+(0.33); (128, 200, 1024, 1024) cuDNN 11.2, gpu rd 8.5 (0.75), gpu 5.8 (0.52). Since these runs the float32
+products follow torch's switch for its RNNs instead of the matmul precision (``loops.float32_precision``):
+TF32 by default, as cuDNN -- the "gpu rd TF32" column is what the default runs now (not re-timed).
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ from ...cells import CellWeights
 from ...dropout.plan import CellMasks
 from .. import reference
 from .. import ACTIVATION_CODES
-from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, loop_key, stored, kernel_masks,
-                    outputs_and_saved, plain_layer, run_loop, saving)
+from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, float32_precision, loop_key, stored,
+                    kernel_masks, outputs_and_saved, plain_layer, run_loop, saving)
 from ..products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_step, program_units,
                              step_is_real, step_offset, store_product_inputs, through, update_mask, zoneout_keep,
@@ -476,7 +478,8 @@ class _LstmLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel, bias, R, P, h0, c0, input_masks, rec, noise, valid, cell, codes, saving):
         proj = 0 if P is None else P.shape[1]
-        key = loop_key(CELL, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes, noise=noise, proj=proj)
+        key = loop_key(CELL, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes, noise=noise, proj=proj,
+                       precision=float32_precision(x))
         names = ("gates", "h", "c", "r") if proj else ("gates", "h", "c")
 
         def finish(loop: _ForwardLoop):
@@ -489,6 +492,7 @@ class _LstmLayer(torch.autograd.Function):
         ctx.save_for_backward(x, kernel, bias, R, P, gates, h_buffer, c_buffer, r, input_masks, stored(rec), valid, h0,
                               c0)
         ctx.cell, ctx.codes, ctx.noise, ctx.rec = cell, codes, noise, None if torch.is_tensor(rec) else rec
+        ctx.precision = key.precision
         return h_sequence, c_last
 
     @staticmethod
@@ -503,7 +507,8 @@ class _LstmLayer(torch.autograd.Function):
 
             return reference.differentiable_grads(ctx, (x, kernel, bias, R, P, h0, c0), (d_hs, d_c_last), build)
         key = loop_key(CELL, True, x, R.shape[1] // GATES, input_masks, rec, valid, ctx.codes,
-                       has_dhs=d_hs is not None, noise=noise, proj=0 if P is None else P.shape[1])
+                       has_dhs=d_hs is not None, noise=noise, proj=0 if P is None else P.shape[1],
+                       precision=ctx.precision)
         needs = ctx.needs_input_grad
 
         def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it

@@ -31,8 +31,8 @@ from ...cells import CellWeights
 from ...dropout.plan import CellMasks
 from .. import reference
 from .. import ACTIVATION_CODES
-from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, kernel_masks, loop_key,
-                    outputs_and_saved, plain_layer, run_loop, saving, stored)
+from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, float32_precision, kernel_masks,
+                    loop_key, outputs_and_saved, plain_layer, run_loop, saving, stored)
 from ..products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (activate, carry_state, compute_type, grid, incoming_grad, next_step, program_units,
                              step_is_real, store_product_inputs, through, zoneout_split)
@@ -196,12 +196,14 @@ class _SimpleLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kernel, bias, R, h0, input_masks, rec, noise, valid, cell, codes, saving):
-        key = loop_key(CELL, False, x, R.shape[1], input_masks, rec, valid, codes, noise=noise)
+        key = loop_key(CELL, False, x, R.shape[1], input_masks, rec, valid, codes, noise=noise,
+                       precision=float32_precision(x))
         h_sequence, (pre, h_buffer) = run_loop(
             _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, h0, rec, noise, valid),
             lambda loop: outputs_and_saved(loop, saving, ("pre", "h")))
         ctx.save_for_backward(x, kernel, bias, R, h0, pre, h_buffer, input_masks, stored(rec), valid)
         ctx.cell, ctx.codes, ctx.noise, ctx.rec = cell, codes, noise, None if torch.is_tensor(rec) else rec
+        ctx.precision = key.precision
         return h_sequence
 
     @staticmethod
@@ -215,7 +217,7 @@ class _SimpleLayer(torch.autograd.Function):
 
             return reference.differentiable_grads(ctx, (x, kernel, bias, R, h0), (d_hs,), build)
         key = loop_key(CELL, True, x, R.shape[1], input_masks, rec, valid, ctx.codes, has_dhs=d_hs is not None,
-                       noise=ctx.noise)
+                       noise=ctx.noise, precision=ctx.precision)
         needs = ctx.needs_input_grad
 
         def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
