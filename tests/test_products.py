@@ -109,10 +109,31 @@ def test_recurrent_kernel_gradient_equals_the_gate_by_gate_products(route, layou
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_batched_route_is_taken_under_the_limit_only(monkeypatch):
+def test_batched_route_is_taken_under_the_limit_only_and_when_asked_for(monkeypatch):
     x = torch.zeros(B, T, D)
     monkeypatch.setattr(products, "BATCHED_LIMIT", 4 * x.numel())
     assert products.batched(x, 4) and not products.batched(x, 5)
+    assert not products.batched(x, 4, batch_gates=False)  # the CPU's choice
+
+
+@pytest.mark.parametrize("layout", ["per sequence", "per step", "counter"])
+def test_batch_gates_false_gives_the_batched_results(layout):
+    gates = 3
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, T, D, generator=g, dtype=F64)
+    kernel = torch.randn(D, gates * U, generator=g, dtype=F64)
+    dz = torch.randn(B, T, gates * U, generator=g, dtype=F64)
+    masks = make_masks(layout, gates, D)
+    side = torch.randn(B, T, U, generator=g, dtype=F64)
+    for one_at_a_time, batched in [
+        (products.input_grads(x, kernel, masks, dz, True, True, gates, batch_gates=False),
+         products.input_grads(x, kernel, masks, dz, True, True, gates)),
+        ([products.recurrent_kernel_grad(x, masks, dz, batch_gates=False)], [products.recurrent_kernel_grad(x, masks, dz)]),
+        ([products.gru_recurrent_kernel_grad(x, masks, dz, side, True, batch_gates=False)],
+         [products.gru_recurrent_kernel_grad(x, masks, dz, side, True)]),
+    ]:
+        for a, b in zip(one_at_a_time, batched):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_gate_masks_refuse_gates_that_are_not_consecutive():

@@ -130,7 +130,8 @@ def _defers_weight_grads(x: Tensor, R: Tensor) -> bool:
 def _grads_after_loop(cell, x: Tensor, kernel: Tensor, input_masks: Optional[Tensor], h0: Tensor, hs: Tensor,
                       rec: Optional[Tensor], dz: Tensor, wanted: Sequence[bool]) -> tuple:
     """dx, dK, db, dR and the GRU's d rb from the gate gradients of every step dz (B, T, G·U) (the GRU's
-    with a fourth block, the candidate product's side: see gru.cpp), in large products."""
+    with a fourth block, the candidate product's side: see gru.cpp), in large products, one gate at a time
+    (on the CPU batching them saves no launches and costs memory)."""
     want_x, want_kernel, want_bias, want_R, want_rbias = wanted
     gru = isinstance(cell, GRUCell)
     side = dz[..., 3 * cell.units:] if gru else None
@@ -140,12 +141,12 @@ def _grads_after_loop(cell, x: Tensor, kernel: Tensor, input_masks: Optional[Ten
     if want_R:
         previous = torch.cat([h0.unsqueeze(1), hs[:, :-1]], dim=1)  # the states step t's product read
         if gru:
-            dR = products.gru_recurrent_kernel_grad(previous, rec, dz, side, cell.reset_after)
+            dR = products.gru_recurrent_kernel_grad(previous, rec, dz, side, cell.reset_after, batch_gates=False)
         else:
-            dR = products.recurrent_kernel_grad(previous, rec, dz)
+            dR = products.recurrent_kernel_grad(previous, rec, dz, batch_gates=False)
     if want_rbias:  # reset_after: z and r add it to their inputs, the candidate inside r ⊙ (·)
         drbias = torch.cat([dz[..., :2 * cell.units].sum(dim=(0, 1)), side.sum(dim=(0, 1))])
-    dx, dkernel = products.input_grads(x, kernel, input_masks, dz, want_x, want_kernel, cell.gates)
+    dx, dkernel = products.input_grads(x, kernel, input_masks, dz, want_x, want_kernel, cell.gates, batch_gates=False)
     return dx, dkernel, dbias, dR, drbias
 
 

@@ -9,7 +9,9 @@ Per-gate masks (Keras's) make one product per gate. Where the G masked copies of
 are made at once, (G, B, T, D), and the G products are one batched product: a few launches instead of a
 few per gate, which is what a small layer's time goes to on a GPU (a medium Penn Treebank window: 113
 launches outside the CUDA graphs instead of 183). Above ``BATCHED_LIMIT`` elements, where the launches no
-longer matter but G copies would, the gates go one at a time with one gate's masked copy alive.
+longer matter but G copies would, the gates go one at a time with one gate's masked copy alive; so do the
+CPU's (``batch_gates=False``: no launches to save, and the peak memory of a medium Penn Treebank layer's
+step went from 49 to 39 MB at the same speed).
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ def per_gate(masks: Any) -> bool:
     return masks is not None and masks.shape[-3] > 1
 
 
-def batched(x: Tensor, gates: int) -> bool:
-    """Whether ``gates`` masked copies of x fit under BATCHED_LIMIT (then one batched product serves them)."""
-    return gates * x.numel() <= BATCHED_LIMIT
+def batched(x: Tensor, gates: int, batch_gates: bool = True) -> bool:
+    """Whether one batched product serves ``gates`` masked copies of x: asked for, and under BATCHED_LIMIT."""
+    return batch_gates and gates * x.numel() <= BATCHED_LIMIT
 
 
 def masked_copies(x: Tensor, masks: Any, gates: Sequence[int]) -> Tensor:
@@ -107,13 +109,14 @@ def project(x: Tensor, kernel: Tensor, bias: Optional[Tensor], masks: Optional[T
 
 
 def input_grads(x: Tensor, kernel: Tensor, masks: Optional[Tensor], dz: Tensor, need_x: bool, need_kernel: bool,
-                gates: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """dx (B, T, D) and dK (D, G·U) from the gradients of the projections dz (B, T, G·U)."""
+                gates: int, batch_gates: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """dx (B, T, D) and dK (D, G·U) from the gradients of the projections dz (B, T, G·U) (``batch_gates``:
+    see the module docstring)."""
     batch, steps, features = x.shape
     units = kernel.shape[1] // gates
     flat_dz = dz.view(batch * steps, gates * units)
     dx = dkernel = None
-    if per_gate(masks) and batched(x, gates):
+    if per_gate(masks) and batched(x, gates, batch_gates):
         dz_gates = gate_columns(flat_dz, gates)  # (G, B·T, U)
         if need_kernel:
             per_gate_grads = torch.bmm(masked_copies(x, masks, range(gates)).transpose(1, 2), dz_gates)
@@ -146,13 +149,15 @@ def input_grads(x: Tensor, kernel: Tensor, masks: Optional[Tensor], dz: Tensor, 
     return dx, dkernel
 
 
-def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Optional[Sequence[int]] = None) -> Tensor:
+def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Optional[Sequence[int]] = None,
+                          batch_gates: bool = True) -> Tensor:
     """Columns of dR, (H, k·U) = Σ_t (h_{t-1} ⊙ m_g)ᵀ dz_g, for k gates at once.
 
     previous: the states the products read, (B, T, H); masks: (G, B, H) one per gate, (1, B, H) shared,
     either per step (T, ·, B, H) (a tensor or a CounterMask), or None; grads: the gradients of the products'
     outputs, (B, T, k·U) -- a column slice of a wider buffer is fine (flattening (B, T) keeps it a view);
-    gates: which per-gate masks the k column blocks use, consecutive (default: all of them, in order).
+    gates: which per-gate masks the k column blocks use, consecutive (default: all of them, in order);
+    batch_gates: see the module docstring.
     """
     batch, steps, width = grads.shape
     flat_grads = grads.reshape(batch * steps, width)
@@ -161,7 +166,7 @@ def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Op
         return masked.reshape(batch * steps, previous.shape[-1]).t() @ flat_grads
     gates = range(masks.shape[-3]) if gates is None else gates
     units = width // len(gates)
-    if batched(previous, len(gates)):
+    if batched(previous, len(gates), batch_gates):
         per_gate_grads = torch.bmm(masked_copies(previous, masks, gates).transpose(1, 2),
                                    gate_columns(flat_grads, len(gates)))
         return per_gate_grads.transpose(0, 1).reshape(previous.shape[-1], width)
@@ -174,7 +179,8 @@ def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Op
     return grad
 
 
-def gru_recurrent_kernel_grad(previous: Tensor, masks: Any, dz: Tensor, side: Tensor, reset_after: bool) -> Tensor:
+def gru_recurrent_kernel_grad(previous: Tensor, masks: Any, dz: Tensor, side: Tensor, reset_after: bool,
+                              batch_gates: bool = True) -> Tensor:
     """dR (H, 3U) of a GRU from its gate gradients dz (B, T, 3U) (z, r, candidate).
 
     The z and r columns are products of h_{t-1} ⊙ m_g with dz; the candidate's differ by form -- ``side``
@@ -184,7 +190,8 @@ def gru_recurrent_kernel_grad(previous: Tensor, masks: Any, dz: Tensor, side: Te
     units = dz.shape[-1] // 3
     zr, candidate = slice(0, 2 * units), slice(2 * units, 3 * units)
     if reset_after:
-        candidate_grad = recurrent_kernel_grad(previous, masks, side, gates=(2,))
+        candidate_grad = recurrent_kernel_grad(previous, masks, side, gates=(2,), batch_gates=batch_gates)
     else:
         candidate_grad = recurrent_kernel_grad(side, None, dz[..., candidate])
-    return torch.cat([recurrent_kernel_grad(previous, masks, dz[..., zr], gates=(0, 1)), candidate_grad], dim=1)
+    zr_grad = recurrent_kernel_grad(previous, masks, dz[..., zr], gates=(0, 1), batch_gates=batch_gates)
+    return torch.cat([zr_grad, candidate_grad], dim=1)
