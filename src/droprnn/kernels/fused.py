@@ -144,8 +144,8 @@ def _grads_after_loop(cell, x: Tensor, kernel: Tensor, input_masks: Optional[Ten
             dR = products.gru_recurrent_kernel_grad(previous, rec, dz, side, cell.reset_after, batch_gates=False)
         else:
             dR = products.recurrent_kernel_grad(previous, rec, dz, batch_gates=False)
-    if want_rbias:  # reset_after: z and r add it to their inputs, the candidate inside r ⊙ (·)
-        drbias = torch.cat([dz[..., :2 * cell.units].sum(dim=(0, 1)), side.sum(dim=(0, 1))])
+    if want_rbias:
+        drbias = products.gru_recurrent_bias_grad(dz, side)
     dx, dkernel = products.input_grads(x, kernel, input_masks, dz, want_x, want_kernel, cell.gates, batch_gates=False)
     return dx, dkernel, dbias, dR, drbias
 

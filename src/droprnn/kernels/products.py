@@ -195,3 +195,10 @@ def gru_recurrent_kernel_grad(previous: Tensor, masks: Any, dz: Tensor, side: Te
         candidate_grad = recurrent_kernel_grad(side, None, dz[..., candidate])
     zr_grad = recurrent_kernel_grad(previous, masks, dz[..., zr], gates=(0, 1), batch_gates=batch_gates)
     return torch.cat([zr_grad, candidate_grad], dim=1)
+
+
+def gru_recurrent_bias_grad(dz: Tensor, d_inner: Tensor) -> Tensor:
+    """d rb (3U,) of a reset_after GRU: z and r add it to their inputs (dz's first 2U columns), the candidate
+    inside r ⊙ (h R_n + rb_n) (its gradient there is d_inner = dn ⊙ r, (B, T, U))."""
+    units = dz.shape[-1] // 3
+    return torch.cat([dz[..., :2 * units].sum(dim=(0, 1)), d_inner.sum(dim=(0, 1))])

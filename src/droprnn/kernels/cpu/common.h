@@ -461,13 +461,16 @@ void accumulate_input_side(const InputSide<T>& in, const T* Dz, int64_t ldd, int
     product_grad(Dz, ldd, r0, r1, t, gates, U, in.KT, D, in.mask, tmp, in.dx + (r0 * steps + t) * D, steps * D, false);
 }
 
-// Rows [r0, r1) of one step's gate gradients Dz (n, width) into dz_all (B, T, width) at step t; nothing
-// when dz_all is null (the weight gradients are accumulated in the loop instead).
+// Rows [r0, r1) of one step's block src (n rows, leading dimension lds, ``width`` values each) into
+// dz_all (B, T, ld) at step t: the gate gradients kept for the large products after the loop. Nothing when
+// dz_all is null (the weight gradients are accumulated in the loop instead).
 template <typename T>
-void keep_step_grads(T* dz_all, const T* Dz, int64_t width, int64_t r0, int64_t r1, int64_t t, int64_t steps) {
+void keep_step_grads(T* dz_all, int64_t ld, const T* src, int64_t lds, int64_t width, int64_t r0, int64_t r1,
+                     int64_t t, int64_t steps) {
   if (dz_all == nullptr) return;
   for (int64_t b = r0; b < r1; ++b) {
-    std::copy(Dz + (b - r0) * width, Dz + (b - r0 + 1) * width, dz_all + (b * steps + t) * width);
+    const T* row = src + (b - r0) * lds;
+    std::copy(row, row + width, dz_all + (b * steps + t) * ld);
   }
 }
 

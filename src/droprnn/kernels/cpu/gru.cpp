@@ -249,13 +249,9 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
           scale_by_act_grad(rec_act, dr, rg, U);
         }
       }
-      if (dz_all != nullptr) {
-        for (int64_t b = r0; b < r1; ++b) {
-          T* kept = dz_all + (b * steps + t) * 4 * U;
-          std::copy(Dz + (b - r0) * G3, Dz + (b - r0 + 1) * G3, kept);
-          const T* side = reset_after ? Di + (b - r0) * G3 + 2 * U : A + (b - r0) * U;
-          std::copy(side, side + U, kept + G3);
-        }
+      if (dz_all != nullptr) {  // Dz, then the candidate's product side: dn * r, or a = r * (h * m_h)
+        keep_step_grads(dz_all, 4 * U, Dz, G3, G3, r0, r1, t, steps);
+        keep_step_grads(dz_all + G3, 4 * U, reset_after ? Di + 2 * U : A, reset_after ? G3 : U, U, r0, r1, t, steps);
       }
       const T* D_inner = reset_after ? Di : Dz;  // gradients at the recurrent product's output
       const int64_t first = reset_after ? 3 : 2;   // gates in the first recurrent product

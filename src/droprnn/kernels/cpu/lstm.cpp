@@ -292,7 +292,7 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
         scale_by_act_grad(act, dzg, gg, U);
         scale_by_act_grad(rec_act, dzo, og, U);
       }
-      keep_step_grads(dz_all, Dz, G4, r0, r1, t, steps);
+      keep_step_grads(dz_all, G4, Dz, G4, G4, r0, r1, t, steps);
       const T* h_prev = t == 0 ? h_init + r0 * H : h_all + (r0 * steps + t - 1) * H;
       const int64_t ldh = t == 0 ? H : steps * H;
       if (want_dR) weight_grad(h_prev, ldh, r0, r1, H, rec, t, Dz, G4, 4, U, dR_acc, G4, ST);

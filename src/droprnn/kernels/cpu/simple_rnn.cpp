@@ -137,7 +137,7 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
         }
         scale_by_act_grad(act, dz, fr, U);
       }
-      keep_step_grads(dz_all, Dz, U, r0, r1, t, steps);
+      keep_step_grads(dz_all, U, Dz, U, U, r0, r1, t, steps);
       const T* h_prev = t == 0 ? h_init + r0 * U : h_all + (r0 * steps + t - 1) * U;
       const int64_t ldh = t == 0 ? U : steps * U;
       if (want_dR) weight_grad(h_prev, ldh, r0, r1, U, rec, t, Dz, U, 1, U, dR_acc, U, ST);

@@ -66,7 +66,7 @@ from .. import reference
 from .. import ACTIVATION_CODES
 from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, float32_precision, loop_key, stored,
                     kernel_masks, outputs_and_saved, plain_layer, run_loop, saving)
-from ..products import gru_recurrent_kernel_grad, input_grads, project
+from ..products import gru_recurrent_bias_grad, gru_recurrent_kernel_grad, input_grads, project
 from .triton_helpers import (activate, carry_state, compute_type, gate_offset, grid, incoming_grad, next_step,
                              program_units, rec_mask, step_is_real, step_offset, store_product_inputs, through,
                              update_mask, zoneout_split)
@@ -467,7 +467,7 @@ def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bia
                rec: Optional[Tensor]) -> tuple:
     """dx, dkernel, dbias, dR, drbias, dh0 (None where not needed) from a finished backward loop: large
     products and sums over dz; none of them is a view of the loop's buffers."""
-    dz, units = loop.dz, loop.key.units
+    dz = loop.dz
     dh0 = dbias = dR = drbias = None
     if needs[5]:
         dh0 = loop.initial_state_grad(rec)
@@ -477,7 +477,7 @@ def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bia
         dR = gru_recurrent_kernel_grad(h_buffer[:, :x.shape[1]], rec, dz, loop.d_inner if loop.reset_after else side,
                                        loop.reset_after)
     if rbias is not None and needs[4]:
-        drbias = torch.cat([dz[..., :2 * units].sum(dim=(0, 1)), loop.d_inner.sum(dim=(0, 1))])
+        drbias = gru_recurrent_bias_grad(dz, loop.d_inner)
     dx, dkernel = input_grads(x, kernel, input_masks, dz, needs[0], needs[1], GATES)
     return dx, dkernel, dbias, dR, drbias, dh0
 
