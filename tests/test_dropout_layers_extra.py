@@ -347,6 +347,67 @@ def test_embedding_dropout_bad_seed():
         droprnn.EmbeddingDropout(_torch_embedding(), 0.5, seed=1.5)
 
 
+def _positive_embedding():
+    emb = _torch_embedding()
+    with torch.no_grad():
+        emb.weight.copy_(torch.rand_like(emb.weight) + 0.5)
+    return emb
+
+
+def test_embedding_dropout_per_sequence_drops_each_rows_own_word_types():
+    emb = _positive_embedding()
+    layer = droprnn.EmbeddingDropout(emb, 0.5, seed=4, per_sequence=True)
+    ids = torch.randint(0, V, (64, 30), generator=torch.Generator().manual_seed(0))
+    y = layer(ids, training=True)
+    factor = (y / emb(ids))[..., 0]  # 0 or 2 per position
+    assert set(factor.unique().tolist()) == {0.0, 2.0}
+    torch.testing.assert_close(y, emb(ids) * factor.unsqueeze(-1), rtol=0, atol=1e-15)
+    differs_between_rows = False
+    for word in range(V):
+        at = ids == word
+        for row in range(ids.shape[0]):
+            assert factor[row][at[row]].unique().numel() <= 1, "every occurrence in a row shares its draw"
+        per_row = [factor[row][at[row]][0].item() for row in range(ids.shape[0]) if at[row].any()]
+        differs_between_rows |= len(set(per_row)) == 2
+    assert differs_between_rows, "rows draw their own masks"
+    pairs = [(row, word) for row in range(ids.shape[0]) for word in ids[row].unique().tolist()]
+    kept = sum(factor[row][ids[row] == word][0].item() > 0 for row, word in pairs)
+    _sigma_check(kept, len(pairs), 0.5)
+
+
+def test_embedding_dropout_per_sequence_identical_rows_get_independent_masks():
+    emb = _positive_embedding()
+    layer = droprnn.EmbeddingDropout(emb, 0.5, seed=1, per_sequence=True)
+    ids = torch.arange(V).repeat(8, 1)
+    dropped = layer(ids, training=True)[..., 0] == 0
+    assert len({tuple(row.tolist()) for row in dropped}) > 1
+    shared = droprnn.EmbeddingDropout(emb, 0.5, seed=1)(ids, training=True)[..., 0] == 0
+    assert len({tuple(row.tolist()) for row in shared}) == 1, "the default shares one draw across the batch"
+
+
+def test_embedding_dropout_per_sequence_seeded_gradients_and_eval():
+    emb = _droprnn_embedding()
+    ids = _ids()
+    a = droprnn.EmbeddingDropout(emb, 0.3, seed=5, per_sequence=True)
+    b = droprnn.EmbeddingDropout(emb, 0.3, seed=5, per_sequence=True)
+    assert torch.equal(a(ids, training=True), b(ids, training=True))
+    assert torch.equal(a(ids, training=False), emb(ids))
+    y = a(ids, training=True)
+    y.sum().backward()  # the gradient flows through the kept positions only, scaled like them
+    factor = (y.detach() / emb(ids).detach())[..., 0].nan_to_num(0.0)
+    expected = torch.zeros_like(emb.embeddings).index_add_(0, ids.reshape(-1), factor.reshape(-1, 1).expand(-1, E))
+    torch.testing.assert_close(emb.embeddings.grad, expected)
+    assert "per_sequence=True" in repr(a) and "per_sequence" not in repr(droprnn.EmbeddingDropout(emb, 0.3))
+
+
+def test_embedding_dropout_per_sequence_bad_input():
+    with pytest.raises(droprnn.DroprnnError, match=r"EmbeddingDropout.*`per_sequence`.*True or False"):
+        droprnn.EmbeddingDropout(_torch_embedding(), 0.5, per_sequence=1)
+    layer = droprnn.EmbeddingDropout(_torch_embedding(), 0.5, per_sequence=True)
+    with pytest.raises(droprnn.DroprnnError, match=r"EmbeddingDropout.*batch dimension"):
+        layer(torch.tensor(3), training=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # WordDropout
 # ----------------------------------------------------------------------------------------------------------

@@ -91,6 +91,34 @@ def _tiny_model(**rates):
     return model
 
 
+def test_mc_replicas_draw_their_own_word_type_masks():
+    """MC passes run as batch rows: a word-type mask shared by the batch would be shared by the passes."""
+    model = _tiny_model(embedding_dropout=0.5, input_dropout=0.3, recurrent_dropout=0.3)
+    embedding = next(m for m in model.modules() if isinstance(m, droprnn.EmbeddingDropout))
+    ids = torch.arange(30).expand(8, -1)
+    with torch.no_grad(), droprnn.mc_dropout_mode(model), ptb._independent_rows(model) as rows_are_passes:
+        assert rows_are_passes and embedding.per_sequence
+        dropped = embedding(ids)[..., 0] == 0
+        assert len({tuple(row.tolist()) for row in dropped}) > 1
+    assert not embedding.per_sequence, "the training setting comes back"
+
+
+@pytest.mark.parametrize("shared", ["dropconnect", "batch_noise_shape"])
+def test_mc_passes_run_one_at_a_time_where_a_mask_is_shared_by_the_batch(shared):
+    if shared == "dropconnect":
+        model = droprnn.Sequential([droprnn.Embedding(30, 8), droprnn.LSTM(
+            8, return_sequences=True, recurrent_dropout=0.3, recurrent_dropout_mode="weights"), droprnn.Dense(30)])
+    else:
+        model = droprnn.Sequential([droprnn.Embedding(30, 8), droprnn.Dropout(0.3, noise_shape=(1, None, None)),
+                                    droprnn.LSTM(8, return_sequences=True), droprnn.Dense(30)])
+    with ptb._independent_rows(model) as rows_are_passes:
+        assert not rows_are_passes
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    value = ptb.mc_perplexity(model, np.arange(25) % 30, samples=3, bptt=8, replicas=10)
+    assert math.isfinite(value) and set(calls) == {1}
+
+
 def test_states_carry_across_windows_so_windows_equal_one_long_call():
     model = _tiny_model()
     stream = np.random.default_rng(0).integers(0, 30, size=61)

@@ -190,14 +190,19 @@ class TimestepDropout(_SequenceDropout):
 
 
 class EmbeddingDropout(Layer):
-    """Drop word types: whole rows of an embedding matrix, one draw per call shared by the batch, kept
-    rows scaled by 1/(1 - rate) (Gal & Ghahramani 2016; AWD-LSTM's ``embedded_dropout``).
+    """Drop word types: whole rows of an embedding matrix, kept rows scaled by 1/(1 - rate), so every
+    occurrence of a dropped word in a sequence is dropped (Gal & Ghahramani 2016).
+
+    By default one draw per call is shared by the batch, as AWD-LSTM's ``embedded_dropout`` does. With
+    ``per_sequence=True`` each sequence (row of the ids) drops its own word types, as Gal & Ghahramani's
+    scripts do; the draws then cover only the (row, word) pairs present, whatever the vocabulary's size.
 
     Wraps an embedding module (``droprnn.Embedding`` or ``torch.nn.Embedding``) and calls it, so its own
     options (``mask_zero``, ``padding_idx``, ``max_norm``) keep working. Ids (B, T) → (B, T, E).
     """
 
-    def __init__(self, embedding: torch.nn.Module, rate: float, seed: Optional[int] = None, name: Optional[str] = None) -> None:
+    def __init__(self, embedding: torch.nn.Module, rate: float, seed: Optional[int] = None, name: Optional[str] = None,
+                 *, per_sequence: bool = False) -> None:
         super().__init__(name)
         rows = getattr(embedding, "input_dim", None) or getattr(embedding, "num_embeddings", None)
         if not isinstance(embedding, torch.nn.Module) or rows is None:
@@ -205,10 +210,13 @@ class EmbeddingDropout(Layer):
         self.embedding = embedding
         self.rows = int(rows)
         self.rate = check_rate(self.where, "rate", rate, allow_one=False)
+        if not isinstance(per_sequence, bool):
+            raise fail(self.where, "per_sequence", "True or False", repr(per_sequence))
+        self.per_sequence = per_sequence
         self.seed_stream = SeedStream(seed, self.where)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, rate={self.rate}"
+        return f"name={self.name!r}, rate={self.rate}" + (", per_sequence=True" if self.per_sequence else "")
 
     def keras_weights(self):
         return self.embedding.keras_weights() if isinstance(self.embedding, Layer) else []
@@ -224,8 +232,17 @@ class EmbeddingDropout(Layer):
             return vectors
         # Scaling the looked-up vectors by the row mask equals looking up in the masked matrix, and
         # touches B·T·E numbers instead of the whole vocabulary.
-        row_mask = dropout_mask((self.rows,), self.rate, self.seed_stream, vectors.dtype, vectors.device)
-        return vectors * row_mask[torch.as_tensor(ids, device=vectors.device).long()].unsqueeze(-1)
+        ids = torch.as_tensor(ids, device=vectors.device).long()
+        if not self.per_sequence:
+            row_mask = dropout_mask((self.rows,), self.rate, self.seed_stream, vectors.dtype, vectors.device)
+            return vectors * row_mask[ids].unsqueeze(-1)
+        if ids.dim() == 0:
+            raise fail(self.where, "inputs", "ids with a batch dimension for per_sequence=True", "a single id")
+        # One draw per distinct (sequence, word) pair: a (B, vocabulary) mask would grow with the vocabulary.
+        pairs = torch.arange(ids.shape[0], device=ids.device).view(-1, *[1] * (ids.dim() - 1)) * self.rows + ids
+        distinct, where = torch.unique(pairs, return_inverse=True)
+        pair_mask = dropout_mask(tuple(distinct.shape), self.rate, self.seed_stream, vectors.dtype, vectors.device)
+        return vectors * pair_mask[where].unsqueeze(-1)
 
 
 class WordDropout(Layer):

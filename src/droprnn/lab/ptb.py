@@ -19,6 +19,7 @@ the published test perplexity beside ours. The training path, in one sitting:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import datasets
+from ..dropout.layers import EmbeddingDropout
 from ..dropout.mc import mc_dropout_mode
+from ..dropout.modes import WEIGHT_MODES
 from ..errors import DroprnnError, check_positive_int
 from ..layers.recurrent import RNN
 from . import masks, report
@@ -179,14 +182,16 @@ def mc_perplexity(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt
                   replicas: int = 10) -> float:
     """MC-dropout perplexity: each target's probability averaged over ``samples`` stochastic passes.
 
-    Passes run ``replicas`` at a time as rows of one batch (each row draws its own masks), reading the
-    stream as one sequence with states carried; masks are redrawn at every window of ``bptt`` tokens.
+    Passes run ``replicas`` at a time as rows of one batch, reading the stream as one sequence with states
+    carried; masks are redrawn at every window of ``bptt`` tokens. Every row draws its own masks
+    (``_independent_rows``), so ``samples`` passes are that many independent draws.
     """
     samples = check_positive_int(WHERE, "mc_samples", samples)
     data = batchify(stream, 1).to(_device(model))
     probabilities = torch.zeros(data.shape[1] - 1, dtype=torch.float64, device=data.device)
     done = 0
-    with torch.no_grad(), mc_dropout_mode(model):
+    with torch.no_grad(), mc_dropout_mode(model), _independent_rows(model) as rows_are_passes:
+        replicas = replicas if rows_are_passes else 1
         while done < samples:
             rows = min(replicas, samples - done)
             _reset(model)
@@ -199,6 +204,30 @@ def mc_perplexity(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt
             done += rows
     _reset(model)
     return math.exp(-torch.log(probabilities / samples).mean().item())
+
+
+@contextlib.contextmanager
+def _independent_rows(model: torch.nn.Module) -> Iterator[bool]:
+    """Within the block, word-type masks are drawn per sequence; yields whether every batch row of ``model``
+    then draws its own masks, so that rows are independent stochastic passes.
+
+    A word-type mask shared by the batch would make the rows of one call share it: drawn per row, each row's
+    mask has the distribution it had in training. DropConnect masks the weights, once per call for the whole
+    batch, and a dropout ``noise_shape`` of 1 on the batch axis shares its mask too: with either the passes
+    must run one at a time.
+    """
+    embeddings = [m for m in model.modules() if isinstance(m, EmbeddingDropout) and not m.per_sequence]
+    shared = any(getattr(getattr(m, "cell", None), "recurrent_dropout", 0) > 0
+                 and m.cell.recurrent_dropout_mode in WEIGHT_MODES for m in model.modules() if isinstance(m, RNN))
+    shared |= any(getattr(m, "rate", 0) > 0 and (getattr(m, "noise_shape", None) or (None,))[0] == 1
+                  for m in model.modules())
+    for m in embeddings:
+        m.per_sequence = True
+    try:
+        yield not shared
+    finally:
+        for m in embeddings:
+            m.per_sequence = False
 
 
 # ---------------------------------------------------------------------------------------------- training
