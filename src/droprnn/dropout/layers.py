@@ -49,6 +49,10 @@ class Dropout(Layer):
         shape = "" if self.noise_shape is None else f", noise_shape={self.noise_shape}"
         return f"name={self.name!r}, rate={self.rate}{shape}"
 
+    @property
+    def masks_shared_by_batch(self) -> bool:
+        return self.rate > 0 and bool(self.noise_shape) and self.noise_shape[0] == 1
+
     def _validated_noise_shape(self, noise_shape: Any) -> Optional[tuple[Optional[int], ...]]:
         if noise_shape is None:
             return None
@@ -217,6 +221,10 @@ class EmbeddingDropout(Layer):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, rate={self.rate}" + (", per_sequence=True" if self.per_sequence else "")
+
+    @property
+    def masks_shared_by_batch(self) -> bool:
+        return self.rate > 0 and not self.per_sequence
 
     def keras_weights(self):
         return self.embedding.keras_weights() if isinstance(self.embedding, Layer) else []

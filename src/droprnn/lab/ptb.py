@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from .. import datasets
 from ..dropout.layers import EmbeddingDropout
 from ..dropout.mc import mc_dropout_mode
-from ..dropout.modes import WEIGHT_MODES
 from ..errors import DroprnnError, check_positive_int
 from ..layers.recurrent import RNN
 from . import masks, report
@@ -212,19 +211,14 @@ def _independent_rows(model: torch.nn.Module) -> Iterator[bool]:
     then draws its own masks, so that rows are independent stochastic passes.
 
     A word-type mask shared by the batch would make the rows of one call share it: drawn per row, each row's
-    mask has the distribution it had in training. DropConnect masks the weights, once per call for the whole
-    batch, and a dropout ``noise_shape`` of 1 on the batch axis shares its mask too: with either the passes
-    must run one at a time.
+    mask has the distribution it had in training. Other masks shared by the batch (DropConnect, a dropout
+    ``noise_shape`` of 1 on the batch axis) cannot be split so: the passes must then run one at a time.
     """
-    embeddings = [m for m in model.modules() if isinstance(m, EmbeddingDropout) and not m.per_sequence]
-    shared = any(getattr(getattr(m, "cell", None), "recurrent_dropout", 0) > 0
-                 and m.cell.recurrent_dropout_mode in WEIGHT_MODES for m in model.modules() if isinstance(m, RNN))
-    shared |= any(getattr(m, "rate", 0) > 0 and (getattr(m, "noise_shape", None) or (None,))[0] == 1
-                  for m in model.modules())
+    embeddings = [m for m in model.modules() if isinstance(m, EmbeddingDropout) and m.masks_shared_by_batch]
     for m in embeddings:
         m.per_sequence = True
     try:
-        yield not shared
+        yield not any(getattr(m, "masks_shared_by_batch", False) for m in model.modules())
     finally:
         for m in embeddings:
             m.per_sequence = False

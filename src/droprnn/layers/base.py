@@ -29,6 +29,9 @@ class Layer(nn.Module):
 
     # Training mode switches only dropout and noise on (no batch statistics): MC dropout may use it.
     training_switches_only_noise = True
+    # Whether a training call draws a mask once for the whole batch, so that its rows are not independent
+    # stochastic passes (MC dropout that runs passes as rows must know). Layers that do say so.
+    masks_shared_by_batch = False
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import activations, initializers
 from ..cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
+from ..dropout.modes import WEIGHT_MODES
 from ..dropout.plan import DropoutPlan, check_plan, draw_plan
 from ..errors import DroprnnError, check_positive_int, fail, type_name
 from ..kernels import dispatch as kernels
@@ -112,6 +113,10 @@ class RNN(Layer):
     @property
     def input_size(self) -> Optional[int]:
         return self.cells[0].input_size
+
+    @property
+    def masks_shared_by_batch(self) -> bool:  # DropConnect masks the weights, once per call
+        return any(c.recurrent_dropout > 0 and c.recurrent_dropout_mode in WEIGHT_MODES for c in self.cells)
 
     @property
     def built(self) -> bool:
