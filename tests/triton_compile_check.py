@@ -1,0 +1,304 @@
+"""Compile droprnn's Triton kernels for NVIDIA GPUs, on a machine that has none.
+
+Why: the kernel tests (tests/test_gpu_kernels.py) run the kernels in Triton's interpreter, which executes
+their Python with numpy; it never runs Triton's compiler. Kernel code the interpreter accepts can still fail
+to compile for a GPU -- a type the compiler infers differently, a construct it does not lower, an
+architecture that lacks an instruction -- and a lent GPU is too scarce to find that out on.
+
+How: a stand-in for Triton's CUDA driver reports a chosen compute capability, and every kernel launch is
+turned into a compile (``JITFunction.run(..., warmup=True)``: bind and specialise the arguments exactly as
+a launch does, then compile without launching). Then the GPU path of every cell runs forward and backward on
+CPU tensors through every dropout mode, dtype and option, so each specialisation the layers would launch
+is lowered to PTX and assembled by ptxas into a cubin for that architecture: everything a GPU run does
+before its first launch. The launches are skipped, so the host code computes on uninitialised buffers; no
+result is read.
+
+Run it in a process where Triton has not compiled droprnn's kernels for its interpreter (TRITON_INTERPRET
+unset); tests/test_gpu_compile.py runs it in a subprocess:
+
+    python tests/triton_compile_check.py [--arch 90 80 ...] [--quick]
+
+It prints, per kernel, how many specialisations compiled for each architecture, and exits with 1 after
+listing every configuration that failed to compile (with the compiler's message), or a kernel that no
+configuration reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("triton_compile_check: unset TRITON_INTERPRET; the check compiles the kernels for GPUs")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+DTYPE_NAMES = {F64: "f64", F32: "f32", F16: "f16", BF16: "bf16"}
+KERNEL_MODULES = ("lstm", "gru", "simple")  # droprnn.kernels.gpu.<name>: the modules whose kernels launch
+
+
+class CompileOnlyDriver:
+    """Triton's view of 'the current GPU': a compute capability and nothing else. Device numbers are the
+    capabilities themselves, so that Triton keeps one kernel cache per architecture."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self) -> int:
+        return self.arch
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+@dataclass
+class Record:
+    """What compiled: kernel ("module.name") → architecture → distinct specialisations (cache keys); what failed."""
+
+    compiled: dict[str, dict[int, set]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(set)))
+    registers: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # the most per thread
+    spilled: dict[str, tuple[int, str]] = field(default_factory=dict)  # stack + local bytes: the most, and where
+    current: str = ""  # the configuration being compiled
+    failures: list[str] = field(default_factory=list)
+
+
+def install(record: Record) -> CompileOnlyDriver:
+    """Make every Triton launch in this process a compile for the driver's architecture, recorded."""
+    fake = CompileOnlyDriver(90)
+    driver.set_active(fake)
+    launch = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        name = f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"  # lstm and simple share names
+        seen = record.compiled[name][fake.arch]
+        if kernel.hash not in seen:
+            seen.add(kernel.hash)
+            registers, spilled = resource_usage(kernel.asm["cubin"])
+            record.registers[name] = max(record.registers[name], registers)
+            if spilled > record.spilled.get(name, (0, ""))[0]:
+                record.spilled[name] = (spilled, f"sm_{fake.arch} {record.current}")
+        return kernel
+
+    JITFunction.run = compile_only
+    return fake
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """Registers per thread and the larger of its stack and local-memory bytes per thread (calls, register
+    spills) of a cubin, from the cuobjdump that ships with Triton; (-1, -1) where it is missing."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return -1, -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", file.name], capture_output=True, text=True).stdout
+    registers = [int(n) for n in re.findall(r"REG:(\d+)", text)]
+    local = [int(n) for n in re.findall(r"LOCAL:(\d+)", text)] + [int(n) for n in re.findall(r"STACK:(\d+)", text)]
+    return (max(registers), max(local)) if registers else (-1, -1)
+
+
+def launched_kernels() -> dict[str, set[str]]:
+    """Module → names of the kernels its host code launches (``name[grid](...)``), read from its source."""
+    from droprnn.kernels import gpu
+
+    found = {}
+    for name in KERNEL_MODULES:
+        source = (Path(gpu.__file__).parent / f"{name}.py").read_text()
+        module = sys.modules[f"{gpu.__name__}.{name}"]
+        found[name] = {n for n in re.findall(r"\b(_\w+)\[", source) if isinstance(getattr(module, n, None), JITFunction)}
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- configurations
+MODES = {
+    "none": {},
+    "keras": dict(dropout=0.3, recurrent_dropout=0.3),  # per-gate input and recurrent masks
+    "input_only": dict(dropout=0.3),
+    "tied_shared_input": dict(dropout=0.25, recurrent_dropout=0.3, recurrent_dropout_mode="tied",
+                              input_dropout_mode="shared"),
+    "input_per_step": dict(dropout=0.3, recurrent_dropout=0.3, input_dropout_mode="per_step"),
+    "weights": dict(dropout=0.25, recurrent_dropout=0.3, recurrent_dropout_mode="weights"),
+    "per_step": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="per_step"),
+    "update": dict(recurrent_dropout=0.3, recurrent_dropout_mode="update"),
+    "update_per_step": dict(recurrent_dropout=0.3, recurrent_dropout_mode="update_per_step"),
+    "zoneout": dict(dropout=0.2, recurrent_dropout=0.3, zoneout_h=0.3, zoneout_c=0.4),
+    "per_step_zoneout": dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step", zoneout_h=0.5, zoneout_c=0.2),
+}
+CELLS = ("lstm", "lstm-proj", "gru", "gru-rb", "simple")
+ACTIVATIONS = [("relu", "hard_sigmoid"), ("linear", "tanh"), ("sigmoid", "relu"), ("tanh", "linear")]
+# Options of the call: (name, layer keywords, whether to pass a step mask, whether the loss reads the sequence)
+OPTIONS = [
+    ("masked-backwards", dict(go_backwards=True), True, True),
+    ("last-output-only", dict(return_sequences=False), False, False),
+]
+
+# Sizes change the specialisation: BLOCK (units per program, up to 128) and the sizes Triton specialises
+# on (divisible by 16). The default shape is tiny; these are a realistic one and one with a ragged last block.
+SHAPES = [(16, 4, 32, 256), (3, 4, 5, 130)]
+
+
+@dataclass(frozen=True)
+class Config:
+    cell: str
+    mode: str
+    dtype: torch.dtype
+    counter: bool = False  # per-step masks made by the kernels (as on CUDA) instead of read from memory
+    training: bool = True
+    acts: tuple[str, str] = ("tanh", "sigmoid")
+    option: tuple = ("plain", {}, False, True)
+    shape: tuple[int, int, int, int] = (3, 4, 5, 6)  # (B, T, D, U)
+
+    def __str__(self) -> str:
+        parts = [self.cell, self.mode, DTYPE_NAMES[self.dtype]]
+        parts += ["B={} T={} D={} U={}".format(*self.shape)] if self.shape != Config.shape else []
+        parts += ["counter"] if self.counter else []
+        parts += [] if self.training else ["inference"]
+        parts += ["-".join(self.acts)] if self.acts != ("tanh", "sigmoid") else []
+        parts += [self.option[0]] if self.option[0] != "plain" else []
+        return " ".join(parts)
+
+
+def modes(cell: str) -> list[str]:
+    """The modes a cell takes: SimpleRNN has no cell update to mask."""
+    return [m for m in MODES if cell != "simple" or not m.startswith("update")]
+
+
+def configurations(quick: bool) -> Iterator[Config]:
+    """Every mode on every cell in float32 (masks read from memory, then made by the kernels); each dtype
+    on a mode that uses every mask; inference zoneout; the activations and options on float32."""
+    for cell in CELLS:
+        for mode in modes(cell):
+            yield Config(cell, mode, F32)
+        for mode in ("per_step", "update_per_step", "per_step_zoneout"):
+            if mode in modes(cell):
+                yield Config(cell, mode, F32, counter=True)
+        yield Config(cell, "zoneout", F32, training=False)
+        for dtype in (F16, BF16, F64):
+            yield Config(cell, "per_step_zoneout", dtype, counter=True)
+            if not quick:
+                for mode in modes(cell):
+                    yield Config(cell, mode, dtype)
+        for acts in ACTIVATIONS:
+            yield Config(cell, "keras", F32, acts=acts)
+        for option in OPTIONS:
+            yield Config(cell, "keras", F32, option=option)
+        for shape in SHAPES:
+            for dtype in (F32, BF16):
+                yield Config(cell, "keras", dtype, shape=shape)
+                yield Config(cell, "per_step_zoneout", dtype, counter=True, shape=shape)
+
+
+def build(config: Config) -> torch.nn.Module:
+    """The layer of ``config``, built for its input size and dtype."""
+    import droprnn
+
+    options = dict(MODES[config.mode])
+    if not config.cell.startswith("lstm"):
+        options.pop("zoneout_c", None)
+    act, rec_act = config.acts
+    name, layer_kw, _, _ = config.option
+    _, _, D, U = config.shape
+    common = dict(dict(return_sequences=True, **options), **layer_kw, impl="gpu")
+    if config.cell == "simple":
+        layer = droprnn.SimpleRNN(U, activation=act, **common)
+    elif config.cell.startswith("lstm"):
+        layer = droprnn.LSTM(U, activation=act, recurrent_activation=rec_act,
+                             proj_size=U - 2 if config.cell == "lstm-proj" else 0, **common)
+    else:
+        layer = droprnn.GRU(U, activation=act, recurrent_activation=rec_act, reset_after=config.cell == "gru",
+                            **common)
+    layer.build(D, dtype=config.dtype)
+    return layer.train(config.training)
+
+
+def exercise(config: Config) -> None:
+    """The layer's GPU path forward and backward (every launch compiles instead of running)."""
+    from droprnn.dropout import plan as plan_module
+
+    layer = build(config)
+    B, T, D, _ = config.shape
+    x = torch.randn(B, T, D, dtype=config.dtype, requires_grad=True)
+    _, _, with_mask, _ = config.option
+    mask = (torch.arange(B * T).reshape(B, T) % 3 != 1) if with_mask else None
+    initial_state = [torch.randn(B, s, dtype=config.dtype, requires_grad=True) for s in layer.cells[0].state_size]
+    devices = plan_module.COUNTER_DEVICES
+    plan_module.COUNTER_DEVICES = frozenset({"cuda", "cpu"}) if config.counter else devices
+    try:
+        y = layer(x, mask=mask, initial_state=initial_state)
+    finally:
+        plan_module.COUNTER_DEVICES = devices
+    assert layer.last_kernel.name == "gpu", layer.last_kernel
+    y.float().sum().backward()
+
+
+def check(archs: list[int], quick: bool, say: Callable[[str], None] = print) -> Record:
+    record = Record()
+    fake = install(record)
+    from droprnn.kernels import gpu
+
+    gpu._device_reason = lambda x: None  # CPU tensors: the launches only compile
+    configs = list(configurations(quick))
+    for arch in archs:
+        fake.arch = arch
+        for config in configs:
+            record.current = str(config)
+            try:
+                exercise(config)
+            except Exception as error:  # every failing configuration is reported, then the check fails
+                last = traceback.extract_tb(error.__traceback__)[-1]
+                message = str(error).strip().splitlines()
+                record.failures.append(f"sm_{arch} {config}: {type(error).__name__}: "
+                                       f"{' | '.join(message[-6:])} (at {Path(last.filename).name}:{last.lineno})")
+    expected = launched_kernels()
+    for module, names in expected.items():
+        for name in sorted(f"{module}.{n}" for n in names):
+            counts = [len(record.compiled[name][arch]) for arch in archs]
+            say(f"{name}: " + ", ".join(f"sm_{a} {n}" for a, n in zip(archs, counts))
+                + f" specialisations; at most {record.registers[name]} registers per thread"
+                + (" and {} B of stack or local memory (a call or a spill) in {}".format(*record.spilled[name]) if name in record.spilled
+                   else ", no spills"))
+            for arch, n in zip(archs, counts):
+                if n == 0:
+                    record.failures.append(f"sm_{arch}: no configuration compiled {name}")
+    say(f"{len(configs)} configurations × {len(archs)} architectures, forward and backward")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80],
+                        help="compute capabilities to compile for: 80 (A100), 86, 89 (L4, RTX 40), 90 (H100, H200)")
+    parser.add_argument("--quick", action="store_true", help="the half and double dtypes on one mode per cell only")
+    args = parser.parse_args(argv)
+    record = check(args.arch, args.quick)
+    for failure in record.failures:
+        print("FAILED", failure)
+    print("ok" if not record.failures else f"{len(record.failures)} failures")
+    return 1 if record.failures else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.exit(main())
