@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -78,6 +80,7 @@ class Record:
     compiled: dict[str, dict[int, set]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(set)))
     registers: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # the most per thread
     spilled: dict[str, tuple[int, str]] = field(default_factory=dict)  # stack + local bytes: the most, and where
+    seconds: list[float] = field(default_factory=list)  # per new specialisation: compile (or disk-cache) time
     current: str = ""  # the configuration being compiled
     failures: list[str] = field(default_factory=list)
 
@@ -89,10 +92,12 @@ def install(record: Record) -> CompileOnlyDriver:
     launch = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
+        start = time.perf_counter()
         kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
         name = f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"  # lstm and simple share names
         seen = record.compiled[name][fake.arch]
         if kernel.hash not in seen:
+            record.seconds.append(time.perf_counter() - start)
             seen.add(kernel.hash)
             registers, spilled = resource_usage(kernel.asm["cubin"])
             record.registers[name] = max(record.registers[name], registers)
@@ -283,6 +288,9 @@ def check(archs: list[int], quick: bool, say: Callable[[str], None] = print) -> 
                 if n == 0:
                     record.failures.append(f"sm_{arch}: no configuration compiled {name}")
     say(f"{len(configs)} configurations × {len(archs)} architectures, forward and backward")
+    if record.seconds:
+        say(f"{len(record.seconds)} specialisations, each in {statistics.median(record.seconds):.2f} s (median), "
+            f"{max(record.seconds):.2f} s at most (a compile, or a read from Triton's cache where it had it)")
     return record
 
 
