@@ -598,7 +598,8 @@ def _run_script(script: str, env_updates: dict, unset=("TRITON_INTERPRET",), tim
 
 def test_cpu_without_the_interpreter_in_a_fresh_process():
     """Without TRITON_INTERPRET: `import droprnn` loads no Triton, impl='gpu' on CPU raises a clear error,
-    auto keeps its CPU choice; setting the variable later (Triton already imported) makes the kernels run."""
+    auto keeps its CPU choice; setting the variable later (Triton already imported) makes the kernels run,
+    forward and backward."""
     out = _run_script("""
         import os, sys, torch, droprnn
         print("TRITON_LOADED", "triton" in sys.modules)
@@ -613,14 +614,17 @@ def test_cpu_without_the_interpreter_in_a_fresh_process():
             print("RAISED", error)
         import triton  # imported before the variable is set, as another test file might
         os.environ["TRITON_INTERPRET"] = "1"
+        x.requires_grad_(True)
         y = strict(x)
-        print("LATE", strict.last_kernel.name, tuple(y.shape), bool(torch.isfinite(y).all()))
+        y.sum().backward()  # the backward kernels call more helpers (Triton's own @jit ones would fail here)
+        print("LATE", strict.last_kernel.name, tuple(y.shape), bool(torch.isfinite(y).all()),
+              bool(torch.isfinite(x.grad).all() and x.grad.abs().max() > 0))
     """, {})
     lines = dict(line.split(" ", 1) for line in out.splitlines())
     assert lines["TRITON_LOADED"] == "False"
     assert lines["AUTO"] in ("fused", "reference")
     assert "impl='gpu' cannot run this call" in lines["RAISED"] and "CUDA" in lines["RAISED"]
-    assert lines["LATE"] == "gpu (2, 4) True"
+    assert lines["LATE"] == "gpu (2, 4) True True"
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the in-process tests ran")

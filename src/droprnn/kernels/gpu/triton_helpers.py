@@ -1,6 +1,7 @@
 """Triton device functions shared by the step kernels (``lstm.py``, ``gru.py``), and how they are launched.
 
-Only Triton builtins here (tl.exp, tl.where, …), no tl.sigmoid: the library's own @jit helpers are compiled
+Only Triton builtins here (tl.exp, tl.where, tl.full, …), none of triton.language.standard (tl.sigmoid,
+tl.zeros_like, tl.sum, …): the library's own @jit helpers are compiled
 for the GPU when Triton is imported before TRITON_INTERPRET=1 is set, and would then refuse to run inside
 an interpreted kernel. These functions are jit'd when this module is first imported, which is when the
 kernels that call them are (``stack.py`` imports both cells), so all of them run the same way.
@@ -210,7 +211,7 @@ def zoneout_split(grad, zone_ptr, seed_ptr, STREAM: tl.constexpr, b, t, u, insid
     """The gradient of a zoned state d·old + (1 - d)·fresh split in two: (1 - d)·grad for the fresh value,
     d·grad straight to the step before (zeros without zoneout)."""
     if ZONE == 0:
-        return grad, tl.zeros_like(grad)
+        return grad, tl.full(grad.shape, 0.0, grad.dtype)  # not tl.zeros_like: a @jit helper (see above)
     else:
         d = zoneout_keep(zone_ptr, seed_ptr, STREAM, b, t, u, inside, B, U, ZONE, RATE, THRESH, COMPUTE)
         return grad * (1.0 - d), grad * d
