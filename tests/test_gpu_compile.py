@@ -2,22 +2,21 @@
 
 tests/test_gpu_kernels.py holds the kernels' results to the reference loop in Triton's interpreter, which
 never runs Triton's compiler. Here every specialisation the layers launch is compiled to a cubin for
-Hopper (sm_90: H100, H200) and Turing (sm_75: T4, the oldest architecture that has no bfloat16 conversion
-instructions, so bfloat16 takes another lowering), and a kernel the interpreter runs but the compiler
+Hopper (sm_90: H100, H200) and Turing (sm_75: T4, which has no bfloat16 conversion instructions, so
+bfloat16 takes another lowering), and a kernel the interpreter runs but the compiler
 rejects shows that the check can fail. The checks run in subprocesses: the kernels must be imported with
 TRITON_INTERPRET unset, and this process may have compiled them for the interpreter.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-
-import importlib.util
 
 import pytest
 
