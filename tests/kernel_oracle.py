@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from droprnn import DropoutPlan
+from droprnn.kernels.call import RecurrentCall
 
 F64 = torch.float64
 
@@ -94,3 +95,10 @@ def spy_on(monkeypatch, module) -> list:
 
     monkeypatch.setattr(module, "run", wrapper)
     return calls
+
+
+def call_for(layer, x) -> RecurrentCall:
+    """The call ``layer`` would hand its kernel for input ``x`` (no masks or states: kernels choose by the
+    cells, the input and the weights)."""
+    cells = tuple(layer.cells)
+    return RecurrentCall(cells, tuple(c.weights() for c in cells), x, (), DropoutPlan(()))

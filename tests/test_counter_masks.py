@@ -22,7 +22,7 @@ from droprnn.dropout import plan as plan_module
 from droprnn.kernels import fused
 from droprnn.random import (COUNTER_BITS, STREAM_STEP, CounterMask, _mix_u32, _mul_u32, counter_bits,
                             counter_threshold)
-from kernel_oracle import flat, loss_weights
+from kernel_oracle import call_for, flat, loss_weights
 
 F32, F64 = torch.float32, torch.float64
 MASK32 = 0xFFFFFFFF
@@ -202,7 +202,7 @@ def test_kernels_run_counter_plans_as_their_tensors(kind, mode, counter_cpu):
     plan = layer.draw_dropout_plan(3, steps=4)
     assert plan.cells[0].counter_based
     want = _run(layer, "reference", x, plan.materialized())
-    impls = ["reference"] + (["fused"] if fused.unsupported_reason(layer.cells, x, [layer.cell.weights()]) is None
+    impls = ["reference"] + (["fused"] if fused.unsupported_reason(call_for(layer, x)) is None
                              else [])
     for impl in impls:
         got = _run(layer, impl, x, plan)

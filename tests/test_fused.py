@@ -544,7 +544,7 @@ def test_auto_picks_fused_for_supported_calls(kind, dtype, spy_fused):
     assert layer.last_kernel.name == "fused"
     assert layer.last_kernel.reason is None
     assert len(spy_fused) == 1
-    text = dispatch.explain(layer)
+    text = droprnn.explain(layer)
     assert "fused" in text and layer.name in text
 
 
@@ -573,10 +573,10 @@ def test_auto_falls_back_with_the_reason(case, spy_fused):
     assert cause in layer.last_kernel.reason
     assert not spy_fused
     assert y.dtype == dtype
-    text = dispatch.explain(layer)
+    text = droprnn.explain(layer)
     assert "reference" in text and cause in text
     # explain for an input, before/independently of a call, says the same
-    assert cause in dispatch.explain(factory(), x)
+    assert cause in droprnn.explain(factory(), x)
     # insisting raises, naming the cause
     strict = factory()
     strict.impl = "fused"
@@ -595,7 +595,7 @@ def test_impl_fused_constructor_argument_raises_for_unsupported_call():
 def test_non_cpu_device_falls_back(spy_fused):
     layer = LSTM(4, input_size=3, device="meta")
     x = torch.randn(2, 3, 3, device="meta")
-    assert "meta" in dispatch.explain(layer, x)
+    assert "meta" in droprnn.explain(layer, x)
     layer(x)
     assert layer.last_kernel.name == "reference" and "meta" in layer.last_kernel.reason
     assert not spy_fused
@@ -619,44 +619,40 @@ def test_impl_reference_is_honoured(spy_fused):
     assert layer.last_kernel.name == "reference"
     assert "reference" in layer.last_kernel.reason
     assert not spy_fused
-    assert "reference" in dispatch.explain(layer)
+    assert "reference" in droprnn.explain(layer)
 
 
 def test_explain_before_any_call():
     layer = LSTM(4)
-    assert "not called" in dispatch.explain(layer)
+    assert "not called" in droprnn.explain(layer)
 
 
 @needs_fused
 def test_explain_with_input_names_the_kernel():
     layer = LSTM(4)  # not built: explain builds it from x
-    text = dispatch.explain(layer, torch.randn(2, 3, 5))
+    text = droprnn.explain(layer, torch.randn(2, 3, 5))
     assert "fused" in text
     assert layer.input_size == 5
-    assert "bfloat16" in dispatch.explain(LSTM(4), torch.randn(2, 3, 5, dtype=torch.bfloat16))
+    assert "bfloat16" in droprnn.explain(LSTM(4), torch.randn(2, 3, 5, dtype=torch.bfloat16))
 
 
 @needs_fused
 def test_bidirectional_explain_gives_two_lines():
     bi = Bidirectional(LSTM(4, return_sequences=True))
     bi(torch.randn(2, 3, 3))
-    lines = dispatch.explain(bi).splitlines()
+    lines = droprnn.explain(bi).splitlines()
     assert len(lines) == 2
     assert all("fused" in line for line in lines)
     assert bi.forward_layer.name in lines[0] and bi.backward_layer.name in lines[1]
     fallback = Bidirectional(LSTM(4, activation="elu", return_sequences=True))
     fallback(torch.randn(2, 3, 3))
-    lines = dispatch.explain(fallback).splitlines()
+    lines = droprnn.explain(fallback).splitlines()
     assert len(lines) == 2 and all("elu" in line for line in lines)
 
 
 def test_explain_rejects_other_modules():
     with pytest.raises(DroprnnError):
-        dispatch.explain(torch.nn.Linear(2, 2))
-
-
-def test_explain_is_exported_at_top_level():
-    assert droprnn.explain is dispatch.explain
+        droprnn.explain(torch.nn.Linear(2, 2))
 
 
 # ----------------------------------------------------------------------------------------------- 4. autograd
@@ -758,7 +754,7 @@ def test_disabled_by_environment_variable_in_subprocess():
         assert layer.cell.kernel.grad is not None
         print("KERNEL", layer.last_kernel.name)
         print("REASON", layer.last_kernel.reason)
-        print("EXPLAIN", dispatch.explain(layer))
+        print("EXPLAIN", droprnn.explain(layer))
         strict = droprnn.GRU(3, impl="fused")
         try:
             strict(torch.randn(2, 3, 3))
@@ -871,15 +867,15 @@ def test_reused_blocks_carry_no_stale_values_and_live_outputs_are_never_reused()
 def test_cache_counts_and_empties():
     cpu.empty_cache()
     assert cpu.cached_bytes() == 0
-    block = torch.ops.droprnn.empty([1 << 18], F32)  # exactly 1 MiB
+    block = torch.ops.droprnn_cpu.empty([1 << 18], F32)  # exactly 1 MiB
     address = block.data_ptr()
     del block
     assert cpu.cached_bytes() == 1 << 20
-    again = torch.ops.droprnn.empty([1 << 18], F32)
+    again = torch.ops.droprnn_cpu.empty([1 << 18], F32)
     assert again.data_ptr() == address and cpu.cached_bytes() == 0
-    small = torch.ops.droprnn.empty([1 << 16], F32)  # a quarter of the size: a fresh block, not this one
+    small = torch.ops.droprnn_cpu.empty([1 << 16], F32)  # a quarter of the size: a fresh block, not this one
     del again
-    other = torch.ops.droprnn.empty([1 << 16], F32)
+    other = torch.ops.droprnn_cpu.empty([1 << 16], F32)
     assert other.data_ptr() != address
     del small, other
     assert cpu.empty_cache() == 1 << 20 and cpu.cached_bytes() == 0

@@ -51,7 +51,7 @@ from droprnn import (  # noqa: E402
 )
 from droprnn.kernels import dispatch, fused, gpu  # noqa: E402
 from kernel_oracle import (  # noqa: E402
-    cast_plan, draw_plans, flat, holey_mask, loss_weights, rebuild, run, spy_on,
+    call_for, cast_plan, draw_plans, flat, holey_mask, loss_weights, rebuild, run, spy_on,
 )
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
@@ -460,7 +460,7 @@ def test_auto_picks_gpu_for_cuda_tensors(pretend_cuda, spy_gpu):
     layer(torch.randn(2, 3, 3), lengths=[3, 1])
     assert layer.last_kernel.name == "gpu" and layer.last_kernel.reason is None
     assert len(spy_gpu) == 1
-    text = dispatch.explain(layer)
+    text = droprnn.explain(layer)
     assert "Triton GPU kernel" in text and "interpreted" in text
 
 
@@ -469,10 +469,10 @@ def test_auto_on_cpu_keeps_its_cpu_choice(spy_gpu):
     layer = make_layer(3, 4, F32, mode=dict(dropout=0.2, recurrent_dropout=0.2))
     x = torch.randn(2, 3, 3)
     layer(x)
-    expected = "fused" if fused.unsupported_reason(layer.cells, x, [layer.cell.weights()]) is None else "reference"
+    expected = "fused" if fused.unsupported_reason(call_for(layer, x)) is None else "reference"
     assert layer.last_kernel.name == expected
     assert not spy_gpu
-    assert "Triton" not in dispatch.explain(layer, x)
+    assert "Triton" not in droprnn.explain(layer, x)
 
 
 class MyLSTMCell(LSTMCell):
@@ -497,7 +497,7 @@ def test_unsupported_calls_fall_back_with_the_reason(case, pretend_cuda, spy_gpu
     assert layer.last_kernel.name == "reference"
     assert cause in layer.last_kernel.reason and "Triton" in layer.last_kernel.reason
     assert not spy_gpu
-    assert cause in dispatch.explain(layer) and cause in dispatch.explain(factory(), x)
+    assert cause in droprnn.explain(layer) and cause in droprnn.explain(factory(), x)
     # insisting raises, naming the cause
     strict = factory()
     strict.impl = "gpu"
@@ -558,8 +558,8 @@ def test_inference_zoneout_uses_its_expectation(cell, dtype):
 def test_dtypes_the_kernels_do_not_run_are_named():
     layer = GRU(4, input_size=3)
     x = torch.randn(2, 3, 3)
-    assert gpu.unsupported_reason(layer.cells, x.to(torch.float8_e4m3fn), [layer.cell.weights()]) is not None
-    assert "float8_e4m3fn" in gpu.unsupported_reason(layer.cells, x.to(torch.float8_e4m3fn), [layer.cell.weights()])
+    assert gpu.unsupported_reason(call_for(layer, x.to(torch.float8_e4m3fn))) is not None
+    assert "float8_e4m3fn" in gpu.unsupported_reason(call_for(layer, x.to(torch.float8_e4m3fn)))
 
 
 def test_without_triton_the_reason_says_how_to_install(monkeypatch):
@@ -569,13 +569,13 @@ def test_without_triton_the_reason_says_how_to_install(monkeypatch):
     reason = gpu.unavailable_reason()
     assert reason is not None and "pip install triton" in reason
     layer = LSTM(4, input_size=3)
-    assert gpu.unsupported_reason(layer.cells, torch.randn(2, 3, 3), [layer.cell.weights()]) == reason
+    assert gpu.unsupported_reason(call_for(layer, torch.randn(2, 3, 3))) == reason
 
 
 def test_interpreter_switched_on_too_late_is_explained(monkeypatch):
     monkeypatch.setattr(gpu, "interpreting", lambda: False)
     layer = LSTM(4, input_size=3)
-    reason = gpu.unsupported_reason(layer.cells, torch.randn(2, 3, 3), [layer.cell.weights()])
+    reason = gpu.unsupported_reason(call_for(layer, torch.randn(2, 3, 3)))
     assert "TRITON_INTERPRET=1 was set after" in reason
 
 

@@ -14,7 +14,7 @@ from .dropout.mc import mc_dropout_mode, mc_predict
 from .dropout.plan import CellMasks, DropoutPlan
 from .errors import DroprnnError
 from .interop.keras import from_keras
-from .kernels.dispatch import explain
+from .diagnostics import explain
 from .layers import (
     GRU, LSTM, RNN, Bidirectional, Dense, Embedding, Layer, Masking, Sequential, SimpleRNN, TimeDistributed,
 )

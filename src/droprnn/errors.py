@@ -58,3 +58,12 @@ def type_name(value: Any) -> str:
     cls = type(value)
     module = cls.__module__
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def no_torchscript(where: str, tool: str) -> DroprnnError:
+    """The error for TorchScript (deprecated upstream), pointing to the tools that do work."""
+    return DroprnnError(
+        f"{where}: {tool} is not supported: TorchScript is deprecated in PyTorch, and droprnn's recurrent layers "
+        "run registered operators it cannot see. Use torch.export.export(model.eval(), (x,), dynamic_shapes=...) "
+        "for a portable program, torch.onnx.export(..., dynamo=True) for ONNX, or torch.compile(model) for speed."
+    )

@@ -15,8 +15,9 @@ and ``impl`` ("auto": droprnn's fused CPU kernel, or its Triton GPU kernel for C
 applies; see ``droprnn.explain``). With all the
 dropouts 0 the modules compute what ``torch.nn`` computes.
 
-The math is droprnn's reference kernel: torch's weights are viewed in Keras layout at each call
-(gate order and the two biases folded), so one oracle serves both fronts.
+Each layer and direction is one :class:`~droprnn.kernels.call.RecurrentCall`, run as the Keras-named layers
+run theirs: torch's weights are viewed in Keras layout at each call (gate order, and the LSTM's and RNN's
+two biases folded), so the same kernels and the same oracle serve both fronts.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .cells import Cell, CellWeights, GRUCell, LSTMCell, SimpleRNNCell
 from .dropout.plan import draw_plan
-from .errors import DroprnnError, check_positive_int, check_rate, fail, type_name
+from .errors import DroprnnError, check_positive_int, check_rate, fail, no_torchscript, type_name
 from .kernels import dispatch as kernels
+from .kernels.call import RecurrentCall
 from .kernels.dispatch import KernelChoice, check_impl
 from .random import SeedStream, derived_seed, keep_mask
 
@@ -138,6 +140,9 @@ class _TorchStyleRNN(torch_nn.Module):
             for weight in self.parameters():
                 weight.uniform_(-bound, bound)
 
+    def __prepare_scriptable__(self):  # torch.jit.script calls this first
+        raise no_torchscript(self.where, "torch.jit.script")
+
     def flatten_parameters(self) -> None:
         """Accepted for torch compatibility (cuDNN's weight packing); nothing to do here."""
 
@@ -197,6 +202,8 @@ class _TorchStyleRNN(torch_nn.Module):
         """As ``torch.nn``'s: input (T, B, D), (B, T, D) with ``batch_first``, (T, D) unbatched, or a
         ``PackedSequence``. Returns ``(output, h_n)`` (GRU, RNN) or ``(output, (h_n, c_n))`` (LSTM);
         output (T, B, directions·H_out) (batch first when asked), h_n (layers·directions, B, H_out)."""
+        if torch.jit.is_tracing():
+            raise no_torchscript(self.where, "torch.jit.trace")
         lengths = None
         packed = isinstance(input, PackedSequence)
         if packed:
@@ -222,7 +229,8 @@ class _TorchStyleRNN(torch_nn.Module):
             initial = self._check_states(hx, batch, unbatched, x)
         step_mask = None
         if lengths is not None:
-            step_mask = torch.arange(steps, device=x.device)[None, :] < lengths.to(x.device)[:, None]
+            lengths = lengths.to(x.device)
+            step_mask = torch.arange(steps, device=x.device)[None, :] < lengths[:, None]
 
         directions = 2 if self.bidirectional else 1
         finals: list[tuple[Tensor, ...]] = []
@@ -232,14 +240,13 @@ class _TorchStyleRNN(torch_nn.Module):
             for direction in range(directions):
                 index = layer * directions + direction
                 cell = self._cells[index]
-                states = tuple(s[index] for s in initial)
                 plan = draw_plan([cell], batch, layer_input.shape[-1], self.training, x.dtype, x.device, steps)
-                weights = [self._keras_weights(self._suffixes()[index])]
-                self.last_kernel = kernels.choose(self.impl, [cell], layer_input, weights, self.where)
-                sequence, _, final = kernels.run(
-                    self.last_kernel, [cell], layer_input, [states], plan, step_mask, weights=weights,
-                    go_backwards=bool(direction), zero_output_for_mask=True, return_sequences=True,
+                call = RecurrentCall(
+                    (cell,), (self._keras_weights(self._suffixes()[index]),), layer_input,
+                    (tuple(s[index] for s in initial),), plan, step_mask, lengths, go_backwards=bool(direction),
+                    zero_output_for_mask=True, return_sequences=True, where=self.where,
                 )
+                (sequence, _, final), self.last_kernel = kernels.execute(self.impl, call)
                 outputs.append(sequence.flip(1) if direction else sequence)
                 finals.append(final[0])
             layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]

@@ -6,9 +6,19 @@ A stochastic layer owns one :class:`SeedStream`. With ``seed=None`` it draws fro
 ``(seed + k) mod 2**32``. That makes seeded droprnn layers reproducible run to run, independent of
 anything else using the global RNG, and draw-for-draw identical to seeded Keras layers on the torch
 backend (same masks on the CPU).
+
+Inside a program that ``torch.compile`` builds, a ``torch.Generator`` cannot be made, and a Python counter
+baked into the program would make it recompile at every call. A seeded stream there draws from the
+counter-based hash below instead (:func:`counter_bits`, pure tensor ops), keyed by its seed and a counter
+held in a tensor that the program advances in place: compiled seeded draws are reproducible run to run
+and independent of the global RNG, but they are not the masks the eager layer (and Keras) draws. Unseeded
+streams draw from torch's global RNG either way (under Inductor with its own generator, so compiled and
+eager masks differ there too, unless ``torch._inductor.config.fallback_random = True``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -21,6 +31,8 @@ class SeedStream:
     def __init__(self, seed: int | None, owner: str = "layer") -> None:
         self.seed = check_seed(owner, seed)
         self.counter = 0
+        # The draws made inside compiled programs (see the module docstring), as a tensor they advance.
+        self.compiled_counter = None if self.seed is None else torch.zeros((), dtype=torch.int64)
 
     def next_generator(self, device: torch.device) -> torch.Generator | None:
         """The generator for the next draw (``None`` means torch's global RNG)."""
@@ -37,15 +49,36 @@ class SeedStream:
         Keras draws the recurrent masks even in inference calls; skipping keeps a seeded stream in step
         with Keras without paying for masks that are never applied.
         """
-        if self.seed is not None:
+        if self.seed is not None and not torch.compiler.is_compiling():
             self.counter += draws
+
+    def next_compiled_seed(self, device: torch.device) -> torch.Tensor:
+        """Inside a compiled program: the counter seed of the next draw (two 32-bit words, an int64 tensor
+        on ``device``): this stream's seed and its compiled-draw counter, which advances."""
+        seed = torch.stack([torch.full((), self.seed & _U32, dtype=torch.int64), self.compiled_counter.clone()])
+        self.compiled_counter.add_(1)
+        return seed.to(device)
 
     def __repr__(self) -> str:
         return f"SeedStream(seed={self.seed}, counter={self.counter})"
 
 
+def _compiled(stream: SeedStream) -> bool:
+    """Whether this draw is a seeded one inside a compiled program (see the module docstring)."""
+    return stream.seed is not None and torch.compiler.is_compiling()
+
+
+def _compiled_uniform(shape: tuple[int, ...], stream: SeedStream, device: torch.device) -> torch.Tensor:
+    """Uniform numbers in (0, 1) of ``shape`` in float32, one compiled draw from a seeded ``stream``."""
+    index = torch.arange(math.prod(shape), device=device).view(shape)
+    bits = counter_bits(stream.next_compiled_seed(device), 0, index)
+    return (bits.to(torch.float32) + 0.5) / (1 << COUNTER_BITS)
+
+
 def keep_mask(shape: tuple[int, ...], rate: float, stream: SeedStream, device: torch.device) -> torch.Tensor:
     """A boolean Bernoulli(1 - rate) mask of ``shape`` (True = keep), one draw from ``stream``."""
+    if _compiled(stream):
+        return _compiled_uniform(shape, stream, device) >= rate
     probabilities = torch.full(shape, 1.0 - rate, dtype=torch.float32, device=device)
     return torch.bernoulli(probabilities, generator=stream.next_generator(device)).bool()
 
@@ -69,10 +102,16 @@ def dropout_mask(
 def normal(
     shape: tuple[int, ...], mean: float, std: float, stream: SeedStream, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
+    if _compiled(stream):  # Box-Muller over two compiled draws
+        radius = torch.sqrt(-2.0 * torch.log(_compiled_uniform(shape, stream, device)))
+        angle = (2.0 * math.pi) * _compiled_uniform(shape, stream, device)
+        return (mean + std * radius * torch.cos(angle)).to(dtype)
     return torch.normal(mean, std, size=shape, generator=stream.next_generator(device), dtype=dtype, device=device)
 
 
 def uniform(shape: tuple[int, ...], stream: SeedStream, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if _compiled(stream):
+        return _compiled_uniform(shape, stream, device).to(dtype)
     return torch.rand(shape, generator=stream.next_generator(device), dtype=dtype, device=device)
 
 
@@ -132,6 +171,8 @@ def counter_threshold(rate: float) -> int:
 def draw_seed(stream: SeedStream, device: torch.device) -> torch.Tensor:
     """A counter seed, two 32-bit words as an int64 tensor on ``device``: one draw from ``stream``, made on
     the device, so drawing it never waits for the device."""
+    if _compiled(stream):
+        return stream.next_compiled_seed(device)
     return torch.randint(0, 1 << 32, (2,), dtype=torch.int64, device=device, generator=stream.next_generator(device))
 
 

@@ -1,41 +1,66 @@
-"""Which kernel runs a recurrent call, and why: the one seam between the layers and the kernels.
+"""Which kernel runs a recurrent call, and why: the one seam between the fronts and the kernels.
 
-``impl="auto"`` takes the fastest kernel the *arguments* allow (never because a kernel raised): for CUDA
+``impl="auto"`` takes the fastest kernel the *call* allows (never because a kernel raised): for CUDA
 tensors the Triton GPU kernels (:mod:`droprnn.kernels.gpu`), for CPU tensors the fused CPU kernel, else
 the reference loop. ``"reference"`` always takes the reference loop; ``"fused"`` and ``"gpu"`` insist and
 raise with the reason when the call cannot run there (``"gpu"`` on CPU tensors only under
-``TRITON_INTERPRET=1``, Triton's interpreter: auto never picks it for CPU tensors). The choice is recorded
-on the layer (``last_kernel``) and shown by :func:`explain`.
+``TRITON_INTERPRET=1``, Triton's interpreter: auto never picks it for CPU tensors).
+
+While a program is being exported the choice follows what the exporter can keep: under ``torch.export``
+the fast kernels (registered operators) as above, else the reference step inside torch's ``scan``
+(:mod:`droprnn.kernels.scan`: a loop the exported program keeps whole, so time stays dynamic); under
+``torch.onnx.export`` ONNX's own LSTM, GRU and RNN operators (:mod:`droprnn.kernels.onnx`) where they
+compute the call, else the same scan (ONNX's Scan).
+
+Under ``torch.autocast`` for the input's device the kernels run with autocast off, in the parameters'
+dtype, and the results are cast to the autocast dtype (what ``torch.nn.LSTM`` returns there).
+
+The choice is recorded on the layer (``last_kernel``) and shown by :func:`droprnn.explain`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
-from ..cells import CellWeights
 from ..errors import DroprnnError
-from . import cpu, fused, gpu, reference
+from . import cpu, fused, gpu, onnx, reference, scan
+from .call import RecurrentCall, Result
 
 IMPLS = ("auto", "reference", "fused", "gpu")
+_KERNELS = {module.NAME: module for module in (gpu, fused, reference, scan, onnx)}
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """The kernel of one call: ``name`` is "gpu", "fused" or "reference"; ``reason`` says why the faster
-    kernel was not taken."""
+    """The kernel of one call: ``name`` is one of "gpu", "fused", "reference", "scan", "onnx"; ``reason``
+    says why a faster kernel was not taken; ``autocast``: the dtype the results were cast to under
+    ``torch.autocast`` (None outside it)."""
 
     name: str
     reason: Optional[str] = None
+    autocast: Optional[torch.dtype] = None
 
     def __str__(self) -> str:
         if self.name == "fused":
-            return f"fused CPU kernel ({cpu.library_path()})"
-        if self.name == "gpu":
-            return gpu.describe()
-        return f"reference loop ({self.reason})"
+            text = f"fused CPU kernel ({cpu.library_path()})"
+        elif self.name == "gpu":
+            text = gpu.describe()
+        elif self.name == "onnx":
+            text = "ONNX's own recurrent operator (exported by torch.onnx.export)"
+        elif self.name == "scan":
+            text = f"reference step inside torch's scan, for the exporter ({self.reason})"
+        else:
+            text = f"reference loop ({self.reason})"
+        if self.autocast is not None:
+            text += f"; under autocast: computed in the parameters' dtype, results cast to {_dtype_name(self.autocast)}"
+        return text
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_impl(where: str, impl: Any) -> str:
@@ -44,62 +69,64 @@ def check_impl(where: str, impl: Any) -> str:
     return impl
 
 
+def _exporting() -> Optional[str]:
+    """"onnx" while torch.onnx.export traces the program, "export" while torch.export does, else None."""
+    if torch.onnx.is_in_onnx_export():
+        return "onnx"
+    return "export" if torch.compiler.is_exporting() else None
+
+
 def _on_gpu(x: torch.Tensor) -> bool:
     """Whether auto looks at the GPU kernels for this input (CUDA tensors only)."""
     return x.is_cuda
 
 
-def _pick(impl: str, cells: Sequence[torch.nn.Module], x: torch.Tensor, weights: Sequence[CellWeights]) -> KernelChoice:
-    """The kernel ``impl`` leads to, or the reference loop with the reason; never raises."""
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    device = x.device.type
+    if not x.is_floating_point() or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return None if dtype == x.dtype else dtype
+
+
+def pick(impl: str, call: RecurrentCall) -> KernelChoice:
+    """The kernel ``impl`` leads to for ``call``, or the fallback with the reason; never raises."""
+    exporting = _exporting()
+    autocast = _autocast_dtype(call.x)
+    if exporting == "onnx":
+        reason = onnx.unsupported_reason(call)
+        return KernelChoice("onnx") if reason is None else KernelChoice("scan", reason)
+    fallback = "scan" if exporting else "reference"
     if impl == "reference":
-        return KernelChoice("reference", "impl='reference' was asked for")
-    if impl == "gpu" or (impl == "auto" and _on_gpu(x)):
-        reason = gpu.unsupported_reason(cells, x, weights)
-        return KernelChoice("gpu") if reason is None else KernelChoice("reference", reason)
-    reason = fused.unsupported_reason(cells, x, weights)
-    return KernelChoice("fused") if reason is None else KernelChoice("reference", reason)
+        return KernelChoice(fallback, "impl='reference' was asked for", autocast)
+    fast = gpu if impl == "gpu" or (impl == "auto" and _on_gpu(call.x)) else fused
+    reason = fast.unsupported_reason(call)
+    return KernelChoice(fast.NAME, None, autocast) if reason is None else KernelChoice(fallback, reason, autocast)
 
 
-def choose(impl: str, cells: Sequence[torch.nn.Module], x: torch.Tensor, weights: Sequence[CellWeights],
-           where: str) -> KernelChoice:
-    """The kernel of this call (every kernel takes every dropout plan: the choice depends on the cells,
-    the input and the weights)."""
-    choice = _pick(impl, cells, x, weights)
-    if impl in ("fused", "gpu") and choice.name != impl:
-        raise DroprnnError(f"{where}: impl={impl!r} cannot run this call: {choice.reason}.")
+def choose(impl: str, call: RecurrentCall) -> KernelChoice:
+    """The kernel of this call (every kernel takes every dropout plan: the choice depends on the cells, the
+    input and the weights). ``impl="fused"`` or ``"gpu"`` raise when the call cannot run there (except
+    while ``torch.onnx.export`` traces: the exported program has ONNX's operators instead)."""
+    choice = pick(impl, call)
+    if impl in ("fused", "gpu") and choice.name not in (impl, "onnx") and _exporting() != "onnx":
+        raise DroprnnError(f"{call.where}: impl={impl!r} cannot run this call: {choice.reason}.")
     return choice
 
 
-_KERNELS = {"gpu": gpu, "fused": fused, "reference": reference}
+def run(choice: KernelChoice, call: RecurrentCall) -> Result:
+    """Run the chosen kernel: (outputs (B, T, O) or None, last output (B, O), final states per cell)."""
+    kernel = _KERNELS[choice.name]
+    if choice.autocast is None:
+        return kernel.run(call)
+    with torch.autocast(call.x.device.type, enabled=False):
+        sequence, last, finals = kernel.run(call)
+    cast = choice.autocast
+    return (None if sequence is None else sequence.to(cast), last.to(cast),
+            [tuple(s.to(cast) for s in states) for states in finals])
 
 
-def run(choice: KernelChoice, *args: Any, **kwargs: Any):
-    """Run the chosen kernel; arguments and results as :func:`droprnn.kernels.reference.run`."""
-    return _KERNELS[choice.name].run(*args, **kwargs)
-
-
-def explain(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> str:
-    """Which kernel ``layer`` runs (for input ``x``, or as its last call did) and why.
-
-    Works on droprnn's recurrent layers, ``Bidirectional`` (both directions) and ``droprnn.nn`` modules.
-    """
-    from ..layers.recurrent import RNN
-    from ..layers.wrappers import Bidirectional
-
-    if isinstance(layer, Bidirectional):
-        return "\n".join(explain(sub, x) for sub in (layer.forward_layer, layer.backward_layer))
-    where = getattr(layer, "where", type(layer).__name__)
-    if isinstance(layer, RNN):
-        if x is not None:
-            if not layer.built:
-                layer.build(x.shape[-1], dtype=x.dtype if x.is_floating_point() else None, device=x.device)
-            cells = layer.cells
-            choice = _pick(layer.impl, cells, x, [c.weights() for c in cells])
-            return f"{where}: {choice}"
-        if layer.last_kernel is None:
-            return f"{where}: not called yet; pass an input to see which kernel it would run"
-        return f"{where}: {layer.last_kernel}"
-    last = getattr(layer, "last_kernel", None)
-    if last is not None:
-        return f"{where}: {last}"
-    raise DroprnnError(f"explain: expected a droprnn recurrent layer, Bidirectional or droprnn.nn module, got {type(layer).__name__}.")
+def execute(impl: str, call: RecurrentCall) -> tuple[Result, KernelChoice]:
+    """Choose the kernel for ``call`` and run it; returns the results and the choice."""
+    choice = choose(impl, call)
+    return run(choice, call), choice

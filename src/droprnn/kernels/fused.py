@@ -1,14 +1,12 @@
 """The fused CPU path: the same contract as :func:`droprnn.kernels.reference.run`, faster.
 
-Per cell (stacked cells run one after another: cell k's states at masked steps are discarded anyway,
-so feeding it cell k-1's carried states equals the reference's per-step interleaving):
+Per cell (stacked cells run one after another, :func:`droprnn.kernels.call.stacked`):
 
-1. the input projections of all timesteps in one large product with the bias fused in; per-gate input
-   masks make it one batched product over the gates, written gate-major (G, B, T, U) and read by the
-   kernel in that layout, so nothing is concatenated;
+1. the input projections of all timesteps in one large product; per-gate input masks make it one product
+   per gate, written gate-major (G, B, T, U) and read by the kernel in that layout, so nothing is
+   concatenated;
 2. the recurrence in C++ (``kernels/cpu/*.cpp``): per step one small product per panel of the recurrent
-   kernel and one fused pass for the gates, masks, zoneout and step mask; its backward computes gate
-   gradients from saved activations;
+   kernel and one fused pass for the gates, bias, masks, zoneout and step mask;
 3. a backward in C++ that walks the steps once: the gate gradients from saved activations, and the
    gradient carried to the step before. The weight gradients and the input gradient are formed one of
    two ways. Where the weight gradients fit in cache, in the loop: accumulated step by step (masks
@@ -16,6 +14,13 @@ so feeding it cell k-1's carried states equals the reference's per-step interlea
    (``_DEFER_BYTES``), a step's rank-B update of them runs at memory speed, so the loop hands back the
    gate gradients of every step instead and they are a few large products after it (``products.py``,
    as on the GPU), at the BLAS's speed: a 650-unit LSTM's backward at batch 20 took 57 ms instead of 83.
+
+A cell over a sequence is one registered operator, ``droprnn::fused_layer`` (its backward
+``droprnn::fused_layer_backward``): a schema, a fake implementation that gives the output shapes from the
+input shapes (symbolic batch and time included) and autograd registered on the operator, so
+``torch.compile`` and ``torch.export`` keep the fused kernel whole inside the programs they build. The
+forward returns what its backward reads besides the inputs (the activated gates, the LSTM's c sequence, the
+GRU's recurrent products); nothing else is saved, no projection and no masked copy.
 
 The outputs follow from the carried states: a masked step carries h, so "repeat the previous output" is h
 itself once a real step has been seen, and zero before; ``zero_output_for_mask`` zeroes masked steps.
@@ -32,11 +37,16 @@ from typing import Optional, Sequence
 import torch
 
 from ..cells import CellWeights, GRUCell, LSTMCell
-from ..dropout.plan import CellMasks, DropoutPlan
-from . import ACTIVATION_CODES, SUPPORTED_CELLS, cpu, products, reference
+from ..dropout.plan import CellMasks
+from . import (ACTIVATION_CODES, CELL_KINDS, SUPPORTED_CELLS, activation_codes, constant_when_compiled, cpu, math_cell,
+               products, reference)
+from .call import RecurrentCall, Result, stacked
 
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
+
+NAME = "fused"
+GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 
 # A recurrent kernel up to this size stays one panel (it fits in L2 with room to spare).
 _ONE_PANEL_BYTES = 512 * 1024
@@ -49,13 +59,20 @@ _DEFER_BYTES = 1024 * 1024
 _DEFER_BYTES_PER_ROW = 48 * 1024
 
 
-def unsupported_reason(cells: Sequence[torch.nn.Module], x: Tensor, weights: Sequence[CellWeights]) -> Optional[str]:
-    """Why the fused path cannot run this call (None when it can). Decided from the arguments alone."""
+@constant_when_compiled
+def _library_reason() -> Optional[str]:
+    # Decided once per process (it may build the kernels): compiled programs take the answer as a constant.
+    return cpu.unavailable_reason()
+
+
+def unsupported_reason(call: RecurrentCall) -> Optional[str]:
+    """Why the fused path cannot run this call (None when it can). Decided from the call alone."""
+    x = call.x
     if x.device.type != "cpu":
         return f"the fused CPU kernels take CPU tensors; this input is on {x.device}"
     if x.dtype not in (torch.float32, torch.float64):
         return f"the fused kernels run float32 and float64; this input is {x.dtype}"
-    for k, (cell, w) in enumerate(zip(cells, weights)):
+    for k, (cell, w) in enumerate(zip(call.cells, call.weights)):
         if type(cell) not in SUPPORTED_CELLS:
             return f"cell {k} is a {type(cell).__name__}; the fused kernels know LSTMCell, GRUCell and SimpleRNNCell"
         for name in ("activation", "recurrent_activation"):
@@ -65,7 +82,33 @@ def unsupported_reason(cells: Sequence[torch.nn.Module], x: Tensor, weights: Seq
                         "(fused: tanh, sigmoid, hard_sigmoid, relu, linear)")
         if w.projection is not None:
             return f"cell {k} has a projection (proj_size); the fused LSTM has none yet"
-    return cpu.unavailable_reason()
+    return _library_reason()
+
+
+def run(call: RecurrentCall) -> Result:
+    """Same arguments and results as :func:`droprnn.kernels.reference.run`."""
+    return stacked(call, _layer)
+
+
+def _layer(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks,
+           valid: Optional[Tensor]) -> tuple[Tensor, States]:
+    """One cell over the sequence: its carried h sequence (B, T, H) and final states."""
+    masks = masks.materialized()  # the C++ kernels read every mask from a tensor
+    dtype, lstm = x.dtype, isinstance(cell, LSTMCell)
+    zoneout = [_contiguous(z, dtype) for z in masks.zoneout or ()] + [None, None]
+    reset_after = isinstance(cell, GRUCell) and cell.reset_after
+    hs, c_last, _, _ = torch.ops.droprnn.fused_layer(
+        x.contiguous(), weights.kernel, weights.input_bias, weights.recurrent_kernel,
+        weights.recurrent_bias if reset_after else None, states[0].contiguous(),
+        states[1].contiguous() if lstm else None, _contiguous(masks.input, dtype),
+        _contiguous(masks.recurrent, dtype), _contiguous(masks.update, dtype), zoneout[0], zoneout[1], valid,
+        CELL_KINDS[type(cell)], *activation_codes(cell), reset_after,
+    )
+    return hs, ((hs[:, -1], c_last) if lstm else (hs[:, -1],))
+
+
+def _contiguous(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- layouts
@@ -73,43 +116,30 @@ def _per_gate(masks: Optional[Tensor]) -> bool:
     return masks is not None and masks.shape[-3] > 1
 
 
-def _buffer(shape: Sequence[int], like: Tensor) -> Optional[Tensor]:
-    """An ``out=`` buffer from the kernels' block cache (kernels/cpu/pool.cpp): a sequence-sized tensor
-    allocated afresh each step costs its page faults again. None while autograd records (for double
-    backward), which ``out=`` does not support -- the ops then allocate as usual."""
-    return None if torch.is_grad_enabled() else torch.ops.droprnn.empty(list(shape), like.dtype)
-
-
-def _project(x: Tensor, weights: CellWeights, masks: Optional[Tensor], gates: int) -> Tensor:
-    """Input projections of all steps as a (B, T, G, U) view, bias fused into the product.
+def _project(x: Tensor, kernel: Tensor, masks: Optional[Tensor], gates: int) -> Tensor:
+    """Input projections of all steps as a (B, T, G, U) view, without the bias (the kernels add it).
 
     Per-gate masks give a gate-major tensor (G, B, T, U) (viewed as (B, T, G, U)), one product per gate,
-    with one gate's masked copy of x alive at a time.
+    with one gate's masked copy of x alive at a time. The buffers come from the kernels' block cache
+    (kernels/cpu/pool.cpp): a sequence-sized tensor allocated afresh each call costs its page faults again.
     """
     batch, steps, features = x.shape
-    kernel, bias = weights.kernel, weights.input_bias
     units = kernel.shape[1] // gates
+
+    def buffer(*shape: int) -> Tensor:
+        return torch.ops.droprnn_cpu.empty(list(shape), x.dtype)
+
     if _per_gate(masks):  # (G, B, D): per sequence (per-step input masks are always shared)
-        out = _buffer((gates, batch * steps, units), x)
-        scratch = _buffer(x.shape, x)
-        parts = []
+        out, scratch = buffer(gates, batch * steps, units), buffer(*x.shape)
         for g in range(gates):
             masked = torch.mul(x, masks[g].unsqueeze(1), out=scratch).view(batch * steps, features)
-            k = kernel[:, g * units:(g + 1) * units]
-            target = None if out is None else out[g]
-            if bias is None:
-                parts.append(torch.mm(masked, k, out=target))
-            else:
-                parts.append(torch.addmm(bias[g * units:(g + 1) * units], masked, k, out=target))
-        out = torch.stack(parts) if out is None else out
+            torch.mm(masked, kernel[:, g * units:(g + 1) * units], out=out[g])
         return out.view(gates, batch, steps, units).permute(1, 2, 0, 3)
     if masks is not None:  # one mask for all gates: (1, B, D) per sequence or (T, 1, B, D) per step
         mask = masks[:, 0].permute(1, 0, 2) if masks.dim() == 4 else masks[0].unsqueeze(1)
-        x = torch.mul(x, mask, out=_buffer(x.shape, x))
+        x = torch.mul(x, mask, out=buffer(*x.shape))
     flat = x.reshape(batch * steps, features)
-    out = _buffer((batch * steps, gates * units), x)
-    out = torch.mm(flat, kernel, out=out) if bias is None else torch.addmm(bias, flat, kernel, out=out)
-    return out.view(batch, steps, gates, units)
+    return torch.mm(flat, kernel, out=buffer(batch * steps, gates * units)).view(batch, steps, gates, units)
 
 
 def _panels(R: Tensor, gates: int, per_gate: bool) -> Tensor:
@@ -127,170 +157,191 @@ def _defers_weight_grads(x: Tensor, R: Tensor) -> bool:
     return size > max(_DEFER_BYTES, _DEFER_BYTES_PER_ROW * x.shape[0])
 
 
-def _grads_after_loop(cell, x: Tensor, kernel: Tensor, input_masks: Optional[Tensor], h0: Tensor, hs: Tensor,
-                      rec: Optional[Tensor], dz: Tensor, wanted: Sequence[bool]) -> tuple:
+def _grads_after_loop(kind: str, reset_after: bool, x: Tensor, kernel: Tensor, input_masks: Optional[Tensor],
+                      h0: Tensor, hs: Tensor, rec: Optional[Tensor], dz: Tensor, wanted: Sequence[bool]) -> tuple:
     """dx, dK, db, dR and the GRU's d rb from the gate gradients of every step dz (B, T, G·U) (the GRU's
     with a fourth block, the candidate product's side: see gru.cpp), in large products, one gate at a time
     (on the CPU batching them saves no launches and costs memory)."""
     want_x, want_kernel, want_bias, want_R, want_rbias = wanted
-    gru = isinstance(cell, GRUCell)
-    side = dz[..., 3 * cell.units:] if gru else None
-    dz = dz[..., :cell.gates * cell.units]
+    gates = GATES[kind]
+    units = kernel.shape[1] // gates
+    gru = kind == "gru"
+    side = dz[..., 3 * units:] if gru else None
+    dz = dz[..., :gates * units]
     dbias = dz.sum(dim=(0, 1)) if want_bias else None
     dR = drbias = None
     if want_R:
         previous = torch.cat([h0.unsqueeze(1), hs[:, :-1]], dim=1)  # the states step t's product read
         if gru:
-            dR = products.gru_recurrent_kernel_grad(previous, rec, dz, side, cell.reset_after, batch_gates=False)
+            dR = products.gru_recurrent_kernel_grad(previous, rec, dz, side, reset_after, batch_gates=False)
         else:
             dR = products.recurrent_kernel_grad(previous, rec, dz, batch_gates=False)
     if want_rbias:
         drbias = products.gru_recurrent_bias_grad(dz, side)
-    dx, dkernel = products.input_grads(x, kernel, input_masks, dz, want_x, want_kernel, cell.gates, batch_gates=False)
+    dx, dkernel = products.input_grads(x, kernel, input_masks, dz, want_x, want_kernel, gates, batch_gates=False)
     return dx, dkernel, dbias, dR, drbias
 
 
-def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad.contiguous()
+# ---------------------------------------------------------------------------------------------- the operators
+def _require_library(op: str) -> None:
+    if not cpu.load():
+        raise RuntimeError(f"droprnn::{op}: {cpu.unavailable_reason()}")
 
 
-# ---------------------------------------------------------------------------------------------- double backward
-def _plain_recurrence(cell, xw: Tensor, weights: CellWeights, states: States, masks: CellMasks,
-                      valid: Optional[Tensor]) -> tuple[Tensor, ...]:
-    """The fused recurrence in plain autograd ops (the cell's own step): the path for double backward."""
-    batch, steps = xw.shape[:2]
-    projected = xw.reshape(batch, steps, -1)
-    sequences = []
-    for t in range(steps):
-        _, new = cell.step(projected[:, t], states, weights, masks.at(t))
-        if valid is not None:
-            keep = valid[:, t, None]
-            new = tuple(keep * fresh + (1 - keep) * old for fresh, old in zip(new, states))
-        states = new
-        sequences.append(new)
-    return tuple(torch.stack([s[j] for s in sequences], dim=1) for j in range(len(states)))
+def _absent(like: Tensor) -> Tensor:
+    """What an operator returns where a result does not apply: operators cannot return None, and
+    zero-element tensors would count as aliases of each other, so a 0-d zero of its own."""
+    return like.new_zeros(())
 
 
-# ---------------------------------------------------------------------------------------------- the layer function
-class _FusedLayer(torch.autograd.Function):
-    """One cell over a whole sequence -- input projection and recurrence -- as one autograd node.
+def _gates_buffer(x: Tensor, units: int, gates: int, input_mask: Optional[Tensor]) -> Tensor:
+    """A tensor laid out as ``_project`` writes the projections (and the kernels the gates over them)."""
+    batch, steps, _ = x.shape
+    if _per_gate(input_mask):
+        return x.new_empty(gates, batch, steps, units).permute(1, 2, 0, 3)
+    return x.new_empty(batch, steps, gates, units)
 
-    Keeping the projection inside means neither the projections nor any masked copy are saved: the C++
-    backward recomputes what it needs in cache, and a training step keeps less than the reference loop.
-    Returns the h sequence (B, T, H), and for LSTM the last cell state (B, U).
+
+@torch.library.custom_op("droprnn::fused_layer", mutates_args=())
+def fused_layer(
+    x: Tensor, kernel: Tensor, input_bias: Optional[Tensor], recurrent_kernel: Tensor,
+    recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], input_mask: Optional[Tensor],
+    recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
+    zoneout_c: Optional[Tensor], valid: Optional[Tensor], cell: str, activation: int, recurrent_activation: int,
+    reset_after: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One cell (``cell``: "lstm", "gru" or "simple_rnn") over a whole sequence, fused.
+
+    x (B, T, D); kernel (D, G·U); input_bias (G·U,) or None; recurrent_kernel (H, G·U) with DropConnect
+    applied; recurrent_bias (G·U,): the reset_after GRU's, else None; h0 (B, H); c0 (B, U) for the LSTM;
+    masks as :class:`~droprnn.dropout.plan.CellMasks` holds them, as tensors; valid (B, T) of 0/1 or None;
+    activation codes as ``kernels.ACTIVATION_NAMES`` numbers them.
+
+    Returns (hs (B, T, H): the carried h sequence, c_last (B, U): the LSTM's last c (else absent: a 0-d zero), and what
+    the backward reads: the activated gates in the projections' layout (the SimpleRNN's fresh h' with
+    zoneout, else absent: hs is h'), and the
+    LSTM's c sequence or the reset_after GRU's recurrent products (B, T, U) (else absent)).
     """
-
-    @staticmethod
-    def forward(ctx, x, kernel, input_bias, R, rbias, h0, c0, input_masks, rec, upd, zoneout_h, zoneout_c, valid, cell):
-        act = ACTIVATION_CODES[cell.activation]
-        rec_act = ACTIVATION_CODES.get(getattr(cell, "recurrent_activation", None), act)
-        # The bias is added inside the kernel (a broadcast copy of it would be a whole extra pass here).
-        xw = _project(x, CellWeights(kernel, R), input_masks, cell.gates)
-        bias = None if input_bias is None else input_bias.contiguous()
-        # The LSTM and GRU kernels write the activated gates over xw (saved: xw); the GRU's second result
-        # is inner_h (reset_after), the SimpleRNN's the fresh h'.
-        c_seq, other = None, None
-        if isinstance(cell, LSTMCell):
-            panels = _panels(R, 4, _per_gate(rec))
-            hs, c_seq = torch.ops.droprnn.lstm_forward(
-                xw, panels, bias, h0, c0, rec, upd, zoneout_h, zoneout_c, valid, act, rec_act)
-            saved = xw
-        elif isinstance(cell, GRUCell):
-            panels = _panels(R, 3, _per_gate(rec) or not cell.reset_after)
-            hs, other = torch.ops.droprnn.gru_forward(
-                xw, panels, bias, rbias, h0, rec, upd, zoneout_h, valid, act, rec_act, cell.reset_after)
-            saved = xw
-        else:
-            hs, saved = torch.ops.droprnn.simple_rnn_forward(
-                xw, _panels(R, 1, False), bias, h0, rec, zoneout_h, valid, act)
-        ctx.save_for_backward(x, kernel, input_bias, R, rbias, h0, c0, hs, c_seq, saved, other, input_masks, rec, upd,
-                              zoneout_h, zoneout_c, valid)
-        ctx.cell, ctx.acts = cell, (act, rec_act)
-        if c_seq is None:
-            return (hs,)
-        # Only the last cell state leaves the layer: its gradient is (B, U), not a (B, T, U) of zeros.
-        return hs, c_seq[:, -1].clone()
-
-    @staticmethod
-    def backward(ctx, *grads):
-        (x, kernel, input_bias, R, rbias, h0, c0, hs, c_seq, saved, other, input_masks, rec, upd,
-         zoneout_h, zoneout_c, valid) = ctx.saved_tensors
-        cell, (act, rec_act) = ctx.cell, ctx.acts
-        lstm = isinstance(cell, LSTMCell)
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
-            masks = CellMasks(recurrent=rec, update=upd, zoneout=(zoneout_h, zoneout_c) if lstm else (zoneout_h,))
-
-            def build(x, kernel, input_bias, R, rbias, h0, c0):
-                xw = _project(x, CellWeights(kernel, R, input_bias), input_masks, cell.gates)
-                states = (h0, c0) if lstm else (h0,)
-                sequences = _plain_recurrence(cell, xw, CellWeights(None, R, recurrent_bias=rbias), states, masks, valid)
-                return (sequences[0], sequences[1][:, -1]) if lstm else (sequences[0],)
-
-            return reference.differentiable_grads(ctx, (x, kernel, input_bias, R, rbias, h0, c0), grads, build)
-
-        # The C++ backward forms the weight gradients in its time loop, or hands back every step's gate
-        # gradients dz for large products after it (_defers_weight_grads).
-        needs = ctx.needs_input_grad
-        wanted = (needs[0], needs[1], needs[2] and input_bias is not None, needs[3], rbias is not None and needs[4])
-        defer = _defers_weight_grads(x, R) and any(wanted)
-        in_loop = (False,) * 5 if defer else wanted
-        dhs = _zeros_if_none(grads[0], hs)
-        if isinstance(cell, GRUCell):
-            dx, dkernel, dbias, dR, drb, dh0, dc0, dz = torch.ops.droprnn.gru_backward(
-                dhs, R, kernel, x, h0, hs, saved, other, input_masks, rec, upd, zoneout_h, valid, act, rec_act,
-                cell.reset_after, *in_loop, defer)
-        elif lstm:
-            dx, dkernel, dbias, dR, drb, dh0, dc0, dz = torch.ops.droprnn.lstm_backward(
-                dhs, _zeros_if_none(grads[1], c0), R, kernel, x, h0, c0, hs, c_seq, saved, input_masks, rec, upd,
-                zoneout_h, zoneout_c, valid, act, rec_act, *in_loop[:4], defer)
-        else:
-            dx, dkernel, dbias, dR, drb, dh0, dc0, dz = torch.ops.droprnn.simple_rnn_backward(
-                dhs, R, kernel, x, h0, hs, saved, input_masks, rec, zoneout_h, valid, act, *in_loop[:4], defer)
-        if defer:
-            dx, dkernel, dbias, dR, drb = _grads_after_loop(cell, x, kernel, input_masks, h0, hs, rec, dz, wanted)
-        return dx, dkernel, dbias, dR, drb, dh0, dc0, None, None, None, None, None, None, None
+    _require_library("fused_layer")
+    gates = GATES[cell]
+    xw = _project(x.contiguous(), kernel, input_mask, gates)
+    bias = None if input_bias is None else input_bias.contiguous()
+    R, h0 = recurrent_kernel, h0.contiguous()
+    kernels = torch.ops.droprnn_cpu
+    if cell == "lstm":
+        hs, c_seq = kernels.lstm_forward(xw, _panels(R, 4, _per_gate(recurrent_mask)), bias, h0, c0.contiguous(),
+                                         recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, activation,
+                                         recurrent_activation)
+        # The LSTM kernel writes the activated gates over xw: no second sequence-sized buffer.
+        return hs, c_seq[:, -1].clone(), xw, c_seq
+    if cell == "gru":
+        panels = _panels(R, 3, _per_gate(recurrent_mask) or not reset_after)
+        rbias = None if recurrent_bias is None else recurrent_bias.contiguous()
+        hs, inner = kernels.gru_forward(xw, panels, bias, rbias, h0, recurrent_mask, update_mask, zoneout_h, valid,
+                                        activation, recurrent_activation, reset_after)
+        return hs, _absent(x), xw, inner if reset_after else _absent(x)
+    hs, fresh = kernels.simple_rnn_forward(xw, _panels(R, 1, False), bias, h0, recurrent_mask, zoneout_h, valid,
+                                           activation)
+    # Without zoneout the kernel's fresh h' is hs itself (an output may not be returned twice).
+    return hs, _absent(x), fresh if zoneout_h is not None else _absent(x), _absent(x)
 
 
-def _contiguous(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype).contiguous()
+@fused_layer.register_fake
+def _fused_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0, input_mask, recurrent_mask,
+                      update_mask, zoneout_h, zoneout_c, valid, cell, activation, recurrent_activation, reset_after):
+    batch, steps, _ = x.shape
+    gates = GATES[cell]
+    units = recurrent_kernel.shape[1] // gates
+    hs = x.new_empty(batch, steps, h0.shape[1])
+    if cell == "simple_rnn":
+        return hs, _absent(x), x.new_empty(batch, steps, units) if zoneout_h is not None else _absent(x), _absent(x)
+    saved = _gates_buffer(x, units, gates, input_mask)
+    if cell == "lstm":
+        return hs, x.new_empty(batch, units), saved, x.new_empty(batch, steps, units)
+    return hs, _absent(x), saved, x.new_empty(batch, steps, units) if reset_after else _absent(x)
 
 
-def _fused_cell(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks,
-                valid: Optional[Tensor]) -> list[Tensor]:
-    """Run one cell over the sequence; returns the h sequence (B, T, H), then (LSTM) the final c (B, U)."""
-    dtype = x.dtype
-    zoneout = masks.zoneout or (None,) * len(states)
-    zoneout = [_contiguous(z, dtype) for z in zoneout] + [None] * (2 - len(zoneout))
-    rbias = weights.recurrent_bias if isinstance(cell, GRUCell) and cell.reset_after else None
-    c0 = states[1].contiguous() if len(states) > 1 else None
-    return list(_FusedLayer.apply(
-        x.contiguous(), weights.kernel, weights.input_bias, weights.recurrent_kernel,
-        None if rbias is None else rbias.contiguous(), states[0].contiguous(), c0,
-        _contiguous(masks.input, dtype), _contiguous(masks.recurrent, dtype), _contiguous(masks.update, dtype),
-        zoneout[0], zoneout[1], valid, cell,
-    ))
+@torch.library.custom_op("droprnn::fused_layer_backward", mutates_args=())
+def fused_layer_backward(
+    grad_hs: Tensor, grad_c_last: Optional[Tensor], x: Tensor, kernel: Tensor, input_bias: Optional[Tensor],
+    recurrent_kernel: Tensor, recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
+    input_mask: Optional[Tensor], recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor],
+    zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], valid: Optional[Tensor], hs: Tensor, saved: Tensor,
+    other: Tensor, cell: str, activation: int, recurrent_activation: int, reset_after: bool, wanted: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`fused_layer`'s hs and c_last: (dx, d kernel, d input_bias, d recurrent_kernel,
+    d recurrent_bias, d h0, d c0). ``wanted`` says which of the first five to form (each is absent, a 0-d zero, when
+    not wanted or not applicable, as is d c0 without a c0). ``saved`` and ``other`` are the forward's."""
+    _require_library("fused_layer_backward")
+    R, kernels = recurrent_kernel, torch.ops.droprnn_cpu
+    grad_hs = grad_hs.contiguous()
+    # The C++ backward forms the weight gradients in its time loop, or hands back every step's gate
+    # gradients dz for large products after it (_defers_weight_grads).
+    defer = _defers_weight_grads(x, R) and any(wanted)
+    in_loop = (False,) * 5 if defer else tuple(wanted)
+    if cell == "gru":
+        dx, dkernel, dbias, dR, drb, dh0, dc0, dz = kernels.gru_backward(
+            grad_hs, R, kernel, x, h0, hs, saved, other if reset_after else None, input_mask, recurrent_mask,
+            update_mask, zoneout_h, valid, activation, recurrent_activation, reset_after, *in_loop, defer)
+    elif cell == "lstm":
+        dc_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
+        dx, dkernel, dbias, dR, drb, dh0, dc0, dz = kernels.lstm_backward(
+            grad_hs, dc_last, R, kernel, x, h0, c0, hs, other, saved, input_mask, recurrent_mask, update_mask,
+            zoneout_h, zoneout_c, valid, activation, recurrent_activation, *in_loop[:4], defer)
+    else:
+        dx, dkernel, dbias, dR, drb, dh0, dc0, dz = kernels.simple_rnn_backward(
+            grad_hs, R, kernel, x, h0, hs, saved if zoneout_h is not None else hs, input_mask, recurrent_mask, zoneout_h, valid, activation,
+            *in_loop[:4], defer)
+    if defer:
+        dx, dkernel, dbias, dR, drb = _grads_after_loop(cell, reset_after, x, kernel, input_mask, h0, hs,
+                                                        recurrent_mask, dz, wanted)
+    return tuple(_absent(x) if g is None else g.contiguous() for g in (dx, dkernel, dbias, dR, drb, dh0, dc0))
 
 
-def run(
-    cells: Sequence[torch.nn.Module],
-    x: Tensor,
-    initial_states: Sequence[States],
-    plan: DropoutPlan,
-    step_mask: Optional[Tensor] = None,
-    *,
-    weights: Optional[Sequence[CellWeights]] = None,
-    go_backwards: bool = False,
-    zero_output_for_mask: bool = False,
-    return_sequences: bool = True,
-) -> tuple[Optional[Tensor], Tensor, list[States]]:
-    """Same arguments and results as :func:`droprnn.kernels.reference.run`."""
-    plan = plan.materialized()  # the C++ kernels read every mask from a tensor
-    x, step_mask, weights = reference.prepare(cells, x, step_mask, plan, weights, go_backwards)
-    valid = None if step_mask is None else step_mask.to(x.dtype).contiguous()
-    layer_input = x
-    finals: list[States] = []
-    for cell, w, masks, states in zip(cells, weights, plan.cells, initial_states):
-        h_sequence, *last_c = _fused_cell(cell, layer_input, w, tuple(states), masks, valid)
-        finals.append((h_sequence[:, -1], *last_c))
-        layer_input = h_sequence
-    return (*reference.finish(layer_input, valid, zero_output_for_mask, return_sequences), finals)
+@fused_layer_backward.register_fake
+def _fused_layer_backward_fake(grad_hs, grad_c_last, x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0,
+                               input_mask, recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, hs, saved, other,
+                               cell, activation, recurrent_activation, reset_after, wanted):
+    def like(t: Optional[Tensor], want: bool = True) -> Tensor:
+        return t.new_empty(t.shape) if want and t is not None else _absent(x)
+
+    return (like(x, wanted[0]), like(kernel, wanted[1]), like(input_bias, wanted[2]),
+            like(recurrent_kernel, wanted[3]), like(recurrent_bias, wanted[4]), like(h0), like(c0))
+
+
+_DIFFERENTIABLE = 7  # x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hs, _, saved, other = output
+    ctx.save_for_backward(*inputs[:13], hs, saved, other)
+    ctx.options = inputs[13:]
+
+
+def _backward(ctx, grad_hs, grad_c_last, _grad_saved, _grad_other):
+    (x, kernel, input_bias, R, rbias, h0, c0, input_mask, rec, upd, zoneout_h, zoneout_c, valid,
+     hs, saved, other) = ctx.saved_tensors
+    cell, act, rec_act, reset_after = ctx.options
+    lstm = cell == "lstm"
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
+        math = math_cell(cell, R.shape[1] // GATES[cell], act, rec_act, reset_after)
+        masks = CellMasks(recurrent=rec, update=upd, zoneout=(zoneout_h, zoneout_c) if lstm else (zoneout_h,))
+
+        def build(x, kernel, input_bias, R, rbias, h0, c0):
+            weights = CellWeights(kernel, R, input_bias, rbias)
+            return reference.plain_layer(math, x, weights, (h0, c0) if lstm else (h0,), input_mask, masks, valid)
+
+        return reference.differentiable_grads(ctx, (x, kernel, input_bias, R, rbias, h0, c0),
+                                              (grad_hs, grad_c_last), build)
+    needs = ctx.needs_input_grad
+    present = (x, kernel, input_bias, R, rbias)
+    wanted = [needs[k] and present[k] is not None for k in range(5)]
+    grad_hs = torch.zeros_like(hs) if grad_hs is None else grad_hs
+    grads = torch.ops.droprnn.fused_layer_backward(
+        grad_hs, grad_c_last if lstm else None, x, kernel, input_bias, R, rbias, h0, c0, input_mask, rec, upd,
+        zoneout_h, zoneout_c, valid, hs, saved, other, cell, act, rec_act, reset_after, wanted)
+    wanted += [needs[5], needs[6] and lstm]
+    return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * (len(needs) - _DIFFERENTIABLE))
+
+
+fused_layer.register_autograd(_backward, setup_context=_setup_context)

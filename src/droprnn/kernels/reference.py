@@ -18,59 +18,34 @@ For stacked cells c_0 … c_{n-1} with weights W_k, a sequence x (B, T, D) and t
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
 from ..cells import CellWeights
-from ..dropout.plan import DropoutPlan
+from ..dropout.plan import CellMasks
+from .call import RecurrentCall, Result
 
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
 
-
-def prepare(
-    cells: Sequence[torch.nn.Module], x: Tensor, step_mask: Optional[Tensor], plan: DropoutPlan,
-    weights: Optional[Sequence[CellWeights]], go_backwards: bool,
-) -> tuple[Tensor, Optional[Tensor], list[CellWeights]]:
-    """What every kernel does first: reverse time for go_backwards (inputs and step mask), take each
-    cell's own weights unless given, and apply the plan's DropConnect masks (autograd reaches R through
-    them)."""
-    if go_backwards:
-        x = x.flip(1)
-        step_mask = None if step_mask is None else step_mask.flip(1)
-    weights = [cell.weights() for cell in cells] if weights is None else list(weights)
-    return x, step_mask, [m.weights_for(w) for m, w in zip(plan.cells, weights)]
+NAME = "reference"
 
 
-def run(
-    cells: Sequence[torch.nn.Module],
-    x: Tensor,
-    initial_states: Sequence[States],
-    plan: DropoutPlan,
-    step_mask: Optional[Tensor] = None,
-    *,
-    weights: Optional[Sequence[CellWeights]] = None,
-    go_backwards: bool = False,
-    zero_output_for_mask: bool = False,
-    return_sequences: bool = True,
-) -> tuple[Optional[Tensor], Tensor, list[States]]:
-    """Run ``cells`` over ``x``.
+def unsupported_reason(call: RecurrentCall) -> Optional[str]:
+    """None: the reference loop runs every call."""
+    return None
 
-    Args:
-        x: (B, T, D) inputs, T >= 1.
-        initial_states: one tuple of (B, state size) tensors per cell.
-        plan: the masks of this call, one :class:`CellMasks` per cell.
-        step_mask: (B, T) bool, True where the step is real; None for all steps.
-        weights: per cell, the :class:`CellWeights` to use; default: each cell's own parameters.
 
-    Returns:
-        (outputs (B, T, O) or None when not ``return_sequences``, last output (B, O), final states).
+def run(call: RecurrentCall) -> Result:
+    """Run ``call.cells`` over ``call.x`` (see :class:`~droprnn.kernels.call.RecurrentCall`).
+
+    Returns (outputs (B, T, O) or None when not ``return_sequences``, last output (B, O), final states).
     """
-    x, step_mask, weights = prepare(cells, x, step_mask, plan, weights, go_backwards)
-    masks = plan.cells
+    x, step_mask, weights = call.in_processing_order()
+    cells, masks = call.cells, call.plan.cells
     projected = cells[0].project_inputs(x, weights[0], masks[0].input)
-    states = [tuple(s) for s in initial_states]
+    states = [tuple(s) for s in call.initial_states]
     previous_output: Optional[Tensor] = None
     outputs: list[Tensor] = []
     for t in range(x.shape[1]):
@@ -87,31 +62,34 @@ def run(
                 tuple(torch.where(keep, new, old) for new, old in zip(fresh, held))
                 for fresh, held in zip(new_states, states)
             ]
-            if zero_output_for_mask or previous_output is None:
+            if call.zero_output_for_mask or previous_output is None:
                 y = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
             else:
                 y = torch.where(keep, y, previous_output)
         states = new_states
         previous_output = y
-        if return_sequences:
+        if call.return_sequences:
             outputs.append(y)
-    sequence = torch.stack(outputs, dim=1) if return_sequences else None
+    sequence = torch.stack(outputs, dim=1) if call.return_sequences else None
     return sequence, previous_output, states
 
 
 # ---------------------------------------------------------------------------------------------- shared by the fast kernels
-def finish(outputs: Tensor, valid: Optional[Tensor], zero_output_for_mask: bool,
-           return_sequences: bool) -> tuple[Optional[Tensor], Tensor]:
-    """A fast kernel's (sequence or None, last output) from the last cell's carried h sequence (B, T, H).
-
-    A kernel that runs one cell over all steps carries h through masked steps; the reference's outputs
-    repeat the previous output there (zero before the first real step), or are zero with
-    ``zero_output_for_mask``. ``valid``: (B, T) of 0/1 in the outputs' dtype, or None.
-    """
-    if valid is not None:
-        shown = valid if zero_output_for_mask else valid.cummax(dim=1).values
-        outputs = outputs * shown.unsqueeze(-1)
-    return (outputs if return_sequences else None), outputs[:, -1]
+def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_masks: Optional[Tensor],
+                masks: CellMasks, valid: Optional[Tensor]) -> tuple[Tensor, ...]:
+    """What a fast kernel's layer operator computes for one cell, in the cell's own plain autograd ops: the
+    carried h sequence (B, T, H), then the last value of every other state (the LSTM's c). ``valid``: (B, T)
+    of 0/1 or None. The path for double backward, which the hand-written backwards do not support."""
+    projected = cell.project_inputs(x, weights, input_masks)
+    sequence = []
+    for t in range(x.shape[1]):
+        _, new = cell.step(projected[:, t], states, weights, masks.at(t))
+        if valid is not None:
+            keep = valid[:, t, None] != 0
+            new = tuple(torch.where(keep, fresh, old) for fresh, old in zip(new, states))
+        states = new
+        sequence.append(new[0])
+    return (torch.stack(sequence, dim=1), *states[1:])
 
 
 def differentiable_grads(ctx, inputs: tuple, grad_outputs: tuple, build: Callable[..., tuple]) -> tuple:

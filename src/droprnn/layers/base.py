@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DroprnnError, check_positive_int, fail, type_name
+from ..errors import DroprnnError, check_positive_int, fail, no_torchscript, type_name
 
 Tensor = torch.Tensor
 
@@ -32,6 +32,9 @@ class Layer(nn.Module):
     # Whether a training call draws a mask once for the whole batch, so that its rows are not independent
     # stochastic passes (MC dropout that runs passes as rows must know). Layers that do say so.
     masks_shared_by_batch = False
+    # Whether forward takes ``lengths=`` as well as ``mask=`` (Sequential hands lengths on to such layers,
+    # so kernels that take lengths, such as ONNX's recurrent operators, can use them).
+    accepts_lengths = False
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__()
@@ -44,6 +47,20 @@ class Layer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls this first, on every submodule
+        raise no_torchscript(self.where, "torch.jit.script")
+
+    def build_for_input(self, features: int, x: Tensor) -> None:
+        """Build the weights for inputs of ``features`` features at the first call (Keras's lazy build);
+        not inside a program being traced, where new parameters would not belong to the module."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            raise DroprnnError(
+                f"{self.where}: its weights do not exist yet, and they cannot be created inside a program being "
+                "compiled or exported; give input_shape=/input_size= when making the layer, or call the model once "
+                "before torch.compile / torch.export."
+            )
+        self.build(features, dtype=x.dtype, device=x.device)
 
     def resolve_training(self, training: Optional[bool]) -> bool:
         return self.training if training is None else bool(training)
@@ -117,8 +134,14 @@ def float_input(where: str, x: Any, dtype: Optional[torch.dtype]) -> Tensor:
     return x if x.dtype == target else x.to(target)
 
 
-def sequence_mask(where: str, mask: Any, lengths: Any, batch: int, steps: int, device: Any) -> Optional[Tensor]:
-    """The (B, T) bool mask of real steps from a mask or from lengths (at most one of them), validated."""
+def sequence_mask(where: str, mask: Any, lengths: Any, batch: int, steps: int,
+                  device: Any) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The (B, T) bool mask of real steps from a mask or from lengths (at most one of them), validated;
+    and the lengths (B,) when they were given (kernels that take lengths use them), else None.
+
+    Inside a compiled or exported program the range of the lengths is checked when the program runs
+    (``torch._assert_async``), not while it is traced.
+    """
     if mask is not None and lengths is not None:
         raise DroprnnError(f"{where}: give `mask` or `lengths`, not both.")
     if lengths is not None:
@@ -128,15 +151,19 @@ def sequence_mask(where: str, mask: Any, lengths: Any, batch: int, steps: int, d
             raise fail(where, "lengths", f"integers of shape ({batch},)", repr(lengths)) from None
         if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise fail(where, "lengths", f"integers of shape ({batch},)", f"{lengths.dtype} of shape {tuple(lengths.shape)}")
-        if bool((lengths < 0).any()) or bool((lengths > steps).any()):
+        in_range = ((lengths >= 0) & (lengths <= steps)).all()
+        if torch.compiler.is_compiling():
+            # (the message names no size: formatting a symbolic size would fix it in the program)
+            torch._assert_async(in_range, f"{where}: argument `lengths` expected values in [0, time steps]")
+        elif not bool(in_range):
             raise fail(where, "lengths", f"values in [0, {steps}]", str(lengths.tolist()))
-        return torch.arange(steps, device=device)[None, :] < lengths[:, None]
+        return torch.arange(steps, device=device)[None, :] < lengths[:, None], lengths
     if mask is None:
-        return None
+        return None, None
     try:
         mask = torch.as_tensor(mask, device=device)
     except (TypeError, ValueError, RuntimeError):
         raise fail(where, "mask", f"a (batch, time) = ({batch}, {steps}) boolean mask", type_name(mask)) from None
     if tuple(mask.shape) != (batch, steps):
         raise fail(where, "mask", f"a (batch, time) = ({batch}, {steps}) mask", f"shape {tuple(mask.shape)}")
-    return mask if mask.dtype == torch.bool else mask != 0
+    return (mask if mask.dtype == torch.bool else mask != 0), None

@@ -24,6 +24,8 @@ class Sequential(Layer):
     ``nn.Module`` layers may be added too; they receive only the tensor and end the mask.
     """
 
+    accepts_lengths = True
+
     def __init__(self, layers: Optional[Iterable[nn.Module]] = None, name: Optional[str] = None) -> None:
         super().__init__(name)
         self.layers = nn.ModuleList()
@@ -71,16 +73,21 @@ class Sequential(Layer):
         if mask is not None or lengths is not None:
             if not torch.is_tensor(x) or x.dim() < 2:
                 raise fail(self.where, "inputs", "a (batch, time, ...) tensor when a mask or lengths is given", type_name(x))
-            mask = sequence_mask(self.where, mask, lengths, x.shape[0], x.shape[1], x.device)
+            mask, lengths = sequence_mask(self.where, mask, lengths, x.shape[0], x.shape[1], x.device)
         # `training` goes down as given: None lets each layer follow its own mode (see mc_dropout_mode).
         for layer in self.layers:
             if isinstance(layer, Layer):
                 next_mask = layer.compute_mask(x, mask)
-                x = layer(x, mask=mask, training=training)
+                if lengths is not None and layer.accepts_lengths:  # the same steps, as lengths
+                    x = layer(x, lengths=lengths, training=training)
+                else:
+                    x = layer(x, mask=mask, training=training)
+                if next_mask is not mask:  # a layer that changes the mask ends what the lengths say
+                    lengths = None
                 mask = next_mask
             else:
                 x = layer(x)
-                mask = None
+                mask = lengths = None
         return x
 
     def summary(self) -> str:
@@ -164,7 +171,7 @@ class Dense(Layer):
         if x.dim() == 0:
             raise fail(self.where, "inputs", "a tensor of shape (..., features)", "a scalar")
         if not self.built:
-            self.build(x.shape[-1], dtype=x.dtype, device=x.device)
+            self.build_for_input(x.shape[-1], x)
         elif x.shape[-1] != self.input_size:
             raise fail(self.where, "inputs", f"{self.input_size} features on the last axis", f"shape {tuple(x.shape)}")
         y = x @ self.kernel

@@ -2,9 +2,9 @@
 are ``RNN`` around the matching cell, with Keras's arguments.
 
 A call is four steps, each in its own place:
-validate (shapes, masks, states) → plan the dropout (:mod:`droprnn.dropout.plan`) → run the kernel over
-time (:mod:`droprnn.kernels.reference`) → shape the result (sequences or last output, states, stateful
-carry).
+validate (shapes, masks, states) → plan the dropout (:mod:`droprnn.dropout.plan`) → run a kernel over time
+(a :class:`~droprnn.kernels.call.RecurrentCall` that :mod:`droprnn.kernels.dispatch` hands to the kernel it
+picks) → shape the result (sequences or last output, states, stateful carry).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from .. import activations, initializers
 from ..cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
 from ..dropout.modes import WEIGHT_MODES
 from ..dropout.plan import DropoutPlan, check_plan, draw_plan
-from ..errors import DroprnnError, check_positive_int, fail, type_name
+from ..errors import DroprnnError, check_positive_int, fail, no_torchscript, type_name
 from ..kernels import dispatch as kernels
+from ..kernels.call import RecurrentCall
 from ..kernels.dispatch import KernelChoice, check_impl
 from .base import Layer, declared_input_size, float_input, sequence_mask
 
@@ -63,6 +64,8 @@ class RNN(Layer):
 
     The masks drawn by the last call are kept in ``last_dropout_plan``.
     """
+
+    accepts_lengths = True
 
     def __init__(
         self,
@@ -222,6 +225,8 @@ class RNN(Layer):
         dropout_plan: Optional[DropoutPlan] = None,
     ) -> Union[Tensor, tuple[Tensor, ...]]:
         # validate
+        if torch.jit.is_tracing():
+            raise no_torchscript(self.where, "torch.jit.trace")
         kernel = self.cells[0].kernel
         x = float_input(self.where, x, None if kernel is None else kernel.dtype)
         if x.dim() != 3:
@@ -230,13 +235,13 @@ class RNN(Layer):
         if steps == 0:
             raise fail(self.where, "inputs", "at least one timestep", f"shape {tuple(x.shape)}")
         if not self.built:
-            self.build(features, dtype=x.dtype, device=x.device)
+            self.build_for_input(features, x)
         elif features != self.input_size:
             raise fail(
                 self.where, "inputs", f"{self.input_size} features on the last axis (the size it was built with)",
                 f"shape {tuple(x.shape)}",
             )
-        step_mask = sequence_mask(self.where, mask, lengths, batch, steps, x.device)
+        step_mask, lengths = sequence_mask(self.where, mask, lengths, batch, steps, x.device)
         states = self._initial_states(initial_state, batch, x)
         # plan the dropout
         if dropout_plan is None:
@@ -246,13 +251,11 @@ class RNN(Layer):
             check_plan(self.where, dropout_plan, self.cells, batch, features, steps)
         self.last_dropout_plan = dropout_plan
         # run a kernel over time
-        weights = [cell.weights() for cell in self.cells]
-        self.last_kernel = kernels.choose(self.impl, self.cells, x, weights, self.where)
-        sequence, last, final_states = kernels.run(
-            self.last_kernel, self.cells, x, states, dropout_plan, step_mask, weights=weights,
-            go_backwards=self.go_backwards, zero_output_for_mask=self.zero_output_for_mask,
-            return_sequences=self.return_sequences,
+        call = RecurrentCall(
+            tuple(self.cells), tuple(cell.weights() for cell in self.cells), x, tuple(states), dropout_plan,
+            step_mask, lengths, self.go_backwards, self.zero_output_for_mask, self.return_sequences, self.where,
         )
+        (sequence, last, final_states), self.last_kernel = kernels.execute(self.impl, call)
         # shape the result
         if self.stateful:
             self.states = [tuple(s.detach() for s in cell_states) for cell_states in final_states]

@@ -41,6 +41,8 @@ class Bidirectional(Layer):
     Input (B, T, D) → (B, [T,] 2·units) with "concat", (B, [T,] units) otherwise.
     """
 
+    accepts_lengths = True
+
     def __init__(
         self,
         layer: RNN,

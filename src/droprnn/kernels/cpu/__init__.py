@@ -96,7 +96,7 @@ def _build(compiler: str, target: Path) -> None:
 
 
 def load() -> bool:
-    """Build (once) and load the kernels; True when ``torch.ops.droprnn`` is ready."""
+    """Build (once) and load the kernels; True when ``torch.ops.droprnn_cpu`` is ready."""
     with _lock:
         if "loaded" in _state:
             return True
@@ -135,9 +135,9 @@ def empty_cache() -> int:
     Like ``torch.cuda.empty_cache``: blocks still in use stay, and the cache refills as the kernels run.
     The cache holds at most ``DROPRNN_CPU_CACHE_MB`` MiB (default 1024; 0 turns it off).
     """
-    return int(torch.ops.droprnn.empty_cache()) if "loaded" in _state else 0
+    return int(torch.ops.droprnn_cpu.empty_cache()) if "loaded" in _state else 0
 
 
 def cached_bytes() -> int:
     """Bytes of freed blocks the kernels hold for reuse."""
-    return int(torch.ops.droprnn.cached_bytes()) if "loaded" in _state else 0
+    return int(torch.ops.droprnn_cpu.cached_bytes()) if "loaded" in _state else 0

@@ -1,5 +1,6 @@
-// Registers the fused recurrences as torch operators (torch.ops.droprnn.*); kernels/fused.py wraps them in
-// autograd functions. One file per cell holds the math.
+// Registers the fused recurrences as torch operators (torch.ops.droprnn_cpu.*): the pieces kernels/fused.py
+// calls inside the public operator droprnn::fused_layer (its schema, fake and autograd live there). One file
+// per cell holds the math.
 #include <torch/library.h>
 
 #include "common.h"
@@ -45,7 +46,7 @@ int64_t cached_bytes();
 
 }  // namespace droprnn
 
-TORCH_LIBRARY(droprnn, m) {
+TORCH_LIBRARY(droprnn_cpu, m) {
   m.def("lstm_forward", &droprnn::lstm_forward);
   m.def("lstm_backward", &droprnn::lstm_backward);
   m.def("gru_forward", &droprnn::gru_forward);

@@ -5,8 +5,7 @@ This module only decides *whether* the kernels can run a call; it never imports 
 so ``import droprnn`` works without Triton or CUDA. The kernels are imported on first use.
 
 The modules: ``lstm.py``, ``gru.py`` and ``simple.py`` (one per cell: its Triton step kernels, time loops
-and autograd Function; lstm.py's docstring explains the design and the measured speed), ``stack.py``
-(stacked cells), ``loops.py`` (what the cells' time loops share: keys, buffers, the cache of captured
+and autograd Function; lstm.py's docstring explains the design and the measured speed), ``loops.py`` (what the cells' time loops share: keys, buffers, the cache of captured
 loops), ``triton_helpers.py`` (the Triton functions the kernels share), ``graphs.py`` (CUDA graphs); the
 large cuBLAS products are ``kernels/products.py``, shared with the fused CPU backward.
 
@@ -48,26 +47,28 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from ...cells import CellWeights, SimpleRNNCell
-from ...dropout.plan import DropoutPlan
-from .. import ACTIVATION_CODES, SUPPORTED_CELLS
+from ...cells import GRUCell, LSTMCell, SimpleRNNCell
+from .. import ACTIVATION_CODES, SUPPORTED_CELLS, constant_when_compiled
+from ..call import RecurrentCall, Result, stacked
 from . import graphs
 
 Tensor = torch.Tensor
-States = tuple[Tensor, ...]
 
+NAME = "gpu"
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HELPERS_MODULE = __name__ + ".triton_helpers"  # imported with the kernels; says how Triton compiled them
 _LOOPS_MODULE = __name__ + ".loops"
 _triton_reason: dict[str, Optional[str]] = {}
 
 
+@constant_when_compiled
 def unavailable_reason() -> Optional[str]:
-    """Why the Triton kernels cannot exist in this process (None when Triton imports). Never raises."""
+    """Why the Triton kernels cannot exist in this process (None when Triton imports). Never raises.
+    Compiled programs take the answer as a constant."""
     if "reason" not in _triton_reason:
         try:
             import triton  # noqa: F401
@@ -100,15 +101,16 @@ def _device_reason(x: Tensor) -> Optional[str]:
             "(TRITON_INTERPRET=1 runs them on CPU tensors in Triton's interpreter, for tests)")
 
 
-def unsupported_reason(cells: Sequence[torch.nn.Module], x: Tensor, weights: Sequence[CellWeights]) -> Optional[str]:
-    """Why the Triton kernels cannot run this call (None when they can). Decided from the arguments alone:
-    the kernels take every dropout plan an LSTM or GRU cell draws."""
+def unsupported_reason(call: RecurrentCall) -> Optional[str]:
+    """Why the Triton kernels cannot run this call (None when they can). Decided from the call alone: the
+    kernels take every dropout plan these cells draw."""
+    x = call.x
     reason = _device_reason(x)
     if reason is not None:
         return reason
     if x.dtype not in DTYPES:
         return f"the Triton kernels run float32, float64, float16 and bfloat16; this input is {x.dtype}"
-    for k, (cell, w) in enumerate(zip(cells, weights)):
+    for k, cell in enumerate(call.cells):
         if type(cell) not in SUPPORTED_CELLS:
             return (f"cell {k} is a {type(cell).__name__}; the Triton kernels know LSTMCell, GRUCell and "
                     "SimpleRNNCell (exact types)")
@@ -142,20 +144,10 @@ def clear_graph_cache() -> None:
         module.clear_graph_cache()
 
 
-def run(
-    cells: Sequence[torch.nn.Module],
-    x: Tensor,
-    initial_states: Sequence[States],
-    plan: DropoutPlan,
-    step_mask: Optional[Tensor] = None,
-    *,
-    weights: Optional[Sequence[CellWeights]] = None,
-    go_backwards: bool = False,
-    zero_output_for_mask: bool = False,
-    return_sequences: bool = True,
-) -> tuple[Optional[Tensor], Tensor, list[States]]:
-    """Same arguments and results as :func:`droprnn.kernels.reference.run` (imports the kernels)."""
-    from . import stack
+def run(call: RecurrentCall) -> Result:
+    """Same contract as :func:`droprnn.kernels.reference.run`: stacked cells one after another, each cell's
+    layer function (``lstm.py``, ``gru.py``, ``simple.py``) over the whole sequence. Imports the kernels."""
+    from . import gru, lstm, simple
 
-    return stack.run(cells, x, initial_states, plan, step_mask, weights=weights, go_backwards=go_backwards,
-                    zero_output_for_mask=zero_output_for_mask, return_sequences=return_sequences)
+    layers = {LSTMCell: lstm.layer, GRUCell: gru.layer, SimpleRNNCell: simple.layer}
+    return stacked(call, lambda cell, *args: layers[type(cell)](cell, *args))

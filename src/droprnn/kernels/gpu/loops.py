@@ -18,6 +18,7 @@ import torch
 from ...cells import CellWeights
 from ...dropout.plan import CellMasks
 from ...random import CounterMask
+from .. import reference
 from . import graphs
 from .triton_helpers import accumulator_dtype
 
@@ -410,22 +411,13 @@ def saving(x: Tensor, w: CellWeights, states: States) -> bool:
 
 def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_masks: Optional[Tensor],
                 rec: Optional[Tensor], valid: Optional[Tensor], noise: Noise = Noise()) -> tuple[Tensor, ...]:
-    """What a cell's layer Function computes, in the cell's own plain autograd ops: the h sequence
-    (B, T, U), then the last value of every other state (the LSTM's c)."""
-    projected = cell.project_inputs(x, weights, input_masks)
+    """What a cell's layer Function computes, in the cell's own plain autograd ops
+    (:func:`droprnn.kernels.reference.plain_layer`), from the masks as the Function holds them."""
     zoneout = tuple(torch.tensor(z, dtype=x.dtype, device=x.device) if isinstance(z, float) else z
                     for z in noise.zoneout)  # inference's rates back as the plan holds them
     masks = CellMasks(recurrent=rec, update=noise.update,
                       zoneout=zoneout if any(z is not None for z in zoneout) else None)
-    sequence = []
-    for t in range(x.shape[1]):
-        _, new = cell.step(projected[:, t], states, weights, masks.at(t))
-        if valid is not None:
-            keep = valid[:, t, None] != 0
-            new = tuple(torch.where(keep, fresh, old) for fresh, old in zip(new, states))
-        states = new
-        sequence.append(new[0])
-    return (torch.stack(sequence, dim=1), *states[1:])
+    return reference.plain_layer(cell, x, weights, states, input_masks, masks, valid)
 
 
 def stored(t: Any) -> Optional[Tensor]:

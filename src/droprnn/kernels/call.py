@@ -1,0 +1,104 @@
+"""One recurrent call, as every kernel receives it: the contract between the fronts and the kernels.
+
+``RNN.forward`` (the Keras-named layers) and ``droprnn.nn`` both validate their arguments, draw the dropout
+plan and describe the call as a :class:`RecurrentCall`; :mod:`droprnn.kernels.dispatch` picks a kernel
+for it, and every kernel module offers the same two functions::
+
+    unsupported_reason(call) -> None, or why this kernel cannot run the call (decided from the call alone)
+    run(call)                -> (outputs (B, T, O) or None, last output (B, O), final states per cell)
+
+What kernels share besides: :meth:`RecurrentCall.in_processing_order` (the steps in the order they run,
+DropConnect applied) and :func:`finish` (the outputs from a carried h sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..cells import CellWeights
+from ..dropout.plan import DropoutPlan
+
+Tensor = torch.Tensor
+States = tuple[Tensor, ...]
+Result = tuple[Optional[Tensor], Tensor, list[States]]
+
+
+@dataclass(frozen=True)
+class RecurrentCall:
+    """Stacked cells run over one batch of sequences.
+
+    cells:               the cells, applied one after another within each step (one for most layers).
+    weights:             per cell, its :class:`~droprnn.cells.CellWeights` in Keras layout (``droprnn.nn``
+                         passes torch's parameters viewed that way), before DropConnect.
+    x:                   (B, T, D) inputs, T >= 1, in input time order.
+    initial_states:      per cell, a tuple of (B, state size) tensors.
+    plan:                the masks of this call, one :class:`~droprnn.dropout.plan.CellMasks` per cell.
+    step_mask:           (B, T) bool, True where the step is real; None for all steps.
+    lengths:             (B,) ints when the step mask came from sequence lengths (the first ``lengths[b]``
+                         steps are real), for kernels that take lengths rather than a mask; else None.
+    go_backwards:        process the steps from last to first; outputs stay in processing order (as Keras).
+    zero_output_for_mask: masked steps output zeros instead of repeating the previous output.
+    return_sequences:    whether the outputs of every step are wanted (else only the last one).
+    where:               how errors and ``explain`` name the layer.
+    """
+
+    cells: tuple[torch.nn.Module, ...]
+    weights: tuple[CellWeights, ...]
+    x: Tensor
+    initial_states: tuple[States, ...]
+    plan: DropoutPlan
+    step_mask: Optional[Tensor] = None
+    lengths: Optional[Tensor] = None
+    go_backwards: bool = False
+    zero_output_for_mask: bool = False
+    return_sequences: bool = True
+    where: str = "recurrent layer"
+
+    def in_processing_order(self) -> tuple[Tensor, Optional[Tensor], list[CellWeights]]:
+        """What every kernel does first: x and the step mask in the order the steps run (reversed for
+        ``go_backwards``), and each cell's weights with the plan's DropConnect mask applied to its recurrent
+        kernel (autograd reaches the parameters through the product)."""
+        x, step_mask = self.x, self.step_mask
+        if self.go_backwards:
+            x = x.flip(1)
+            step_mask = None if step_mask is None else step_mask.flip(1)
+        return x, step_mask, [m.weights_for(w) for m, w in zip(self.plan.cells, self.weights)]
+
+
+def finish(call: RecurrentCall, carried: Tensor, valid: Optional[Tensor]) -> tuple[Optional[Tensor], Tensor]:
+    """A kernel's (outputs or None, last output) from the last cell's carried h sequence (B, T, H).
+
+    A kernel that runs one cell over all steps carries h through masked steps; the reference's outputs
+    repeat the previous output there (zero before the first real step), or are zero with
+    ``zero_output_for_mask``. ``valid``: (B, T) of 0/1 in the outputs' dtype (processing order), or None.
+    """
+    if valid is not None:
+        # Whether a real step has been seen by step t (a cumulative sum: ONNX has no cumulative max).
+        shown = valid if call.zero_output_for_mask else valid.cumsum(dim=1).clamp(max=1)
+        carried = carried * shown.unsqueeze(-1)
+    return (carried if call.return_sequences else None), carried[:, -1]
+
+
+def valid_steps(step_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """The step mask as (B, T) 0/1 values in ``dtype``, contiguous (what the fast kernels read)."""
+    return None if step_mask is None else step_mask.to(dtype).contiguous()
+
+
+def stacked(call: RecurrentCall, layer) -> Result:
+    """Run ``call`` one cell after another, each over the whole sequence: ``layer(cell, x, weights, states,
+    masks, valid)`` returns a cell's carried h sequence (B, T, H) and its final states.
+
+    Running a cell over all steps before the next starts equals the reference's per-step interleaving: a
+    cell's states at masked steps are held, so the next cell sees the same carried h sequence either way.
+    """
+    x, step_mask, weights = call.in_processing_order()
+    valid = valid_steps(step_mask, x.dtype)
+    layer_input = x
+    finals: list[States] = []
+    for cell, w, masks, states in zip(call.cells, weights, call.plan.cells, call.initial_states):
+        layer_input, final = layer(cell, layer_input, w, tuple(states), masks, valid)
+        finals.append(final)
+    return (*finish(call, layer_input, valid), finals)
