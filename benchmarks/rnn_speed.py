@@ -5,6 +5,8 @@ training step (forward and backward) and its ratio to ``torch.nn`` without dropo
 
 - ``torch.nn``            torch.nn.LSTM / GRU (oneDNN), which cannot do recurrent dropout at all;
 - ``droprnn rd``          droprnn with dropout=0.25, recurrent_dropout=0.25 (Keras's per-gate masks);
+- ``droprnn rd compiled`` the same layer under ``torch.compile`` (Inductor, default options): the fused
+                          kernel runs inside the compiled program as its registered operator;
 - ``droprnn``             droprnn without dropout;
 - ``droprnn ref rd``      droprnn's reference loop (impl="reference") with the same dropout;
 - ``hand loop rd``        what a PyTorch user writes by hand: a Python loop with variational masks;
@@ -60,9 +62,10 @@ def make_step(kind: str, variant: str, shape, seed: int = 0):
     rates = {} if variant == "droprnn" else {"dropout": RATE, "recurrent_dropout": RATE}
     impl = "reference" if variant == "droprnn ref rd" else "auto"
     layer = getattr(droprnn, kind)(units, return_sequences=True, input_size=features, impl=impl, **rates)
+    run = torch.compile(layer) if variant == "droprnn rd compiled" else layer  # compiled at the warm-up step
 
     def step():
-        layer(x, training=True).sum().backward()
+        run(x, training=True).sum().backward()
 
     return step
 
@@ -227,12 +230,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = [(16, 50, 32, 64)] if args.quick else args.shapes or SHAPES
     repeats = 3 if args.quick else args.repeats
-    variants = ["torch.nn", "droprnn rd", "droprnn", "droprnn ref rd", "hand loop rd"]
+    variants = ["torch.nn", "droprnn rd", "droprnn rd compiled", "droprnn", "droprnn ref rd", "hand loop rd"]
     from droprnn.kernels import cpu
 
     print(f"machine: {machine()}")
     print(f"fused kernels: {cpu.library_path() if cpu.load() else cpu.unavailable_reason()}\n")
-    header = f"{'layer':5} {'shape (B,T,D,U)':20} {'variant':15} {'ms':>9} {'× torch':>8} {'peak MB':>8}"
+    header = f"{'layer':5} {'shape (B,T,D,U)':20} {'variant':19} {'ms':>9} {'× torch':>8} {'peak MB':>8}"
     print(header)
     print("-" * len(header))
     rows = []
@@ -252,7 +255,7 @@ def main() -> None:
                     memory = peak_memory_mb(kind, variant, shape, args.threads)
                 rows.append({"layer": kind, "shape": shape, "variant": variant, "ms": ms,
                              "ratio": ms / baseline, "peak_mb": memory})
-                print(f"{kind:5} {str(shape):20} {variant:15} {ms:9.1f} {ms / baseline:8.2f} {memory:8.1f}", flush=True)
+                print(f"{kind:5} {str(shape):20} {variant:19} {ms:9.1f} {ms / baseline:8.2f} {memory:8.1f}", flush=True)
             print()
     if args.json:
         with open(args.json, "w") as f:

@@ -222,6 +222,9 @@ class EmbeddingDropout(Layer):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, rate={self.rate}" + (", per_sequence=True" if self.per_sequence else "")
 
+    def output_features(self, features: Optional[int]) -> Optional[int]:
+        return self.embedding.embedding_dim if isinstance(self.embedding, torch.nn.Embedding) else self.embedding.output_dim
+
     @property
     def masks_shared_by_batch(self) -> bool:
         return self.rate > 0 and not self.per_sequence

@@ -273,6 +273,10 @@ def fused_layer_backward(
     d recurrent_bias, d h0, d c0). ``wanted`` says which of the first five to form (each is absent, a 0-d zero, when
     not wanted or not applicable, as is d c0 without a c0). ``saved`` and ``other`` are the forward's."""
     _require_library("fused_layer_backward")
+    if len(wanted) != 5:
+        raise ValueError(f"droprnn::fused_layer_backward: `wanted` expected 5 flags, got {len(wanted)}")
+    wanted = [wanted[0], wanted[1], wanted[2] and input_bias is not None, wanted[3],
+              wanted[4] and recurrent_bias is not None]
     R, kernels = recurrent_kernel, torch.ops.droprnn_cpu
     grad_hs = grad_hs.contiguous()
     # The C++ backward forms the weight gradients in its time loop, or hands back every step's gate

@@ -57,7 +57,7 @@ def unsupported_reason(call: RecurrentCall) -> Optional[str]:
         return f"ONNX's recurrent operators are exported in float32 here; this input is {call.x.dtype}"
     if call.step_mask is not None and call.lengths is None:
         return "a step mask (mask=): ONNX's recurrent operators take sequence lengths only (lengths= exports to them)"
-    for k, (cell, w, masks) in enumerate(zip(call.cells, call.weights, call.plan.cells)):
+    for k, (cell, w) in enumerate(zip(call.cells, call.weights)):
         if type(cell) not in SUPPORTED_CELLS:
             return f"cell {k} is a {type(cell).__name__}, not an LSTMCell, GRUCell or SimpleRNNCell"
         for name in ("activation", "recurrent_activation"):
@@ -66,6 +66,7 @@ def unsupported_reason(call: RecurrentCall) -> Optional[str]:
                 return f"cell {k}'s {name} {getattr(fn, '__name__', fn)!r} has no ONNX recurrent activation here"
         if w.projection is not None:
             return f"cell {k} has a projection (proj_size), which ONNX's LSTM lacks"
+    for k, masks in enumerate(call.plan.cells):
         if masks.zoneout is not None:
             return f"cell {k} has zoneout, whose inference expectation ONNX's operators cannot express"
         if not masks.empty:

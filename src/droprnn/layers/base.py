@@ -51,6 +51,22 @@ class Layer(nn.Module):
     def __prepare_scriptable__(self):  # torch.jit.script calls this first, on every submodule
         raise no_torchscript(self.where, "torch.jit.script")
 
+    # ------------------------------------------------------------------ shapes (Sequential builds with them)
+    @property
+    def built(self) -> bool:
+        """Whether the layer's weights exist (layers without weights are always built)."""
+        return True
+
+    @property
+    def input_features(self) -> Optional[int]:
+        """The feature size the layer was built for, where its weights fix one (else None)."""
+        return None
+
+    def output_features(self, features: Optional[int]) -> Optional[int]:
+        """The feature size of the output for inputs of ``features`` features (None: not known). This
+        default suits the layers that keep the feature size (dropout, noise, masking)."""
+        return features
+
     def build_for_input(self, features: int, x: Tensor) -> None:
         """Build the weights for inputs of ``features`` features at the first call (Keras's lazy build);
         not inside a program being traced, where new parameters would not belong to the module."""

@@ -33,9 +33,27 @@ class Sequential(Layer):
             self.add(layer)
 
     def add(self, layer: nn.Module) -> None:
+        """Append ``layer``; as Keras does, build its weights now when the feature size reaching it is known
+        (the first layer was given ``input_shape=``), so the model is whole before it is compiled or exported."""
         if not isinstance(layer, nn.Module):
             raise fail(self.where, "layer", "an nn.Module (a droprnn layer or any torch module)", type_name(layer))
+        features = self.output_features(None)
+        if isinstance(layer, Layer) and not layer.built and features is not None:
+            parameters = list(self.parameters())
+            factory = {"dtype": parameters[-1].dtype, "device": parameters[-1].device} if parameters else {}
+            layer.build(features, **factory)
         self.layers.append(layer)
+
+    @property
+    def input_features(self) -> Optional[int]:
+        return next(iter(self.layers)).input_features if len(self.layers) and isinstance(self.layers[0], Layer) else None
+
+    def output_features(self, features: Optional[int]) -> Optional[int]:
+        for layer in self.layers:
+            if not isinstance(layer, Layer):
+                return None
+            features = layer.output_features(layer.input_features or features)
+        return features
 
     def pop(self) -> nn.Module:
         if not len(self.layers):
@@ -140,6 +158,13 @@ class Dense(Layer):
     def built(self) -> bool:
         return self.input_size is not None
 
+    @property
+    def input_features(self) -> Optional[int]:
+        return self.input_size
+
+    def output_features(self, features: Optional[int]) -> Optional[int]:
+        return self.units
+
     def build(self, input_size: int, dtype: Optional[torch.dtype] = None, device: Any = None) -> None:
         if self.built:
             return
@@ -174,10 +199,8 @@ class Dense(Layer):
             self.build_for_input(x.shape[-1], x)
         elif x.shape[-1] != self.input_size:
             raise fail(self.where, "inputs", f"{self.input_size} features on the last axis", f"shape {tuple(x.shape)}")
-        y = x @ self.kernel
-        if self.bias is not None:
-            y = y + self.bias
-        return self.activation(y)
+        # One fused product, as torch.nn.Linear (under autocast too: a separate bias add would promote).
+        return self.activation(F.linear(x, self.kernel.t(), self.bias))
 
 
 class Embedding(Layer):
@@ -215,6 +238,9 @@ class Embedding(Layer):
     def keras_weights(self) -> list[nn.Parameter]:
         return [self.embeddings]
 
+    def output_features(self, features: Optional[int]) -> Optional[int]:
+        return self.output_dim
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, input_dim={self.input_dim}, output_dim={self.output_dim}, mask_zero={self.mask_zero}"
 
@@ -226,7 +252,9 @@ class Embedding(Layer):
             ids = ids.long()
         if not ids.numel():
             return ids
-        if ids.is_cuda:  # reading the range back would wait for the GPU at every call: check it on the device
+        # Reading the range back would wait for the GPU at every call, and cannot be part of a compiled
+        # program: check it on the device there.
+        if ids.is_cuda or torch.compiler.is_compiling():
             self._assert_ids_in_range(ids)
         elif int(ids.min()) < 0 or int(ids.max()) >= self.input_dim:
             raise fail(self.where, "inputs", f"ids in [0, {self.input_dim - 1}]", f"ids in [{int(ids.min())}, {int(ids.max())}]")

@@ -129,6 +129,13 @@ class RNN(Layer):
     def output_size(self) -> int:
         return self.cells[-1].output_size
 
+    @property
+    def input_features(self) -> Optional[int]:
+        return self.input_size
+
+    def output_features(self, features: Optional[int]) -> Optional[int]:
+        return self.output_size
+
     def build(self, input_size: int, dtype: Optional[torch.dtype] = None, device: Any = None) -> None:
         for cell in self.cells:
             cell.build(input_size, dtype=dtype, device=device)

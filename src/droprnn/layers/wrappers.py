@@ -103,6 +103,16 @@ class Bidirectional(Layer):
         self.forward_layer.build(input_size, dtype, device)
         self.backward_layer.build(input_size, dtype, device)
 
+    @property
+    def input_features(self) -> Optional[int]:
+        return self.forward_layer.input_size
+
+    def output_features(self, features: Optional[int]) -> Optional[int]:
+        if self.merge_mode is None:  # a pair of outputs
+            return None
+        sizes = (self.forward_layer.output_size, self.backward_layer.output_size)
+        return sum(sizes) if self.merge_mode == "concat" else sizes[0]
+
     def keras_weights(self) -> list[nn.Parameter]:
         return self.forward_layer.keras_weights() + self.backward_layer.keras_weights()
 
@@ -165,6 +175,9 @@ class TimeDistributed(Layer):
         if not isinstance(layer, nn.Module):
             raise fail(self.where, "layer", "an nn.Module", type_name(layer))
         self.layer = layer
+
+    def output_features(self, features: Optional[int]) -> Optional[int]:
+        return self.layer.output_features(features) if isinstance(self.layer, Layer) else None
 
     def keras_weights(self) -> list[nn.Parameter]:
         if isinstance(self.layer, Layer):

@@ -1,0 +1,80 @@
+"""The registered operators behind the fused kernels pass torch.library.opcheck: schema (no input
+mutated or aliased), fake implementation (shapes, dtypes and strides of every output, symbolic sizes),
+autograd registration, and AOTAutograd's traced forward and backward against eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from droprnn.kernels import cpu, fused
+
+pytestmark = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason=f"no fused kernels: {cpu.unavailable_reason()}")
+
+F64 = torch.float64
+B, T, D, U = 3, 5, 4, 6
+
+
+def layer_args(cell: str, *, per_gate: bool, per_step: bool, zoneout: bool, valid: bool, reset_after: bool = True,
+               grad: bool = True, seed: int = 0) -> tuple:
+    """Arguments of droprnn::fused_layer for one cell: weights, states and every kind of mask."""
+    generator = torch.Generator().manual_seed(seed)
+    gates = fused.GATES[cell]
+
+    def normal(*shape):
+        return torch.randn(*shape, dtype=F64, generator=generator).requires_grad_(grad)
+
+    def keep(*shape, rate=0.3):
+        return (torch.rand(*shape, dtype=F64, generator=generator) > rate).to(F64) / (1 - rate)
+
+    masks = gates if per_gate else 1
+    recurrent_mask = keep(T, masks, B, U) if per_step else keep(masks, B, U)
+    return (
+        normal(B, T, D), normal(D, gates * U), normal(gates * U), normal(U, gates * U),
+        normal(gates * U) if cell == "gru" and reset_after else None, normal(B, U),
+        normal(B, U) if cell == "lstm" else None,
+        keep(masks, B, D), recurrent_mask, keep(B, U) if cell != "simple_rnn" else None,
+        (torch.rand(T, B, U, generator=generator) < 0.2).to(F64) if zoneout else None,
+        (torch.rand(T, B, U, generator=generator) < 0.2).to(F64) if zoneout and cell == "lstm" else None,
+        (torch.rand(B, T, generator=generator) > 0.3).to(F64) if valid else None,
+        cell, 0, 1, reset_after,
+    )
+
+
+CASES = [
+    dict(cell=cell, per_gate=per_gate, per_step=per_step, zoneout=zoneout, valid=valid, reset_after=reset_after)
+    for cell in ("lstm", "gru", "simple_rnn")
+    for per_gate, per_step, zoneout, valid in ((False, False, False, False), (True, True, True, True))
+    for reset_after in ((True, False) if cell == "gru" else (True,))
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_fused_layer_passes_opcheck(case):
+    torch.library.opcheck(torch.ops.droprnn.fused_layer.default, layer_args(**case))
+
+
+@pytest.mark.parametrize("case", CASES[::2], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("wanted", [[True] * 5, [False, True, False, True, False]], ids=["all", "weights"])
+def test_fused_layer_backward_passes_opcheck(case, wanted, monkeypatch):
+    args = layer_args(**case, grad=False)
+    hs, _, saved, other = torch.ops.droprnn.fused_layer(*args)
+    grad_hs = torch.randn_like(hs)
+    grad_c = torch.randn(B, U, dtype=F64) if case["cell"] == "lstm" else None
+    backward_args = (grad_hs, grad_c, *args[:13], hs, saved, other, *args[13:], wanted)
+    torch.library.opcheck(torch.ops.droprnn.fused_layer_backward.default, backward_args)
+    # The other way to form the weight gradients (after the loop, in large products) too.
+    monkeypatch.setattr(fused, "_DEFER_BYTES", 0)
+    monkeypatch.setattr(fused, "_DEFER_BYTES_PER_ROW", 0)
+    torch.library.opcheck(torch.ops.droprnn.fused_layer_backward.default, backward_args)
+
+
+def test_fused_layer_gradients_pass_gradcheck():
+    """Against finite differences, through the registered autograd (float64)."""
+    args = layer_args("lstm", per_gate=True, per_step=False, zoneout=True, valid=True)
+
+    def first_outputs(*tensors):
+        hs, c_last, _, _ = torch.ops.droprnn.fused_layer(*tensors, *args[7:])
+        return hs, c_last
+
+    assert torch.autograd.gradcheck(first_outputs, args[:7], atol=1e-6)
