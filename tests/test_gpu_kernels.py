@@ -634,6 +634,59 @@ def test_whole_file_in_a_fresh_interpreter():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
+OPERATOR_CASES = {
+    "lstm": dict(cell="lstm", mode=dict(dropout=0.3, recurrent_dropout=0.3, zoneout_h=0.2, zoneout_c=0.1)),
+    "lstm-per-step-proj": dict(cell="lstm", mode=dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step",
+                                                     zoneout_c=0.2, proj_size=2)),
+    "gru-update": dict(cell="gru", mode=dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="update_per_step")),
+    "gru-rb": dict(cell="gru-rb", mode=dict(dropout=0.3, recurrent_dropout=0.3, zoneout_h=0.1)),
+    "simple": dict(cell="simple", mode=dict(recurrent_dropout=0.3, recurrent_dropout_mode="per_step", zoneout_h=0.2)),
+}
+
+
+@in_process
+@pytest.mark.parametrize("counter", [False, True], ids=["tensor-masks", "counter-masks"])
+@pytest.mark.parametrize("case", list(OPERATOR_CASES))
+def test_gpu_layer_passes_opcheck(case, counter, monkeypatch):
+    """droprnn::gpu_layer: schema, fake implementation, autograd registration and AOTAutograd against eager,
+    with masks as tensors and as counter-based masks (what plans drawn on CUDA hold)."""
+    from droprnn.dropout import plan as plan_module
+    from droprnn.kernels.gpu import operator
+
+    if counter:
+        monkeypatch.setattr(plan_module, "COUNTER_DEVICES", frozenset({"cuda", "cpu"}))
+    layer = make_layer(3, 4, F64, **OPERATOR_CASES[case])
+    cell = layer.cell
+    x = random_input(2, 3, 3, F64).requires_grad_(True)
+    states = tuple(torch.randn(2, size, dtype=F64, requires_grad=True) for size in cell.state_size)
+    masks = layer.draw_dropout_plan(2, steps=3).cells[0]
+    assert masks.counter_based == counter
+    valid = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=F64)
+    args = operator.arguments(cell, x, masks.weights_for(cell.weights()), states, masks, valid)
+    torch.library.opcheck(torch.ops.droprnn.gpu_layer.default, args)
+
+
+@in_process
+def test_gpu_layers_compile_whole():
+    """torch.compile(fullgraph=True) keeps the GPU kernels' operator whole; training on given masks equals eager."""
+    layer = make_layer(3, 4, F32, mode=dict(dropout=0.3, recurrent_dropout=0.3, zoneout_h=0.1), stacked=("lstm", "gru"),
+                       return_sequences=True)
+    layer.impl = "gpu"
+    twin = copy.deepcopy(layer)
+    program = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    x = random_input(2, 3, 3, F32)
+    plan = layer.draw_dropout_plan(2, steps=3)
+    got, want = [], []
+    for model, out in ((program, got), (layer, want)):
+        xs = x.clone().requires_grad_(True)
+        y = model(xs, dropout_plan=plan, lengths=torch.tensor([3, 2]))
+        y.square().sum().backward()
+        out += [y.detach(), xs.grad] + [p.grad for p in (twin if model is program else layer).parameters()]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert twin.last_kernel.name == "gpu"
+
+
 # ----------------------------------------------------------------------------------------------- 4. CUDA graphs
 # The time loops replay from CUDA graphs on the GPU (kernels/gpu/graphs.py). On the CPU the bookkeeping is
 # tested directly, and the replayed path itself -- static buffers, copies in and out, one entry shared by
@@ -885,12 +938,11 @@ def test_backward_products_run_at_the_forwards_precision(make, monkeypatch):
     real = loops.run_loop
     for module in (lstm, gru, simple):
         monkeypatch.setattr(module, "run_loop", lambda cls, key, *a: keys.append(key) or real(cls, key, *a))
-        monkeypatch.setattr(module, "float32_precision", lambda x: "highest")
+    monkeypatch.setattr(loops, "float32_precision", lambda x: "highest")
     layer = make()
     layer.impl = "gpu"
     y = layer(torch.randn(2, 3, 5))
-    for module in (lstm, gru, simple):
-        monkeypatch.setattr(module, "float32_precision", lambda x: "high")
+    monkeypatch.setattr(loops, "float32_precision", lambda x: "high")
     y.sum().backward()
     assert [(key.backward, key.precision) for key in keys] == [(False, "highest"), (True, "highest")]
     assert keys[0].matmul_settings == keys[1].matmul_settings == "float32 products at highest"

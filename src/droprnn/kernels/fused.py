@@ -317,6 +317,8 @@ _DIFFERENTIABLE = 7  # x, kernel, input_bias, recurrent_kernel, recurrent_bias, 
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    # The outputs kept for the backward get no gradient: do not fill sequence-sized zeros for them.
+    ctx.set_materialize_grads(False)
     hs, _, saved, other = output
     ctx.save_for_backward(*inputs[:13], hs, saved, other)
     ctx.options = inputs[13:]

@@ -95,8 +95,8 @@ def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_mas
 def differentiable_grads(ctx, inputs: tuple, grad_outputs: tuple, build: Callable[..., tuple]) -> tuple:
     """A fast kernel's backward when autograd must differentiate it again (``create_graph=True``): the
     gradients of ``build(*inputs)`` -- the same recurrence in plain autograd ops -- with respect to the
-    ``inputs`` (the autograd.Function's first arguments, still attached to the caller's graph). Slower
-    than the kernels, and exact. Returns one entry per Function input (None where not wanted).
+    ``inputs`` (the operator's first arguments, still attached to the caller's graph). Slower than the
+    kernels, and exact. Returns one entry per operator input (None where not wanted).
     """
     wanted = [k for k, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[k]]
     with torch.enable_grad():

@@ -4,9 +4,10 @@ Same contract as :func:`droprnn.kernels.reference.run` (the oracle these kernels
 This module only decides *whether* the kernels can run a call; it never imports Triton at import time,
 so ``import droprnn`` works without Triton or CUDA. The kernels are imported on first use.
 
-The modules: ``lstm.py``, ``gru.py`` and ``simple.py`` (one per cell: its Triton step kernels, time loops
-and autograd Function; lstm.py's docstring explains the design and the measured speed), ``loops.py`` (what the cells' time loops share: keys, buffers, the cache of captured
-loops), ``triton_helpers.py`` (the Triton functions the kernels share), ``graphs.py`` (CUDA graphs); the
+The modules: ``lstm.py``, ``gru.py`` and ``simple.py`` (one per cell: its Triton step kernels, time loops,
+forward and backward; lstm.py's docstring explains the design and the measured speed), ``operator.py`` (the
+registered operators ``droprnn::gpu_layer`` and its backward, which call them), ``loops.py`` (what the
+cells' time loops share: keys, buffers, the cache of captured loops), ``triton_helpers.py`` (the Triton functions the kernels share), ``graphs.py`` (CUDA graphs); the
 large cuBLAS products are ``kernels/products.py``, shared with the fused CPU backward.
 
 Supported:
@@ -51,10 +52,10 @@ from typing import Optional
 
 import torch
 
-from ...cells import GRUCell, LSTMCell, SimpleRNNCell
+from ...cells import SimpleRNNCell
 from .. import ACTIVATION_CODES, SUPPORTED_CELLS, constant_when_compiled
 from ..call import RecurrentCall, Result, stacked
-from . import graphs
+from . import graphs, operator
 
 Tensor = torch.Tensor
 
@@ -145,9 +146,6 @@ def clear_graph_cache() -> None:
 
 
 def run(call: RecurrentCall) -> Result:
-    """Same contract as :func:`droprnn.kernels.reference.run`: stacked cells one after another, each cell's
-    layer function (``lstm.py``, ``gru.py``, ``simple.py``) over the whole sequence. Imports the kernels."""
-    from . import gru, lstm, simple
-
-    layers = {LSTMCell: lstm.layer, GRUCell: gru.layer, SimpleRNNCell: simple.layer}
-    return stacked(call, lambda cell, *args: layers[type(cell)](cell, *args))
+    """Same contract as :func:`droprnn.kernels.reference.run`: stacked cells one after another, each over the
+    whole sequence as one ``droprnn::gpu_layer`` operator (``operator.py``). Imports the kernels."""
+    return stacked(call, operator.layer)

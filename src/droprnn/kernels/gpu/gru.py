@@ -60,12 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...cells import CellWeights
-from ...dropout.plan import CellMasks
-from .. import reference
-from .. import ACTIVATION_CODES
-from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, float32_precision, loop_key, stored,
-                    kernel_masks, outputs_and_saved, plain_layer, run_loop, saving)
+from .loops import BackwardLoop, ForwardLoop, LoopKey, Noise, loop_key, outputs_and_saved, run_loop
 from ..products import gru_recurrent_bias_grad, gru_recurrent_kernel_grad, input_grads, project
 from .triton_helpers import (activate, carry_state, compute_type, gate_offset, grid, incoming_grad, next_step,
                              program_units, rec_mask, step_is_real, step_offset, store_product_inputs, through,
@@ -482,60 +477,35 @@ def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bia
     return dx, dkernel, dbias, dR, drbias, dh0
 
 
-# ---------------------------------------------------------------------------------------------- the layer function
-class _GruLayer(torch.autograd.Function):
-    """One GRU cell over a whole sequence -- input projection and recurrence -- as one autograd node.
+# ---------------------------------------------------------------------------------------------- entry points
+def forward(x: Tensor, kernel: Tensor, bias: Optional[Tensor], R: Tensor, rbias: Optional[Tensor], h0: Tensor,
+            input_masks: Optional[Tensor], rec, noise: Noise, valid: Optional[Tensor], codes: tuple, reset_after: bool,
+            saving: bool, precision: Optional[str]) -> tuple[Tensor, tuple]:
+    """One GRU cell over a whole sequence -- input projection and recurrence (``operator.gpu_layer``).
 
-    Inputs: x (B, T, D), kernel (D, 3U), bias (3U,) or None, R (U, 3U) (DropConnect applied), the
-    recurrent bias rb (3U,) (reset_after) or None, h0 (B, U), input masks (m, B, D) / (T, m, B, D) or None,
-    recurrent masks (m, B, U) or None, valid (B, T) of 0/1 or None, the cell, its activation codes, and
-    ``saving`` (as lstm._LstmLayer). Returns the carried h sequence (B, T, U).
+    x (B, T, D), kernel (D, 3U), bias (3U,) or None, R (U, 3U) (DropConnect applied), the recurrent bias rb
+    (3U,) (reset_after) or None, h0 (B, U), masks, valid, codes, saving and precision as ``lstm.forward``.
+    Returns the h sequence (B, T + 1, U) with h0 in slot 0, and what the backward reads: the gates and the
+    side (B, T, U) -- None when not saving.
     """
-
-    @staticmethod
-    def forward(ctx, x, kernel, bias, R, rbias, h0, input_masks, rec, noise, valid, cell, codes, saving):
-        form = RESET_AFTER if cell.reset_after else RESET_BEFORE
-        key = loop_key(form, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes,
-                       has_recurrent_bias=rbias is not None, noise=noise, precision=float32_precision(x))
-
-        h_sequence, (gates, h_buffer, side) = run_loop(
-            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, rbias, h0, rec, noise, valid),
-            lambda loop: outputs_and_saved(loop, saving, ("gates", "h", "side")))
-        ctx.save_for_backward(x, kernel, bias, R, rbias, h0, gates, h_buffer, side, input_masks, stored(rec), valid)
-        ctx.rec = None if torch.is_tensor(rec) else rec
-        ctx.cell, ctx.codes, ctx.form, ctx.noise, ctx.precision = cell, codes, form, noise, key.precision
-        return h_sequence
-
-    @staticmethod
-    def backward(ctx, d_hs):
-        x, kernel, bias, R, rbias, h0, gates, h_buffer, side, input_masks, rec, valid = ctx.saved_tensors
-        rec = rec if rec is not None else ctx.rec  # a CounterMask is kept on ctx
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
-            def build(x, kernel, bias, R, rbias, h0):
-                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias, rbias), (h0,), input_masks, rec, valid,
-                                   ctx.noise)
-
-            return reference.differentiable_grads(ctx, (x, kernel, bias, R, rbias, h0), (d_hs,), build)
-        key = loop_key(ctx.form, True, x, R.shape[1] // GATES, input_masks, rec, valid, ctx.codes,
-                       has_dhs=d_hs is not None, noise=ctx.noise, precision=ctx.precision)
-        needs = ctx.needs_input_grad
-
-        def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
-            return _gradients(needs, loop, x, kernel, bias, rbias, h_buffer, side, input_masks, rec)
-
-        grads = run_loop(_BackwardLoop, key, x, (gates, h_buffer, side, valid, d_hs, rec, ctx.noise, R), finish)
-        return (*grads, None, None, None, None, None, None, None)
+    form = RESET_AFTER if reset_after else RESET_BEFORE
+    key = loop_key(form, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes,
+                   has_recurrent_bias=rbias is not None, noise=noise, precision=precision)
+    return run_loop(_ForwardLoop, key, x, (x, kernel, bias, input_masks, R, rbias, h0, rec, noise, valid),
+                    lambda loop: outputs_and_saved(loop, saving, ("gates", "side")))
 
 
-def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
-          valid: Optional[Tensor]) -> tuple[Tensor, States]:
-    """One GRUCell over x (B, T, D): the carried h sequence (B, T, U) and the final states (h,)."""
-    codes = (ACTIVATION_CODES[cell.activation], ACTIVATION_CODES[cell.recurrent_activation])
-    dtype = x.dtype
-    rbias = w.recurrent_bias if cell.reset_after else None  # reset_before has none (GRUCell.transition)
-    h_sequence = _GruLayer.apply(
-        x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, rbias, states[0].contiguous(),
-        dense(masks.input, dtype), *kernel_masks(masks, dtype, 1), valid, cell,
-        codes, saving(x, w, states),
-    )
-    return h_sequence, (h_sequence[:, -1],)
+def backward(needs: tuple, d_hs: Tensor, x: Tensor, kernel: Tensor, bias: Optional[Tensor], R: Tensor,
+             rbias: Optional[Tensor], input_masks: Optional[Tensor], rec, noise: Noise, valid: Optional[Tensor],
+             codes: tuple, reset_after: bool, h: Tensor, saved: tuple, precision: Optional[str]) -> tuple:
+    """dx, dkernel, dbias, dR, drbias, dh0 (None where ``needs``, over x, kernel, bias, R, rbias, h0, says
+    not) from the gradient of the h sequence's steps 1..T (B, T, U) and :func:`forward`'s results."""
+    gates, side = saved
+    form = RESET_AFTER if reset_after else RESET_BEFORE
+    key = loop_key(form, True, x, R.shape[1] // GATES, input_masks, rec, valid, codes, has_dhs=True, noise=noise,
+                   precision=precision)
+
+    def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
+        return _gradients(needs, loop, x, kernel, bias, rbias, h, side, input_masks, rec)
+
+    return run_loop(_BackwardLoop, key, x, (gates, h, side, valid, d_hs, rec, noise, R), finish)

@@ -1,8 +1,9 @@
-"""The time loops of every cell: their keys, buffers, the cache of captured loops, and the autograd glue.
+"""The time loops of every cell: their keys, buffers and the cache of captured loops.
 
-A cell module (``lstm.py``, ``gru.py``) writes a forward and a backward :class:`Loop` subclass -- its
-buffers, ``load`` (a call's inputs into them) and ``run`` (the per-step launches) -- and an autograd
-Function that calls :func:`run_loop`. The steps replay from a CUDA graph when one is captured for the
+A cell module (``lstm.py``, ``gru.py``, ``simple.py``) writes a forward and a backward :class:`Loop` subclass
+-- its buffers, ``load`` (a call's inputs into them) and ``run`` (the per-step launches) -- and the
+``forward`` and ``backward`` functions that call :func:`run_loop` (``operator.py`` registers them as
+operators). The steps replay from a CUDA graph when one is captured for the
 loop's key (``graphs.py``), else run eagerly; ``run_loop`` decides, and the ``finish`` callback it takes
 copies out what outlives the call. One bounded cache holds the captured loops of all cells.
 """
@@ -15,10 +16,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from ...cells import CellWeights
-from ...dropout.plan import CellMasks
 from ...random import CounterMask
-from .. import reference
 from . import graphs
 from .triton_helpers import accumulator_dtype
 
@@ -136,7 +134,7 @@ def rec_modes(rec: Any) -> tuple:
 
 
 class Noise(NamedTuple):
-    """What the step kernels apply besides the input and recurrent masks, as a layer Function receives it."""
+    """What the step kernels apply besides the input and recurrent masks, as a cell's forward receives it."""
 
     update: Any = None  # the cell update's mask: (B, U) per sequence, (T, B, U) per step, or a CounterMask
     zoneout: tuple = ()  # per state: None, the keep-old indicators (T, B, U) or a CounterMask, or a float rate
@@ -159,24 +157,6 @@ class Noise(NamedTuple):
         """State k's zoneout indicators as a tensor, or None (none, counter-based, or the expectation)."""
         z = self.zoneout[k] if k < len(self.zoneout) else None
         return z if torch.is_tensor(z) else None
-
-
-def kernel_masks(masks: CellMasks, dtype: torch.dtype, states: int) -> tuple[Any, Noise]:
-    """A cell's recurrent masks and Noise for a call in ``dtype``: tensors contiguous in ``dtype``,
-    inference's zoneout expectations (0-d tensors) as floats, counter-based masks as they are -- when they
-    share one seed (what ``draw_plan`` makes); any other counter-based mask is made into its tensor."""
-    counters = [m for m in (masks.recurrent, masks.update, *(masks.zoneout or ())) if isinstance(m, CounterMask)]
-    seed = counters[0].seed if counters else None
-
-    def prepared(m):
-        if isinstance(m, CounterMask):
-            return m.to(dtype) if m.seed is seed else contiguous(m.materialize(), dtype)
-        return contiguous(m, dtype)
-
-    zoneout = masks.zoneout or (None,) * states
-    noise = Noise(prepared(masks.update),
-                  tuple(None if z is None else float(z) if z.dim() == 0 else prepared(z) for z in zoneout), seed)
-    return prepared(masks.recurrent), noise
 
 
 def loop_key(cell: str, backward: bool, x: Tensor, units: int, input_masks: Optional[Tensor], rec: Any,
@@ -366,17 +346,13 @@ def _current_device(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def outputs_and_saved(loop: ForwardLoop, saving: bool, names: tuple) -> tuple[Tensor, tuple]:
-    """The carried h sequence (B, T, U) of a finished forward loop, and its buffers ``names`` (h among them)
-    for the backward -- as this call's own: a static loop's next replay overwrites its buffers, so what
-    outlives the call is copied out, the saved buffers only when a backward may follow (``saving``)."""
-    saved = tuple(getattr(loop, name) for name in names)
-    h = loop.h
+    """The h sequence (B, T + 1, U) of a finished forward loop (slot 0: h0), and its buffers ``names`` for
+    the backward (None each when no backward may follow: ``saving``) -- as the call's own: a static loop's
+    next replay overwrites its buffers, so what outlives the call is copied out."""
+    saved = tuple(getattr(loop, name) for name in names) if saving else (None,) * len(names)
     if loop.static:
-        if not saving:
-            return h[:, 1:].clone(), (None,) * len(names)
-        saved = tuple(t.clone() for t in saved)
-        h = saved[names.index("h")]
-    return h[:, 1:], saved
+        return loop.h.clone(), tuple(None if t is None else t.clone() for t in saved)
+    return loop.h, saved
 
 
 def run_loop(loop_class: type, key: LoopKey, x: Tensor, inputs: tuple, finish: Callable[[Loop], Any]) -> Any:
@@ -400,41 +376,3 @@ def run_loop(loop_class: type, key: LoopKey, x: Tensor, inputs: tuple, finish: C
         loop.load(*inputs)
         loop.run(loop.steps())
         return finish(loop)
-
-
-# ---------------------------------------------------------------------------------------------- autograd glue
-def saving(x: Tensor, w: CellWeights, states: States) -> bool:
-    """Whether a backward may follow this layer's call (then the forward keeps what the backward reads)."""
-    tensors = (x, w.kernel, w.input_bias, w.recurrent_kernel, w.recurrent_bias, w.projection, *states)
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_masks: Optional[Tensor],
-                rec: Optional[Tensor], valid: Optional[Tensor], noise: Noise = Noise()) -> tuple[Tensor, ...]:
-    """What a cell's layer Function computes, in the cell's own plain autograd ops
-    (:func:`droprnn.kernels.reference.plain_layer`), from the masks as the Function holds them."""
-    zoneout = tuple(torch.tensor(z, dtype=x.dtype, device=x.device) if isinstance(z, float) else z
-                    for z in noise.zoneout)  # inference's rates back as the plan holds them
-    masks = CellMasks(recurrent=rec, update=noise.update,
-                      zoneout=zoneout if any(z is not None for z in zoneout) else None)
-    return reference.plain_layer(cell, x, weights, states, input_masks, masks, valid)
-
-
-def stored(t: Any) -> Optional[Tensor]:
-    """What ``save_for_backward`` keeps of a mask: the tensor, or None for a CounterMask (kept on ctx)."""
-    return t if torch.is_tensor(t) else None
-
-
-def dense(t: Any, dtype: torch.dtype) -> Optional[Tensor]:
-    """A mask read from memory (the input masks, used by the large products): ``t`` as a contiguous tensor
-    in ``dtype``, a CounterMask made into its tensor."""
-    if isinstance(t, CounterMask):
-        t = t.materialize()
-    return None if t is None else t.to(dtype).contiguous()
-
-
-def contiguous(t: Any, dtype: torch.dtype) -> Any:
-    """``t`` in ``dtype`` and contiguous; None and CounterMask objects (never stored) pass through."""
-    if t is None or isinstance(t, CounterMask):
-        return t if t is None else t.to(dtype)
-    return t.to(dtype).contiguous()

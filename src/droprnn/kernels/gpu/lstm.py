@@ -83,12 +83,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...cells import CellWeights
-from ...dropout.plan import CellMasks
-from .. import reference
-from .. import ACTIVATION_CODES
-from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, float32_precision, loop_key, stored,
-                    kernel_masks, outputs_and_saved, plain_layer, run_loop, saving)
+from .loops import BackwardLoop, ForwardLoop, LoopKey, Noise, loop_key, outputs_and_saved, run_loop
 from ..products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_step, program_units,
                              step_is_real, step_offset, store_product_inputs, through, update_mask, zoneout_keep,
@@ -463,70 +458,44 @@ def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bia
     return dx, dkernel, dbias, dR, dP, dh0, dc0
 
 
-# ---------------------------------------------------------------------------------------------- the layer function
-class _LstmLayer(torch.autograd.Function):
-    """One LSTM cell over a whole sequence -- input projection and recurrence -- as one autograd node.
+# ---------------------------------------------------------------------------------------------- entry points
+def forward(x: Tensor, kernel: Tensor, bias: Optional[Tensor], R: Tensor, P: Optional[Tensor], h0: Tensor, c0: Tensor,
+            input_masks: Optional[Tensor], rec, noise: Noise, valid: Optional[Tensor], codes: tuple, saving: bool,
+            precision: Optional[str]) -> tuple[Tensor, Tensor, tuple]:
+    """One LSTM cell over a whole sequence -- input projection and recurrence (``operator.gpu_layer``).
 
-    Inputs: x (B, T, D), kernel (D, 4U), bias (4U,) or None, R (H, 4U) (DropConnect applied), the projection
-    P (U, H) or None (then H = U), h0 (B, H), c0 (B, U), input masks (m, B, D) / (T, m, B, D) or None,
-    recurrent masks (m, B, H) / per step (a tensor or a CounterMask) or None, the Noise (update masks,
-    zoneout), valid (B, T) of 0/1 or None, the cell, its activation codes, and ``saving``: whether a backward
-    may follow (inside forward, autograd's own flags say so even under no_grad). Returns the carried h
-    sequence (B, T, H) and the last c (B, U).
+    x (B, T, D), kernel (D, 4U), bias (4U,) or None, R (H, 4U) (DropConnect applied), the projection P (U, H)
+    or None (then H = U), h0 (B, H), c0 (B, U), input masks (m, B, D) / (T, m, B, D) or None, recurrent masks
+    (m, B, H) / per step (a tensor or a CounterMask) or None, the Noise (update masks, zoneout), valid (B, T)
+    of 0/1 or None, the activation codes, ``saving`` (whether a backward may follow) and the float32
+    products' precision. Returns the h sequence (B, T + 1, H) with h0 in slot 0, the last c (B, U), and
+    what the backward reads: the gates, the c sequence (B, T + 1, U) (compute dtype) and, with a projection,
+    r (B, T, U) -- None when not saving. Every tensor returned is the call's own.
     """
+    proj = 0 if P is None else P.shape[1]
+    key = loop_key(CELL, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes, noise=noise, proj=proj,
+                   precision=precision)
+    names = ("gates", "c", "r") if proj else ("gates", "c")
 
-    @staticmethod
-    def forward(ctx, x, kernel, bias, R, P, h0, c0, input_masks, rec, noise, valid, cell, codes, saving):
-        proj = 0 if P is None else P.shape[1]
-        key = loop_key(CELL, False, x, R.shape[1] // GATES, input_masks, rec, valid, codes, noise=noise, proj=proj,
-                       precision=float32_precision(x))
-        names = ("gates", "h", "c", "r") if proj else ("gates", "h", "c")
+    def finish(loop: _ForwardLoop):
+        return (loop.c[:, -1].to(x.dtype, copy=True), *outputs_and_saved(loop, saving, names))
 
-        def finish(loop: _ForwardLoop):
-            c_last = loop.c[:, -1].to(x.dtype, copy=True)
-            return (c_last, *outputs_and_saved(loop, saving, names))
-
-        c_last, h_sequence, saved = run_loop(
-            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, P, h0, c0, rec, noise, valid), finish)
-        gates, h_buffer, c_buffer, r = (*saved, None) if not proj else saved
-        ctx.save_for_backward(x, kernel, bias, R, P, gates, h_buffer, c_buffer, r, input_masks, stored(rec), valid, h0,
-                              c0)
-        ctx.cell, ctx.codes, ctx.noise, ctx.rec = cell, codes, noise, None if torch.is_tensor(rec) else rec
-        ctx.precision = key.precision
-        return h_sequence, c_last
-
-    @staticmethod
-    def backward(ctx, d_hs, d_c_last):
-        x, kernel, bias, R, P, gates, h_buffer, c_buffer, r, input_masks, rec, valid, h0, c0 = ctx.saved_tensors
-        rec = rec if rec is not None else ctx.rec  # a CounterMask is kept on ctx
-        noise = ctx.noise
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
-            def build(x, kernel, bias, R, P, h0, c0):
-                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias, projection=P), (h0, c0), input_masks,
-                                   rec, valid, noise)
-
-            return reference.differentiable_grads(ctx, (x, kernel, bias, R, P, h0, c0), (d_hs, d_c_last), build)
-        key = loop_key(CELL, True, x, R.shape[1] // GATES, input_masks, rec, valid, ctx.codes,
-                       has_dhs=d_hs is not None, noise=noise, proj=0 if P is None else P.shape[1],
-                       precision=ctx.precision)
-        needs = ctx.needs_input_grad
-
-        def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
-            return _gradients(needs, loop, x, kernel, bias, h_buffer, r, input_masks, rec)
-
-        grads = run_loop(_BackwardLoop, key, x, (gates, c_buffer, valid, d_hs, rec, noise, R, P, d_c_last), finish)
-        return (*grads, None, None, None, None, None, None, None)
+    c_last, h, saved = run_loop(_ForwardLoop, key, x, (x, kernel, bias, input_masks, R, P, h0, c0, rec, noise, valid),
+                                finish)
+    return h, c_last, saved
 
 
-def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
-          valid: Optional[Tensor]) -> tuple[Tensor, States]:
-    """One LSTMCell over x (B, T, D): the carried h sequence (B, T, H) and the final states (h, c); H is the
-    projection's size with ``proj_size``, else U."""
-    codes = (ACTIVATION_CODES[cell.activation], ACTIVATION_CODES[cell.recurrent_activation])
-    dtype = x.dtype
-    h_sequence, c_last = _LstmLayer.apply(
-        x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, w.projection, states[0].contiguous(),
-        states[1].contiguous(), dense(masks.input, dtype), *kernel_masks(masks, dtype, 2), valid, cell, codes,
-        saving(x, w, states),
-    )
-    return h_sequence, (h_sequence[:, -1], c_last)
+def backward(needs: tuple, d_hs: Tensor, d_c_last: Tensor, x: Tensor, kernel: Tensor, bias: Optional[Tensor], R: Tensor,
+             P: Optional[Tensor], input_masks: Optional[Tensor], rec, noise: Noise, valid: Optional[Tensor],
+             codes: tuple, h: Tensor, saved: tuple, precision: Optional[str]) -> tuple:
+    """dx, dkernel, dbias, dR, dP, dh0, dc0 (None where ``needs``, over x, kernel, bias, R, P, h0, c0, says
+    not) from the gradients of the h sequence's steps 1..T (B, T, H) and of the last c, and :func:`forward`'s
+    h sequence and saved tensors."""
+    gates, c_buffer, r = saved if P is not None else (*saved, None)
+    key = loop_key(CELL, True, x, R.shape[1] // GATES, input_masks, rec, valid, codes, has_dhs=True, noise=noise,
+                   proj=0 if P is None else P.shape[1], precision=precision)
+
+    def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
+        return _gradients(needs, loop, x, kernel, bias, h, r, input_masks, rec)
+
+    return run_loop(_BackwardLoop, key, x, (gates, c_buffer, valid, d_hs, rec, noise, R, P, d_c_last), finish)

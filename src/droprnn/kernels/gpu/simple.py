@@ -27,12 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...cells import CellWeights
-from ...dropout.plan import CellMasks
-from .. import reference
-from .. import ACTIVATION_CODES
-from .loops import (BackwardLoop, ForwardLoop, LoopKey, Noise, States, dense, float32_precision, kernel_masks,
-                    loop_key, outputs_and_saved, plain_layer, run_loop, saving, stored)
+from .loops import BackwardLoop, ForwardLoop, LoopKey, Noise, loop_key, outputs_and_saved, run_loop
 from ..products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (activate, carry_state, compute_type, grid, incoming_grad, next_step, program_units,
                              step_is_real, store_product_inputs, through, zoneout_split)
@@ -187,53 +182,27 @@ def _gradients(needs: tuple, loop: _BackwardLoop, x: Tensor, kernel: Tensor, bia
     return dx, dkernel, dbias, dR, dh0
 
 
-# ---------------------------------------------------------------------------------------------- the layer function
-class _SimpleLayer(torch.autograd.Function):
-    """One SimpleRNN cell over a whole sequence as one autograd node. Inputs: x (B, T, D), kernel (D, U),
-    bias (U,) or None, R (U, U) (DropConnect applied), h0 (B, U), input masks, recurrent masks (a tensor or
-    a CounterMask) or None, the Noise (zoneout), valid (B, T) or None, the cell, its activation codes and
-    ``saving`` (as lstm._LstmLayer). Returns the carried h sequence (B, T, U)."""
-
-    @staticmethod
-    def forward(ctx, x, kernel, bias, R, h0, input_masks, rec, noise, valid, cell, codes, saving):
-        key = loop_key(CELL, False, x, R.shape[1], input_masks, rec, valid, codes, noise=noise,
-                       precision=float32_precision(x))
-        h_sequence, (pre, h_buffer) = run_loop(
-            _ForwardLoop, key, x, (x, kernel, bias, input_masks, R, h0, rec, noise, valid),
-            lambda loop: outputs_and_saved(loop, saving, ("pre", "h")))
-        ctx.save_for_backward(x, kernel, bias, R, h0, pre, h_buffer, input_masks, stored(rec), valid)
-        ctx.cell, ctx.codes, ctx.noise, ctx.rec = cell, codes, noise, None if torch.is_tensor(rec) else rec
-        ctx.precision = key.precision
-        return h_sequence
-
-    @staticmethod
-    def backward(ctx, d_hs):
-        x, kernel, bias, R, h0, pre, h_buffer, input_masks, rec, valid = ctx.saved_tensors
-        rec = rec if rec is not None else ctx.rec  # a CounterMask is kept on ctx
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
-            def build(x, kernel, bias, R, h0):
-                return plain_layer(ctx.cell, x, CellWeights(kernel, R, bias), (h0,), input_masks, rec, valid,
-                                   ctx.noise)
-
-            return reference.differentiable_grads(ctx, (x, kernel, bias, R, h0), (d_hs,), build)
-        key = loop_key(CELL, True, x, R.shape[1], input_masks, rec, valid, ctx.codes, has_dhs=d_hs is not None,
-                       noise=ctx.noise, precision=ctx.precision)
-        needs = ctx.needs_input_grad
-
-        def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
-            return _gradients(needs, loop, x, kernel, bias, h_buffer, input_masks, rec)
-
-        grads = run_loop(_BackwardLoop, key, x, (pre, valid, d_hs, rec, ctx.noise, R), finish)
-        return (*grads, None, None, None, None, None, None, None)
+# ---------------------------------------------------------------------------------------------- entry points
+def forward(x: Tensor, kernel: Tensor, bias: Optional[Tensor], R: Tensor, h0: Tensor, input_masks: Optional[Tensor],
+            rec, noise: Noise, valid: Optional[Tensor], codes: tuple, saving: bool,
+            precision: Optional[str]) -> tuple[Tensor, tuple]:
+    """One SimpleRNN cell over a whole sequence (``operator.gpu_layer``): x (B, T, D), kernel (D, U), bias (U,)
+    or None, R (U, U) (DropConnect applied), h0 (B, U), the rest as ``lstm.forward``. Returns the h sequence
+    (B, T + 1, U) with h0 in slot 0, and what the backward reads: pre (B, T, U) -- None when not saving."""
+    key = loop_key(CELL, False, x, R.shape[1], input_masks, rec, valid, codes, noise=noise, precision=precision)
+    return run_loop(_ForwardLoop, key, x, (x, kernel, bias, input_masks, R, h0, rec, noise, valid),
+                    lambda loop: outputs_and_saved(loop, saving, ("pre",)))
 
 
-def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
-          valid: Optional[Tensor]) -> tuple[Tensor, States]:
-    """One SimpleRNNCell over x (B, T, D): the carried h sequence (B, T, U) and the final states (h,)."""
-    code = ACTIVATION_CODES[cell.activation]
-    dtype = x.dtype
-    h_sequence = _SimpleLayer.apply(
-        x.contiguous(), w.kernel, w.input_bias, w.recurrent_kernel, states[0].contiguous(), dense(masks.input, dtype),
-        *kernel_masks(masks, dtype, 1), valid, cell, (code, code), saving(x, w, states),
-    )
-    return h_sequence, (h_sequence[:, -1],)
+def backward(needs: tuple, d_hs: Tensor, x: Tensor, kernel: Tensor, bias: Optional[Tensor], R: Tensor,
+             input_masks: Optional[Tensor], rec, noise: Noise, valid: Optional[Tensor], codes: tuple, h: Tensor,
+             saved: tuple, precision: Optional[str]) -> tuple:
+    """dx, dkernel, dbias, dR, dh0 (None where ``needs``, over x, kernel, bias, R, h0, says not)."""
+    (pre,) = saved
+    key = loop_key(CELL, True, x, R.shape[1], input_masks, rec, valid, codes, has_dhs=True, noise=noise,
+                   precision=precision)
+
+    def finish(loop: _BackwardLoop):  # dz is consumed here, before any other replay can overwrite it
+        return _gradients(needs, loop, x, kernel, bias, h, input_masks, rec)
+
+    return run_loop(_BackwardLoop, key, x, (pre, valid, d_hs, rec, noise, R), finish)

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .operator import carry_dtype
+
 # Units per program: a (B, ceil(U / BLOCK)) grid; 128 keeps enough programs for small batches on big GPUs.
 _MAX_BLOCK = 128
 
@@ -245,7 +247,7 @@ INTERPRETED = type(activate).__name__ == "InterpretedFunction"
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the carried states: float64 for float64 tensors, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return carry_dtype(dtype)
 
 
 def compute_type(dtype: torch.dtype):
