@@ -8,6 +8,11 @@ Scan over the reference step otherwise (kernels/onnx.py says which). The ONNX fi
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch.export import Dim
@@ -182,6 +187,29 @@ def test_embedding_model_exports_to_onnx(tmp_path):
     other = torch.randint(0, 50, (3, 12))
     got = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
     assert abs(got - model(other).detach().numpy()).max() <= 1e-5
+
+
+def test_without_the_fused_kernels_programs_keep_time_dynamic():
+    """With the fused kernels off (no compiler, or DROPRNN_DISABLE_FUSED=1) an exported program holds the
+    reference step inside scan, still with dynamic time, and torch.compile(fullgraph=True) still holds."""
+    script = textwrap.dedent("""
+        import torch, droprnn
+        from torch.export import Dim
+        torch.manual_seed(0)
+        model = droprnn.Sequential([droprnn.LSTM(5, return_sequences=True, recurrent_dropout=0.2, input_shape=(None, 4)),
+                                    droprnn.GRU(3)]).eval()
+        dims = ({0: Dim("batch"), 1: Dim("time")},)
+        program = torch.export.export(model, (torch.randn(3, 6, 4),), dynamic_shapes=dims)
+        assert any("scan" in str(node.target) for node in program.graph.nodes)
+        x = torch.randn(5, 11, 4)
+        torch.testing.assert_close(program.module()(x), model(x))
+        assert model[0].last_kernel.name == "reference" and "DROPRNN_DISABLE_FUSED" in model[0].last_kernel.reason
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager", fullgraph=True)(x), model(x))
+        print("OK")
+    """)
+    env = dict(os.environ, DROPRNN_DISABLE_FUSED="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "OK", result.stderr[-3000:]
 
 
 def test_legacy_exporter_and_torchscript_point_to_export():

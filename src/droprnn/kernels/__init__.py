@@ -7,6 +7,8 @@ operator, which sees names and codes rather than cell objects, gets the cell's s
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .. import activations
 from ..cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
 
@@ -22,6 +24,21 @@ def constant_when_compiled(fn):
     function imports the compiler, most of a second that ``import droprnn`` should not cost."""
     fn._dynamo_marked_constant = True
     return fn
+
+
+def unknown_cell(cells) -> Optional[str]:
+    """What in ``cells`` the fast kernels do not know (None when each is exactly an LSTMCell, GRUCell or
+    SimpleRNNCell, a subclass may change the step math, with activations among ``ACTIVATION_NAMES``)."""
+    for k, cell in enumerate(cells):
+        if type(cell) not in SUPPORTED_CELLS:
+            return f"cell {k} is a {type(cell).__name__}, not exactly an LSTMCell, GRUCell or SimpleRNNCell"
+        names = ("activation",) if type(cell) is SimpleRNNCell else ("activation", "recurrent_activation")
+        for name in names:
+            fn = getattr(cell, name)
+            if fn not in ACTIVATION_CODES:
+                return (f"cell {k}'s {name} {getattr(fn, '__name__', fn)!r} is none of "
+                        f"{', '.join(ACTIVATION_NAMES)}")
+    return None
 
 
 def activation_codes(cell: Cell) -> tuple[int, int]:

@@ -109,7 +109,7 @@ def choose(impl: str, call: RecurrentCall) -> KernelChoice:
     input and the weights). ``impl="fused"`` or ``"gpu"`` raise when the call cannot run there (except
     while ``torch.onnx.export`` traces: the exported program has ONNX's operators instead)."""
     choice = pick(impl, call)
-    if impl in ("fused", "gpu") and choice.name not in (impl, "onnx") and _exporting() != "onnx":
+    if impl in ("fused", "gpu") and choice.name != impl and _exporting() != "onnx":
         raise DroprnnError(f"{call.where}: impl={impl!r} cannot run this call: {choice.reason}.")
     return choice
 

@@ -38,8 +38,7 @@ import torch
 
 from ..cells import CellWeights, GRUCell, LSTMCell
 from ..dropout.plan import CellMasks
-from . import (ACTIVATION_CODES, CELL_KINDS, SUPPORTED_CELLS, activation_codes, constant_when_compiled, cpu, math_cell,
-               products, reference)
+from . import CELL_KINDS, activation_codes, constant_when_compiled, cpu, math_cell, products, reference, unknown_cell
 from .call import RecurrentCall, Result, stacked
 
 Tensor = torch.Tensor
@@ -72,14 +71,10 @@ def unsupported_reason(call: RecurrentCall) -> Optional[str]:
         return f"the fused CPU kernels take CPU tensors; this input is on {x.device}"
     if x.dtype not in (torch.float32, torch.float64):
         return f"the fused kernels run float32 and float64; this input is {x.dtype}"
-    for k, (cell, w) in enumerate(zip(call.cells, call.weights)):
-        if type(cell) not in SUPPORTED_CELLS:
-            return f"cell {k} is a {type(cell).__name__}; the fused kernels know LSTMCell, GRUCell and SimpleRNNCell"
-        for name in ("activation", "recurrent_activation"):
-            fn = getattr(cell, name, None)
-            if fn is not None and fn not in ACTIVATION_CODES:
-                return (f"cell {k}'s {name} {getattr(fn, '__name__', fn)!r} is not fused "
-                        "(fused: tanh, sigmoid, hard_sigmoid, relu, linear)")
+    unknown = unknown_cell(call.cells)
+    if unknown is not None:
+        return f"the fused kernels cannot run it: {unknown}"
+    for k, w in enumerate(call.weights):
         if w.projection is not None:
             return f"cell {k} has a projection (proj_size); the fused LSTM has none yet"
     return _library_reason()
@@ -202,7 +197,7 @@ def _gates_buffer(x: Tensor, units: int, gates: int, input_mask: Optional[Tensor
     return x.new_empty(batch, steps, gates, units)
 
 
-@torch.library.custom_op("droprnn::fused_layer", mutates_args=())
+@torch.library.custom_op("droprnn::fused_layer", mutates_args=(), device_types="cpu")
 def fused_layer(
     x: Tensor, kernel: Tensor, input_bias: Optional[Tensor], recurrent_kernel: Tensor,
     recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], input_mask: Optional[Tensor],
@@ -217,10 +212,10 @@ def fused_layer(
     masks as :class:`~droprnn.dropout.plan.CellMasks` holds them, as tensors; valid (B, T) of 0/1 or None;
     activation codes as ``kernels.ACTIVATION_NAMES`` numbers them.
 
-    Returns (hs (B, T, H): the carried h sequence, c_last (B, U): the LSTM's last c (else absent: a 0-d zero), and what
-    the backward reads: the activated gates in the projections' layout (the SimpleRNN's fresh h' with
-    zoneout, else absent: hs is h'), and the
-    LSTM's c sequence or the reset_after GRU's recurrent products (B, T, U) (else absent)).
+    Returns (hs (B, T, H): the carried h sequence; c_last (B, U): the LSTM's last c, else absent (a 0-d
+    zero); and what the backward reads: the activated gates in the projections' layout (the SimpleRNN's
+    fresh h' with zoneout, else absent: hs is h'), and the LSTM's c sequence or the reset_after GRU's
+    recurrent products (B, T, U), else absent).
     """
     _require_library("fused_layer")
     gates = GATES[cell]
@@ -261,7 +256,7 @@ def _fused_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h
     return hs, _absent(x), saved, x.new_empty(batch, steps, units) if reset_after else _absent(x)
 
 
-@torch.library.custom_op("droprnn::fused_layer_backward", mutates_args=())
+@torch.library.custom_op("droprnn::fused_layer_backward", mutates_args=(), device_types="cpu")
 def fused_layer_backward(
     grad_hs: Tensor, grad_c_last: Optional[Tensor], x: Tensor, kernel: Tensor, input_bias: Optional[Tensor],
     recurrent_kernel: Tensor, recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],

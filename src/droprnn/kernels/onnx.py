@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from ..cells import CellWeights, GRUCell, LSTMCell, SimpleRNNCell
-from . import ACTIVATION_CODES, ACTIVATION_NAMES, SUPPORTED_CELLS, activation_codes
+from . import ACTIVATION_NAMES, activation_codes, unknown_cell
 from .call import RecurrentCall, Result, finish
 
 Tensor = torch.Tensor
@@ -57,13 +57,10 @@ def unsupported_reason(call: RecurrentCall) -> Optional[str]:
         return f"ONNX's recurrent operators are exported in float32 here; this input is {call.x.dtype}"
     if call.step_mask is not None and call.lengths is None:
         return "a step mask (mask=): ONNX's recurrent operators take sequence lengths only (lengths= exports to them)"
-    for k, (cell, w) in enumerate(zip(call.cells, call.weights)):
-        if type(cell) not in SUPPORTED_CELLS:
-            return f"cell {k} is a {type(cell).__name__}, not an LSTMCell, GRUCell or SimpleRNNCell"
-        for name in ("activation", "recurrent_activation"):
-            fn = getattr(cell, name, None)
-            if fn is not None and fn not in ACTIVATION_CODES:
-                return f"cell {k}'s {name} {getattr(fn, '__name__', fn)!r} has no ONNX recurrent activation here"
+    unknown = unknown_cell(call.cells)
+    if unknown is not None:
+        return f"ONNX's recurrent operators cannot express it: {unknown}"
+    for k, w in enumerate(call.weights):
         if w.projection is not None:
             return f"cell {k} has a projection (proj_size), which ONNX's LSTM lacks"
     for k, masks in enumerate(call.plan.cells):

@@ -52,8 +52,7 @@ from typing import Optional
 
 import torch
 
-from ...cells import SimpleRNNCell
-from .. import ACTIVATION_CODES, SUPPORTED_CELLS, constant_when_compiled
+from .. import constant_when_compiled, unknown_cell
 from ..call import RecurrentCall, Result, stacked
 from . import graphs, operator
 
@@ -111,15 +110,9 @@ def unsupported_reason(call: RecurrentCall) -> Optional[str]:
         return reason
     if x.dtype not in DTYPES:
         return f"the Triton kernels run float32, float64, float16 and bfloat16; this input is {x.dtype}"
-    for k, cell in enumerate(call.cells):
-        if type(cell) not in SUPPORTED_CELLS:
-            return (f"cell {k} is a {type(cell).__name__}; the Triton kernels know LSTMCell, GRUCell and "
-                    "SimpleRNNCell (exact types)")
-        for name in ("activation",) if type(cell) is SimpleRNNCell else ("activation", "recurrent_activation"):
-            fn = getattr(cell, name)
-            if fn not in ACTIVATION_CODES:
-                return (f"cell {k}'s {name} {getattr(fn, '__name__', fn)!r} is not in the Triton kernels "
-                        "(they have tanh, sigmoid, hard_sigmoid, relu, linear)")
+    unknown = unknown_cell(call.cells)
+    if unknown is not None:
+        return f"the Triton kernels cannot run it: {unknown}"
     return unavailable_reason()
 
 

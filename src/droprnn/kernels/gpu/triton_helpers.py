@@ -31,7 +31,7 @@ _MAX_BLOCK = 128
 
 @triton.jit
 def activate(x, CODE: tl.constexpr):
-    """The activation with code CODE (gpu.ACTIVATION_CODES) of x."""
+    """The activation with code CODE (kernels.ACTIVATION_CODES) of x."""
     if CODE == 0:  # tanh, from exp(-2|x|) so that it never overflows
         e = tl.exp(-2.0 * tl.abs(x))
         y = (1.0 - e) / (1.0 + e)
