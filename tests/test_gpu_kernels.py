@@ -664,6 +664,13 @@ def test_gpu_layer_passes_opcheck(case, counter, monkeypatch):
     valid = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=F64)
     args = operator.arguments(cell, x, masks.weights_for(cell.weights()), states, masks, valid)
     torch.library.opcheck(torch.ops.droprnn.gpu_layer.default, args)
+    # Its backward, on the forward's results, every gradient wanted.
+    with torch.no_grad():
+        h, c_last, *saved = torch.ops.droprnn.gpu_layer(*args)
+    grad_c = torch.randn_like(c_last) if cell.state_size[1:] else None
+    backward_args = (torch.randn_like(h), grad_c, *(a.detach() if torch.is_tensor(a) else a for a in args[:15]), h,
+                     *saved, *args[15:20], args[21], [True] * 6)
+    torch.library.opcheck(torch.ops.droprnn.gpu_layer_backward.default, backward_args)
 
 
 @in_process
