@@ -381,23 +381,25 @@ def test_stacked_initial_state_message_reports_count_received():
         _stacked()(seq(), initial_state=[[torch.zeros(B, U)]])
 
 
-@pytest.mark.parametrize("count", [1, 3, 5])
-def test_bidirectional_initial_state_odd_length(count):
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_bidirectional_initial_state_wrong_count(count):
+    # LSTM needs [h, c] per direction: 4 tensors.
     layer = d.Bidirectional(d.LSTM(U), name="bi")
-    with pytest.raises(DroprnnError, match=rx("Bidirectional 'bi'", "`initial_state`", "even length", f"got {count}")):
+    expected = "a list of 4 states [forward h, forward c, backward h, backward c]"
+    with pytest.raises(DroprnnError, match=rx("Bidirectional 'bi'", "`initial_state`", expected, f"got {count} states")):
         layer(seq(), initial_state=[torch.zeros(B, U)] * count)
 
 
 def test_bidirectional_initial_state_not_a_list():
     layer = d.Bidirectional(d.GRU(U), name="bi")
-    with pytest.raises(DroprnnError, match=rx("Bidirectional 'bi'", "`initial_state`", "even length", "got torch.Tensor")):
+    with pytest.raises(DroprnnError, match=rx("Bidirectional 'bi'", "`initial_state`", "[forward h, backward h]",
+                                              "got torch.Tensor")):
         layer(seq(), initial_state=torch.zeros(B, U))
 
 
-def test_bidirectional_initial_state_even_but_wrong_per_direction():
-    # LSTM needs [h, c] per direction: 2 tensors split as 1 + 1.
-    layer = d.Bidirectional(d.LSTM(U, name="fw"), name="bi")
-    with pytest.raises(DroprnnError, match=rx("LSTM 'fw'", "`initial_state`", "expected 2 tensors [h, c]", "got 1")):
+def test_bidirectional_stacked_initial_state_counts_cells():
+    layer = d.Bidirectional(d.RNN([d.LSTMCell(U), d.GRUCell(U)]), name="bi")
+    with pytest.raises(DroprnnError, match=rx("Bidirectional 'bi'", "a list of 4 states", "forward cell 0's states")):
         layer(seq(), initial_state=[torch.zeros(B, U)] * 2)
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,22 @@ def test_worker_processes_survive_a_trial_that_kills_its_process(tmp_path, monke
     metrics = lambda rs: {t["variant"]: (t["test_metric"], t["epochs"][-1]["train_loss"])  # noqa: E731
                           for t in rs["trials"] if t["status"] == "ok"}
     assert metrics(inline) == metrics(results)
+
+
+@needs_data
+@needs_matplotlib
+def test_a_worker_that_stops_responding_is_killed_and_its_trial_recorded(tmp_path, monkeypatch):
+    """A worker frozen by SIGSTOP sends no heartbeat: after --trial-timeout its trial is failed (tried again
+    next run) and the others finish, instead of the lab waiting forever."""
+    monkeypatch.setitem(variants.VARIANTS, "frozen", variants.Variant(
+        "frozen", "frozen", "stops its own process", before=("__import__('os').kill(__import__('os').getpid(), 19)",)))
+    config = tiny(tmp_path, variants="none,frozen,dropout", workers=2, trial_timeout=4.0)
+    started = time.monotonic()
+    results, _ = runner.run_lab(config)
+    by_variant = {t["variant"]: t for t in results["trials"]}
+    assert by_variant["none"]["status"] == "ok" and by_variant["dropout"]["status"] == "ok"
+    assert by_variant["frozen"]["status"] == "failed" and "no sign of life for 4 s" in by_variant["frozen"]["error"]
+    assert time.monotonic() - started < 120
 
 
 @needs_data

@@ -189,14 +189,32 @@ class Cell(nn.Module):
             if input_size != self.input_size:
                 raise fail(self.where, "input_size", f"{self.input_size} (the size it was built with)", repr(input_size))
             return
-        self.input_size = input_size
         factory = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         k, u = self.gates, self.units
-        self.kernel = nn.Parameter(torch.empty(input_size, k * u, **factory))
-        self.recurrent_kernel = nn.Parameter(torch.empty(self.state_size[0], k * u, **factory))
-        if self.use_bias:
-            self.bias = nn.Parameter(torch.empty(self.bias_shape(), **factory))
+        try:
+            kernel = torch.empty(input_size, k * u, **factory)
+            recurrent = torch.empty(self.state_size[0], k * u, **factory)
+            bias = torch.empty(self.bias_shape(), **factory) if self.use_bias else None
+        except (RuntimeError, MemoryError) as error:  # torch's allocator: "can't allocate memory", overflow
+            size = (input_size + self.state_size[0]) * k * u * torch.empty((), dtype=factory["dtype"]).element_size()
+            raise DroprnnError(
+                f"{self.where}: its weights for units={u} and {input_size} input features need {size / 2**30:.1f} GiB, "
+                f"which could not be allocated ({str(error).splitlines()[0]}); use fewer units."
+            ) from None
+        self.input_size = input_size
+        self.kernel = nn.Parameter(kernel)
+        self.recurrent_kernel = nn.Parameter(recurrent)
+        if bias is not None:
+            self.bias = nn.Parameter(bias)
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Loading weights into a cell that has none yet builds it from them (the input size is the kernel's
+        # first axis), instead of loading nothing: load_state_dict would otherwise find no parameters to fill.
+        kernel = state_dict.get(prefix + "kernel")
+        if not self.built and torch.is_tensor(kernel) and kernel.dim() == 2:
+            self.build(kernel.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def bias_shape(self) -> tuple[int, ...]:
         return (self.gates * self.units,)
@@ -217,16 +235,30 @@ class Cell(nn.Module):
     def initial_bias(self) -> Tensor:
         return self.bias_initializer(self.bias.shape, dtype=self.bias.dtype, device=self.bias.device)
 
+    def keras_weights(self) -> list[nn.Parameter]:
+        """Parameters in Keras's ``get_weights()`` order: kernel, recurrent_kernel, bias."""
+        self._require_built()
+        return [p for p in (self.kernel, self.recurrent_kernel, self.bias) if p is not None]
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each parameter, by name, as the step math reads them."""
+        width = self.gates * self.units
+        return {"kernel": (self.input_size, width), "recurrent_kernel": (self.state_size[0], width),
+                "bias": self.bias_shape()}
+
     def _require_built(self) -> None:
         if not self.built:
             raise DroprnnError(
                 f"{self.where}: weights do not exist yet; give `input_size=` / `input_shape=` or call the layer once."
             )
-
-    def keras_weights(self) -> list[nn.Parameter]:
-        """Parameters in Keras's ``get_weights()`` order: kernel, recurrent_kernel, bias."""
-        self._require_built()
-        return [p for p in (self.kernel, self.recurrent_kernel, self.bias) if p is not None]
+        # A parameter replaced by one of another shape would otherwise reach the kernels.
+        for name, shape in self.parameter_shapes().items():
+            param = getattr(self, name)
+            if param is not None and tuple(param.shape) != shape:
+                raise DroprnnError(
+                    f"{self.where}: parameter `{name}` expected shape {shape}, got {tuple(param.shape)}; was it "
+                    "replaced? (load weights with set_weights() or load_state_dict(), which check them)"
+                )
 
     def weights(self) -> CellWeights:
         """The cell's own parameters as the step math reads them."""
@@ -366,6 +398,10 @@ class LSTMCell(Cell):
 
     def keras_weights(self) -> list[nn.Parameter]:
         return super().keras_weights() + ([self.projection] if self.projection is not None else [])
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = super().parameter_shapes()
+        return {**shapes, "projection": (self.units, self.proj_size)} if self.proj_size else shapes
 
     def weights(self) -> CellWeights:
         self._require_built()

@@ -59,6 +59,8 @@ def _add_lab(commands) -> None:
     lab.add_argument("--out", default="", help="run directory (default runs/lab-<dataset>); re-running resumes")
     lab.add_argument("--workers", type=int, default=d["workers"].default, help="trials run at once")
     lab.add_argument("--threads", type=int, default=d["threads"].default, help="torch threads per trial")
+    lab.add_argument("--trial-timeout", type=float, default=d["trial_timeout"].default, metavar="SECONDS",
+                     help="a local worker not heard from for this long is killed and its trial recorded as failed")
     lab.add_argument("--ray", default=None, metavar="ADDRESS",
                      help="run the trials on a Ray cluster ('local' starts one here)")
     lab.add_argument("--plain", action="store_true", help="plain progress lines instead of bars")
@@ -98,7 +100,7 @@ def _run_lab(args) -> None:
     config = LabConfig(dataset=args.dataset, layer=args.layer, units=args.units, epochs=args.epochs, rate=args.rate,
                        variants=args.variants, seeds=args.seeds, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, out=args.out, workers=args.workers, threads=args.threads,
-                       ray=args.ray)
+                       trial_timeout=args.trial_timeout, ray=args.ray)
     progress = terminal_progress(plain=args.plain)
     try:
         results, files = run_lab(config, progress)

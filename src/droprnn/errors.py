@@ -60,6 +60,34 @@ def type_name(value: Any) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
+def check_out_dir(where: str, out: Any) -> str:
+    """A run directory: a folder, or a path whose nearest existing part is a folder (not a file)."""
+    from pathlib import Path
+
+    path = Path(str(out))
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise fail(where, "--out", "a folder for the run", f"{out!r}, where {str(part)!r} is a file")
+            break
+    return str(out)
+
+
+def check_device(where: str, argument: str, device: Any) -> str:
+    """A device name torch knows and that exists here (cpu, or cuda when CUDA is available)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise fail(where, argument, "cpu or cuda (e.g. cuda:0)", repr(device)) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise fail(where, argument, "cpu, or cuda on a machine with CUDA (none here)", repr(device))
+    if parsed.type not in ("cpu", "cuda"):
+        raise fail(where, argument, "cpu or cuda", repr(device))
+    return str(device)
+
+
 def no_torchscript(where: str, tool: str) -> DroprnnError:
     """The error for TorchScript (deprecated upstream), pointing to the tools that do work."""
     return DroprnnError(

@@ -45,6 +45,7 @@ class _TorchStyleRNN(torch_nn.Module):
     """Shared machinery: torch-named parameters, input/state layouts, layers × directions."""
 
     gates = 1
+    cell_options: tuple[str, ...] = ()  # keyword arguments for the cells beyond the shared ones
     # Training mode switches only dropout on (MC dropout may use it).
     training_switches_only_noise = True
 
@@ -72,6 +73,13 @@ class _TorchStyleRNN(torch_nn.Module):
     ) -> None:
         super().__init__()
         where = self.where
+        unknown = sorted(set(cell_options) - set(self.cell_options))
+        if unknown:
+            known = ("input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size, "
+                     "device, dtype; keyword-only: input_dropout, recurrent_dropout, recurrent_dropout_mode, "
+                     "input_dropout_mode, zoneout_h, seed, impl" + "".join(f", {o}" for o in self.cell_options))
+            raise DroprnnError(f"{where}: unknown argument{'s' if len(unknown) > 1 else ''} "
+                               f"{', '.join(map(repr, unknown))}; it takes {known}.")
         self.impl = check_impl(where, impl)
         self.last_kernel: Optional[KernelChoice] = None
         self.input_size = check_positive_int(where, "input_size", input_size)
@@ -113,6 +121,8 @@ class _TorchStyleRNN(torch_nn.Module):
                     self.register_parameter(f"bias_hh_{suffix}", torch_nn.Parameter(torch.empty(gate_rows, **factory)))
                 if proj_size:
                     self.register_parameter(f"weight_hr_{suffix}", torch_nn.Parameter(torch.empty(proj_size, hidden_size, **factory)))
+        # The shape of every parameter, checked at each call: a replaced one must not reach a kernel.
+        self._shapes = {name: tuple(param.shape) for name, param in self.named_parameters()}
         self.reset_parameters()
 
     # ------------------------------------------------------------------ description
@@ -159,6 +169,15 @@ class _TorchStyleRNN(torch_nn.Module):
     def _gate_order(self, tensor: Tensor) -> Tensor:
         """Rows in torch's gate order → Keras's (identity except for GRU)."""
         return tensor
+
+    def _check_shapes(self) -> None:
+        for name, shape in self._shapes.items():
+            param = getattr(self, name)
+            if tuple(param.shape) != shape:
+                raise DroprnnError(
+                    f"{self.where}: parameter `{name}` expected shape {shape}, got {tuple(param.shape)}; was it "
+                    "replaced? (load_state_dict checks the shapes it loads)"
+                )
 
     def _keras_weights(self, suffix: str) -> CellWeights:
         w_ih, w_hh = getattr(self, f"weight_ih_{suffix}"), getattr(self, f"weight_hh_{suffix}")
@@ -219,6 +238,7 @@ class _TorchStyleRNN(torch_nn.Module):
         if not x.is_floating_point() or x.dtype != weight.dtype:
             x = x.to(weight.dtype)
         batch, steps, features = x.shape
+        self._check_shapes()
         if features != self.input_size:
             raise fail(self.where, "input", f"{self.input_size} features on the last axis", f"shape {tuple(input.shape) if not packed else tuple(x.shape)}")
         if steps == 0:
@@ -274,6 +294,7 @@ class LSTM(_TorchStyleRNN):
     ``proj_size`` supported. Returns ``output, (h_n, c_n)``."""
 
     gates = 4
+    cell_options = ("zoneout_c",)
 
     def __init__(self, *args: Any, zoneout_c: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, zoneout_c=zoneout_c, **kwargs)

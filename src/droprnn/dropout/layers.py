@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import DroprnnError, check_rate, fail, type_name
-from ..layers.base import Layer
+from ..layers.base import Layer, floating_input
 from ..random import SeedStream, dropout_mask, keep_mask, normal, uniform
 
 Tensor = torch.Tensor
@@ -125,6 +125,7 @@ class GaussianDropout(Layer):
         return f"name={self.name!r}, rate={self.rate}"
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:
+        x = floating_input(self.where, x)
         if not self.resolve_training(training) or self.rate == 0.0:
             return x
         std = math.sqrt(self.rate / (1.0 - self.rate))
@@ -143,6 +144,7 @@ class GaussianNoise(Layer):
         return f"name={self.name!r}, stddev={self.stddev}"
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:
+        x = floating_input(self.where, x)
         if not self.resolve_training(training) or self.stddev == 0.0:
             return x
         return x + normal(tuple(x.shape), 0.0, self.stddev, self.seed_stream, x.dtype, x.device)
@@ -165,6 +167,7 @@ class AlphaDropout(Dropout):
     rate_may_be_one = False
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:
+        x = floating_input(self.where, x)
         shape = self.concrete_noise_shape(x)
         if not self.resolve_training(training) or self.rate == 0.0:
             return x

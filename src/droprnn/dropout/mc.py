@@ -45,15 +45,25 @@ def mc_predict(
     """Mean and standard deviation of ``samples`` stochastic passes, every dropout on, all else in eval.
 
     Each pass draws new masks (recurrent masks once per pass and sequence, as in training). Runs without
-    gradients. ``call_kwargs`` go to every call (e.g. ``lengths=``). Returns ``(mean, std)``, plus the
+    gradients. Stateful layers start every pass from the states they hold, and hold them again afterwards. ``call_kwargs`` go to every call (e.g. ``lengths=``). Returns ``(mean, std)``, plus the
     stacked samples (samples, *output shape) with ``return_samples``. The std is the spread of the passes
     (population form), the MC estimate of the model's predictive uncertainty without observation noise.
     """
     samples = check_positive_int("mc_predict", "samples", samples)
     if samples < 2:
         raise DroprnnError("mc_predict: argument `samples` expected at least 2 passes for a spread, got 1.")
-    with torch.no_grad(), mc_dropout_mode(model):
-        outputs = [model(x, **call_kwargs) for _ in range(samples)]
+    # Stateful layers: every pass starts from the states they hold now, and keeps them so afterwards.
+    held = [(layer, layer.states) for layer in model.modules() if getattr(layer, "stateful", False)]
+    outputs = []
+    try:
+        with torch.no_grad(), mc_dropout_mode(model):
+            for _ in range(samples):
+                for layer, states in held:
+                    layer.states = states
+                outputs.append(model(x, **call_kwargs))
+    finally:
+        for layer, states in held:
+            layer.states = states
     if not all(torch.is_tensor(o) for o in outputs):
         raise DroprnnError(
             f"mc_predict: the model must return one tensor per call, got {type(outputs[0]).__name__}; "

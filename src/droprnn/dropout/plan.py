@@ -125,6 +125,14 @@ class DropoutPlan:
         """This plan's masks in ``dtype``."""
         return DropoutPlan(tuple(masks.to(dtype) for masks in self.cells))
 
+    def masks(self) -> list[Any]:
+        """Every mask of the plan (tensors and CounterMasks), in no particular order."""
+        found = []
+        for cell in self.cells:
+            found += [m for m in (cell.input, cell.recurrent, cell.update, cell.recurrent_kernel) if m is not None]
+            found += [z for z in cell.zoneout or () if z is not None]
+        return found
+
     def materialized(self) -> "DropoutPlan":
         """This plan with its counter-based masks made into tensors (itself when it has none)."""
         if not any(masks.counter_based for masks in self.cells):
@@ -222,8 +230,10 @@ def draw_plan(
     return DropoutPlan(tuple(drawn))
 
 
-def check_plan(where: str, plan: Any, cells: Sequence[Any], batch: int, input_size: int, steps: int) -> DropoutPlan:
-    """Raise unless ``plan`` holds masks of the right shapes for ``cells`` on this batch."""
+def check_plan(where: str, plan: Any, cells: Sequence[Any], batch: int, input_size: int, steps: int,
+               device: Optional[torch.device] = None) -> DropoutPlan:
+    """Raise unless ``plan`` holds masks of the right shapes for ``cells`` on this batch, on ``device`` (the
+    input's) when given: every kernel takes what passes here (in any floating dtype: see ``DropoutPlan.to``)."""
     if not isinstance(plan, DropoutPlan):
         raise fail(where, "dropout_plan", "a DropoutPlan (see draw_dropout_plan)", type_name(plan))
     if len(plan.cells) != len(cells):
@@ -232,8 +242,10 @@ def check_plan(where: str, plan: Any, cells: Sequence[Any], batch: int, input_si
         gates, hidden = getattr(cell, "gates", 1), cell.state_size[0]
         counts = {1, gates}
         # kind -> (tensor, accepted per-sequence shapes (an entry may be a set of sizes), may carry a time axis)
+        # (input masks drawn per step are shared by the gates: (T, 1, B, D), as draw_plan makes them)
+        timed_input = masks.input is not None and masks.input.dim() == 4
         expectations = {
-            "input": (masks.input, [(counts, batch, input_size)], True),
+            "input": (masks.input, [({1} if timed_input else counts, batch, input_size)], True),
             "recurrent": (masks.recurrent, [(counts, batch, hidden)], True),
             "update": (masks.update, [(batch, cell.units)], True),
             "recurrent_kernel": (masks.recurrent_kernel, [(hidden, gates * cell.units), (hidden, 1)], False),
@@ -241,6 +253,7 @@ def check_plan(where: str, plan: Any, cells: Sequence[Any], batch: int, input_si
         for kind, (tensor, shapes, timed) in expectations.items():
             if tensor is None:
                 continue
+            _check_kind(where, k, kind, tensor, device)
             shape = tuple(tensor.shape)
             if timed and len(shape) == len(shapes[0]) + 1 and shape[0] == steps:
                 shape = shape[1:]
@@ -252,8 +265,24 @@ def check_plan(where: str, plan: Any, cells: Sequence[Any], batch: int, input_si
                     f"{expected}{timing}, got {tuple(tensor.shape)}."
                 )
         _check_zoneout(where, k, masks.zoneout, cell, batch, steps)
+        for z in masks.zoneout or ():
+            if z is not None:
+                _check_kind(where, k, "zoneout", z, device)
         input_size = cell.output_size
     return plan
+
+
+def _check_kind(where: str, k: int, kind: str, mask: Any, device: Optional[torch.device]) -> None:
+    """A mask must be a floating tensor (or a CounterMask) on the call's device."""
+    if not (torch.is_tensor(mask) or isinstance(mask, CounterMask)) or not mask.dtype.is_floating_point:
+        got = f"a {mask.dtype} tensor" if torch.is_tensor(mask) else type_name(mask)
+        raise DroprnnError(f"{where}: argument `dropout_plan` expected {kind} masks of cell {k} as a floating "
+                           f"tensor, got {got}.")
+    if device is not None and mask.device != device:
+        raise DroprnnError(
+            f"{where}: argument `dropout_plan` expected {kind} masks of cell {k} on {device} (as the input), got "
+            f"them on {mask.device}; draw the plan on that device (draw_dropout_plan(..., device=...))."
+        )
 
 
 def _check_zoneout(where: str, k: int, zoneout: Any, cell: Any, batch: int, steps: int) -> None:

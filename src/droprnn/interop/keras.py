@@ -19,6 +19,26 @@ from ..layers.recurrent import GRU, LSTM, RNN, SimpleRNN
 from ..layers.wrappers import Bidirectional, TimeDistributed
 
 
+def _config(layer: Any) -> dict:
+    """The layer's Keras config; a layer whose config Keras cannot write (a lambda activation, say) is named."""
+    try:
+        return layer.get_config()
+    except Exception as error:  # noqa: BLE001 - Keras raises whatever its serializer meets
+        raise DroprnnError(
+            f"from_keras: layer '{getattr(layer, 'name', '?')}' ({type(layer).__name__}) has a configuration Keras "
+            f"cannot write ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); a lambda or "
+            "local function as activation does that: use a named activation, or build that droprnn layer by hand."
+        ) from None
+
+
+def _weights(layer: Any) -> list:
+    weights = layer.get_weights()
+    if not weights:
+        raise DroprnnError(f"from_keras: layer '{layer.name}' ({type(layer).__name__}) has no weights yet: the Keras "
+                           "model is not built. Build it first (keras.Input in the model, or call it once).")
+    return weights
+
+
 def _activation(value: Any, where: str) -> activations.ActivationLike:
     if value is None or isinstance(value, str) or callable(value):
         return value
@@ -45,9 +65,9 @@ _RNN_FLAGS = ("return_sequences", "return_state", "go_backwards", "stateful", "u
 
 def _recurrent(layer: Any) -> RNN:
     kind = type(layer).__name__
-    config = layer.get_config()
+    config = _config(layer)
     flags = {k: config[k] for k in _RNN_FLAGS if k in config}
-    weights = layer.get_weights()
+    weights = _weights(layer)
     input_size = weights[0].shape[0]
     if kind in _CELL_EXTRAS:
         args = _cell_args(config, f"{kind} '{layer.name}'", *_CELL_EXTRAS[kind])
@@ -66,12 +86,12 @@ def _cell(cell: Any) -> Cell:
     if kind not in table:
         raise DroprnnError(f"from_keras: RNN cell {kind} is not supported; expected one of {', '.join(table)}.")
     cls, *extras = table[kind]
-    args = _cell_args(cell.get_config(), f"{kind} '{cell.name}'", *extras)
+    args = _cell_args(_config(cell), f"{kind} '{cell.name}'", *extras)
     return cls(**args)
 
 
 def _bidirectional(layer: Any) -> Bidirectional:
-    config = layer.get_config()
+    config = _config(layer)
     return Bidirectional(
         _recurrent(layer.forward_layer), merge_mode=config.get("merge_mode", "concat"),
         backward_layer=_recurrent(layer.backward_layer), name=layer.name,
@@ -79,8 +99,8 @@ def _bidirectional(layer: Any) -> Bidirectional:
 
 
 def _dense(layer: Any) -> Dense:
-    config = layer.get_config()
-    weights = layer.get_weights()
+    config = _config(layer)
+    weights = _weights(layer)
     ours = Dense(
         config["units"], activation=_activation(config.get("activation"), f"Dense '{layer.name}'"),
         use_bias=config.get("use_bias", True), input_size=weights[0].shape[0], name=layer.name,
@@ -90,9 +110,9 @@ def _dense(layer: Any) -> Dense:
 
 
 def _embedding(layer: Any) -> Embedding:
-    config = layer.get_config()
+    config = _config(layer)
     ours = Embedding(config["input_dim"], config["output_dim"], mask_zero=config.get("mask_zero", False), name=layer.name)
-    ours.set_weights(layer.get_weights())
+    ours.set_weights(_weights(layer))
     return ours
 
 
@@ -102,7 +122,7 @@ def _time_distributed(layer: Any) -> TimeDistributed:
 
 def _simple(cls: type, *keys: str) -> Callable[[Any], nn.Module]:
     def build(layer: Any) -> nn.Module:
-        config = layer.get_config()
+        config = _config(layer)
         return cls(**{k: config[k] for k in keys if k in config}, name=layer.name)
 
     return build
@@ -147,6 +167,11 @@ def from_keras(model: Any) -> nn.Module:
     draws.
     """
     kind = type(model).__name__
+    if not type(model).__module__.startswith("keras"):
+        raise DroprnnError(
+            f"from_keras: expected a Keras model or layer, got {type(model).__module__}.{type(model).__qualname__}; "
+            "for torch.nn.LSTM / GRU / RNN use droprnn.nn's module of the same name, which loads its state_dict."
+        )
     if kind != "Sequential":
         if kind in _CONVERTERS:
             return convert_layer(model)

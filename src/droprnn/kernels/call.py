@@ -20,6 +20,7 @@ import torch
 
 from ..cells import CellWeights
 from ..dropout.plan import DropoutPlan
+from ..errors import DroprnnError
 
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
@@ -60,12 +61,49 @@ class RecurrentCall:
     def in_processing_order(self) -> tuple[Tensor, Optional[Tensor], list[CellWeights]]:
         """What every kernel does first: x and the step mask in the order the steps run (reversed for
         ``go_backwards``), and each cell's weights with the plan's DropConnect mask applied to its recurrent
-        kernel (autograd reaches the parameters through the product)."""
+        kernel (autograd reaches the parameters through the product).
+
+        The inputs of masked steps are zeroed: a masked step must not touch anything, and padding is often
+        NaN (sktime's .ts files pad with it), which would reach the outputs through the kernels' blend of new
+        and held states (0 · NaN) and the weight gradients through the products (NaN · 0)."""
         x, step_mask = self.x, self.step_mask
+        if step_mask is not None:
+            x = torch.where(step_mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         if self.go_backwards:
             x = x.flip(1)
             step_mask = None if step_mask is None else step_mask.flip(1)
         return x, step_mask, [m.weights_for(w) for m, w in zip(self.plan.cells, self.weights)]
+
+
+# CellWeights fields as droprnn.nn calls them (its weights are torch's parameters, viewed in Keras layout).
+_TORCH_NAMES = {"kernel": "weight_ih (transposed)", "recurrent_kernel": "weight_hh (transposed)",
+                "input_bias": "bias_ih", "recurrent_bias": "bias_hh", "projection": "weight_hr (transposed)"}
+
+
+def check_weights(call: RecurrentCall) -> None:
+    """Raise unless every cell's weights have the shapes its step math reads, and the input's dtype and
+    device: a replaced parameter of the wrong shape must not reach a kernel (the fused ones index memory by
+    these shapes)."""
+    features = call.x.shape[-1]
+    for k, (cell, weights) in enumerate(zip(call.cells, call.weights)):
+        width = cell.gates * cell.units
+        hidden = cell.state_size[0]
+        expected = {"kernel": (features, width), "recurrent_kernel": (hidden, width), "input_bias": (width,),
+                    "recurrent_bias": (width,), "projection": (cell.units, hidden)}
+        for name, shape in expected.items():
+            tensor = getattr(weights, name)
+            if tensor is None:
+                continue
+            shown = _TORCH_NAMES[name] if call.where.startswith("droprnn.nn") else name
+            what = f"{call.where}: parameter `{shown}` of cell {k}"
+            if tuple(tensor.shape) != shape:
+                raise DroprnnError(f"{what} expected shape {shape}, got {tuple(tensor.shape)}; was it replaced?")
+            if tensor.dtype != call.x.dtype or tensor.device != call.x.device:
+                raise DroprnnError(
+                    f"{what} expected {call.x.dtype} on {call.x.device} (as the input and the layer's other "
+                    f"weights), got {tensor.dtype} on {tensor.device}; convert the whole layer with .to()."
+                )
+        features = cell.output_size
 
 
 def finish(call: RecurrentCall, carried: Tensor, valid: Optional[Tensor]) -> tuple[Optional[Tensor], Tensor]:

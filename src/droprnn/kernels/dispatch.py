@@ -27,7 +27,7 @@ import torch
 
 from ..errors import DroprnnError
 from . import cpu, fused, gpu, onnx, reference, scan
-from .call import RecurrentCall, Result
+from .call import RecurrentCall, Result, check_weights
 
 IMPLS = ("auto", "reference", "fused", "gpu")
 _KERNELS = {module.NAME: module for module in (gpu, fused, reference, scan, onnx)}
@@ -45,7 +45,8 @@ class KernelChoice:
 
     def __str__(self) -> str:
         if self.name == "fused":
-            text = f"fused CPU kernel ({cpu.library_path()})"
+            repaired = cpu.repaired()
+            text = f"fused CPU kernel ({cpu.library_path()}{'; ' + repaired if repaired else ''})"
         elif self.name == "gpu":
             text = gpu.describe()
         elif self.name == "onnx":
@@ -127,6 +128,7 @@ def run(choice: KernelChoice, call: RecurrentCall) -> Result:
 
 
 def execute(impl: str, call: RecurrentCall) -> tuple[Result, KernelChoice]:
-    """Choose the kernel for ``call`` and run it; returns the results and the choice."""
+    """Check the call's weights, choose the kernel for it and run it; returns the results and the choice."""
+    check_weights(call)
     choice = choose(impl, call)
     return run(choice, call), choice

@@ -11,7 +11,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import DroprnnError, check_positive_int, check_rate, fail
+from ..errors import DroprnnError, check_out_dir, check_positive_int, check_rate, fail
 from .variants import LAYERS, VARIANTS, check_variants
 
 WHERE = "droprnn lab"
@@ -36,6 +36,7 @@ class LabConfig:
     embedding_size: int = 64           # text data sets only
     threads: int = 1                   # torch threads per trial: results are bit-identical for a given count
     workers: int = 2                   # trials run at once (local processes)
+    trial_timeout: float = 120.0       # seconds a local worker may go without a sign of life (see runner)
     ray: Optional[str] = None          # a Ray cluster address, instead of local processes
     out: str = field(default="")       # the run directory; default runs/lab-<dataset>
 
@@ -53,9 +54,13 @@ class LabConfig:
         if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, numbers.Real) \
                 or not self.learning_rate > 0:
             raise fail(WHERE, "--learning-rate", "a float > 0", repr(self.learning_rate))
+        if isinstance(self.trial_timeout, bool) or not isinstance(self.trial_timeout, numbers.Real) \
+                or not self.trial_timeout > 0:
+            raise fail(WHERE, "--trial-timeout", "seconds > 0", repr(self.trial_timeout))
         object.__setattr__(self, "variants", check_variants(WHERE, self.variants))
         if not self.out:
             object.__setattr__(self, "out", f"runs/lab-{self.dataset}")
+        check_out_dir(WHERE, self.out)
 
     @property
     def seed_list(self) -> list[int]:
@@ -63,7 +68,7 @@ class LabConfig:
 
     def trial_fields(self) -> dict[str, Any]:
         """The fields a trial's numbers depend on (scheduling and paths excluded)."""
-        skip = {"variants", "seeds", "workers", "ray", "out"}
+        skip = {"variants", "seeds", "workers", "trial_timeout", "ray", "out"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
     def to_json(self) -> dict[str, Any]:
@@ -73,8 +78,11 @@ class LabConfig:
         return data
 
 
-def check_same_trials(stored: dict[str, Any], config: LabConfig, run_dir: str) -> None:
+def check_same_trials(stored: Any, config: LabConfig, run_dir: str) -> None:
     """A run directory is reused only for the same trial fields: otherwise its trials answer another question."""
+    if not isinstance(stored, dict):
+        raise DroprnnError(f"{WHERE}: --out {run_dir} holds a run.json that is not a run's settings "
+                           f"(a {type(stored).__name__}); pick another --out or remove it.")
     differing = [f"{k} {stored.get(k)!r} there, {v!r} now" for k, v in config.trial_fields().items()
                  if stored.get(k) != v]
     if differing:

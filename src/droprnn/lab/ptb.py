@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .. import datasets
 from ..dropout.layers import EmbeddingDropout
 from ..dropout.mc import mc_dropout_mode
-from ..errors import DroprnnError, check_positive_int
+from ..errors import DroprnnError, check_device, check_out_dir, check_positive_int
 from ..layers.recurrent import RNN
 from . import masks, report
 from .runner import versions
@@ -256,7 +256,16 @@ def _resume(checkpoint: Optional[Path], preset: Preset, seed: int, model: torch.
     settings (the epoch count aside, which may grow) is refused."""
     if checkpoint is None or not checkpoint.exists():
         return [], None, 0.0
-    saved = torch.load(checkpoint, map_location=device, weights_only=False)
+    try:
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        saved["preset"], saved["epochs"], saved["model"]  # noqa: B018 - the keys every checkpoint has
+    except Exception as error:  # noqa: BLE001 - truncated, overwritten, not a checkpoint at all
+        raise DroprnnError(f"{WHERE}: {checkpoint} cannot be read as a checkpoint ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else 'no detail'}); remove it to start the run "
+                           "over, or pick another --out.") from None
+    if len(saved["epochs"]) > preset.epochs:
+        raise DroprnnError(f"{WHERE}: {checkpoint} holds {len(saved['epochs'])} finished epochs, more than "
+                           f"--epochs {preset.epochs}; give --epochs {len(saved['epochs'])} or more, or another --out.")
     mine = {**dataclasses.asdict(preset), "epochs": None, "seed": seed}
     theirs = {**saved["preset"], "epochs": None, "seed": saved["seed"]}
     if mine != theirs:
@@ -351,7 +360,8 @@ def run(preset_name: str, out: Optional[str] = None, seed: int = 0, epochs: Opti
     preset = PRESETS[preset_name]
     if epochs is not None:
         preset = dataclasses.replace(preset, epochs=check_positive_int(WHERE, "--epochs", epochs))
-    run_dir = Path(out or f"runs/ptb-{preset.name}")
+    device = check_device(WHERE, "--device", device)
+    run_dir = Path(check_out_dir(WHERE, out or f"runs/ptb-{preset.name}"))
     trial = train(preset, seed, progress, device=device, checkpoint=run_dir / "checkpoint.pt")
 
     published = ", ".join(f"{label} {value}" for label, value in (

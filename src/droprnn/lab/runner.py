@@ -3,7 +3,9 @@
 The run directory holds ``run.json`` (the settings), ``trials/<variant>-seed<k>.json`` (one file per
 finished trial, written as it finishes), ``masks/<variant>.png``, ``results.json`` and the report. A
 re-run with the same directory skips trials already finished ok; a trial that raised, or whose worker
-process died, is recorded as failed with its error while the others go on, and is tried again next run.
+process died or went silent, is recorded as failed with its error while the others go on, and is tried
+again next run. A local worker sends a heartbeat every few seconds besides its epochs; one not heard
+from for ``trial_timeout`` seconds (stopped, swapped out, hung with the interpreter held) is killed.
 
 Trials are independent, so they run in parallel: local worker processes (``workers``), or tasks on a
 Ray cluster (``ray``: an address, or "local" for a Ray instance started here).
@@ -15,6 +17,8 @@ import datetime
 import json
 import os
 import platform
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -66,13 +70,32 @@ def _run_inline(config, jobs, on_done, progress):
         on_done(_trial_job(config, variant, code, seed, sink))
 
 
+HEARTBEAT_SECONDS = 2.0
+
+
 def _worker_main(config: LabConfig, conn) -> None:
-    """A worker process: runs the trials the main process sends, one at a time, until it sends None."""
+    """A worker process: runs the trials the main process sends, one at a time, until it sends None, and
+    says it is alive every HEARTBEAT_SECONDS meanwhile (from a thread: a trial's work does not hold it up)."""
     torch.set_num_threads(config.threads)
-    sink = _Sink(conn.send)
+    lock, stop = threading.Lock(), threading.Event()
+
+    def send(item: tuple) -> None:
+        with lock:  # two threads share the pipe
+            conn.send(item)
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                send(("alive", None))
+            except (OSError, EOFError):
+                return
+
+    threading.Thread(target=beat, daemon=True).start()
+    sink = _Sink(send)
     while (job := conn.recv()) is not None:
         variant, code, seed = job
-        conn.send(("trial", _trial_job(config, variant, code, seed, sink)))
+        send(("trial", _trial_job(config, variant, code, seed, sink)))
+    stop.set()
 
 
 class _Worker:
@@ -88,6 +111,7 @@ class _Worker:
 
     def assign(self, queue: list) -> None:
         self.job = queue.pop(0) if queue else None
+        self.heard = time.monotonic()
         self.conn.send(self.job)
 
 
@@ -101,32 +125,42 @@ def _run_processes(config, jobs, on_done, progress):
     workers = [_Worker(context, config) for _ in range(min(config.workers, len(queue)))]
     for worker in workers:
         worker.assign(queue)
+
+    def replace(worker: _Worker, error: str) -> None:
+        """Record the worker's trial as failed and let a fresh worker take the remaining ones."""
+        variant, _, seed = worker.job
+        on_done(failed(variant, seed, error))
+        workers.remove(worker)
+        if queue:
+            replacement = _Worker(context, config)
+            replacement.assign(queue)
+            workers.append(replacement)
+
     try:
         while any(w.job is not None for w in workers):
             busy = [w for w in workers if w.job is not None]
-            wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            silent_for = max(0.0, config.trial_timeout - max(time.monotonic() - w.heard for w in busy))
+            wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=silent_for)
             for worker in busy:
                 try:
                     while worker.job is not None and worker.conn.poll():
                         event, data = worker.conn.recv()
+                        worker.heard = time.monotonic()
                         if event == "trial":
                             on_done(data)
                             worker.assign(queue)
-                        elif progress is not None:
+                        elif event != "alive" and progress is not None:
                             progress(event, data)
                 except (EOFError, OSError):
                     pass  # the pipe closed: the process is gone, handled below
                 if worker.job is not None and not worker.process.is_alive():
-                    # A crash in native code, os._exit, the OOM killer: the trial is recorded as failed and
-                    # a fresh worker takes the remaining ones.
-                    variant, _, seed = worker.job
-                    on_done(failed(variant, seed, f"the worker process running this trial died "
-                                                  f"(exit code {worker.process.exitcode})"))
-                    workers.remove(worker)
-                    if queue:
-                        replacement = _Worker(context, config)
-                        replacement.assign(queue)
-                        workers.append(replacement)
+                    # A crash in native code, os._exit, the OOM killer.
+                    replace(worker, f"the worker process running this trial died (exit code {worker.process.exitcode})")
+                elif worker.job is not None and time.monotonic() - worker.heard > config.trial_timeout:
+                    worker.process.kill()
+                    worker.process.join(timeout=5)
+                    replace(worker, f"the worker process running this trial showed no sign of life for "
+                                    f"{config.trial_timeout:g} s (--trial-timeout) and was killed")
     finally:
         for worker in workers:
             worker.process.join(timeout=5)
@@ -142,10 +176,15 @@ def _run_ray(config, jobs, on_done, progress):
                            "(or pip install droprnn[ray])") from None
     started_here = not ray.is_initialized()
     if started_here:
-        if config.ray == "local":
-            ray.init(num_cpus=config.workers * config.threads, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=config.ray, log_to_driver=False)
+        try:
+            if config.ray == "local":
+                ray.init(num_cpus=config.workers * config.threads, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=config.ray, log_to_driver=False)
+        except Exception as error:  # noqa: BLE001 - unreachable address, no cluster there, a refused connection
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DroprnnError(f"droprnn lab: argument `--ray` {config.ray!r}: no Ray cluster could be joined "
+                               f"({detail}); give the address of a running cluster, or 'local'.") from None
     try:
         remote = ray.remote(num_cpus=config.threads)(_trial_job)
         refs = {remote.remote(config, v, c, s): (v, s) for v, c, s in jobs}
@@ -175,11 +214,17 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(staged, path)  # a crash mid-write never leaves a half-written trial behind
 
 
+_TRIAL_KEYS = frozenset(failed("", 0, "").keys())
+
+
 def _read_trial(path: Path) -> Optional[dict[str, Any]]:
+    """A finished trial's record, or None when the file is missing, unreadable or not a trial record (the
+    trial then runs again)."""
     try:
-        return json.loads(path.read_text())
+        trial = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return trial if isinstance(trial, dict) and _TRIAL_KEYS <= trial.keys() else None
 
 
 def versions() -> dict[str, str]:
@@ -194,7 +239,12 @@ def run_lab(config: LabConfig, progress: Optional[Progress] = None) -> tuple[dic
     run_dir = Path(config.out)
     settings = run_dir / "run.json"
     if settings.exists():
-        check_same_trials(json.loads(settings.read_text()), config, str(run_dir))
+        try:
+            stored = json.loads(settings.read_text())
+        except (OSError, ValueError) as error:
+            raise DroprnnError(f"droprnn lab: --out {run_dir} holds a run.json that cannot be read ({error}); "
+                               "pick another --out or remove it.") from None
+        check_same_trials(stored, config, str(run_dir))
     task = task_for(config.dataset, config.validation_fraction)  # a missing data package fails here, at once
     _write_json(settings, config.trial_fields())
     codes = {v: code_for(config, task, v) for v in config.variants}

@@ -70,6 +70,10 @@ def check_variants(where: str, names: Any) -> tuple[str, ...]:
     if unknown or not names:
         got = f"unknown {', '.join(map(repr, unknown))}" if unknown else "none"
         raise DroprnnError(f"{where}: argument `variants` expected names from {', '.join(VARIANTS)}; got {got}.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DroprnnError(f"{where}: argument `variants` lists {', '.join(map(repr, repeated))} more than once; "
+                           "each variant runs once per seed.")
     return names
 
 

@@ -79,7 +79,11 @@ class Layer(nn.Module):
         self.build(features, dtype=x.dtype, device=x.device)
 
     def resolve_training(self, training: Optional[bool]) -> bool:
-        return self.training if training is None else bool(training)
+        if training is None:
+            return self.training
+        if not isinstance(training, (bool, np.bool_)):  # "no" or 0.5 would count as true
+            raise fail(self.where, "training", "True, False or None (follow .train()/.eval())", repr(training))
+        return bool(training)
 
     def compute_mask(self, x: Tensor, mask: Optional[Tensor] = None) -> Optional[Tensor]:
         return mask
@@ -93,29 +97,34 @@ class Layer(nn.Module):
         return [p.detach().cpu().numpy().copy() for p in self.keras_weights()]
 
     def set_weights(self, weights: Sequence[Any]) -> None:
+        """Load arrays in Keras's order and layouts. Every array is checked before any is written: a wrong
+        one leaves the layer as it was."""
         params = self.keras_weights()
-        weights = list(weights)
+        if not isinstance(weights, (list, tuple)):
+            raise fail(self.where, "weights", f"a list of {len(params)} arrays (get_weights() order)", type_name(weights))
         if len(weights) != len(params):
             raise DroprnnError(
                 f"{self.where}: set_weights expected {len(params)} arrays (shapes "
                 f"{[tuple(p.shape) for p in params]}), got {len(weights)}."
             )
         arrays = []
-        for i, value in enumerate(weights):
-            array = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value)
+        for i, (param, value) in enumerate(zip(params, weights)):
+            try:
+                array = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value)
+            except (TypeError, ValueError):  # ragged nested lists and the like
+                array = np.asarray(None)
             if array.dtype.kind not in "fiub":
                 raise DroprnnError(
-                    f"{self.where}: set_weights array {i} expected numbers of shape {tuple(params[i].shape)}, "
+                    f"{self.where}: set_weights array {i} expected numbers of shape {tuple(param.shape)}, "
                     f"got {type(value).__name__} of dtype {array.dtype}."
+                )
+            if tuple(array.shape) != tuple(param.shape):
+                raise DroprnnError(
+                    f"{self.where}: set_weights array {i} expected shape {tuple(param.shape)}, got {tuple(array.shape)}."
                 )
             arrays.append(torch.as_tensor(array))
         with torch.no_grad():
-            for i, (param, value) in enumerate(zip(params, arrays)):
-                if tuple(value.shape) != tuple(param.shape):
-                    raise DroprnnError(
-                        f"{self.where}: set_weights array {i} expected shape {tuple(param.shape)}, "
-                        f"got {tuple(value.shape)}."
-                    )
+            for param, value in zip(params, arrays):
                 param.copy_(value.to(dtype=param.dtype, device=param.device))
 
     def count_params(self) -> int:
@@ -142,12 +151,25 @@ def declared_input_size(where: str, input_shape: Optional[Sequence[Any]], input_
 def float_input(where: str, x: Any, dtype: Optional[torch.dtype]) -> Tensor:
     """A tensor in the layer's floating dtype (Keras casts integer and mismatched inputs likewise)."""
     if not torch.is_tensor(x):
-        if isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
-            x = torch.as_tensor(np.asarray(x))
-        else:
+        if not isinstance(x, (np.ndarray, list, tuple)):
             raise DroprnnError(f"{where}: expected a tensor input, got {type(x).__name__}.")
+        try:
+            x = torch.as_tensor(np.asarray(x))
+        except (ValueError, TypeError) as error:  # ragged nested lists, objects
+            raise fail(where, "inputs", "a tensor, or an array of numbers of one shape", f"{type(x).__name__} "
+                       f"numpy cannot make one array of ({str(error).splitlines()[0]})") from None
+    if x.is_complex():
+        raise fail(where, "inputs", "real numbers (the imaginary part would be dropped)", f"a {x.dtype} tensor")
     target = dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype())
     return x if x.dtype == target else x.to(target)
+
+
+def floating_input(where: str, x: Any) -> Tensor:
+    """``x`` itself, which must be a floating tensor: noise is made in its dtype."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        got = f"a {x.dtype} tensor" if torch.is_tensor(x) else type_name(x)
+        raise fail(where, "inputs", "a floating-point tensor (cast integer data with .float())", got)
+    return x
 
 
 def sequence_mask(where: str, mask: Any, lengths: Any, batch: int, steps: int,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -175,6 +177,12 @@ class Dense(Layer):
             self.bias = nn.Parameter(torch.empty(self.units, **factory))
         self.reset_parameters()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        kernel = state_dict.get(prefix + "kernel")  # weights loaded into a Dense without them build it (Cell does too)
+        if not self.built and torch.is_tensor(kernel) and kernel.dim() == 2:
+            self.build(kernel.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_parameters(self) -> None:
         if not self.built:
             return
@@ -279,12 +287,17 @@ class Masking(Layer):
     """Mark timesteps whose features all equal ``mask_value`` as padding.
 
     ``compute_mask(x)`` is ``any(x != mask_value, axis=-1)`` of shape (B, T); the output zeroes the masked
-    timesteps (as Keras). Input and output (B, T, F).
+    timesteps (as Keras). ``mask_value=float("nan")`` marks the steps whose features are all NaN (NaN equals
+    nothing, so Keras's comparison would mark none). Input and output (B, T, F).
     """
 
     def __init__(self, mask_value: float = 0.0, name: Optional[str] = None) -> None:
         super().__init__(name)
+        if isinstance(mask_value, bool) or not isinstance(mask_value, numbers.Real):
+            raise fail(self.where, "mask_value", "a number (the padding value; float('nan') for NaN padding)",
+                       repr(mask_value))
         self.mask_value = float(mask_value)
+        self.masks_nan = math.isnan(self.mask_value)  # decided once: compiled programs cannot call math.isnan
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, mask_value={self.mask_value}"
@@ -293,6 +306,8 @@ class Masking(Layer):
         x = torch.as_tensor(x)
         if x.dim() < 2:
             raise fail(self.where, "inputs", "a tensor of shape (batch, time, features)", f"shape {tuple(x.shape)}")
+        if self.masks_nan:
+            return ~torch.isnan(x).all(dim=-1)
         return (x != self.mask_value).any(dim=-1)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, training: Optional[bool] = None) -> Tensor:

@@ -190,7 +190,11 @@ class RNN(Layer):
                         f"{self.where}: stateful layer carries states for batch size {held} from its previous "
                         f"call, got batch size {batch}; call reset_state() first to start over with another."
                     )
-                return [tuple(s.to(like) for s in cell_states) for cell_states in self.states]
+                # States kept from a call under torch.inference_mode are inference tensors, which autograd
+                # refuses; a copy made outside that mode is an ordinary tensor with the same values.
+                fresh = not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+                return [tuple((s.clone() if fresh and s.is_inference() else s).to(like) for s in cell_states)
+                        for cell_states in self.states]
             return [c.initial_state(batch, like.dtype, like.device) for c in cells]
         # One cell: a tensor or a list of tensors. Stacked cells: one such entry per cell.
         per_cell = [initial_state] if len(cells) == 1 else initial_state
@@ -212,6 +216,9 @@ class RNN(Layer):
                     f"[{', '.join(names)}] for {type(cell).__name__}, got {len(given)}."
                 )
             for name, size, tensor in zip(names, cell.state_size, given):
+                if torch.is_tensor(tensor) and tensor.device.type == "meta" and like.device.type != "meta":
+                    raise fail(self.where, "initial_state", f"state {name} with values (on {like.device}, as the input)",
+                               "a tensor on the meta device, which has none")
                 if not torch.is_tensor(tensor) or tuple(tensor.shape) != (batch, size):
                     got = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
                     raise DroprnnError(
@@ -255,7 +262,9 @@ class RNN(Layer):
             training = self.resolve_training(training)
             dropout_plan = draw_plan(self.cells, batch, features, training, x.dtype, x.device, steps)
         else:
-            check_plan(self.where, dropout_plan, self.cells, batch, features, steps)
+            check_plan(self.where, dropout_plan, self.cells, batch, features, steps, x.device)
+            if any(m.dtype != x.dtype for m in dropout_plan.masks()):  # every kernel then reads the same numbers
+                dropout_plan = dropout_plan.to(x.dtype)
         self.last_dropout_plan = dropout_plan
         # run a kernel over time
         call = RecurrentCall(

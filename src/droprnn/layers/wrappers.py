@@ -144,9 +144,13 @@ class Bidirectional(Layer):
     ):
         forward_state = backward_state = None
         if initial_state is not None:
-            if not isinstance(initial_state, (list, tuple)) or len(initial_state) % 2:
+            cells = self.forward_layer.cells  # one cell: its states; stacked cells: one list of states per cell
+            entries = cells[0].state_names if len(cells) == 1 else [f"cell {k}'s states" for k in range(len(cells))]
+            count = 2 * len(entries)
+            names = [f"{direction} {entry}" for direction in ("forward", "backward") for entry in entries]
+            if not isinstance(initial_state, (list, tuple)) or len(initial_state) != count:
                 raise fail(
-                    self.where, "initial_state", "a list of forward states then backward states (even length)",
+                    self.where, "initial_state", f"a list of {count} states [{', '.join(names)}]",
                     type_name(initial_state) if not isinstance(initial_state, (list, tuple)) else f"{len(initial_state)} states",
                 )
             half = len(initial_state) // 2

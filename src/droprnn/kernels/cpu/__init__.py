@@ -6,11 +6,19 @@ of the sources, torch's version, the compiler, its flags and the CPU's instructi
 machine. Anything that goes wrong (no compiler, a failed build) is recorded, never raised: the layers
 fall back to the reference loop and ``droprnn.explain`` says why. ``DROPRNN_DISABLE_FUSED=1`` turns the
 fused kernels off.
+
+A cached library is trusted only as it was built: beside it ``droprnn_cpu.json`` records the build key and
+the library's SHA-256, and a library that does not match (truncated, overwritten, empty, half-copied) is
+rebuilt before anything loads it -- loading a damaged shared object can kill the process (SIGBUS, SIGILL).
+The build runs in a folder inside the cache and is renamed into place there, so it is atomic whatever
+filesystem ``$TMPDIR`` is on. A cache folder that cannot be written (read-only) is said once, in a
+warning, and a per-user folder in the temporary directory is used instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -18,16 +26,17 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 SOURCES = ("ops.cpp", "pool.cpp", "lstm.cpp", "gru.cpp", "simple_rnn.cpp")
-HEADERS = ("common.h",)
+HEADERS = ("common.h", "checks.h")
 _HERE = Path(__file__).resolve().parent
 _lock = threading.Lock()
-_state: dict[str, Optional[str]] = {}  # "loaded": path, or "reason": why not
+_state: dict[str, Optional[str]] = {}  # "loaded": path (and "repaired": what was fixed), or "reason": why not
 
 
 def _compiler() -> Optional[str]:
@@ -55,7 +64,16 @@ def _flags(compiler: str) -> list[str]:
     # GCC prefers 256-bit vectors even where 512-bit ones exist; the element-wise passes gain from 512.
     wide = ["-mprefer-vector-width=512"] if "avx512f" in _cpu_flags().split() else []
     return ["-O3", "-march=native", *wide, "-fopenmp", "-fPIC", "-std=c++20", "-DNDEBUG", "-w",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *_sanitizers(), *includes]
+
+
+def _sanitizers() -> list[str]:
+    """``DROPRNN_SANITIZE=address,undefined``: a build that stops at the first out-of-bounds access or
+    undefined behaviour (for tests; the interpreter needs the ASan runtime preloaded: tests/test_sanitized.py)."""
+    wanted = os.environ.get("DROPRNN_SANITIZE", "")
+    if not wanted:
+        return []
+    return [f"-fsanitize={wanted}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 
 def _key(compiler: str) -> str:
@@ -67,12 +85,38 @@ def _key(compiler: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _build(compiler: str, target: Path) -> None:
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest(target: Path) -> Path:
+    return target.with_name("droprnn_cpu.json")
+
+
+def _damage(target: Path, key: str) -> Optional[str]:
+    """Why the cached library at ``target`` must not be loaded (None when it is what build ``key`` made)."""
+    if not target.exists():
+        return "not built yet"
+    try:
+        record = json.loads(_manifest(target).read_text())
+        if record.get("key") != key:
+            return "its build record is of another build"
+        if record.get("sha256") != _digest(target):
+            return "its checksum differs from the one recorded at build time (truncated or overwritten)"
+    except (OSError, ValueError, AttributeError):
+        return "its build record is missing or unreadable"
+    return None
+
+
+def _build(compiler: str, target: Path, key: str) -> None:
+    """Compile in a folder inside ``target``'s, then rename the library into place and record its checksum
+    beside it (a rename within one filesystem is atomic: a concurrent build never leaves half a file)."""
     from torch.utils import cpp_extension
 
     flags = _flags(compiler)
     lib_dirs = cpp_extension.library_paths()
-    with tempfile.TemporaryDirectory(prefix="droprnn-build-") as tmp:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as tmp:
         objects, jobs = [], []
         for name in SOURCES:
             obj = Path(tmp) / (name + ".o")
@@ -86,34 +130,84 @@ def _build(compiler: str, target: Path) -> None:
             if job.returncode != 0:
                 raise RuntimeError(f"compiling the fused kernels failed:\n{output[-3000:]}")
         staged = Path(tmp) / target.name
-        link = [compiler, "-shared", "-fopenmp", *objects, "-o", str(staged)]
+        link = [compiler, "-shared", "-fopenmp", *_sanitizers(), *objects, "-o", str(staged)]
         link += [f"-L{d}" for d in lib_dirs] + ["-lc10", "-ltorch_cpu"] + [f"-Wl,-rpath,{d}" for d in lib_dirs]
         result = subprocess.run(link, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"linking the fused kernels failed:\n{result.stdout[-3000:]}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, target)  # atomic: a concurrent build never leaves half a file
+        record = Path(tmp) / "droprnn_cpu.json"
+        record.write_text(json.dumps({"key": key, "sha256": _digest(staged), "torch": torch.__version__}))
+        os.replace(staged, target)
+        os.replace(record, _manifest(target))
+
+
+def _cache_folders() -> list[Path]:
+    """Where builds are cached: $DROPRNN_CACHE (default ~/.cache/droprnn), then a per-user folder in the
+    temporary directory for when that one cannot be written."""
+    configured = os.environ.get("DROPRNN_CACHE")
+    first = Path(configured) if configured else Path.home() / ".cache" / "droprnn"
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    fallback = Path(tempfile.gettempdir()) / f"droprnn-{user}"
+    return [first] if first == fallback else [first, fallback]
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _library(compiler: str) -> tuple[Path, Optional[str]]:
+    """The verified library to load, built first where needed, and what was repaired on the way (None if
+    nothing). Raises when no cache folder gives one."""
+    key = _key(compiler)
+    notes: list[str] = []
+    last_error: Optional[BaseException] = None
+    for cache in _cache_folders():
+        target = cache / "kernels" / key / "droprnn_cpu.so"
+        damage = _damage(target, key)
+        if damage is None:
+            return target, "; ".join(notes) or None
+        if not _writable(target.parent):
+            notes.append(f"the cache {cache} cannot be written")
+            warnings.warn(f"droprnn: the kernel cache {cache} cannot be written; the fused CPU kernels are built in a "
+                          "per-user folder of the temporary directory instead (DROPRNN_CACHE chooses the folder)",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        if target.exists():
+            notes.append(f"the cached library {target} was rebuilt: {damage}")
+        try:
+            _build(compiler, target, key)
+        except OSError as error:  # a full disk, a folder that refused a write: the next folder may do
+            last_error = error
+            continue
+        if _damage(target, key) is None:
+            return target, "; ".join(notes) or None
+        last_error = RuntimeError(f"the library built at {target} did not verify")
+    raise RuntimeError(f"no cache folder gave a library ({'; '.join(notes) or last_error or 'none writable'})")
 
 
 def load() -> bool:
     """Build (once) and load the kernels; True when ``torch.ops.droprnn_cpu`` is ready."""
+    if "loaded" in _state:
+        return True
+    if "reason" in _state:
+        return False
     with _lock:
-        if "loaded" in _state:
-            return True
-        if "reason" in _state:
-            return False
+        if "loaded" in _state or "reason" in _state:
+            return "loaded" in _state
         try:
             if os.environ.get("DROPRNN_DISABLE_FUSED", "") not in ("", "0"):
                 raise RuntimeError("disabled by DROPRNN_DISABLE_FUSED")
             compiler = _compiler()
             if compiler is None:
                 raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
-            cache = Path(os.environ.get("DROPRNN_CACHE", Path.home() / ".cache" / "droprnn"))
-            target = cache / "kernels" / _key(compiler) / "droprnn_cpu.so"
-            if not target.exists():
-                _build(compiler, target)
+            target, fixed = _library(compiler)
             torch.ops.load_library(str(target))
             _state["loaded"] = str(target)
+            _state["repaired"] = fixed
             return True
         except Exception as error:  # noqa: BLE001 - any failure means: use the reference loop, and say why
             _state["reason"] = f"fused CPU kernels unavailable: {error}".strip()
@@ -127,6 +221,12 @@ def unavailable_reason() -> Optional[str]:
 
 def library_path() -> Optional[str]:
     return _state.get("loaded")
+
+
+def repaired() -> Optional[str]:
+    """What loading had to repair on the way (a damaged cached library rebuilt, a read-only cache passed
+    over), or None."""
+    return _state.get("repaired")
 
 
 def empty_cache() -> int:

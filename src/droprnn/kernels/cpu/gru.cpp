@@ -11,6 +11,7 @@
 // layout: no second sequence-sized buffer), and with reset_after inner_h (B, T, U). The backward
 // accumulates the weight gradients step by step, in cache. reset_before needs the recurrent kernel in one
 // panel per gate.
+#include "checks.h"
 #include "common.h"
 
 namespace droprnn {
@@ -123,8 +124,20 @@ std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const 
                                        const Tensor& h0, const optional<Tensor>& rec_mask,
                                        const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                        const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after) {
+  const char* fn = "droprnn gru_forward";
+  check_dim(fn, xw, "xw", 4);
   const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3);
-  TORCH_CHECK(reset_after || R.size(0) == 3, "droprnn fused GRU: reset_after=False needs one panel per gate");
+  const CallDims d{fn, B, steps, 3, U, U, 0, call_dtype(fn, xw)};
+  check_gates(d, xw, "xw");
+  check_panels(d, R, rec_mask, !reset_after);  // reset_before's second product needs the candidate's panel alone
+  check_optional(d, input_bias, "input_bias", {3 * U});
+  check_optional(d, rbias, "recurrent_bias", {3 * U});
+  check_tensor(d, h0, "h0", {B, U});
+  check_recurrent_mask(d, rec_mask);
+  check_update_mask(d, upd_mask);
+  check_zoneout(d, zoneout_h, "zoneout_h", U);
+  check_valid(d, valid);
+  check_activations(d, act, rec_act);
   Tensor hs = pooled_empty({B, steps, U}, h0.options());
   Tensor inner = pooled_empty({reset_after ? B : 0, steps, U}, h0.options());
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_gru_forward", [&] {
@@ -280,7 +293,25 @@ Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, con
                    const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
                    bool reset_after, bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_drb,
                    bool want_dz) {
-  const int64_t U = hs.size(2);
+  const char* fn = "droprnn gru_backward";
+  check_dim(fn, x, "x", 3);
+  check_dim(fn, R, "recurrent_kernel", 2);
+  const int64_t U = R.size(0);
+  const CallDims d{fn, x.size(0), x.size(1), 3, U, U, x.size(2), call_dtype(fn, x)};
+  check_tensor(d, x, "x", {d.B, d.T, d.D});
+  check_tensor(d, dhs, "dhs", {d.B, d.T, U});
+  check_tensor(d, R, "recurrent_kernel", {U, 3 * U}, Layout::kAny);
+  check_tensor(d, kernel, "kernel", {d.D, 3 * U}, Layout::kAny);
+  check_tensor(d, h0, "h0", {d.B, U});
+  check_tensor(d, hs, "hs", {d.B, d.T, U});
+  check_gates(d, gates, "gates");
+  if (reset_after) check_tensor(d, inner, "inner", {d.B, d.T, U});
+  check_input_mask(d, input_mask);
+  check_recurrent_mask(d, rec_mask);
+  check_update_mask(d, upd_mask);
+  check_zoneout(d, zoneout_h, "zoneout_h", U);
+  check_valid(d, valid);
+  check_activations(d, act, rec_act);
   Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
   Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
   Tensor db = want_dbias ? pooled_empty({3 * U}, x.options()) : Tensor();

@@ -13,6 +13,7 @@
 // than storing (B, T, U) more). The backward accumulates the weight gradients step by step, in cache.
 #include <omp.h>
 
+#include "checks.h"
 #include "common.h"
 
 namespace droprnn {
@@ -179,8 +180,23 @@ std::tuple<Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const
                                                         const optional<Tensor>& zoneout_h,
                                                         const optional<Tensor>& zoneout_c,
                                                         const optional<Tensor>& valid, int64_t act, int64_t rec_act) {
+  const char* fn = "droprnn lstm_forward";
+  check_dim(fn, xw, "xw", 4);
+  check_dim(fn, h0, "h0", 2);
   const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3), H = h0.size(1);
-  TORCH_CHECK(H == U, "droprnn fused LSTM: projections are not supported (h must have `units` features)");
+  TORCH_CHECK(H == U, fn, ": projections are not supported (h0 must have `units` = ", U, " features, got ", H, ")");
+  const CallDims d{fn, B, steps, 4, U, H, 0, call_dtype(fn, xw)};
+  check_gates(d, xw, "xw");
+  check_panels(d, R, rec_mask, false);
+  check_optional(d, input_bias, "input_bias", {4 * U});
+  check_tensor(d, h0, "h0", {B, H});
+  check_tensor(d, c0, "c0", {B, U});
+  check_recurrent_mask(d, rec_mask);
+  check_update_mask(d, upd_mask);
+  check_zoneout(d, zoneout_h, "zoneout_h", H);
+  check_zoneout(d, zoneout_c, "zoneout_c", U);
+  check_valid(d, valid);
+  check_activations(d, act, rec_act);
   Tensor hs = pooled_empty({B, steps, H}, h0.options());
   Tensor cs = pooled_empty({B, steps, U}, h0.options());
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_lstm_forward", [&] {
@@ -311,6 +327,30 @@ Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, c
                     const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                     const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
                     bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_dz) {
+  const char* fn = "droprnn lstm_backward";
+  check_dim(fn, x, "x", 3);
+  check_dim(fn, R, "recurrent_kernel", 2);
+  TORCH_CHECK(R.size(1) % 4 == 0, fn, ": recurrent_kernel must have 4 * units columns, got ", R.size(1));
+  const int64_t U = R.size(1) / 4;
+  const CallDims d{fn, x.size(0), x.size(1), 4, U, R.size(0), x.size(2), call_dtype(fn, x)};
+  TORCH_CHECK(d.H == U, fn, ": projections are not supported (recurrent_kernel must have `units` = ", U, " rows)");
+  check_tensor(d, x, "x", {d.B, d.T, d.D});
+  check_tensor(d, dhs, "dhs", {d.B, d.T, d.H});
+  check_tensor(d, dc_last, "dc_last", {d.B, U});
+  check_tensor(d, R, "recurrent_kernel", {d.H, 4 * U}, Layout::kAny);
+  check_tensor(d, kernel, "kernel", {d.D, 4 * U}, Layout::kAny);
+  check_tensor(d, h0, "h0", {d.B, d.H});
+  check_tensor(d, c0, "c0", {d.B, U});
+  check_tensor(d, hs, "hs", {d.B, d.T, d.H});
+  check_tensor(d, cs, "cs", {d.B, d.T, U});
+  check_gates(d, gates, "gates");
+  check_input_mask(d, input_mask);
+  check_recurrent_mask(d, rec_mask);
+  check_update_mask(d, upd_mask);
+  check_zoneout(d, zoneout_h, "zoneout_h", d.H);
+  check_zoneout(d, zoneout_c, "zoneout_c", U);
+  check_valid(d, valid);
+  check_activations(d, act, rec_act);
   Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
   Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
   Tensor db = want_dbias ? pooled_empty({kernel.size(1)}, x.options()) : Tensor();

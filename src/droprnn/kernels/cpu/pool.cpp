@@ -105,6 +105,13 @@ Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
 }
 
 Tensor pooled_empty_op(at::IntArrayRef sizes, at::ScalarType dtype) {
+  // From Python: sizes must be non-negative and their product representable, before anything is allocated.
+  int64_t numel = 1;
+  for (int64_t s : sizes) {
+    TORCH_CHECK(s >= 0, "droprnn empty: sizes must be non-negative, got ", sizes);
+    TORCH_CHECK(!__builtin_mul_overflow(numel, s, &numel), "droprnn empty: too many elements in ", sizes);
+  }
+  TORCH_CHECK(at::isFloatingType(dtype), "droprnn empty: a floating dtype is expected, got ", dtype);
   return pooled_empty(sizes, at::TensorOptions().dtype(dtype));
 }
 

@@ -5,6 +5,7 @@
 //
 // Saved: the fresh h' (B, T, U), whose activation derivative the backward needs (the carried h itself
 // when there is no zoneout).
+#include "checks.h"
 #include "common.h"
 
 namespace droprnn {
@@ -67,7 +68,18 @@ std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R,
                                               const Tensor& h0,
                                               const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                                               const optional<Tensor>& valid, int64_t act) {
-  const int64_t B = xw.size(0), steps = xw.size(1), U = h0.size(1);
+  const char* fn = "droprnn simple_rnn_forward";
+  check_dim(fn, xw, "xw", 4);
+  const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3);
+  const CallDims d{fn, B, steps, 1, U, U, 0, call_dtype(fn, xw)};
+  check_gates(d, xw, "xw");
+  check_panels(d, R, rec_mask, true);
+  check_optional(d, input_bias, "input_bias", {U});
+  check_tensor(d, h0, "h0", {B, U});
+  check_recurrent_mask(d, rec_mask);
+  check_zoneout(d, zoneout_h, "zoneout_h", U);
+  check_valid(d, valid);
+  check_activations(d, act, act);
   Tensor hs = pooled_empty({B, steps, U}, h0.options());
   // Without zoneout the carried state is h' wherever a gradient flows (masked steps pass none through
   // the activation), so one tensor serves both: half the memory kept for the backward.
@@ -154,6 +166,23 @@ Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kern
                           const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                           const optional<Tensor>& valid, int64_t act, bool want_dx, bool want_dkernel,
                           bool want_dbias, bool want_dR, bool want_dz) {
+  const char* fn = "droprnn simple_rnn_backward";
+  check_dim(fn, x, "x", 3);
+  check_dim(fn, R, "recurrent_kernel", 2);
+  const int64_t U = R.size(0);
+  const CallDims d{fn, x.size(0), x.size(1), 1, U, U, x.size(2), call_dtype(fn, x)};
+  check_tensor(d, x, "x", {d.B, d.T, d.D});
+  check_tensor(d, dhs, "dhs", {d.B, d.T, U});
+  check_tensor(d, R, "recurrent_kernel", {U, U}, Layout::kAny);
+  check_tensor(d, kernel, "kernel", {d.D, U}, Layout::kAny);
+  check_tensor(d, h0, "h0", {d.B, U});
+  check_tensor(d, hs, "hs", {d.B, d.T, U});
+  check_tensor(d, fresh, "fresh", {d.B, d.T, U});
+  check_input_mask(d, input_mask);
+  check_recurrent_mask(d, rec_mask);
+  check_zoneout(d, zoneout_h, "zoneout_h", U);
+  check_valid(d, valid);
+  check_activations(d, act, act);
   Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
   Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
   Tensor db = want_dbias ? pooled_empty({kernel.size(1)}, x.options()) : Tensor();
