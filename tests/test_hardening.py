@@ -411,6 +411,16 @@ def test_lab_and_ptb_arguments_that_cannot_work_are_named(tmp_path):
             ptb.run("tiny", out=str(tmp_path / "run"), device="cuda")
 
 
+def test_an_unreachable_ray_address_is_named_at_once(tmp_path):
+    pytest.importorskip("ray")
+    from droprnn.lab import runner
+    from droprnn.lab.config import LabConfig
+
+    config = LabConfig(out=str(tmp_path / "run"), ray="127.0.0.1:1", variants="none", seeds=1, epochs=1)
+    with pytest.raises(DroprnnError, match="`--ray` '127.0.0.1:1': nothing answers there"):
+        runner._run_ray(config, [], lambda trial: None, None)
+
+
 def test_a_damaged_ptb_checkpoint_or_one_with_more_epochs_is_named(tmp_path):
     from droprnn.lab import ptb
 

@@ -499,6 +499,17 @@ def test_from_keras_unsupported_layer_is_named():
         droprnn.from_keras(model)
 
 
+def test_from_keras_of_an_unbuilt_model_or_a_lambda_activation_is_named():
+    unbuilt = keras.Sequential([keras.layers.LSTM(U), keras.layers.Dense(2)])
+    with pytest.raises(droprnn.DroprnnError, match="has no weights yet: the Keras model is not built"):
+        droprnn.from_keras(unbuilt)
+    lam = keras.Sequential([keras.Input(shape=(T, D)), keras.layers.SimpleRNN(U, activation=lambda x: keras.ops.tanh(x),
+                                                                                    name="lam")])
+    with pytest.raises(droprnn.DroprnnError, match="SimpleRNN 'lam' has an.* use a named activation") as info:
+        droprnn.from_keras(lam)
+    assert len(str(info.value)) < 400
+
+
 def test_from_keras_unsupported_cell_is_named():
     class MyCell(keras.layers.SimpleRNNCell):
         pass

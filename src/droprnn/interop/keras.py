@@ -46,7 +46,9 @@ def _activation(value: Any, where: str) -> activations.ActivationLike:
         name = value.get("config")
         if isinstance(name, str):
             return name
-    raise DroprnnError(f"from_keras: {where} has an activation droprnn cannot read: {value!r}.")
+    what = value.get("class_name", "a serialized function") if isinstance(value, dict) else type(value).__name__
+    raise DroprnnError(f"from_keras: {where} has an activation droprnn cannot read ({what}: a lambda or custom "
+                       "function?); use a named activation in the Keras layer, or build that droprnn layer by hand.")
 
 
 def _cell_args(config: dict, where: str, *names: str) -> dict:

@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import socket
 import threading
 import time
 import traceback
@@ -168,6 +169,19 @@ def _run_processes(config, jobs, on_done, progress):
                 worker.process.kill()
 
 
+def _reachable(address: str) -> None:
+    """Raise at once when a "host:port" Ray address refuses connections or does not answer (Ray itself keeps
+    retrying for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and the like: Ray's to resolve
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as error:
+        raise DroprnnError(f"droprnn lab: argument `--ray` {address!r}: nothing answers there ({error}); give the "
+                           "address of a running Ray cluster's head, or 'local'.") from None
+
+
 def _run_ray(config, jobs, on_done, progress):
     try:
         import ray
@@ -176,6 +190,8 @@ def _run_ray(config, jobs, on_done, progress):
                            "(or pip install droprnn[ray])") from None
     started_here = not ray.is_initialized()
     if started_here:
+        if config.ray != "local":
+            _reachable(config.ray)
         try:
             if config.ray == "local":
                 ray.init(num_cpus=config.workers * config.threads, include_dashboard=False, log_to_driver=False)
