@@ -132,4 +132,19 @@ inline void check_panels(const CallDims& d, const at::Tensor& R, const std::opti
   }
 }
 
+// A backward's sizes, set by x (B, T, D) and the recurrent kernel (U, G·U) (no projection: H = U), and the
+// checks of the tensors that set them and of the output's gradient dhs (B, T, U).
+inline CallDims backward_dims(const char* fn, const at::Tensor& x, const at::Tensor& R, const at::Tensor& kernel,
+                              const at::Tensor& dhs, int64_t G) {
+  check_dim(fn, x, "x", 3);
+  check_dim(fn, R, "recurrent_kernel", 2);
+  const int64_t U = R.size(0);
+  const CallDims d{fn, x.size(0), x.size(1), G, U, U, x.size(2), call_dtype(fn, x)};
+  check_tensor(d, x, "x", {d.B, d.T, d.D});
+  check_tensor(d, dhs, "dhs", {d.B, d.T, U});
+  check_tensor(d, R, "recurrent_kernel", {U, G * U}, Layout::kAny);
+  check_tensor(d, kernel, "kernel", {d.D, G * U}, Layout::kAny);
+  return d;
+}
+
 }  // namespace droprnn

@@ -327,18 +327,9 @@ Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, c
                     const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                     const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
                     bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_dz) {
-  const char* fn = "droprnn lstm_backward";
-  check_dim(fn, x, "x", 3);
-  check_dim(fn, R, "recurrent_kernel", 2);
-  TORCH_CHECK(R.size(1) % 4 == 0, fn, ": recurrent_kernel must have 4 * units columns, got ", R.size(1));
-  const int64_t U = R.size(1) / 4;
-  const CallDims d{fn, x.size(0), x.size(1), 4, U, R.size(0), x.size(2), call_dtype(fn, x)};
-  TORCH_CHECK(d.H == U, fn, ": projections are not supported (recurrent_kernel must have `units` = ", U, " rows)");
-  check_tensor(d, x, "x", {d.B, d.T, d.D});
-  check_tensor(d, dhs, "dhs", {d.B, d.T, d.H});
+  const CallDims d = backward_dims("droprnn lstm_backward", x, R, kernel, dhs, 4);
+  const int64_t U = d.U;
   check_tensor(d, dc_last, "dc_last", {d.B, U});
-  check_tensor(d, R, "recurrent_kernel", {d.H, 4 * U}, Layout::kAny);
-  check_tensor(d, kernel, "kernel", {d.D, 4 * U}, Layout::kAny);
   check_tensor(d, h0, "h0", {d.B, d.H});
   check_tensor(d, c0, "c0", {d.B, U});
   check_tensor(d, hs, "hs", {d.B, d.T, d.H});

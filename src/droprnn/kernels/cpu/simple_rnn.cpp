@@ -166,15 +166,8 @@ Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kern
                           const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                           const optional<Tensor>& valid, int64_t act, bool want_dx, bool want_dkernel,
                           bool want_dbias, bool want_dR, bool want_dz) {
-  const char* fn = "droprnn simple_rnn_backward";
-  check_dim(fn, x, "x", 3);
-  check_dim(fn, R, "recurrent_kernel", 2);
-  const int64_t U = R.size(0);
-  const CallDims d{fn, x.size(0), x.size(1), 1, U, U, x.size(2), call_dtype(fn, x)};
-  check_tensor(d, x, "x", {d.B, d.T, d.D});
-  check_tensor(d, dhs, "dhs", {d.B, d.T, U});
-  check_tensor(d, R, "recurrent_kernel", {U, U}, Layout::kAny);
-  check_tensor(d, kernel, "kernel", {d.D, U}, Layout::kAny);
+  const CallDims d = backward_dims("droprnn simple_rnn_backward", x, R, kernel, dhs, 1);
+  const int64_t U = d.U;
   check_tensor(d, h0, "h0", {d.B, U});
   check_tensor(d, hs, "hs", {d.B, d.T, U});
   check_tensor(d, fresh, "fresh", {d.B, d.T, U});
