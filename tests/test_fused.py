@@ -129,6 +129,11 @@ def make_layer(kind: str, D: int, U: int, dtype, *, mode=None, acts=("tanh", "si
     return layer
 
 
+def random_input(B: int, T: int, D: int, dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(5000 + seed)
+    return torch.randn(B, T, D, generator=gen, dtype=F64).to(dtype)
+
+
 def _seed(*parts) -> int:
     """A seed that is stable across runs (unlike hash() of strings)."""
     return zlib.crc32("/".join(map(str, parts)).encode()) % 1000
@@ -447,6 +452,47 @@ def test_inference_under_no_grad_fused_equals_reference(kind):
             out[impl] = layer(x, lengths=[6, 0, 3, 1])
         assert layer.last_kernel.name == impl
     torch.testing.assert_close(out["fused"], out["reference"], rtol=1e-5, atol=1e-6)
+
+
+INFERENCE_SHAPES = [  # (B, T, threads): batch 1 on 2 threads takes the LSTM's split of the units
+    (4, 6, 2), (1, 5, 2), (3, 1, 1),
+]
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("outputs", ["sequences", "last", "last_zero_output"])
+@pytest.mark.parametrize("kind,mode_name", MODE_CASES)
+def test_inference_kernel_equals_reference(kind, mode_name, outputs, dtype, monkeypatch):
+    """With no backward to follow the fused path runs its inference kernel (nothing kept for a backward;
+    with return_sequences=False only the last step written): it equals the reference, masks as drawn in
+    training (MC dropout runs so) or in inference, with lengths, on one and two threads."""
+    monkeypatch.setattr(fused, "_layer", lambda *a, **k: pytest.fail("the training kernel ran without a backward"))
+    training = mode_name != "zoneout_inference"
+    for B, T, threads in INFERENCE_SHAPES:
+        seed = _seed(kind, mode_name, outputs, B)
+        layer = make_layer(kind, 3, 5, dtype, mode=MODES[mode_name], seed=seed, return_state=True,
+                           return_sequences=outputs == "sequences", zero_output_for_mask=outputs == "last_zero_output")
+        x = random_input(B, T, 3, dtype, seed)
+        init = make_initial_state(layer, B, dtype, seed)
+        plan = layer.draw_dropout_plan(B, steps=T, training=training)
+        lengths = [T, 0, max(T - 2, 1), 1][:B]
+        results = {}
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for impl in ("reference", "fused"):
+                layer.impl = impl
+                context = uninitialized_is_nan() if impl == "fused" else contextlib.nullcontext()
+                with torch.no_grad(), context:
+                    results[impl] = flat(layer(x, lengths=lengths, initial_state=init, dropout_plan=plan))
+                assert layer.last_kernel.name == impl
+        finally:
+            torch.set_num_threads(previous)
+        for got, want in zip(results["fused"], results["reference"], strict=True):
+            assert not torch.isnan(got).any()
+            tolerance = 1e-10 if dtype == F64 else 2e-6
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
 @needs_fused

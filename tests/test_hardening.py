@@ -103,6 +103,15 @@ def valid(cell):
     return forward, backward
 
 def call(cell, f, b, which):
+    if which == "inference":
+        if cell == "lstm":
+            return ops.lstm_inference(f["xw"].clone(), f["R"], f["bias"], f["h0"], torch.randn(B, U), f["rec"], None,
+                                      f["zone"], None, f["valid"], 0, 1, False)
+        if cell == "gru":
+            return ops.gru_inference(f["xw"].clone(), f["R"], f["bias"], f["rbias"], f["h0"], f["rec"], None,
+                                     f["zone"], f["valid"], 0, 1, True, False)
+        return ops.simple_rnn_inference(f["xw"].clone(), f["R"], f["bias"], f["h0"], f["rec"][:1], f["zone"],
+                                        f["valid"], 0, False)
     if cell == "lstm" and which == "forward":
         return ops.lstm_forward(f["xw"].clone(), f["R"], f["bias"], f["h0"], f.get("c0", torch.randn(B, U)), f["rec"], None,
                                 f["zone"], None, f["valid"], 0, 1)
@@ -134,14 +143,14 @@ def mutations(tensor):
 
 raised = checked = 0
 for cell in ("lstm", "gru", "simple"):
-    for which in ("forward", "backward"):
+    for which in ("forward", "inference", "backward"):
         f, b = valid(cell)
         call(cell, f, b, which)  # the valid call runs
-        args = f if which == "forward" else b
+        args = b if which == "backward" else f
         for name in list(args):
             for label, bad in mutations(args[name]):
                 f2, b2 = dict(f), dict(b)
-                (f2 if which == "forward" else b2)[name] = bad
+                (b2 if which == "backward" else f2)[name] = bad
                 checked += 1
                 try:
                     call(cell, f2, b2, which)
@@ -164,14 +173,14 @@ for sizes in ([-1, 5], [1 << 40, 1 << 40]):
 
 @needs_fused
 def test_the_cpp_entry_points_check_what_they_rely_on():
-    """Every tensor argument of every C++ entry point, made bigger, smaller, of another rank, dtype, layout
+    """Every tensor argument of every C++ entry point (forward, inference, backward), made bigger, smaller, of another rank, dtype, layout
     or device: each call raises instead of touching memory it does not own (run in a subprocess, so a
     crash fails the test)."""
     result = run_script(CPP_ENTRY_POINTS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ACCEPTED" not in result.stdout, result.stdout
     checked = int(result.stdout.split("CHECKED")[1].split()[0])
-    assert checked > 200
+    assert checked > 300
 
 
 # ---------------------------------------------------------------------------------------------- 2, 3. the kernel cache

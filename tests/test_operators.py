@@ -69,6 +69,18 @@ def test_fused_layer_backward_passes_opcheck(case, wanted, monkeypatch):
     torch.library.opcheck(torch.ops.droprnn.fused_layer_backward.default, backward_args)
 
 
+@pytest.mark.parametrize("all_steps", [True, False], ids=["all-steps", "last-step"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_fused_layer_inference_passes_opcheck(case, all_steps):
+    """The inference operator has no autograd (it runs only where no backward follows): its inputs here
+    do not require gradients."""
+    args = layer_args(**case, grad=False)
+    torch.library.opcheck(torch.ops.droprnn.fused_layer_inference.default, (*args, all_steps))
+    h, _ = torch.ops.droprnn.fused_layer_inference(*args, all_steps)
+    hs, _, _, _ = torch.ops.droprnn.fused_layer(*args)
+    torch.testing.assert_close(h, hs if all_steps else hs[:, -1], rtol=1e-12, atol=1e-12)
+
+
 def test_fused_layer_gradients_pass_gradcheck():
     """Against finite differences, through the registered autograd (float64)."""
     args = layer_args("lstm", per_gate=True, per_step=False, zoneout=True, valid=True)

@@ -125,9 +125,11 @@ def valid_steps(step_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Ten
     return None if step_mask is None else step_mask.to(dtype).contiguous()
 
 
-def stacked(call: RecurrentCall, layer) -> Result:
+def stacked(call: RecurrentCall, layer, last_only: bool = False) -> Result:
     """Run ``call`` one cell after another, each over the whole sequence: ``layer(cell, x, weights, states,
-    masks, valid)`` returns a cell's carried h sequence (B, T, H) and its final states.
+    masks, valid)`` returns a cell's carried h sequence (B, T, H) and its final states. With ``last_only``
+    (a kernel that can skip the outputs nobody reads) the last cell is asked for its last step only,
+    ``layer(..., all_steps=False)`` returning h (B, H) instead of the sequence.
 
     Running a cell over all steps before the next starts equals the reference's per-step interleaving: a
     cell's states at masked steps are held, so the next cell sees the same carried h sequence either way.
@@ -136,7 +138,19 @@ def stacked(call: RecurrentCall, layer) -> Result:
     valid = valid_steps(step_mask, x.dtype)
     layer_input = x
     finals: list[States] = []
-    for cell, w, masks, states in zip(call.cells, weights, call.plan.cells, call.initial_states):
+    last = len(call.cells) - 1
+    for k, (cell, w, masks, states) in enumerate(zip(call.cells, weights, call.plan.cells, call.initial_states)):
+        if last_only and k == last:
+            carried, final = layer(cell, layer_input, w, tuple(states), masks, valid, all_steps=False)
+            return None, _last_output(call, carried, valid), finals + [final]
         layer_input, final = layer(cell, layer_input, w, tuple(states), masks, valid)
         finals.append(final)
     return (*finish(call, layer_input, valid), finals)
+
+
+def _last_output(call: RecurrentCall, carried: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """What :func:`finish` gives as the last output, from the carried h of the last step (B, H) alone."""
+    if valid is None:
+        return carried
+    shown = valid[:, -1] if call.zero_output_for_mask else valid.sum(dim=1).clamp(max=1)
+    return carried * shown.unsqueeze(-1)

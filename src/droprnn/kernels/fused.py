@@ -82,24 +82,46 @@ def unsupported_reason(call: RecurrentCall) -> Optional[str]:
 
 def run(call: RecurrentCall) -> Result:
     """Same arguments and results as :func:`droprnn.kernels.reference.run`."""
-    return stacked(call, _layer)
+    if _backward_may_follow(call):
+        return stacked(call, _layer)
+    return stacked(call, _inference_layer, last_only=not call.return_sequences)
 
 
-def _layer(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks,
-           valid: Optional[Tensor]) -> tuple[Tensor, States]:
-    """One cell over the sequence: its carried h sequence (B, T, H) and final states."""
+def _backward_may_follow(call: RecurrentCall) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [call.x, *(t for w in call.weights for t in w), *(s for states in call.initial_states for s in states)]
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _arguments(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks, valid: Optional[Tensor]) -> tuple:
+    """The operators' arguments for one cell's call."""
     masks = masks.materialized()  # the C++ kernels read every mask from a tensor
     dtype, lstm = x.dtype, isinstance(cell, LSTMCell)
     zoneout = [_contiguous(z, dtype) for z in masks.zoneout or ()] + [None, None]
     reset_after = isinstance(cell, GRUCell) and cell.reset_after
-    hs, c_last, _, _ = torch.ops.droprnn.fused_layer(
+    return (
         x.contiguous(), weights.kernel, weights.input_bias, weights.recurrent_kernel,
         weights.recurrent_bias if reset_after else None, states[0].contiguous(),
         states[1].contiguous() if lstm else None, _contiguous(masks.input, dtype),
         _contiguous(masks.recurrent, dtype), _contiguous(masks.update, dtype), zoneout[0], zoneout[1], valid,
         CELL_KINDS[type(cell)], *activation_codes(cell), reset_after,
     )
-    return hs, ((hs[:, -1], c_last) if lstm else (hs[:, -1],))
+
+
+def _layer(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks,
+           valid: Optional[Tensor]) -> tuple[Tensor, States]:
+    """One cell over the sequence: its carried h sequence (B, T, H) and final states."""
+    hs, c_last, _, _ = torch.ops.droprnn.fused_layer(*_arguments(cell, x, weights, states, masks, valid))
+    return hs, ((hs[:, -1], c_last) if isinstance(cell, LSTMCell) else (hs[:, -1],))
+
+
+def _inference_layer(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks, valid: Optional[Tensor],
+                     all_steps: bool = True) -> tuple[Tensor, States]:
+    """:func:`_layer` with no backward to follow; with ``all_steps`` false, h is the last step's (B, H)."""
+    h, c_last = torch.ops.droprnn.fused_layer_inference(*_arguments(cell, x, weights, states, masks, valid), all_steps)
+    last = h[:, -1] if all_steps else h
+    return h, ((last, c_last) if isinstance(cell, LSTMCell) else (last,))
 
 
 def _contiguous(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -306,6 +328,48 @@ def _fused_layer_backward_fake(grad_hs, grad_c_last, x, kernel, input_bias, recu
 
     return (like(x, wanted[0]), like(kernel, wanted[1]), like(input_bias, wanted[2]),
             like(recurrent_kernel, wanted[3]), like(recurrent_bias, wanted[4]), like(h0), like(c0))
+
+
+@torch.library.custom_op("droprnn::fused_layer_inference", mutates_args=(), device_types="cpu")
+def fused_layer_inference(
+    x: Tensor, kernel: Tensor, input_bias: Optional[Tensor], recurrent_kernel: Tensor,
+    recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], input_mask: Optional[Tensor],
+    recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
+    zoneout_c: Optional[Tensor], valid: Optional[Tensor], cell: str, activation: int, recurrent_activation: int,
+    reset_after: bool, all_steps: bool,
+) -> tuple[Tensor, Tensor]:
+    """:func:`fused_layer` with no backward to follow (no autograd): keeps nothing for one -- no gates, no c
+    sequence, no recurrent products -- and with ``all_steps`` false writes only the last step's h.
+
+    Returns (h: (B, T, H), or the last step's (B, H) without ``all_steps``; c_last (B, U) for the LSTM, else
+    absent).
+    """
+    _require_library("fused_layer_inference")
+    gates = GATES[cell]
+    xw = _project(x.contiguous(), kernel, input_mask, gates)
+    bias = None if input_bias is None else input_bias.contiguous()
+    R, h0, kernels = recurrent_kernel, h0.contiguous(), torch.ops.droprnn_cpu
+    if cell == "lstm":
+        return kernels.lstm_inference(xw, _panels(R, 4, _per_gate(recurrent_mask)), bias, h0, c0.contiguous(),
+                                      recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, activation,
+                                      recurrent_activation, all_steps)
+    if cell == "gru":
+        panels = _panels(R, 3, _per_gate(recurrent_mask) or not reset_after)
+        rbias = None if recurrent_bias is None else recurrent_bias.contiguous()
+        return kernels.gru_inference(xw, panels, bias, rbias, h0, recurrent_mask, update_mask, zoneout_h, valid,
+                                     activation, recurrent_activation, reset_after, all_steps), _absent(x)
+    return kernels.simple_rnn_inference(xw, _panels(R, 1, False), bias, h0, recurrent_mask, zoneout_h, valid,
+                                        activation, all_steps), _absent(x)
+
+
+@fused_layer_inference.register_fake
+def _fused_layer_inference_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0, input_mask,
+                                recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, cell, activation,
+                                recurrent_activation, reset_after, all_steps):
+    batch, steps, _ = x.shape
+    units = recurrent_kernel.shape[1] // GATES[cell]
+    h = x.new_empty(batch, steps, h0.shape[1]) if all_steps else x.new_empty(batch, h0.shape[1])
+    return h, x.new_empty(batch, units) if cell == "lstm" else _absent(x)
 
 
 _DIFFERENTIABLE = 7  # x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0

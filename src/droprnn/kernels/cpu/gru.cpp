@@ -21,8 +21,11 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
                              const optional<Tensor>& rbias, const Tensor& h0,
                              const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                              const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
-                             int64_t rec_act, bool reset_after, Tensor& hs, Tensor& inner) {
+                             int64_t rec_act, bool reset_after, Tensor& hs, Tensor& inner, bool save) {
   const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3), G3 = 3 * U;
+  // Training keeps every step's h (h_slots = steps); inference the last two, alternating, unless every
+  // output is wanted, and no recurrent products for a backward.
+  const int64_t h_slots = hs.size(1);
   const GateSeq<T> x = gate_seq<T>(xw);
   const GateSeq<T> g_out = x;  // the activated gates overwrite xw, each element after it is read
   const Panels<T> panels = panels_of<T>(R);
@@ -30,7 +33,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
   const T* bias = input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr;
   const T* h_init = h0.data_ptr<T>();
   T* h_out = hs.data_ptr<T>();
-  T* inner_out = reset_after ? inner.data_ptr<T>() : nullptr;  // (B, T, U)
+  T* inner_out = reset_after && save ? inner.data_ptr<T>() : nullptr;  // (B, T, U)
   const StepMask<T> rec = gated_mask<T>(rec_mask);
   const StepMask<T> upd = plain_mask<T>(upd_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h);
@@ -54,8 +57,8 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
     std::fill(zeros, zeros + G3, T(0));
     const T* b_in = bias ? bias : zeros;
     for (int64_t t = 0; t < steps; ++t) {
-      const T* h_prev = t == 0 ? h_init + r0 * U : h_out + (r0 * steps + t - 1) * U;
-      const int64_t ldh = t == 0 ? U : steps * U;
+      const T* h_prev = t == 0 ? h_init + r0 * U : h_out + (r0 * h_slots + (t - 1) % h_slots) * U;
+      const int64_t ldh = t == 0 ? U : h_slots * U;
       recurrent_product(h_prev, ldh, r0, r1, rec, t, panels, first_panels, A, Z, G3);
       for (int64_t b = r0; b < r1; ++b) {
         T* zrow = Z + (b - r0) * G3;
@@ -75,12 +78,9 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
           const T* xh = x.at(b, t, 2);
           T* ng = g_out.at(b, t, 2);
           const T* inner_h = zrow + 2 * U;
-          T* inner_row = inner_out + (b * steps + t) * U;
 #pragma omp simd
-          for (int64_t j = 0; j < U; ++j) {
-            ng[j] = (xh[j] + b_in[2 * U + j]) + rr[j] * inner_h[j];
-            inner_row[j] = inner_h[j];
-          }
+          for (int64_t j = 0; j < U; ++j) ng[j] = (xh[j] + b_in[2 * U + j]) + rr[j] * inner_h[j];
+          if (inner_out != nullptr) std::copy(inner_h, inner_h + U, inner_out + (b * steps + t) * U);
         } else {
           const T* hp = h_prev + (b - r0) * ldh;
           const T* mh = rec.present() ? rec.row(t, rec.gate_stride == 0 ? 0 : 2, b) : ones + U;
@@ -107,7 +107,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
         const T* u = upd.present() ? upd.row(t, 0, b) : ones;
         const T* keep = kh.row(t, b);
         const T vb = v ? v[b * steps + t] : T(1);
-        T* hr = h_out + (b * steps + t) * U;
+        T* hr = h_out + (b * h_slots + t % h_slots) * U;
 #pragma omp simd
         for (int64_t j = 0; j < U; ++j) {
           const T fresh = zg[j] * hp[j] + (T(1) - zg[j]) * (ng[j] * u[j]);
@@ -119,12 +119,10 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
   });
 }
 
-std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
-                                       const optional<Tensor>& rbias,
-                                       const Tensor& h0, const optional<Tensor>& rec_mask,
-                                       const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
-                                       const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after) {
-  const char* fn = "droprnn gru_forward";
+static CallDims check_gru_forward(const char* fn, const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                  const optional<Tensor>& rbias, const Tensor& h0, const optional<Tensor>& rec_mask,
+                                  const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
+                                  const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after) {
   check_dim(fn, xw, "xw", 4);
   const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3);
   const CallDims d{fn, B, steps, 3, U, U, 0, call_dtype(fn, xw)};
@@ -138,13 +136,40 @@ std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const 
   check_zoneout(d, zoneout_h, "zoneout_h", U);
   check_valid(d, valid);
   check_activations(d, act, rec_act);
-  Tensor hs = pooled_empty({B, steps, U}, h0.options());
-  Tensor inner = pooled_empty({reset_after ? B : 0, steps, U}, h0.options());
+  return d;
+}
+
+std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                       const optional<Tensor>& rbias, const Tensor& h0,
+                                       const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
+                                       const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
+                                       int64_t rec_act, bool reset_after) {
+  const CallDims d = check_gru_forward("droprnn gru_forward", xw, R, input_bias, rbias, h0, rec_mask, upd_mask,
+                                       zoneout_h, valid, act, rec_act, reset_after);
+  Tensor hs = pooled_empty({d.B, d.T, d.U}, h0.options());
+  Tensor inner = pooled_empty({reset_after ? d.B : 0, d.T, d.U}, h0.options());
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_gru_forward", [&] {
     gru_forward_impl<scalar_t>(xw, R, input_bias, rbias, h0, rec_mask, upd_mask, zoneout_h, valid, act, rec_act,
-                               reset_after, hs, inner);
+                               reset_after, hs, inner, /*save=*/true);
   });
   return {hs, inner};
+}
+
+// The forward with no backward to follow (as lstm_inference): returns h (B, T, U), or (B, U) with
+// `all_steps` false.
+Tensor gru_inference(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                     const optional<Tensor>& rbias, const Tensor& h0, const optional<Tensor>& rec_mask,
+                     const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
+                     int64_t act, int64_t rec_act, bool reset_after, bool all_steps) {
+  const CallDims d = check_gru_forward("droprnn gru_inference", xw, R, input_bias, rbias, h0, rec_mask, upd_mask,
+                                       zoneout_h, valid, act, rec_act, reset_after);
+  Tensor hs = pooled_empty({d.B, all_steps ? d.T : 2, d.U}, h0.options());
+  Tensor none;
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_gru_inference", [&] {
+    gru_forward_impl<scalar_t>(xw, R, input_bias, rbias, h0, rec_mask, upd_mask, zoneout_h, valid, act, rec_act,
+                               reset_after, hs, none, /*save=*/false);
+  });
+  return all_steps ? hs : hs.select(1, (d.T - 1) % 2).contiguous();
 }
 
 template <typename T>

@@ -32,6 +32,13 @@ struct LstmForward {
   Zoneout<T> zh, zc;
   const T* v;
   int64_t B, steps, U, H, act, rec_act;
+  // Training keeps every step's h and c (h_slots = c_slots = steps) and the gates; inference keeps what the
+  // recurrence reads: c in place (1 slot), h in 2 alternating slots unless every output is wanted.
+  int64_t h_slots, c_slots;
+  bool save_gates;
+
+  T* h_at(int64_t b, int64_t t) const { return h_out + (b * h_slots + t % h_slots) * H; }
+  T* c_at(int64_t b, int64_t t) const { return c_out + (b * c_slots + t % c_slots) * U; }
 
   // Per-thread constants: the update mask and input bias when absent, zoneout weights (see Zoneout).
   struct Locals {
@@ -68,12 +75,14 @@ struct LstmForward {
     activate(rec_act, fg, w);
     activate(act, gg, w);
     activate(rec_act, og, w);
-    for (int64_t g = 0; g < 4; ++g) std::copy(z + g * zs, z + g * zs + w, g_out.at(b, t, g) + j0);
+    if (save_gates) {
+      for (int64_t g = 0; g < 4; ++g) std::copy(z + g * zs, z + g * zs + w, g_out.at(b, t, g) + j0);
+    }
     const T* u = (upd.present() ? upd.row(t, 0, b) : l.ones) + j0;
     const T* dh = l.kh.row(t, b) + j0;
     const T* dc = l.kc.row(t, b) + j0;
-    T* cr = c_out + row * U + j0;
-    T* hr = h_out + row * H + j0;
+    T* cr = c_at(b, t) + j0;  // may be cp itself (one slot): each element is read before it is written
+    T* hr = h_at(b, t) + j0;
     const T vb = v ? v[row] : T(1);
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) {
@@ -91,9 +100,9 @@ struct LstmForward {
     }
   }
 
-  const T* h_prev(int64_t b, int64_t t) const { return t == 0 ? h_init + b * H : h_out + (b * steps + t - 1) * H; }
-  const T* c_prev(int64_t b, int64_t t) const { return t == 0 ? c_init + b * U : c_out + (b * steps + t - 1) * U; }
-  int64_t h_ld(int64_t t) const { return t == 0 ? H : steps * H; }
+  const T* h_prev(int64_t b, int64_t t) const { return t == 0 ? h_init + b * H : h_at(b, t - 1); }
+  const T* c_prev(int64_t b, int64_t t) const { return t == 0 ? c_init + b * U : c_at(b, t - 1); }
+  int64_t h_ld(int64_t t) const { return t == 0 ? H : h_slots * H; }
 
   // Each thread owns a slice of the batch and runs every step for it: no synchronisation at all.
   void by_batch() const {
@@ -155,14 +164,15 @@ template <typename T>
 static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias, const Tensor& h0,
                               const Tensor& c0, const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                               const optional<Tensor>& zoneout_h, const optional<Tensor>& zoneout_c,
-                              const optional<Tensor>& valid, int64_t act, int64_t rec_act, Tensor& hs, Tensor& cs) {
+                              const optional<Tensor>& valid, int64_t act, int64_t rec_act, Tensor& hs, Tensor& cs,
+                              bool save_gates) {
   LstmForward<T> f{
       gate_seq<T>(xw), panels_of<T>(R),
       input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr,
       h0.data_ptr<T>(), c0.data_ptr<T>(), hs.data_ptr<T>(), cs.data_ptr<T>(), gate_seq<T>(xw),
       gated_mask<T>(rec_mask), plain_mask<T>(upd_mask), zoneout_of<T>(zoneout_h), zoneout_of<T>(zoneout_c),
       valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr,
-      xw.size(0), xw.size(1), xw.size(3), h0.size(1), act, rec_act};
+      xw.size(0), xw.size(1), xw.size(3), h0.size(1), act, rec_act, hs.size(1), cs.size(1), save_gates};
   // Units split only for batches smaller than the thread count: measured here it is 1.8x faster at batch
   // 1 on 2 threads, and no faster than the batch split at (128, 50, 256, 512), where a thread's share of a
   // 4 MiB recurrent kernel still does not stay in a 2 MiB L2.
@@ -174,13 +184,12 @@ static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const optional<
   }
 }
 
-std::tuple<Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
-                                                const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
-                                                        const optional<Tensor>& upd_mask,
-                                                        const optional<Tensor>& zoneout_h,
-                                                        const optional<Tensor>& zoneout_c,
-                                                        const optional<Tensor>& valid, int64_t act, int64_t rec_act) {
-  const char* fn = "droprnn lstm_forward";
+// Checks what a forward reads; its sizes.
+static CallDims check_lstm_forward(const char* fn, const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                   const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
+                                   const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
+                                   const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act,
+                                   int64_t rec_act) {
   check_dim(fn, xw, "xw", 4);
   check_dim(fn, h0, "h0", 2);
   const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3), H = h0.size(1);
@@ -197,13 +206,42 @@ std::tuple<Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const
   check_zoneout(d, zoneout_c, "zoneout_c", U);
   check_valid(d, valid);
   check_activations(d, act, rec_act);
-  Tensor hs = pooled_empty({B, steps, H}, h0.options());
-  Tensor cs = pooled_empty({B, steps, U}, h0.options());
+  return d;
+}
+
+std::tuple<Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                        const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
+                                        const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
+                                        const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act,
+                                        int64_t rec_act) {
+  const CallDims d = check_lstm_forward("droprnn lstm_forward", xw, R, input_bias, h0, c0, rec_mask, upd_mask,
+                                        zoneout_h, zoneout_c, valid, act, rec_act);
+  Tensor hs = pooled_empty({d.B, d.T, d.H}, h0.options());
+  Tensor cs = pooled_empty({d.B, d.T, d.U}, h0.options());
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_lstm_forward", [&] {
     lstm_forward_impl<scalar_t>(xw, R, input_bias, h0, c0, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act,
-                                rec_act, hs, cs);
+                                rec_act, hs, cs, /*save_gates=*/true);
   });
   return {hs, cs};
+}
+
+// The forward with no backward to follow: nothing is kept for one (the gates stay in cache; c is updated in
+// place), and with `all_steps` false only the last h is returned, the steps alternating between two rows
+// of h. Returns (h (B, T, H) or (B, H), the last c (B, U)).
+std::tuple<Tensor, Tensor> lstm_inference(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                          const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
+                                          const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
+                                          const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
+                                          int64_t act, int64_t rec_act, bool all_steps) {
+  const CallDims d = check_lstm_forward("droprnn lstm_inference", xw, R, input_bias, h0, c0, rec_mask, upd_mask,
+                                        zoneout_h, zoneout_c, valid, act, rec_act);
+  Tensor hs = pooled_empty({d.B, all_steps ? d.T : 2, d.H}, h0.options());
+  Tensor cs = pooled_empty({d.B, 1, d.U}, h0.options());
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_lstm_inference", [&] {
+    lstm_forward_impl<scalar_t>(xw, R, input_bias, h0, c0, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act,
+                                rec_act, hs, cs, /*save_gates=*/false);
+  });
+  return {all_steps ? hs : hs.select(1, (d.T - 1) % 2).contiguous(), cs.select(1, 0)};
 }
 
 template <typename T>

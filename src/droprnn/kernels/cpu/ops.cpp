@@ -13,6 +13,11 @@ std::tuple<Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const
                                                 const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                                 const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
                                                 int64_t act, int64_t rec_act);
+std::tuple<Tensor, Tensor> lstm_inference(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                          const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
+                                          const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
+                                          const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
+                                          int64_t act, int64_t rec_act, bool all_steps);
 Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, const Tensor& kernel, const Tensor& x,
                     const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs, const Tensor& gates,
                     const optional<Tensor>& input_mask, const optional<Tensor>& rec_mask,
@@ -24,6 +29,10 @@ std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const 
                                        const Tensor& h0, const optional<Tensor>& rec_mask,
                                        const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                        const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool reset_after);
+Tensor gru_inference(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                     const optional<Tensor>& rbias, const Tensor& h0, const optional<Tensor>& rec_mask,
+                     const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
+                     int64_t act, int64_t rec_act, bool reset_after, bool all_steps);
 Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, const Tensor& x, const Tensor& h0,
                    const Tensor& hs, const Tensor& gates, const Tensor& inner, const optional<Tensor>& input_mask,
                    const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
@@ -34,6 +43,9 @@ std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R,
                                               const Tensor& h0,
                                               const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
                                               const optional<Tensor>& valid, int64_t act);
+Tensor simple_rnn_inference(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias, const Tensor& h0,
+                            const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
+                            const optional<Tensor>& valid, int64_t act, bool all_steps);
 Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, const Tensor& x, const Tensor& h0,
                           const Tensor& hs, const Tensor& fresh, const optional<Tensor>& input_mask,
                           const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
@@ -48,10 +60,13 @@ int64_t cached_bytes();
 
 TORCH_LIBRARY(droprnn_cpu, m) {
   m.def("lstm_forward", &droprnn::lstm_forward);
+  m.def("lstm_inference", &droprnn::lstm_inference);
   m.def("lstm_backward", &droprnn::lstm_backward);
   m.def("gru_forward", &droprnn::gru_forward);
+  m.def("gru_inference", &droprnn::gru_inference);
   m.def("gru_backward", &droprnn::gru_backward);
   m.def("simple_rnn_forward", &droprnn::simple_rnn_forward);
+  m.def("simple_rnn_inference", &droprnn::simple_rnn_inference);
   m.def("simple_rnn_backward", &droprnn::simple_rnn_backward);
   m.def("empty", &droprnn::pooled_empty_op);
   m.def("empty_cache", &droprnn::empty_cache);

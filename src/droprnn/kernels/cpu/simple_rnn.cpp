@@ -22,6 +22,9 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const optiona
   const T* h_init = h0.data_ptr<T>();
   T* h_out = hs.data_ptr<T>();
   T* f_out = fresh.data_ptr<T>();
+  // Training keeps every step (slots = steps); inference h's last two steps, alternating, and fresh h' of
+  // the current step only (unless every output is wanted).
+  const int64_t h_slots = hs.size(1), f_slots = fresh.size(1);
   const StepMask<T> rec = gated_mask<T>(rec_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h);
   const T* v = valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr;
@@ -39,13 +42,14 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const optiona
     std::fill(zeros, zeros + U, T(0));
     const T* b_in = bias ? bias : zeros;
     for (int64_t t = 0; t < steps; ++t) {
-      const T* h_prev = t == 0 ? h_init + r0 * U : h_out + (r0 * steps + t - 1) * U;
-      const int64_t ldh = t == 0 ? U : steps * U;
+      const T* h_prev = t == 0 ? h_init + r0 * U : h_out + (r0 * h_slots + (t - 1) % h_slots) * U;
+      const int64_t ldh = t == 0 ? U : h_slots * U;
       // The product lands straight in the saved buffer, then becomes h' in place.
-      recurrent_product(h_prev, ldh, r0, r1, rec, t, panels, 1, A, f_out + (r0 * steps + t) * U, steps * U);
+      recurrent_product(h_prev, ldh, r0, r1, rec, t, panels, 1, A, f_out + (r0 * f_slots + t % f_slots) * U,
+                        f_slots * U);
       for (int64_t b = r0; b < r1; ++b) {
         const int64_t row = b * steps + t;
-        T* fr = f_out + row * U;
+        T* fr = f_out + (b * f_slots + t % f_slots) * U;
         const T* xr = x.at(b, t, 0);
 #pragma omp simd
         for (int64_t j = 0; j < U; ++j) fr[j] = (xr[j] + b_in[j]) + fr[j];
@@ -53,7 +57,7 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const optiona
         const T* hp = h_prev + (b - r0) * ldh;
         const T* keep = kh.row(t, b);
         const T vb = v ? v[row] : T(1);
-        T* hr = h_out + row * U;
+        T* hr = h_out + (b * h_slots + t % h_slots) * U;
 #pragma omp simd
         for (int64_t j = 0; j < U; ++j) {
           const T zoned = keep[j] * hp[j] + (T(1) - keep[j]) * fr[j];
@@ -64,11 +68,10 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const optiona
   });
 }
 
-std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
-                                              const Tensor& h0,
-                                              const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
-                                              const optional<Tensor>& valid, int64_t act) {
-  const char* fn = "droprnn simple_rnn_forward";
+static CallDims check_simple_rnn_forward(const char* fn, const Tensor& xw, const Tensor& R,
+                                         const optional<Tensor>& input_bias, const Tensor& h0,
+                                         const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
+                                         const optional<Tensor>& valid, int64_t act) {
   check_dim(fn, xw, "xw", 4);
   const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3);
   const CallDims d{fn, B, steps, 1, U, U, 0, call_dtype(fn, xw)};
@@ -80,15 +83,40 @@ std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R,
   check_zoneout(d, zoneout_h, "zoneout_h", U);
   check_valid(d, valid);
   check_activations(d, act, act);
-  Tensor hs = pooled_empty({B, steps, U}, h0.options());
+  return d;
+}
+
+std::tuple<Tensor, Tensor> simple_rnn_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
+                                              const Tensor& h0, const optional<Tensor>& rec_mask,
+                                              const optional<Tensor>& zoneout_h, const optional<Tensor>& valid,
+                                              int64_t act) {
+  const CallDims d = check_simple_rnn_forward("droprnn simple_rnn_forward", xw, R, input_bias, h0, rec_mask, zoneout_h,
+                                              valid, act);
+  Tensor hs = pooled_empty({d.B, d.T, d.U}, h0.options());
   // Without zoneout the carried state is h' wherever a gradient flows (masked steps pass none through
   // the activation), so one tensor serves both: half the memory kept for the backward.
   const bool zoned = zoneout_h.has_value() && zoneout_h->defined();
-  Tensor fresh = zoned ? pooled_empty({B, steps, U}, h0.options()) : hs;
+  Tensor fresh = zoned ? pooled_empty({d.B, d.T, d.U}, h0.options()) : hs;
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_simple_rnn_forward", [&] {
     simple_forward_impl<scalar_t>(xw, R, input_bias, h0, rec_mask, zoneout_h, valid, act, hs, fresh);
   });
   return {hs, fresh};
+}
+
+// The forward with no backward to follow (as lstm_inference): returns h (B, T, U), or (B, U) with
+// `all_steps` false.
+Tensor simple_rnn_inference(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias, const Tensor& h0,
+                            const optional<Tensor>& rec_mask, const optional<Tensor>& zoneout_h,
+                            const optional<Tensor>& valid, int64_t act, bool all_steps) {
+  const CallDims d = check_simple_rnn_forward("droprnn simple_rnn_inference", xw, R, input_bias, h0, rec_mask,
+                                              zoneout_h, valid, act);
+  Tensor hs = pooled_empty({d.B, all_steps ? d.T : 2, d.U}, h0.options());
+  const bool zoned = zoneout_h.has_value() && zoneout_h->defined();
+  Tensor fresh = zoned ? pooled_empty({d.B, 1, d.U}, h0.options()) : hs;
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_simple_rnn_inference", [&] {
+    simple_forward_impl<scalar_t>(xw, R, input_bias, h0, rec_mask, zoneout_h, valid, act, hs, fresh);
+  });
+  return all_steps ? hs : hs.select(1, (d.T - 1) % 2).contiguous();
 }
 
 template <typename T>
