@@ -1,7 +1,16 @@
 """Does recurrent dropout cost anything? Forward+backward time and peak memory, side by side.
 
-One run prints, per (batch, time, input, units) shape and for LSTM and GRU, the median milliseconds of a
-training step (forward and backward) and its ratio to ``torch.nn`` without dropout:
+One run prints the CPU (model and caches) and up to four tables (``--tables``), per (batch, time, input,
+units) shape and for LSTM and GRU, each row's median milliseconds and its ratio to ``torch.nn``:
+
+- ``train``: a training step (forward and backward), the rows below, against ``torch.nn`` without dropout;
+- ``inference``: eval mode under ``torch.inference_mode`` -- ``torch.nn``, ``droprnn`` (its inference
+  kernel) and ``droprnn ref`` (the reference loop) -- at the four shapes plus batch 1, (1, 100, 64, 128)
+  and (1, 1000, 32, 64);
+- ``bf16-train`` / ``bf16-inference``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``,
+  ``droprnn rd`` / ``droprnn`` against ``torch.nn`` under the same autocast.
+
+The training table's rows:
 
 - ``torch.nn``            torch.nn.LSTM / GRU (oneDNN), which cannot do recurrent dropout at all;
 - ``droprnn rd``          droprnn with dropout=0.25, recurrent_dropout=0.25 (Keras's per-gate masks);
@@ -16,7 +25,8 @@ training step (forward and backward) and its ratio to ``torch.nn`` without dropo
 Peak memory: the peak resident-memory growth of one training step (after a warm-up step), measured in a
 fresh subprocess per row (Linux: /proc/self/status).
 
-    python benchmarks/rnn_speed.py                 # the issue's shapes, 2 threads
+    python benchmarks/rnn_speed.py                 # every table at the issue's shapes, 2 threads
+    python benchmarks/rnn_speed.py --tables inference,bf16-inference
     python benchmarks/rnn_speed.py --quick         # one small shape, for a smoke run
     python benchmarks/rnn_speed.py --json out.json
     python benchmarks/rnn_speed.py --shapes 20,35,650,650 --layers LSTM   # other shapes (this one: a
@@ -37,17 +47,51 @@ import time
 
 SHAPES = [(32, 100, 64, 128), (64, 100, 128, 256), (16, 200, 32, 64), (128, 50, 256, 512)]
 RATE = 0.25
+TRAIN_VARIANTS = ["torch.nn", "droprnn rd", "droprnn rd compiled", "droprnn", "droprnn ref rd", "hand loop rd"]
+# table: (shapes, variants, the slow variants that run a third of the rounds, memory measured)
+TABLES = {
+    "train": (SHAPES, TRAIN_VARIANTS, {"droprnn ref rd", "hand loop rd"}, True),
+    "inference": (SHAPES + [(1, 100, 64, 128), (1, 1000, 32, 64)], ["torch.nn", "droprnn", "droprnn ref"],
+                  {"droprnn ref"}, True),
+    "bf16-train": (SHAPES, ["torch.nn", "droprnn rd"], set(), False),
+    "bf16-inference": (SHAPES, ["torch.nn", "droprnn"], set(), False),
+}
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def make_step(kind: str, variant: str, shape, seed: int = 0):
-    """A zero-argument training step (forward + backward) for one row of the table."""
+def make_step(kind: str, variant: str, shape, seed: int = 0, table: str = "train"):
+    """A zero-argument step for one row of a table: a training step (forward + backward), or a forward in
+    eval mode under ``torch.inference_mode``; under bfloat16 autocast for the bf16 tables."""
+    import contextlib
+
     import torch
 
     import droprnn
 
     torch.manual_seed(seed)
     batch, steps, features, units = shape
+    if table != "train":
+        inference = table.endswith("inference")
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if table.startswith("bf16")
+                    else contextlib.nullcontext())
+        rates = {"dropout": RATE, "recurrent_dropout": RATE} if variant.endswith(" rd") else {}
+        if variant == "torch.nn":
+            module = getattr(torch.nn, kind)(features, units, batch_first=True)
+        else:
+            module = getattr(droprnn, kind)(units, return_sequences=True, input_size=features,
+                                            impl="reference" if variant == "droprnn ref" else "auto", **rates)
+        x = torch.randn(batch, steps, features, requires_grad=not inference)
+        if inference:
+            module.eval()
+
+        def step():
+            with autocast, (torch.inference_mode() if inference else contextlib.nullcontext()):
+                out = module(x)
+                out = out[0] if isinstance(out, tuple) else out
+                if not inference:
+                    out.float().sum().backward()
+
+        return step
     x = torch.randn(batch, steps, features, requires_grad=True)
     if variant == "torch.nn":
         module = getattr(torch.nn, kind)(features, units, batch_first=True)
@@ -156,7 +200,7 @@ import gc, sys, torch
 sys.path.insert(0, sys.argv[1])
 torch.set_num_threads(int(sys.argv[2]))
 from rnn_speed import make_step
-step = make_step(sys.argv[3], sys.argv[4], tuple(map(int, sys.argv[5:9])))
+step = make_step(sys.argv[3], sys.argv[4], tuple(map(int, sys.argv[5:9])), table=sys.argv[9])
 step()  # warm up: weights, kernels, allocator
 gc.collect()
 def status(key):
@@ -170,7 +214,7 @@ print((status("VmHWM:") - before) / 1024)
 """
 
 
-def peak_memory_mb(kind: str, variant: str, shape, threads: int) -> float:
+def peak_memory_mb(kind: str, variant: str, shape, threads: int, table: str = "train") -> float:
     """Peak resident-memory growth of one training step (Linux), in a fresh process after a warm-up step.
 
     Large buffers are mmap-ed (MALLOC_MMAP_THRESHOLD_) so freeing them lowers the resident size again, and
@@ -180,7 +224,7 @@ def peak_memory_mb(kind: str, variant: str, shape, threads: int) -> float:
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", DROPRNN_CPU_CACHE_MB="0")
     result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, here, str(threads), kind, variant, *map(str, shape)],
+        [sys.executable, "-c", MEMORY_PROBE, here, str(threads), kind, variant, *map(str, shape), table],
         capture_output=True, text=True, timeout=1800, env=env,
     )
     return float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else float("nan")
@@ -190,13 +234,10 @@ def peak_memory_mb(kind: str, variant: str, shape, threads: int) -> float:
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from droprnn.kernels.cpu import machine as cpu_machine
+
+    return (f"{cpu_machine.describe()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def _shapes(text: str) -> list[tuple[int, ...]]:
@@ -213,6 +254,13 @@ def _layers(text: str) -> list[str]:
     return layers
 
 
+def _tables(text: str) -> list[str]:
+    tables = [t.strip() for t in text.split(",") if t.strip()]
+    if not tables or any(t not in TABLES for t in tables):
+        raise argparse.ArgumentTypeError(f"expected tables from {', '.join(TABLES)} separated by ',', got {text!r}")
+    return tables
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -223,40 +271,42 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--shapes", type=_shapes, help="B,T,D,U shapes separated by ';' instead of the issue's")
     parser.add_argument("--layers", type=_layers, default="LSTM,GRU", help="comma-separated, of LSTM and GRU")
+    parser.add_argument("--tables", type=_tables, default=",".join(TABLES), help=f"comma list from: {', '.join(TABLES)}")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    shapes = [(16, 50, 32, 64)] if args.quick else args.shapes or SHAPES
     repeats = 3 if args.quick else args.repeats
-    variants = ["torch.nn", "droprnn rd", "droprnn rd compiled", "droprnn", "droprnn ref rd", "hand loop rd"]
     from droprnn.kernels import cpu
 
     print(f"machine: {machine()}")
-    print(f"fused kernels: {cpu.library_path() if cpu.load() else cpu.unavailable_reason()}\n")
-    header = f"{'layer':5} {'shape (B,T,D,U)':20} {'variant':19} {'ms':>9} {'× torch':>8} {'peak MB':>8}"
-    print(header)
-    print("-" * len(header))
+    print(f"fused kernels: {cpu.library_path() if cpu.load() else cpu.unavailable_reason()}")
     rows = []
-    for kind in args.layers:
-        for shape in shapes:
-            steps = {variant: make_step(kind, variant, shape) for variant in variants}
-            times = interleaved_medians(steps, repeats, slow={"droprnn ref rd", "hand loop rd"})
-            del steps
-            if not args.no_keras:
-                keras_ms = keras_jax_ms(kind, shape, repeats, args.threads)
-                if keras_ms is not None:
-                    times["keras-jax rd"] = keras_ms
-            baseline = times["torch.nn"]
-            for variant, ms in times.items():
-                memory = float("nan")
-                if not args.no_memory and variant != "keras-jax rd":
-                    memory = peak_memory_mb(kind, variant, shape, args.threads)
-                rows.append({"layer": kind, "shape": shape, "variant": variant, "ms": ms,
-                             "ratio": ms / baseline, "peak_mb": memory})
-                print(f"{kind:5} {str(shape):20} {variant:19} {ms:9.1f} {ms / baseline:8.2f} {memory:8.1f}", flush=True)
-            print()
+    for table in args.tables:
+        table_shapes, variants, slow, measure_memory = TABLES[table]
+        shapes = [(16, 50, 32, 64)] if args.quick else args.shapes or table_shapes
+        header = f"{'layer':5} {'shape (B,T,D,U)':20} {'variant':19} {'ms':>9} {'× torch':>8} {'peak MB':>8}"
+        print(f"\n{table}\n{header}\n{'-' * len(header)}")
+        for kind in args.layers:
+            for shape in shapes:
+                steps = {variant: make_step(kind, variant, shape, table=table) for variant in variants}
+                times = interleaved_medians(steps, repeats, slow=slow)
+                del steps
+                if table == "train" and not args.no_keras:
+                    keras_ms = keras_jax_ms(kind, shape, repeats, args.threads)
+                    if keras_ms is not None:
+                        times["keras-jax rd"] = keras_ms
+                baseline = times["torch.nn"]
+                for variant, ms in times.items():
+                    memory = float("nan")
+                    if measure_memory and not args.no_memory and variant != "keras-jax rd":
+                        memory = peak_memory_mb(kind, variant, shape, args.threads, table)
+                    rows.append({"table": table, "layer": kind, "shape": shape, "variant": variant, "ms": ms,
+                                 "ratio": ms / baseline, "peak_mb": memory})
+                    print(f"{kind:5} {str(shape):20} {variant:19} {ms:9.2f} {ms / baseline:8.2f} {memory:8.1f}",
+                          flush=True)
+                print()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "rows": rows}, f, indent=1)

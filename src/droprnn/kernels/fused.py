@@ -47,15 +47,17 @@ States = tuple[Tensor, ...]
 NAME = "fused"
 GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 
-# A recurrent kernel up to this size stays one panel (it fits in L2 with room to spare).
-_ONE_PANEL_BYTES = 512 * 1024
-# Weight gradients (recurrent and input kernel together) above this size, and above _DEFER_BYTES_PER_ROW
-# per sequence of the batch, are formed after the backward loop in large products instead of step by step
-# in it (see the module docstring). Measured on 2 cores (Xeon, AVX-512), T = 35: at 512 KiB and below, or
-# with 64 rows at 2 MiB, the loop was as fast or faster (0.6-1.0x); at 1.2 MiB and 20 rows the products
-# took 1.3-1.5x less, at 13 MiB (650 units) 1.45-1.6x less with 20 rows and 1.25-1.3x with 64.
-_DEFER_BYTES = 1024 * 1024
-_DEFER_BYTES_PER_ROW = 48 * 1024
+# From this machine's caches (kernels/cpu/machine.py). A recurrent kernel up to _ONE_PANEL_BYTES stays one
+# panel (it fits in L2 with room to spare). Weight gradients (recurrent and input kernel together) above
+# _DEFER_BYTES, and above _DEFER_BYTES_PER_ROW per sequence of the batch, are formed after the backward loop
+# in large products instead of step by step in it (see the module docstring). Measured on 2 cores of a Xeon
+# (L1d 48 KiB, L2 2 MiB: 512 KiB, 1 MiB and 48 KiB), T = 35: at 512 KiB and below, or with 64 rows at 2 MiB,
+# the loop was as fast or faster (0.6-1.0x); at 1.2 MiB and 20 rows the products took 1.3-1.5x less, at
+# 13 MiB (650 units) 1.45-1.6x less with 20 rows and 1.25-1.3x with 64.
+_BLOCKING = cpu.machine.blocking()
+_ONE_PANEL_BYTES = _BLOCKING.one_panel_bytes
+_DEFER_BYTES = _BLOCKING.defer_bytes
+_DEFER_BYTES_PER_ROW = _BLOCKING.defer_bytes_per_row
 
 
 @constant_when_compiled

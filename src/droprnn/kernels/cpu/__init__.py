@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from . import machine
+
 SOURCES = ("ops.cpp", "pool.cpp", "lstm.cpp", "gru.cpp", "simple_rnn.cpp")
 HEADERS = ("common.h", "checks.h")
 _HERE = Path(__file__).resolve().parent
@@ -206,6 +208,7 @@ def load() -> bool:
                 raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
             target, fixed = _library(compiler)
             torch.ops.load_library(str(target))
+            torch.ops.droprnn_cpu.set_gemm_block(machine.blocking().gemm_block)
             _state["loaded"] = str(target)
             _state["repaired"] = fixed
             return True

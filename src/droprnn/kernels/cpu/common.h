@@ -74,18 +74,22 @@ inline Tensor transposed(const Tensor& W) {
 // C (M, N) = [C +] A (M, K) @ B (K, N), row-major with leading dimensions. float goes through PyTorch's
 // brgemm micro-kernel (oneDNN): in measurements on the per-step shapes it beat MKL sgemm, packed GEMM
 // and ATen bmm. double has no brgemm: a plain loop, vectorised over N (float64 is for verification).
-// Large products are cut into blocks of at most 256 along N and K: a (256, 256) block of B (256 KiB) stays
-// in L2 while every row of A passes over it (measured here: ~165 GFLOP/s per core at (64, 512, 512)
-// against ~135 unblocked).
-constexpr int64_t kGemmBlock = 256;
+// Large products are cut into blocks along N and K: a block of B stays in L2 while every row of A passes over
+// it (measured on a Xeon with 2 MiB of L2, 256 x 256 blocks: ~165 GFLOP/s per core at (64, 512, 512) against
+// ~135 unblocked). The side comes from this machine's L2 (kernels/cpu/machine.py sets it at load).
+inline int64_t& gemm_block() {
+  static int64_t side = 256;
+  return side;
+}
 
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                  float* C, int64_t ldc, bool accumulate) {
   if (M == 0) return;  // an empty batch: oneDNN's brgemm throws std::bad_alloc for M == 0, aborting the process
-  for (int64_t j = 0; j < N; j += kGemmBlock) {
-    const int64_t nb = std::min(kGemmBlock, N - j);
-    for (int64_t k = 0; k < K; k += kGemmBlock) {
-      const int64_t kb = std::min(kGemmBlock, K - k);
+  const int64_t block = gemm_block();
+  for (int64_t j = 0; j < N; j += block) {
+    const int64_t nb = std::min(block, N - j);
+    for (int64_t k = 0; k < K; k += block) {
+      const int64_t kb = std::min(block, K - k);
       at::native::cpublas::brgemm(M, nb, kb, lda, ldb, ldc, accumulate || k > 0, A + k, B + k * ldb + j, C + j, false);
     }
   }

@@ -53,6 +53,14 @@ Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kern
                           bool want_dbias, bool want_dR, bool want_dz);
 
 Tensor pooled_empty_op(at::IntArrayRef sizes, at::ScalarType dtype);
+
+// The side of the products' blocks (kernels/cpu/machine.py derives it from the L2 cache).
+int64_t set_gemm_block(int64_t side) {
+  TORCH_CHECK(side >= 16 && side <= 4096 && side % 16 == 0, "droprnn set_gemm_block: a multiple of 16 in [16, 4096] "
+              "is expected, got ", side);
+  gemm_block() = side;
+  return side;
+}
 int64_t empty_cache();
 int64_t cached_bytes();
 
@@ -69,6 +77,7 @@ TORCH_LIBRARY(droprnn_cpu, m) {
   m.def("simple_rnn_inference", &droprnn::simple_rnn_inference);
   m.def("simple_rnn_backward", &droprnn::simple_rnn_backward);
   m.def("empty", &droprnn::pooled_empty_op);
+  m.def("set_gemm_block", &droprnn::set_gemm_block);
   m.def("empty_cache", &droprnn::empty_cache);
   m.def("cached_bytes", &droprnn::cached_bytes);
 }

@@ -1,0 +1,83 @@
+"""The blocking of the fused CPU kernels, from this machine's caches rather than constants measured on one CPU.
+
+Linux says each core's cache sizes in sysfs (``/sys/devices/system/cpu/cpu0/cache``). Three choices follow
+from them; each rule is the one that reproduces, on the Intel Xeon where the kernels were first measured
+(L1d 48 KiB, L2 2 MiB), the constant measured best there:
+
+- a recurrent kernel stays one panel up to a quarter of L2 (512 KiB there), else one panel per gate;
+- the backward forms its weight gradients after its time loop, in large products, where they outgrow half
+  of L2 (1 MiB there) and L1d per batch row (48 KiB there) -- a step's rank-B update of them then runs at
+  memory speed;
+- a product's block of the right-hand side is the largest square of a multiple of 16 whose float32 values
+  fill an eighth of L2 (256 x 256 there), so it stays in cache while every row of the left-hand side passes.
+
+Where sysfs says nothing (not Linux, a container that hides it) the Xeon's sizes stand in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+_XEON = {"l1d": 48 << 10, "l2": 2 << 20, "l3": 0}
+
+
+def _size(text: str) -> int:
+    """Bytes from sysfs's "48K", "2048K", "30M"."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+@lru_cache(maxsize=1)
+def caches() -> dict[str, int]:
+    """This machine's per-core data cache sizes in bytes: l1d, l2, l3 (0 where not known)."""
+    found = dict(_XEON)
+    if not _CACHES.is_dir():
+        return found
+    seen = {}
+    for index in sorted(_CACHES.glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            kind = (index / "type").read_text().strip()
+            size = _size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if kind in ("Data", "Unified") and level in (1, 2, 3):
+            seen[{1: "l1d", 2: "l2", 3: "l3"}[level]] = size
+    if "l1d" in seen and "l2" in seen:
+        found = {"l3": 0, **seen}
+    return found
+
+
+@dataclass(frozen=True)
+class Blocking:
+    one_panel_bytes: int      # a recurrent kernel up to this size stays one panel
+    defer_bytes: int          # weight gradients above this size (and ...
+    defer_bytes_per_row: int  # ... above this per batch row) are formed after the backward loop
+    gemm_block: int           # the side of a product's right-hand block, in elements
+
+
+@lru_cache(maxsize=1)
+def blocking() -> Blocking:
+    sizes = caches()
+    l1d, l2 = sizes["l1d"], sizes["l2"]
+    side = max(64, int(math.isqrt(l2 // 8 // 4)) // 16 * 16)
+    return Blocking(one_panel_bytes=l2 // 4, defer_bytes=l2 // 2, defer_bytes_per_row=l1d, gemm_block=side)
+
+
+def describe() -> str:
+    """The CPU model and its caches, for benchmarks and reports."""
+    model = os.uname().machine if hasattr(os, "uname") else "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    sizes = caches()
+    text = f"{model} (L1d {sizes['l1d'] >> 10} KiB and L2 {sizes['l2'] >> 10} KiB per core"
+    return text + (f", L3 {sizes['l3'] >> 20} MiB)" if sizes["l3"] else ")")
