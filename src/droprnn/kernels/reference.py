@@ -44,12 +44,14 @@ def run(call: RecurrentCall) -> Result:
     """
     x, step_mask, weights = call.in_processing_order()
     cells, masks = call.cells, call.plan.cells
-    projected = cells[0].project_inputs(x, weights[0], masks[0].input)
+    # unbind once: indexing projected[:, t] per step would make autograd build a full-size zero
+    # gradient for every step (select_backward), which dominated the reference loop's backward.
+    projected = cells[0].project_inputs(x, weights[0], masks[0].input).unbind(1)
     states = [tuple(s) for s in call.initial_states]
     previous_output: Optional[Tensor] = None
     outputs: list[Tensor] = []
     for t in range(x.shape[1]):
-        y = projected[:, t]
+        y = projected[t]
         new_states = []
         for k, cell in enumerate(cells):
             if k > 0:
@@ -80,10 +82,10 @@ def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_mas
     """What a fast kernel's layer operator computes for one cell, in the cell's own plain autograd ops: the
     carried h sequence (B, T, H), then the last value of every other state (the LSTM's c). ``valid``: (B, T)
     of 0/1 or None. The path for double backward, which the hand-written backwards do not support."""
-    projected = cell.project_inputs(x, weights, input_masks)
+    projected = cell.project_inputs(x, weights, input_masks).unbind(1)
     sequence = []
     for t in range(x.shape[1]):
-        _, new = cell.step(projected[:, t], states, weights, masks.at(t))
+        _, new = cell.step(projected[t], states, weights, masks.at(t))
         if valid is not None:
             keep = valid[:, t, None] != 0
             new = tuple(torch.where(keep, fresh, old) for fresh, old in zip(new, states))
