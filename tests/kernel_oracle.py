@@ -1,17 +1,21 @@
 """Helpers the kernel test files share: running a layer under given dropout plans and collecting every
 returned tensor and gradient of a fixed random loss, so a fast kernel can be held to the reference loop.
 
-(Imported by tests/test_fused.py and tests/test_gpu_kernels.py; pytest puts this folder on sys.path.)
+(Imported by the kernel test files; pytest puts this folder on sys.path.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import zlib
+
 import torch
 
-from droprnn import DropoutPlan
+from droprnn import GRU, LSTM, RNN, DropoutPlan, GRUCell, LSTMCell, SimpleRNN, SimpleRNNCell
 from droprnn.kernels.call import RecurrentCall
 
-F64 = torch.float64
+F32, F64 = torch.float32, torch.float64
 
 
 def flat(tree) -> list:
@@ -102,3 +106,84 @@ def call_for(layer, x) -> RecurrentCall:
     cells, the input and the weights)."""
     cells = tuple(layer.cells)
     return RecurrentCall(cells, tuple(c.weights() for c in cells), x, (), DropoutPlan(()))
+
+
+@contextlib.contextmanager
+def uninitialized_is_nan():
+    """Make torch.empty / at::empty fill with NaN (restoring the previous settings afterwards)."""
+    was_det = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        probe = torch.empty(7, dtype=F32)
+        assert torch.isnan(probe).all(), "fill_uninitialized_memory is not active; the NaN check would be vacuous"
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
+
+
+def cell_kwargs(kind_of_cell: str, mode: dict) -> dict:
+    """The dropout options (and ``use_bias``) of ``mode`` that a cell of this kind accepts."""
+    kw = dict(mode)
+    if kind_of_cell != "lstm":
+        kw.pop("zoneout_c", None)
+    if kind_of_cell == "simple" and kw.get("recurrent_dropout_mode", "keras").startswith("update"):
+        kw["recurrent_dropout_mode"] = "tied"
+    return kw
+
+
+def make_layer(kind: str, D: int, U: int, dtype, *, mode=None, acts=("tanh", "sigmoid"), seed=0, weight_scale=0.6,
+               **layer_kw):
+    """A built layer with random (not initializer-shaped) weights N(0, weight_scale²), deterministic in ``seed``."""
+    mode = mode or {}
+    act, rec_act = acts
+    if kind == "lstm":
+        layer = LSTM(U, activation=act, recurrent_activation=rec_act, **cell_kwargs("lstm", mode), **layer_kw)
+    elif kind in ("gru", "gru_reset_before"):
+        layer = GRU(U, activation=act, recurrent_activation=rec_act, reset_after=kind == "gru",
+                    **cell_kwargs("gru", mode), **layer_kw)
+    elif kind == "simple":
+        layer = SimpleRNN(U, activation=act, **cell_kwargs("simple", mode), **layer_kw)
+    elif kind == "stacked":
+        # Three cells of different widths, so a mix-up of sizes between cells cannot go unnoticed.
+        cells = [
+            LSTMCell(U, activation=act, recurrent_activation=rec_act, **cell_kwargs("lstm", mode)),
+            GRUCell(U + 2, activation=act, recurrent_activation=rec_act, reset_after=seed % 2 == 0,
+                    **cell_kwargs("gru", mode)),
+            SimpleRNNCell(3, activation=act, **cell_kwargs("simple", mode)),
+        ]
+        layer = RNN(cells, **layer_kw)
+    else:
+        raise AssertionError(kind)
+    layer.build(D, dtype=dtype)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(weight_scale * torch.randn(p.shape, generator=gen, dtype=F64))
+    return layer
+
+
+def random_input(B: int, T: int, D: int, dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(5000 + seed)
+    return torch.randn(B, T, D, generator=gen, dtype=F64).to(dtype)
+
+
+def stable_seed(*parts) -> int:
+    """A seed that is stable across runs (unlike hash() of strings)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) % 1000
+
+
+def run_impl(layer, impl, *args, **kwargs):
+    """Run a deep copy of ``layer`` with ``impl``; check it really took that kernel."""
+    layer = copy.deepcopy(layer)
+    layer.impl = impl
+    if impl == "fused":
+        with uninitialized_is_nan():
+            result = run(layer, *args, **kwargs)
+    else:
+        result = run(layer, *args, **kwargs)
+    assert layer.last_kernel is not None and layer.last_kernel.name == impl, layer.last_kernel
+    return result

@@ -133,8 +133,9 @@ def call(cell, f, b, which):
                                    False)
 
 def mutations(tensor):
-    yield "bigger", torch.randn(*[s + 7 for s in tensor.shape]) if tensor.dim() else torch.randn(3)
-    yield "smaller", torch.randn(*[max(s - 1, 1) for s in tensor.shape]) if tensor.dim() else torch.randn(3)
+    like = dict(dtype=tensor.dtype)
+    yield "bigger", torch.randn(*[s + 7 for s in tensor.shape], **like) if tensor.dim() else torch.randn(3, **like)
+    yield "smaller", torch.randn(*[max(s - 1, 1) for s in tensor.shape], **like) if tensor.dim() else torch.randn(3, **like)
     yield "one more axis", tensor.unsqueeze(0).expand(3, *tensor.shape)
     yield "float64", tensor.double()
     if tensor.dim() >= 2:
@@ -142,25 +143,43 @@ def mutations(tensor):
     yield "meta", torch.empty(tensor.shape, device="meta")
 
 raised = checked = 0
-for cell in ("lstm", "gru", "simple"):
-    for which in ("forward", "inference", "backward"):
-        f, b = valid(cell)
-        call(cell, f, b, which)  # the valid call runs
-        args = b if which == "backward" else f
-        for name in list(args):
-            for label, bad in mutations(args[name]):
-                f2, b2 = dict(f), dict(b)
-                (b2 if which == "backward" else f2)[name] = bad
-                checked += 1
-                try:
-                    call(cell, f2, b2, which)
-                except (RuntimeError, IndexError, TypeError, NotImplementedError):
-                    raised += 1
-                    continue
-                if label in ("transposed",) and bad.shape == args[name].shape:  # a square one may be fine
-                    raised += 1
-                    continue
-                print("ACCEPTED", cell, which, name, label, tuple(bad.shape))
+# With bfloat16 products (where the CPU has them) the recurrent kernel comes in bfloat16.
+low_modes = (False, True) if ops.bf16_products() else (False,)
+for cell, which, low in [(c, w, l) for c in ("lstm", "gru", "simple") for w in ("forward", "inference", "backward")
+                         for l in low_modes]:
+    f, b = valid(cell)
+    if low:
+        f["R"], b["R"] = f["R"].bfloat16(), b["R"].bfloat16()
+    call(cell, f, b, which)  # the valid call runs
+    args = b if which == "backward" else f
+    for name in list(args):
+        for label, bad in mutations(args[name]):
+            f2, b2 = dict(f), dict(b)
+            (b2 if which == "backward" else f2)[name] = bad
+            checked += 1
+            try:
+                call(cell, f2, b2, which)
+            except (RuntimeError, IndexError, TypeError, NotImplementedError):
+                raised += 1
+                continue
+            if label in ("transposed",) and bad.shape == args[name].shape:  # a square one may be fine
+                raised += 1
+                continue
+            print("ACCEPTED", cell, which, low, name, label, tuple(bad.shape))
+if ops.bf16_products():
+    operands = dict(a=torch.randn(5, 3), b=torch.randn(3, 4), out=torch.empty(5, 4))
+    ops.bf16_mm(**operands)
+    for name in operands:
+        for label, bad in mutations(operands[name]):
+            checked += 1
+            try:
+                ops.bf16_mm(**{**operands, name: bad})
+            except (RuntimeError, IndexError, TypeError, NotImplementedError):
+                raised += 1
+                continue
+            if name != "out" and label in ("float64", "transposed"):  # read in any dtype and strides
+                continue
+            print("ACCEPTED bf16_mm", name, label, tuple(bad.shape))
 print("CHECKED", checked, "RAISED", raised)
 for sizes in ([-1, 5], [1 << 40, 1 << 40]):
     try:

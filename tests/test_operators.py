@@ -90,3 +90,20 @@ def test_fused_layer_gradients_pass_gradcheck():
         return hs, c_last
 
     assert torch.autograd.gradcheck(first_outputs, args[:7], atol=1e-6)
+
+
+@pytest.mark.skipif(not (cpu.unavailable_reason() is None and fused._bf16_available()),
+                    reason="this CPU's brgemm has no bfloat16 products")
+@pytest.mark.parametrize("case", CASES[::2], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_the_operators_pass_opcheck_with_bfloat16_products(case):
+    """The trailing ``bf16_products`` flag (float32 tensors; products in bfloat16): forward, backward
+    and inference."""
+    args = tuple(a.float().detach().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                 for a in layer_args(**case))
+    torch.library.opcheck(torch.ops.droprnn.fused_layer.default, (*args, True))
+    plain = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+    hs, _, saved, other = torch.ops.droprnn.fused_layer(*plain, True)
+    grad_c = torch.randn(B, U) if case["cell"] == "lstm" else None
+    backward_args = (torch.randn_like(hs), grad_c, *plain[:13], hs, saved, other, *plain[13:], [True] * 5, True)
+    torch.library.opcheck(torch.ops.droprnn.fused_layer_backward.default, backward_args)
+    torch.library.opcheck(torch.ops.droprnn.fused_layer_inference.default, (*plain, True, True))

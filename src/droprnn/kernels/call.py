@@ -44,6 +44,8 @@ class RecurrentCall:
     zero_output_for_mask: masked steps output zeros instead of repeating the previous output.
     return_sequences:    whether the outputs of every step are wanted (else only the last one).
     where:               how errors and ``explain`` name the layer.
+    autocast:            the dtype ``torch.autocast`` asks for, while the dispatcher runs the kernel with
+                         autocast off (None outside it): kernels that can compute their products in it do.
     """
 
     cells: tuple[torch.nn.Module, ...]
@@ -57,6 +59,7 @@ class RecurrentCall:
     zero_output_for_mask: bool = False
     return_sequences: bool = True
     where: str = "recurrent layer"
+    autocast: Optional[torch.dtype] = None
 
     def in_processing_order(self) -> tuple[Tensor, Optional[Tensor], list[CellWeights]]:
         """What every kernel does first: x and the step mask in the order the steps run (reversed for

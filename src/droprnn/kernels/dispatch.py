@@ -13,13 +13,16 @@ the fast kernels (registered operators) as above, else the reference step inside
 compute the call, else the same scan (ONNX's Scan).
 
 Under ``torch.autocast`` for the input's device the kernels run with autocast off, in the parameters'
-dtype, and the results are cast to the autocast dtype (what ``torch.nn.LSTM`` returns there).
+dtype, and the results are cast to the autocast dtype (what ``torch.nn.LSTM`` returns there). The fused
+kernels take autocast's bfloat16 as ``torch.nn.LSTM`` does: their products run in bfloat16 (float32
+accumulation, states and gate math) where the CPU has bfloat16 matrix instructions.
 
 The choice is recorded on the layer (``last_kernel``) and shown by :func:`droprnn.explain`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -37,11 +40,13 @@ _KERNELS = {module.NAME: module for module in (gpu, fused, reference, scan, onnx
 class KernelChoice:
     """The kernel of one call: ``name`` is one of "gpu", "fused", "reference", "scan", "onnx"; ``reason``
     says why a faster kernel was not taken; ``autocast``: the dtype the results were cast to under
-    ``torch.autocast`` (None outside it)."""
+    ``torch.autocast`` (None outside it); ``bf16_products``: whether the products ran in bfloat16 (the
+    fused kernels, for bfloat16 calls and under autocast to bfloat16)."""
 
     name: str
     reason: Optional[str] = None
     autocast: Optional[torch.dtype] = None
+    bf16_products: bool = False
 
     def __str__(self) -> str:
         if self.name == "fused":
@@ -55,8 +60,11 @@ class KernelChoice:
             text = f"reference step inside torch's scan, for the exporter ({self.reason})"
         else:
             text = f"reference loop ({self.reason})"
+        if self.bf16_products:
+            text += "; products in bfloat16 (float32 accumulation, states and gates)"
         if self.autocast is not None:
-            text += f"; under autocast: computed in the parameters' dtype, results cast to {_dtype_name(self.autocast)}"
+            computed = "the rest in float32" if self.bf16_products else "computed in the parameters' dtype"
+            text += f"; under autocast: {computed}, results cast to {_dtype_name(self.autocast)}"
         return text
 
 
@@ -102,7 +110,9 @@ def pick(impl: str, call: RecurrentCall) -> KernelChoice:
         return KernelChoice(fallback, "impl='reference' was asked for", autocast)
     fast = gpu if impl == "gpu" or (impl == "auto" and _on_gpu(call.x)) else fused
     reason = fast.unsupported_reason(call)
-    return KernelChoice(fast.NAME, None, autocast) if reason is None else KernelChoice(fallback, reason, autocast)
+    if reason is not None:
+        return KernelChoice(fallback, reason, autocast)
+    return KernelChoice(fast.NAME, None, autocast, fast is fused and fused.bf16_products(call, autocast))
 
 
 def choose(impl: str, call: RecurrentCall) -> KernelChoice:
@@ -121,7 +131,7 @@ def run(choice: KernelChoice, call: RecurrentCall) -> Result:
     if choice.autocast is None:
         return kernel.run(call)
     with torch.autocast(call.x.device.type, enabled=False):
-        sequence, last, finals = kernel.run(call)
+        sequence, last, finals = kernel.run(dataclasses.replace(call, autocast=choice.autocast))
     cast = choice.autocast
     return (None if sequence is None else sequence.to(cast), last.to(cast),
             [tuple(s.to(cast) for s in states) for states in finals])

@@ -32,6 +32,8 @@ written with the cell's own step in plain autograd ops -- slower, and exact.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -71,8 +73,8 @@ def unsupported_reason(call: RecurrentCall) -> Optional[str]:
     x = call.x
     if x.device.type != "cpu":
         return f"the fused CPU kernels take CPU tensors; this input is on {x.device}"
-    if x.dtype not in (torch.float32, torch.float64):
-        return f"the fused kernels run float32 and float64; this input is {x.dtype}"
+    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        return f"the fused kernels run float32, float64 and bfloat16; this input is {x.dtype}"
     unknown = unknown_cell(call.cells)
     if unknown is not None:
         return f"the fused kernels cannot run it: {unknown}"
@@ -82,11 +84,48 @@ def unsupported_reason(call: RecurrentCall) -> Optional[str]:
     return _library_reason()
 
 
+@constant_when_compiled
+def _bf16_available() -> bool:
+    return bool(cpu.load() and torch.ops.droprnn_cpu.bf16_products())
+
+
+def bf16_products(call: RecurrentCall, autocast: Optional[torch.dtype] = None) -> bool:
+    """Whether this call's products run in bfloat16 (float32 accumulation, states and gate math): a
+    bfloat16 call, or a float32 one under ``torch.autocast`` to bfloat16 (``autocast``, or
+    ``call.autocast``), on a CPU whose brgemm runs bfloat16 (AMX or AVX512-BF16)."""
+    wanted = call.x.dtype == torch.bfloat16 or (call.x.dtype == torch.float32 and
+                                                 torch.bfloat16 in (autocast, call.autocast))
+    return wanted and _bf16_available()
+
+
 def run(call: RecurrentCall) -> Result:
-    """Same arguments and results as :func:`droprnn.kernels.reference.run`."""
+    """Same arguments and results as :func:`droprnn.kernels.reference.run`.
+
+    A bfloat16 call runs in float32 with bfloat16 products where the CPU has them (:func:`bf16_products`),
+    else wholly in float32; its results are rounded to bfloat16 once, at the end."""
+    bf16 = bf16_products(call)
+    low = call.x.dtype if call.x.dtype == torch.bfloat16 else None
+    if low is not None:
+        call = _in_float32(call)
     if _backward_may_follow(call):
-        return stacked(call, _layer)
-    return stacked(call, _inference_layer, last_only=not call.return_sequences)
+        result = stacked(call, functools.partial(_layer, bf16=bf16))
+    else:
+        result = stacked(call, functools.partial(_inference_layer, bf16=bf16), last_only=not call.return_sequences)
+    if low is None:
+        return result
+    sequence, last, finals = result
+    return (None if sequence is None else sequence.to(low), last.to(low),
+            [tuple(s.to(low) for s in states) for states in finals])
+
+
+def _in_float32(call: RecurrentCall) -> RecurrentCall:
+    """The call with its tensors in float32 (autograd carries the gradients back to bfloat16)."""
+    def up(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.float()
+
+    return dataclasses.replace(
+        call, x=call.x.float(), weights=tuple(CellWeights(*(up(t) for t in w)) for w in call.weights),
+        initial_states=tuple(tuple(up(s) for s in states) for states in call.initial_states))
 
 
 def _backward_may_follow(call: RecurrentCall) -> bool:
@@ -96,7 +135,8 @@ def _backward_may_follow(call: RecurrentCall) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def _arguments(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks, valid: Optional[Tensor]) -> tuple:
+def _arguments(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks, valid: Optional[Tensor],
+               bf16: bool) -> tuple:
     """The operators' arguments for one cell's call."""
     masks = masks.materialized()  # the C++ kernels read every mask from a tensor
     dtype, lstm = x.dtype, isinstance(cell, LSTMCell)
@@ -107,21 +147,22 @@ def _arguments(cell, x: Tensor, weights: CellWeights, states: States, masks: Cel
         weights.recurrent_bias if reset_after else None, states[0].contiguous(),
         states[1].contiguous() if lstm else None, _contiguous(masks.input, dtype),
         _contiguous(masks.recurrent, dtype), _contiguous(masks.update, dtype), zoneout[0], zoneout[1], valid,
-        CELL_KINDS[type(cell)], *activation_codes(cell), reset_after,
+        CELL_KINDS[type(cell)], *activation_codes(cell), reset_after, bf16,
     )
 
 
 def _layer(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks,
-           valid: Optional[Tensor]) -> tuple[Tensor, States]:
+           valid: Optional[Tensor], bf16: bool = False) -> tuple[Tensor, States]:
     """One cell over the sequence: its carried h sequence (B, T, H) and final states."""
-    hs, c_last, _, _ = torch.ops.droprnn.fused_layer(*_arguments(cell, x, weights, states, masks, valid))
+    hs, c_last, _, _ = torch.ops.droprnn.fused_layer(*_arguments(cell, x, weights, states, masks, valid, bf16))
     return hs, ((hs[:, -1], c_last) if isinstance(cell, LSTMCell) else (hs[:, -1],))
 
 
 def _inference_layer(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks, valid: Optional[Tensor],
-                     all_steps: bool = True) -> tuple[Tensor, States]:
+                     all_steps: bool = True, bf16: bool = False) -> tuple[Tensor, States]:
     """:func:`_layer` with no backward to follow; with ``all_steps`` false, h is the last step's (B, H)."""
-    h, c_last = torch.ops.droprnn.fused_layer_inference(*_arguments(cell, x, weights, states, masks, valid), all_steps)
+    h, c_last = torch.ops.droprnn.fused_layer_inference(
+        *_arguments(cell, x, weights, states, masks, valid, bf16)[:-1], all_steps, bf16)
     last = h[:, -1] if all_steps else h
     return h, ((last, c_last) if isinstance(cell, LSTMCell) else (last,))
 
@@ -135,12 +176,21 @@ def _per_gate(masks: Optional[Tensor]) -> bool:
     return masks is not None and masks.shape[-3] > 1
 
 
-def _project(x: Tensor, kernel: Tensor, masks: Optional[Tensor], gates: int) -> Tensor:
+def _mm(a: Tensor, b: Tensor, out: Tensor, bf16: bool) -> Tensor:
+    """out = a @ b; with ``bf16`` in the recurrences' bfloat16 products (float32 accumulation and result)."""
+    if bf16:
+        torch.ops.droprnn_cpu.bf16_mm(a, b, out)
+        return out
+    return torch.mm(a, b, out=out)
+
+
+def _project(x: Tensor, kernel: Tensor, masks: Optional[Tensor], gates: int, bf16: bool = False) -> Tensor:
     """Input projections of all steps as a (B, T, G, U) view, without the bias (the kernels add it).
 
     Per-gate masks give a gate-major tensor (G, B, T, U) (viewed as (B, T, G, U)), one product per gate,
     with one gate's masked copy of x alive at a time. The buffers come from the kernels' block cache
     (kernels/cpu/pool.cpp): a sequence-sized tensor allocated afresh each call costs its page faults again.
+    ``bf16``: bfloat16 products (see :func:`bf16_products`).
     """
     batch, steps, features = x.shape
     units = kernel.shape[1] // gates
@@ -152,17 +202,20 @@ def _project(x: Tensor, kernel: Tensor, masks: Optional[Tensor], gates: int) -> 
         out, scratch = buffer(gates, batch * steps, units), buffer(*x.shape)
         for g in range(gates):
             masked = torch.mul(x, masks[g].unsqueeze(1), out=scratch).view(batch * steps, features)
-            torch.mm(masked, kernel[:, g * units:(g + 1) * units], out=out[g])
+            _mm(masked, kernel[:, g * units:(g + 1) * units], out[g], bf16)
         return out.view(gates, batch, steps, units).permute(1, 2, 0, 3)
     if masks is not None:  # one mask for all gates: (1, B, D) per sequence or (T, 1, B, D) per step
         mask = masks[:, 0].permute(1, 0, 2) if masks.dim() == 4 else masks[0].unsqueeze(1)
         x = torch.mul(x, mask, out=buffer(*x.shape))
     flat = x.reshape(batch * steps, features)
-    return torch.mm(flat, kernel, out=buffer(batch * steps, gates * units)).view(batch, steps, gates, units)
+    return _mm(flat, kernel, buffer(batch * steps, gates * units), bf16).view(batch, steps, gates, units)
 
 
-def _panels(R: Tensor, gates: int, per_gate: bool) -> Tensor:
-    """The recurrent kernel (H, G·U) as contiguous panels (P, H, N): one, or one per gate."""
+def _panels(R: Tensor, gates: int, per_gate: bool, bf16: bool = False) -> Tensor:
+    """The recurrent kernel (H, G·U) as contiguous panels (P, H, N): one, or one per gate. In bfloat16 for
+    bfloat16 products (the kernels pack it per gate themselves)."""
+    if bf16:
+        R = R.to(torch.bfloat16)
     hidden, width = R.shape
     if gates == 1 or not per_gate and R.numel() * R.element_size() <= _ONE_PANEL_BYTES:
         return R.contiguous().unsqueeze(0)  # R may be a transposed view (droprnn.nn keeps torch's layout)
@@ -177,10 +230,16 @@ def _defers_weight_grads(x: Tensor, R: Tensor) -> bool:
 
 
 def _grads_after_loop(kind: str, reset_after: bool, x: Tensor, kernel: Tensor, input_masks: Optional[Tensor],
-                      h0: Tensor, hs: Tensor, rec: Optional[Tensor], dz: Tensor, wanted: Sequence[bool]) -> tuple:
+                      h0: Tensor, hs: Tensor, rec: Optional[Tensor], dz: Tensor, wanted: Sequence[bool],
+                      bf16: bool = False) -> tuple:
     """dx, dK, db, dR and the GRU's d rb from the gate gradients of every step dz (B, T, G·U) (the GRU's
     with a fourth block, the candidate product's side: see gru.cpp), in large products, one gate at a time
-    (on the CPU batching them saves no launches and costs memory)."""
+    (on the CPU batching them saves no launches and costs memory). ``bf16``: the products in bfloat16
+    (torch's, with float32 accumulation), the gradients returned in float32."""
+    if bf16:
+        low = [None if t is None else t.to(torch.bfloat16) for t in (x, kernel, input_masks, h0, hs, rec, dz)]
+        grads = _grads_after_loop(kind, reset_after, *low[:6], low[6], wanted)
+        return tuple(None if g is None else g.float() for g in grads)
     want_x, want_kernel, want_bias, want_R, want_rbias = wanted
     gates = GATES[kind]
     units = kernel.shape[1] // gates
@@ -227,14 +286,15 @@ def fused_layer(
     recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], input_mask: Optional[Tensor],
     recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
     zoneout_c: Optional[Tensor], valid: Optional[Tensor], cell: str, activation: int, recurrent_activation: int,
-    reset_after: bool,
+    reset_after: bool, bf16_products: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One cell (``cell``: "lstm", "gru" or "simple_rnn") over a whole sequence, fused.
 
     x (B, T, D); kernel (D, G·U); input_bias (G·U,) or None; recurrent_kernel (H, G·U) with DropConnect
     applied; recurrent_bias (G·U,): the reset_after GRU's, else None; h0 (B, H); c0 (B, U) for the LSTM;
     masks as :class:`~droprnn.dropout.plan.CellMasks` holds them, as tensors; valid (B, T) of 0/1 or None;
-    activation codes as ``kernels.ACTIVATION_NAMES`` numbers them.
+    activation codes as ``kernels.ACTIVATION_NAMES`` numbers them; ``bf16_products``: the products in
+    bfloat16 (float32 tensors; see :func:`bf16_products`).
 
     Returns (hs (B, T, H): the carried h sequence; c_last (B, U): the LSTM's last c, else absent (a 0-d
     zero); and what the backward reads: the activated gates in the projections' layout (the SimpleRNN's
@@ -242,32 +302,33 @@ def fused_layer(
     recurrent products (B, T, U), else absent).
     """
     _require_library("fused_layer")
-    gates = GATES[cell]
-    xw = _project(x.contiguous(), kernel, input_mask, gates)
+    gates, bf16 = GATES[cell], bf16_products
+    xw = _project(x.contiguous(), kernel, input_mask, gates, bf16)
     bias = None if input_bias is None else input_bias.contiguous()
     R, h0 = recurrent_kernel, h0.contiguous()
     kernels = torch.ops.droprnn_cpu
     if cell == "lstm":
-        hs, c_seq = kernels.lstm_forward(xw, _panels(R, 4, _per_gate(recurrent_mask)), bias, h0, c0.contiguous(),
+        hs, c_seq = kernels.lstm_forward(xw, _panels(R, 4, _per_gate(recurrent_mask), bf16), bias, h0, c0.contiguous(),
                                          recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, activation,
                                          recurrent_activation)
         # The LSTM kernel writes the activated gates over xw: no second sequence-sized buffer.
         return hs, c_seq[:, -1].clone(), xw, c_seq
     if cell == "gru":
-        panels = _panels(R, 3, _per_gate(recurrent_mask) or not reset_after)
+        panels = _panels(R, 3, _per_gate(recurrent_mask) or not reset_after, bf16)
         rbias = None if recurrent_bias is None else recurrent_bias.contiguous()
         hs, inner = kernels.gru_forward(xw, panels, bias, rbias, h0, recurrent_mask, update_mask, zoneout_h, valid,
                                         activation, recurrent_activation, reset_after)
         return hs, _absent(x), xw, inner if reset_after else _absent(x)
-    hs, fresh = kernels.simple_rnn_forward(xw, _panels(R, 1, False), bias, h0, recurrent_mask, zoneout_h, valid,
-                                           activation)
+    hs, fresh = kernels.simple_rnn_forward(xw, _panels(R, 1, False, bf16), bias, h0, recurrent_mask, zoneout_h,
+                                           valid, activation)
     # Without zoneout the kernel's fresh h' is hs itself (an output may not be returned twice).
     return hs, _absent(x), fresh if zoneout_h is not None else _absent(x), _absent(x)
 
 
 @fused_layer.register_fake
 def _fused_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0, input_mask, recurrent_mask,
-                      update_mask, zoneout_h, zoneout_c, valid, cell, activation, recurrent_activation, reset_after):
+                      update_mask, zoneout_h, zoneout_c, valid, cell, activation, recurrent_activation, reset_after,
+                      bf16_products=False):
     batch, steps, _ = x.shape
     gates = GATES[cell]
     units = recurrent_kernel.shape[1] // gates
@@ -287,6 +348,7 @@ def fused_layer_backward(
     input_mask: Optional[Tensor], recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor],
     zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], valid: Optional[Tensor], hs: Tensor, saved: Tensor,
     other: Tensor, cell: str, activation: int, recurrent_activation: int, reset_after: bool, wanted: list[bool],
+    bf16_products: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of :func:`fused_layer`'s hs and c_last: (dx, d kernel, d input_bias, d recurrent_kernel,
     d recurrent_bias, d h0, d c0). ``wanted`` says which of the first five to form (each is absent, a 0-d zero, when
@@ -296,11 +358,14 @@ def fused_layer_backward(
         raise ValueError(f"droprnn::fused_layer_backward: `wanted` expected 5 flags, got {len(wanted)}")
     wanted = [wanted[0], wanted[1], wanted[2] and input_bias is not None, wanted[3],
               wanted[4] and recurrent_bias is not None]
-    R, kernels = recurrent_kernel, torch.ops.droprnn_cpu
+    R, kernels, bf16 = recurrent_kernel, torch.ops.droprnn_cpu, bf16_products
     grad_hs = grad_hs.contiguous()
     # The C++ backward forms the weight gradients in its time loop, or hands back every step's gate
-    # gradients dz for large products after it (_defers_weight_grads).
-    defer = _defers_weight_grads(x, R) and any(wanted)
+    # gradients dz for large products after it (_defers_weight_grads); in bfloat16 always after it, where
+    # they are bfloat16 products too.
+    defer = (bf16 or _defers_weight_grads(x, R)) and any(wanted)
+    if bf16:
+        R = R.to(torch.bfloat16)
     in_loop = (False,) * 5 if defer else tuple(wanted)
     if cell == "gru":
         dx, dkernel, dbias, dR, drb, dh0, dc0, dz = kernels.gru_backward(
@@ -317,14 +382,14 @@ def fused_layer_backward(
             *in_loop[:4], defer)
     if defer:
         dx, dkernel, dbias, dR, drb = _grads_after_loop(cell, reset_after, x, kernel, input_mask, h0, hs,
-                                                        recurrent_mask, dz, wanted)
+                                                        recurrent_mask, dz, wanted, bf16)
     return tuple(_absent(x) if g is None else g.contiguous() for g in (dx, dkernel, dbias, dR, drb, dh0, dc0))
 
 
 @fused_layer_backward.register_fake
 def _fused_layer_backward_fake(grad_hs, grad_c_last, x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0,
                                input_mask, recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, hs, saved, other,
-                               cell, activation, recurrent_activation, reset_after, wanted):
+                               cell, activation, recurrent_activation, reset_after, wanted, bf16_products=False):
     def like(t: Optional[Tensor], want: bool = True) -> Tensor:
         return t.new_empty(t.shape) if want and t is not None else _absent(x)
 
@@ -338,7 +403,7 @@ def fused_layer_inference(
     recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], input_mask: Optional[Tensor],
     recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
     zoneout_c: Optional[Tensor], valid: Optional[Tensor], cell: str, activation: int, recurrent_activation: int,
-    reset_after: bool, all_steps: bool,
+    reset_after: bool, all_steps: bool, bf16_products: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """:func:`fused_layer` with no backward to follow (no autograd): keeps nothing for one -- no gates, no c
     sequence, no recurrent products -- and with ``all_steps`` false writes only the last step's h.
@@ -347,27 +412,27 @@ def fused_layer_inference(
     absent).
     """
     _require_library("fused_layer_inference")
-    gates = GATES[cell]
-    xw = _project(x.contiguous(), kernel, input_mask, gates)
+    gates, bf16 = GATES[cell], bf16_products
+    xw = _project(x.contiguous(), kernel, input_mask, gates, bf16)
     bias = None if input_bias is None else input_bias.contiguous()
     R, h0, kernels = recurrent_kernel, h0.contiguous(), torch.ops.droprnn_cpu
     if cell == "lstm":
-        return kernels.lstm_inference(xw, _panels(R, 4, _per_gate(recurrent_mask)), bias, h0, c0.contiguous(),
+        return kernels.lstm_inference(xw, _panels(R, 4, _per_gate(recurrent_mask), bf16), bias, h0, c0.contiguous(),
                                       recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, activation,
                                       recurrent_activation, all_steps)
     if cell == "gru":
-        panels = _panels(R, 3, _per_gate(recurrent_mask) or not reset_after)
+        panels = _panels(R, 3, _per_gate(recurrent_mask) or not reset_after, bf16)
         rbias = None if recurrent_bias is None else recurrent_bias.contiguous()
         return kernels.gru_inference(xw, panels, bias, rbias, h0, recurrent_mask, update_mask, zoneout_h, valid,
                                      activation, recurrent_activation, reset_after, all_steps), _absent(x)
-    return kernels.simple_rnn_inference(xw, _panels(R, 1, False), bias, h0, recurrent_mask, zoneout_h, valid,
+    return kernels.simple_rnn_inference(xw, _panels(R, 1, False, bf16), bias, h0, recurrent_mask, zoneout_h, valid,
                                         activation, all_steps), _absent(x)
 
 
 @fused_layer_inference.register_fake
 def _fused_layer_inference_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0, input_mask,
                                 recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, cell, activation,
-                                recurrent_activation, reset_after, all_steps):
+                                recurrent_activation, reset_after, all_steps, bf16_products=False):
     batch, steps, _ = x.shape
     units = recurrent_kernel.shape[1] // GATES[cell]
     h = x.new_empty(batch, steps, h0.shape[1]) if all_steps else x.new_empty(batch, h0.shape[1])
@@ -382,7 +447,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
     hs, _, saved, other = output
     ctx.save_for_backward(*inputs[:13], hs, saved, other)
-    ctx.options = inputs[13:]
+    ctx.options = tuple(inputs[13:17])
+    ctx.bf16 = bool(inputs[17]) if len(inputs) > 17 else False
 
 
 def _backward(ctx, grad_hs, grad_c_last, _grad_saved, _grad_other):
@@ -406,7 +472,7 @@ def _backward(ctx, grad_hs, grad_c_last, _grad_saved, _grad_other):
     grad_hs = torch.zeros_like(hs) if grad_hs is None else grad_hs
     grads = torch.ops.droprnn.fused_layer_backward(
         grad_hs, grad_c_last if lstm else None, x, kernel, input_bias, R, rbias, h0, c0, input_mask, rec, upd,
-        zoneout_h, zoneout_c, valid, hs, saved, other, cell, act, rec_act, reset_after, wanted)
+        zoneout_h, zoneout_c, valid, hs, saved, other, cell, act, rec_act, reset_after, wanted, ctx.bf16)
     wanted += [needs[5], needs[6] and lstm]
     return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * (len(needs) - _DIFFERENTIABLE))
 

@@ -34,8 +34,8 @@ import torch
 
 from . import machine
 
-SOURCES = ("ops.cpp", "pool.cpp", "lstm.cpp", "gru.cpp", "simple_rnn.cpp")
-HEADERS = ("common.h", "checks.h")
+SOURCES = ("ops.cpp", "pool.cpp", "lstm.cpp", "gru.cpp", "simple_rnn.cpp", "bf16.cpp")
+HEADERS = ("common.h", "checks.h", "bf16.h")
 _HERE = Path(__file__).resolve().parent
 _lock = threading.Lock()
 _state: dict[str, Optional[str]] = {}  # "loaded": path (and "repaired": what was fixed), or "reason": why not

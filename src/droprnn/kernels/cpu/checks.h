@@ -116,6 +116,20 @@ inline void check_gates(const CallDims& d, const at::Tensor& t, const char* name
   check_tensor(d, t, name, {d.B, d.T, d.G, d.U}, Layout::kRows);
 }
 
+bool bf16_products_available();
+
+// The recurrent kernel: in the call's dtype, or bfloat16 in a float32 call (bfloat16 products, bf16.h).
+inline void check_recurrent_kernel(const CallDims& d, const at::Tensor& R, const char* name, at::IntArrayRef sizes,
+                                   Layout layout) {
+  if (R.defined() && R.scalar_type() == at::kBFloat16 && d.dtype == at::kFloat) {
+    TORCH_CHECK(bf16_products_available(), d.fn, ": a bfloat16 ", name,
+                " asks for bfloat16 products, which this CPU does not run (oneDNN's brgemm)");
+    check_tensor(CallDims{d.fn, d.B, d.T, d.G, d.U, d.H, d.D, at::kBFloat16}, R, name, sizes, layout);
+    return;
+  }
+  check_tensor(d, R, name, sizes, layout);
+}
+
 // The recurrent kernel as a forward's panels (P, H, N): one panel (P = 1, N = G·U), or one per gate
 // (P = G, N = U), which per-gate recurrent masks need.
 inline void check_panels(const CallDims& d, const at::Tensor& R, const std::optional<at::Tensor>& rec_mask,
@@ -123,12 +137,13 @@ inline void check_panels(const CallDims& d, const at::Tensor& R, const std::opti
   TORCH_CHECK(R.dim() == 3, d.fn, ": recurrent_kernel panels must be 3-d (panels, H, N), got ", shape_text(R.sizes()));
   const bool per_gate_masks = rec_mask.has_value() && rec_mask->defined() && rec_mask->dim() >= 3 &&
                               rec_mask->size(-3) > 1;
+  const char* name = "recurrent_kernel panels";
   if (one_per_gate || per_gate_masks) {
-    check_tensor(d, R, "recurrent_kernel panels", {d.G, d.H, d.U});
+    check_recurrent_kernel(d, R, name, {d.G, d.H, d.U}, Layout::kContiguous);
   } else if (R.size(0) == 1) {
-    check_tensor(d, R, "recurrent_kernel panels", {1, d.H, d.G * d.U});
+    check_recurrent_kernel(d, R, name, {1, d.H, d.G * d.U}, Layout::kContiguous);
   } else {
-    check_tensor(d, R, "recurrent_kernel panels", {d.G, d.H, d.U});
+    check_recurrent_kernel(d, R, name, {d.G, d.H, d.U}, Layout::kContiguous);
   }
 }
 
@@ -142,7 +157,7 @@ inline CallDims backward_dims(const char* fn, const at::Tensor& x, const at::Ten
   const CallDims d{fn, x.size(0), x.size(1), G, U, U, x.size(2), call_dtype(fn, x)};
   check_tensor(d, x, "x", {d.B, d.T, d.D});
   check_tensor(d, dhs, "dhs", {d.B, d.T, U});
-  check_tensor(d, R, "recurrent_kernel", {U, G * U}, Layout::kAny);
+  check_recurrent_kernel(d, R, "recurrent_kernel", {U, G * U}, Layout::kAny);
   check_tensor(d, kernel, "kernel", {d.D, G * U}, Layout::kAny);
   return d;
 }

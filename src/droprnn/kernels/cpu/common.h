@@ -15,6 +15,9 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
+
+#include "bf16.h"
 
 namespace droprnn {
 
@@ -68,6 +71,20 @@ inline Tensor transposed(const Tensor& W) {
     });
   });
   return out;
+}
+
+// The recurrent kernel R (H, G·U) as a backward reads it: transposed (G·U, H) in the call's dtype, or, when
+// R is bfloat16 (bfloat16 products), packed one transposed matrix (U, H) per gate.
+struct KernelT {
+  Tensor plain;
+  PackedBf16 packed;
+  template <typename T>
+  const T* data() const { return plain.defined() ? plain.data_ptr<T>() : nullptr; }
+};
+
+inline KernelT kernel_transposed(const Tensor& R, int64_t gates) {
+  if (R.scalar_type() == at::kBFloat16) return {Tensor(), pack_gates_bf16(R, gates, true)};
+  return {transposed(R), PackedBf16{}};
 }
 
 // ---------------------------------------------------------------------------------------------- GEMM
@@ -342,16 +359,25 @@ GateSeq<T> gate_seq(const Tensor& x) {
 // The recurrent kernel packed as P contiguous panels (P, K, N): whole (P = 1, N = G·U) when it is small,
 // one panel per gate otherwise or when each gate has its own mask. A panel that fits in L2 is reused
 // across the rows of a step instead of being streamed from memory once per row block.
+//
+// A bfloat16 recurrent kernel (only with float calls) means bfloat16 products: it is packed one matrix per
+// gate (bf16.h) and `data` is null.
 template <typename T>
 struct Panels {
   const T* data;
   int64_t count, K, N;
+  PackedBf16 packed;  // per gate, (K, U) each
   const T* panel(int64_t p) const { return data + p * K * N; }
+  int64_t gates_per_panel() const { return packed.present() ? N / packed.N : 1; }
 };
 
 template <typename T>
-Panels<T> panels_of(const Tensor& R) {
-  return {R.data_ptr<T>(), R.size(0), R.size(1), R.size(2)};
+Panels<T> panels_of(const Tensor& R, int64_t gates) {
+  if (R.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK((std::is_same_v<T, float>), "droprnn: bfloat16 recurrent kernels are for float32 calls");
+    return {nullptr, R.size(0), R.size(1), R.size(2), pack_gates_bf16(R, gates, false)};
+  }
+  return {R.data_ptr<T>(), R.size(0), R.size(1), R.size(2), PackedBf16{}};
 }
 
 // Z[:, p·N : (p+1)·N] = A_p @ R_p for panels [0, used), with A_p the rows [r0, r1) of h_prev masked by
@@ -361,6 +387,25 @@ void recurrent_product(const T* h_prev, int64_t ldh, int64_t r0, int64_t r1, con
                        const Panels<T>& R, int64_t used, T* A, T* Z, int64_t ldz) {
   const int64_t n = r1 - r0, K = R.K, N = R.N;
   const T* base = h_prev - r0 * ldh;  // row b of h_prev is base + b * ldh
+  if constexpr (std::is_same_v<T, float>) {
+    if (R.packed.present()) {  // bfloat16 products, one per gate; h rounded once per distinct mask
+      const int64_t gates = used * R.gates_per_panel(), U = R.packed.N;
+      const T* rows = h_prev;
+      int64_t ld = ldh;
+      for (int64_t g = 0; g < gates; ++g) {
+        if (rec.present() && (g == 0 || rec.gate_stride != 0)) {
+          masked_rows(base, ldh, r0, r1, K, rec, t, rec.gate_stride != 0 ? g : 0, A);
+          rows = A, ld = K;
+        }
+        if (g == 0 || (rec.present() && rec.gate_stride != 0)) {
+          uint16_t* a16 = bf16_rows(n, R.packed.Kp);
+          round_rows(n, K, R.packed.Kp, rows, ld, a16);
+        }
+        gemm_bf16_rounded(n, U, bf16_rows(n, R.packed.Kp), R.packed, g, 0, Z + g * U, ldz, false);
+      }
+      return;
+    }
+  }
   if (!rec.present()) {
     for (int64_t p = 0; p < used; ++p) gemm(n, N, K, h_prev, ldh, R.panel(p), N, Z + p * N, ldz, false);
   } else if (rec.gate_stride == 0) {
@@ -379,18 +424,25 @@ void recurrent_product(const T* h_prev, int64_t ldh, int64_t r0, int64_t r1, con
 // through the input kernel. D (n, ldd) holds the gradients at the product's output, gate g in columns
 // [g·U, (g+1)·U); WT is (G·U, width), so gate g's block is rows [g·U, (g+1)·U). Splitting the inner
 // dimension by gate keeps each block small enough to stay in cache.
+// With `packed` present (bfloat16 products) WT is not read: gate g's block is its matrix g.
 template <typename T>
 void product_grad(const T* D, int64_t ldd, int64_t r0, int64_t r1, int64_t t, int64_t used, int64_t U, const T* WT,
-                  int64_t width, const StepMask<T>& mask, T* tmp, T* out, int64_t ldo, bool accumulate) {
+                  int64_t width, const StepMask<T>& mask, T* tmp, T* out, int64_t ldo, bool accumulate,
+                  const PackedBf16& packed = PackedBf16{}) {
   const int64_t n = r1 - r0;
+  auto product = [&](int64_t g, T* C, int64_t ldc, bool add) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed.present()) return gemm_bf16(n, width, D + g * U, ldd, packed, g, 0, C, ldc, add);
+    }
+    gemm(n, width, U, D + g * U, ldd, WT + g * U * width, width, C, ldc, add);
+  };
   if (!mask.present()) {
-    for (int64_t g = 0; g < used; ++g)
-      gemm(n, width, U, D + g * U, ldd, WT + g * U * width, width, out, ldo, accumulate || g > 0);
+    for (int64_t g = 0; g < used; ++g) product(g, out, ldo, accumulate || g > 0);
     return;
   }
   const bool shared = mask.gate_stride == 0;
   for (int64_t g = 0; g < used; ++g) {
-    gemm(n, width, U, D + g * U, ldd, WT + g * U * width, width, tmp, width, shared && g > 0);
+    product(g, tmp, width, shared && g > 0);
     if (shared && g + 1 < used) continue;
     const bool add = accumulate || (!shared && g > 0);
     for (int64_t b = r0; b < r1; ++b) {

@@ -28,7 +28,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
   const int64_t h_slots = hs.size(1);
   const GateSeq<T> x = gate_seq<T>(xw);
   const GateSeq<T> g_out = x;  // the activated gates overwrite xw, each element after it is read
-  const Panels<T> panels = panels_of<T>(R);
+  const Panels<T> panels = panels_of<T>(R, 3);
   const T* rb = rbias.has_value() && rbias->defined() ? rbias->data_ptr<T>() : nullptr;
   const T* bias = input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr;
   const T* h_init = h0.data_ptr<T>();
@@ -90,7 +90,10 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
         }
       }
       if (!reset_after) {
-        gemm(n, U, U, A, U, panels.panel(2), U, Z + 2 * U, G3, false);
+        if constexpr (std::is_same_v<T, float>) {
+          if (panels.packed.present()) gemm_bf16(n, U, A, U, panels.packed, 2, 0, Z + 2 * U, G3, false);
+        }
+        if (!panels.packed.present()) gemm(n, U, U, A, U, panels.panel(2), U, Z + 2 * U, G3, false);
         for (int64_t b = r0; b < r1; ++b) {
           const T* zrow = Z + (b - r0) * G3;
           const T* xh = x.at(b, t, 2);
@@ -116,6 +119,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
         }
       }
     }
+    bf16_release(panels.packed);
   });
 }
 
@@ -173,7 +177,7 @@ Tensor gru_inference(const Tensor& xw, const Tensor& R, const optional<Tensor>& 
 }
 
 template <typename T>
-static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor& KT, const Tensor& x, const Tensor& h0,
+static void gru_backward_impl(const Tensor& dhs, const KernelT& RT, const Tensor& KT, const Tensor& x, const Tensor& h0,
                               const Tensor& hs, const Tensor& gates, const Tensor& inner,
                               const optional<Tensor>& input_mask,
                               const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
@@ -182,7 +186,7 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
                               Tensor& db, Tensor& dR, Tensor& drb, Tensor& dh0, const Tensor& dz) {
   const int64_t B = hs.size(0), steps = hs.size(1), U = hs.size(2), D = x.size(2), G3 = 3 * U;
   const T* dh_in = dhs.data_ptr<T>();
-  const T* rt = RT.data_ptr<T>();  // (3U, U)
+  const T* rt = RT.data<T>();  // (3U, U)
   const T* h_init = h0.data_ptr<T>();
   const T* h_all = hs.data_ptr<T>();
   const GateSeq<T> g_all = gate_seq<T>(gates);  // (B, T, 3, U) in the forward's xw layout
@@ -267,7 +271,10 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
       }
       if (!reset_after) {
         // d(a) = dpre_n @ R_h^T, with a = r * (h * m_h); then the r gate and h through a.
-        gemm(n, U, U, Dz + 2 * U, G3, rt + 2 * U * U, U, tmp, U, false);
+        if constexpr (std::is_same_v<T, float>) {
+          if (RT.packed.present()) gemm_bf16(n, U, Dz + 2 * U, G3, RT.packed, 2, 0, tmp, U, false);
+        }
+        if (!RT.packed.present()) gemm(n, U, U, Dz + 2 * U, G3, rt + 2 * U * U, U, tmp, U, false);
         for (int64_t b = r0; b < r1; ++b) {
           const int64_t row = b * steps + t;
           const T* hp = h_prev + (b - r0) * ldh;
@@ -305,8 +312,9 @@ static void gru_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor&
         }
       }
       accumulate_input_side(in, Dz, G3, 3, U, r0, r1, t, steps, tmp, ST, dK_acc, db_acc);
-      product_grad(D_inner, G3, r0, r1, t, first, U, rt, U, rec, tmp, dh_carry, U, true);
+      product_grad(D_inner, G3, r0, r1, t, first, U, rt, U, rec, tmp, dh_carry, U, true, RT.packed);
     }
+    bf16_release(RT.packed);
     std::copy(dh_carry, dh_carry + n * U, dh0.data_ptr<T>() + r0 * U);
   });
   reduce_chunks(acc.data(), chunks, acc_size, {&dR, &dK, &db, &drb});
@@ -333,13 +341,13 @@ Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, con
   Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
   Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
   Tensor db = want_dbias ? pooled_empty({3 * U}, x.options()) : Tensor();
-  Tensor dR = want_dR ? pooled_empty(R.sizes(), R.options()) : Tensor();
+  Tensor dR = want_dR ? pooled_empty(R.sizes(), x.options()) : Tensor();
   Tensor drb = want_drb && reset_after ? pooled_empty({3 * U}, x.options()) : Tensor();
   Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
   Tensor dz = want_dz ? pooled_empty({x.size(0), x.size(1), 4 * U}, x.options()) : Tensor();
   const Tensor KT = want_dx ? transposed(kernel) : kernel;  // read for dx only
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "droprnn_gru_backward", [&] {
-    gru_backward_impl<scalar_t>(dhs, transposed(R), KT, x, h0, hs, gates, inner, input_mask,
+    gru_backward_impl<scalar_t>(dhs, kernel_transposed(R, 3), KT, x, h0, hs, gates, inner, input_mask,
                                 rec_mask, upd_mask, zoneout_h, valid, act, rec_act, reset_after, want_dx, dx, dK, db,
                                 dR, drb, dh0, dz);
   });

@@ -119,6 +119,7 @@ struct LstmForward {
         recurrent_product(h_prev(r0, t), h_ld(t), r0, r1, rec, t, panels, panels.count, A, Z, G4);
         for (int64_t b = r0; b < r1; ++b) row(b, t, Z + (b - r0) * G4, U, 0, U, h_prev(b, t), c_prev(b, t), tcr, l);
       }
+      bf16_release(panels.packed);
     });
   }
 
@@ -130,9 +131,11 @@ struct LstmForward {
 #pragma omp parallel num_threads(at::get_num_threads())
     {
       const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-      // Slices of whole 16-unit vectors (the last takes the rest).
-      const int64_t vectors = (U + 15) / 16;
-      const int64_t j0 = std::min(U, vectors * me / team * 16), j1 = std::min(U, vectors * (me + 1) / team * 16);
+      // Slices of whole 16-unit vectors (the last takes the rest); of whole packed blocks for bfloat16
+      // products, which start a product at a block.
+      const int64_t slice = panels.packed.present() ? kBf16Block : 16;
+      const int64_t vectors = (U + slice - 1) / slice;
+      const int64_t j0 = std::min(U, vectors * me / team * slice), j1 = std::min(U, vectors * (me + 1) / team * slice);
       const int64_t w = j1 - j0;
       std::vector<T> work(static_cast<size_t>(B * 4 * std::max<int64_t>(w, 1) + B * H + std::max<int64_t>(w, 1)));
       T* Z = work.data();           // (B, 4w): the recurrent products of this thread's units, gate-blocked
@@ -148,6 +151,12 @@ struct LstmForward {
             int64_t lda = ldh;
             if (rec.present() && (g == 0 || rec.gate_stride != 0)) masked_rows(hp0, ldh, 0, B, H, rec, t, g, A);
             if (rec.present()) a = A, lda = H;
+            if constexpr (std::is_same_v<T, float>) {
+              if (panels.packed.present()) {
+                gemm_bf16(B, w, a, lda, panels.packed, g, j0, Z + g * w, 4 * w, false);
+                continue;
+              }
+            }
             const T* panel = panels.count == 1 ? panels.panel(0) + g * U : panels.panel(g);
             gemm(B, w, H, a, lda, panel + j0, panels.N, Z + g * w, 4 * w, false);
           }
@@ -156,6 +165,7 @@ struct LstmForward {
         }
 #pragma omp barrier
       }
+      bf16_release(panels.packed);
     }
   }
 };
@@ -167,7 +177,7 @@ static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const optional<
                               const optional<Tensor>& valid, int64_t act, int64_t rec_act, Tensor& hs, Tensor& cs,
                               bool save_gates) {
   LstmForward<T> f{
-      gate_seq<T>(xw), panels_of<T>(R),
+      gate_seq<T>(xw), panels_of<T>(R, 4),
       input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr,
       h0.data_ptr<T>(), c0.data_ptr<T>(), hs.data_ptr<T>(), cs.data_ptr<T>(), gate_seq<T>(xw),
       gated_mask<T>(rec_mask), plain_mask<T>(upd_mask), zoneout_of<T>(zoneout_h), zoneout_of<T>(zoneout_c),
@@ -245,7 +255,7 @@ std::tuple<Tensor, Tensor> lstm_inference(const Tensor& xw, const Tensor& R, con
 }
 
 template <typename T>
-static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const Tensor& RT, const Tensor& KT,
+static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const KernelT& RT, const Tensor& KT,
                                const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs,
                                const Tensor& gates, const optional<Tensor>& input_mask,
                                const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
@@ -256,7 +266,7 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
   const int64_t B = cs.size(0), steps = cs.size(1), U = cs.size(2), H = hs.size(2), D = x.size(2), G4 = 4 * U;
   const T* dh_in = dhs.data_ptr<T>();
   const T* dc_end = dc_last.data_ptr<T>();  // (B, U): dL/dc at the last step, the only c the caller sees
-  const T* rt = RT.data_ptr<T>();            // (4U, H): R transposed, so each gate block is a row block
+  const T* rt = RT.data<T>();                // (4U, H): R transposed, so each gate block is a row block
   const T* h_init = h0.data_ptr<T>();
   const T* h_all = hs.data_ptr<T>();
   const T* c_init = c0.data_ptr<T>();
@@ -351,8 +361,9 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const T
       const int64_t ldh = t == 0 ? H : steps * H;
       if (want_dR) weight_grad(h_prev, ldh, r0, r1, H, rec, t, Dz, G4, 4, U, dR_acc, G4, ST);
       accumulate_input_side(in, Dz, G4, 4, U, r0, r1, t, steps, tmp, ST, dK_acc, db_acc);
-      product_grad(Dz, G4, r0, r1, t, 4, U, rt, H, rec, tmp, dh_carry, H, true);
+      product_grad(Dz, G4, r0, r1, t, 4, U, rt, H, rec, tmp, dh_carry, H, true, RT.packed);
     }
+    bf16_release(RT.packed);
     std::copy(dh_carry, dh_carry + n * H, dh0.data_ptr<T>() + r0 * H);
     std::copy(dc_carry, dc_carry + n * U, dc0.data_ptr<T>() + r0 * U);
   });
@@ -383,13 +394,13 @@ Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, c
   Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
   Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
   Tensor db = want_dbias ? pooled_empty({kernel.size(1)}, x.options()) : Tensor();
-  Tensor dR = want_dR ? pooled_empty(R.sizes(), R.options()) : Tensor();
+  Tensor dR = want_dR ? pooled_empty(R.sizes(), x.options()) : Tensor();
   Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
   Tensor dc0 = pooled_empty(c0.sizes(), c0.options());
   Tensor dz = want_dz ? pooled_empty({x.size(0), x.size(1), kernel.size(1)}, x.options()) : Tensor();
   const Tensor KT = want_dx ? transposed(kernel) : kernel;  // read for dx only
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "droprnn_lstm_backward", [&] {
-    lstm_backward_impl<scalar_t>(dhs, dc_last, transposed(R), KT, x, h0, c0, hs, cs, gates,
+    lstm_backward_impl<scalar_t>(dhs, dc_last, kernel_transposed(R, 4), KT, x, h0, c0, hs, cs, gates,
                                  input_mask, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act, rec_act, want_dx,
                                  dx, dK, db, dR, dh0, dc0, dz);
   });

@@ -17,7 +17,7 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const optiona
                                 Tensor& hs, Tensor& fresh) {
   const int64_t B = xw.size(0), steps = xw.size(1), U = h0.size(1);
   const GateSeq<T> x = gate_seq<T>(xw);
-  const Panels<T> panels = panels_of<T>(R);
+  const Panels<T> panels = panels_of<T>(R, 1);
   const T* bias = input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr;
   const T* h_init = h0.data_ptr<T>();
   T* h_out = hs.data_ptr<T>();
@@ -65,6 +65,7 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const optiona
         }
       }
     }
+    bf16_release(panels.packed);
   });
 }
 
@@ -120,7 +121,7 @@ Tensor simple_rnn_inference(const Tensor& xw, const Tensor& R, const optional<Te
 }
 
 template <typename T>
-static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tensor& KT, const Tensor& x,
+static void simple_backward_impl(const Tensor& dhs, const KernelT& RT, const Tensor& KT, const Tensor& x,
                                  const Tensor& h0, const Tensor& hs, const Tensor& fresh,
                                  const optional<Tensor>& input_mask, const optional<Tensor>& rec_mask,
                                  const optional<Tensor>& zoneout_h, const optional<Tensor>& valid, int64_t act,
@@ -128,7 +129,7 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
                                  const Tensor& dz) {
   const int64_t B = fresh.size(0), steps = fresh.size(1), U = fresh.size(2), D = x.size(2);
   const T* dh_in = dhs.data_ptr<T>();
-  const T* rt = RT.data_ptr<T>();
+  const T* rt = RT.data<T>();
   const T* h_init = h0.data_ptr<T>();
   const T* h_all = hs.data_ptr<T>();
   const T* f_all = fresh.data_ptr<T>();
@@ -182,8 +183,9 @@ static void simple_backward_impl(const Tensor& dhs, const Tensor& RT, const Tens
       const int64_t ldh = t == 0 ? U : steps * U;
       if (want_dR) weight_grad(h_prev, ldh, r0, r1, U, rec, t, Dz, U, 1, U, dR_acc, U, ST);
       accumulate_input_side(in, Dz, U, 1, U, r0, r1, t, steps, tmp, ST, dK_acc, db_acc);
-      product_grad(Dz, U, r0, r1, t, 1, U, rt, U, rec, tmp, dh_carry, U, true);
+      product_grad(Dz, U, r0, r1, t, 1, U, rt, U, rec, tmp, dh_carry, U, true, RT.packed);
     }
+    bf16_release(RT.packed);
     std::copy(dh_carry, dh_carry + n * U, dh0.data_ptr<T>() + r0 * U);
   });
   reduce_chunks(acc.data(), chunks, acc_size, {&dR, &dK, &db});
@@ -207,12 +209,12 @@ Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kern
   Tensor dx = want_dx ? pooled_empty(x.sizes(), x.options()) : Tensor();
   Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
   Tensor db = want_dbias ? pooled_empty({kernel.size(1)}, x.options()) : Tensor();
-  Tensor dR = want_dR ? pooled_empty(R.sizes(), R.options()) : Tensor();
+  Tensor dR = want_dR ? pooled_empty(R.sizes(), x.options()) : Tensor();
   Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
   Tensor dz = want_dz ? pooled_empty({x.size(0), x.size(1), kernel.size(1)}, x.options()) : Tensor();
   const Tensor KT = want_dx ? transposed(kernel) : kernel;  // read for dx only
   AT_DISPATCH_FLOATING_TYPES(fresh.scalar_type(), "droprnn_simple_rnn_backward", [&] {
-    simple_backward_impl<scalar_t>(dhs, transposed(R), KT, x, h0, hs, fresh, input_mask,
+    simple_backward_impl<scalar_t>(dhs, kernel_transposed(R, 1), KT, x, h0, hs, fresh, input_mask,
                                    rec_mask, zoneout_h, valid, act, want_dx, dx, dK, db, dR, dh0, dz);
   });
   return {dx, dK, db, dR, Tensor(), dh0, Tensor(), dz};
