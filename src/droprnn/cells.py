@@ -75,11 +75,9 @@ def masked_matmul(x: Tensor, weight: Tensor, masks: Optional[Tensor], blocks: in
         return (x * masks[0]) @ weight
     # One batched product over the gates rather than one product per gate and a cat: in a time loop the
     # per-gate products' small ops and copies cost more than the arithmetic.
-    gates_first = weight.unflatten(1, (blocks, -1)).transpose(0, 1)  # (blocks, D, U)
-    if x.dim() == 3:
-        gates_first = gates_first.unsqueeze(1)
-    products = (x * masks) @ gates_first  # (blocks, B, [T,] U)
-    return products.movedim(0, -2).flatten(-2)
+    per_gate = weight.unflatten(1, (blocks, -1))  # (D, blocks, U)
+    equation = "gbtd,dgu->btgu" if x.dim() == 3 else "gbd,dgu->bgu"
+    return torch.einsum(equation, x * masks, per_gate).flatten(-2)
 
 
 def _gate_mask(masks: Optional[Tensor], gate: int) -> Optional[Tensor]:

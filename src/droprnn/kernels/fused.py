@@ -25,6 +25,14 @@ GRU's recurrent products); nothing else is saved, no projection and no masked co
 The outputs follow from the carried states: a masked step carries h, so "repeat the previous output" is h
 itself once a real step has been seen, and zero before; ``zero_output_for_mask`` zeroes masked steps.
 
+With no backward to follow (``no_grad``, ``inference_mode``) a cell runs ``droprnn::fused_layer_inference``
+instead: nothing is kept for a backward, and with ``return_sequences=False`` only the last h is written.
+
+bfloat16 (a bfloat16 layer, or float32 under ``torch.autocast("cpu", dtype=torch.bfloat16)``) runs the
+same kernels in float32 with every product in bfloat16 (:func:`bf16_products`): the recurrent kernel is
+packed per gate for oneDNN's brgemm, h is rounded once per step and mask, and the accumulation, states and
+gate math stay in float32 (``kernels/cpu/bf16.h``).
+
 The hand-written backward is not itself differentiable; when a graph of the gradient is asked for
 (``create_graph=True``, e.g. double backward), the backward instead differentiates the same recurrence
 written with the cell's own step in plain autograd ops -- slower, and exact.
@@ -212,11 +220,12 @@ def _project(x: Tensor, kernel: Tensor, masks: Optional[Tensor], gates: int, bf1
 
 
 def _panels(R: Tensor, gates: int, per_gate: bool, bf16: bool = False) -> Tensor:
-    """The recurrent kernel (H, G·U) as contiguous panels (P, H, N): one, or one per gate. In bfloat16 for
-    bfloat16 products (the kernels pack it per gate themselves)."""
-    if bf16:
-        R = R.to(torch.bfloat16)
+    """The recurrent kernel (H, G·U) as contiguous panels (P, H, N): one, or one per gate. For bfloat16
+    products, in bfloat16 and any strides (the kernels pack it per gate themselves)."""
     hidden, width = R.shape
+    if bf16:  # in any layout: the kernels pack each gate themselves
+        low = R.to(torch.bfloat16)
+        return low.unsqueeze(0) if gates == 1 or not per_gate else low.view(hidden, gates, -1).permute(1, 0, 2)
     if gates == 1 or not per_gate and R.numel() * R.element_size() <= _ONE_PANEL_BYTES:
         return R.contiguous().unsqueeze(0)  # R may be a transposed view (droprnn.nn keeps torch's layout)
     return R.view(hidden, gates, width // gates).permute(1, 0, 2).contiguous()

@@ -10,6 +10,55 @@
 
 namespace droprnn {
 
+template <typename S>
+static void round_row(const S* in, int64_t stride, int64_t n0, int64_t n1, uint16_t* row) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int64_t n = n0; n < n1; ++n) row[n] = bf16_bits(static_cast<float>(in[n]));
+  } else {
+    for (int64_t n = n0; n < n1; ++n) row[n] = bf16_bits(static_cast<float>(in[n * stride]));
+  }
+}
+
+// padded (count, Kp, Np) bfloat16 = mats (count, K, N) rounded, zeros beyond K and N. In square tiles, so a
+// transposed source (a torch-layout weight seen as (in, out)) is read as fast as a row-major one.
+static void round_padded(const at::Tensor& mats, at::Tensor& padded) {
+  const int64_t count = mats.size(0), K = mats.size(1), N = mats.size(2);
+  const int64_t Kp = padded.size(1), Np = padded.size(2);
+  constexpr int64_t kTile = 32;
+  const int64_t k_tiles = (Kp + kTile - 1) / kTile, n_tiles = (Np + kTile - 1) / kTile;
+  uint16_t* dst = reinterpret_cast<uint16_t*>(padded.data_ptr<at::BFloat16>());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, mats.scalar_type(), "droprnn_pack_bf16", [&] {
+    const scalar_t* src = mats.const_data_ptr<scalar_t>();
+    const int64_t sm = mats.stride(0), sk = mats.stride(1), sn = mats.stride(2);
+    auto rounded = [&](int64_t m, int64_t k, int64_t n0, int64_t n1, uint16_t* row) {
+      round_row(src + m * sm + k * sk, sn, n0, n1, row);
+    };
+    if (sn == 1) {  // rows are contiguous: row by row
+      at::parallel_for(0, count * Kp, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t m = i / Kp, k = i % Kp;
+          uint16_t* row = dst + i * Np;
+          if (k < K) rounded(m, k, 0, N, row);
+          std::fill(row + (k < K ? N : 0), row + Np, uint16_t(0));
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, count * k_tiles * n_tiles, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t m = i / (k_tiles * n_tiles), k0 = (i / n_tiles) % k_tiles * kTile, n0 = i % n_tiles * kTile;
+        const int64_t n1 = std::min(n0 + kTile, Np), n_in = std::min(n1, N);
+        for (int64_t k = k0; k < std::min(k0 + kTile, Kp); ++k) {
+          uint16_t* row = dst + (m * Kp + k) * Np;
+          if (k < K) rounded(m, k, n0, std::max(n0, n_in), row);
+          std::fill(row + (k < K ? std::max(n0, n_in) : n0), row + n1, uint16_t(0));
+        }
+      }
+    });
+  });
+}
+
 PackedBf16 pack_bf16(const at::Tensor& mats) {
   TORCH_CHECK(mats.dim() == 3, "droprnn pack_bf16: (count, K, N) matrices expected, got ", shape_text(mats.sizes()));
   PackedBf16 p;
@@ -19,8 +68,8 @@ PackedBf16 pack_bf16(const at::Tensor& mats) {
   p.Kp = p.K + (p.K % 2);
   p.blocks = (p.N + kBf16Block - 1) / kBf16Block;
   // Rounded and zero-padded to whole blocks first (Kp, blocks · 64) per matrix, then packed block by block.
-  at::Tensor padded = at::zeros({p.count, p.Kp, p.blocks * kBf16Block}, mats.options().dtype(at::kBFloat16));
-  padded.narrow(1, 0, p.K).narrow(2, 0, p.N).copy_(mats);
+  at::Tensor padded = at::empty({p.count, p.Kp, p.blocks * kBf16Block}, mats.options().dtype(at::kBFloat16));
+  round_padded(mats, padded);
   p.storage = at::empty({std::max<int64_t>(p.count * p.blocks * p.Kp * kBf16Block, 1)}, padded.options());
   const auto* src = padded.const_data_ptr<at::BFloat16>();
   auto* dst = p.storage.data_ptr<at::BFloat16>();

@@ -124,7 +124,8 @@ inline void check_recurrent_kernel(const CallDims& d, const at::Tensor& R, const
   if (R.defined() && R.scalar_type() == at::kBFloat16 && d.dtype == at::kFloat) {
     TORCH_CHECK(bf16_products_available(), d.fn, ": a bfloat16 ", name,
                 " asks for bfloat16 products, which this CPU does not run (oneDNN's brgemm)");
-    check_tensor(CallDims{d.fn, d.B, d.T, d.G, d.U, d.H, d.D, at::kBFloat16}, R, name, sizes, layout);
+    // only packed (bf16.cpp), which reads any strides
+    check_tensor(CallDims{d.fn, d.B, d.T, d.G, d.U, d.H, d.D, at::kBFloat16}, R, name, sizes, Layout::kAny);
     return;
   }
   check_tensor(d, R, name, sizes, layout);

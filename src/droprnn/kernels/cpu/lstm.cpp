@@ -152,8 +152,10 @@ struct LstmForward {
             if (rec.present() && (g == 0 || rec.gate_stride != 0)) masked_rows(hp0, ldh, 0, B, H, rec, t, g, A);
             if (rec.present()) a = A, lda = H;
             if constexpr (std::is_same_v<T, float>) {
-              if (panels.packed.present()) {
-                gemm_bf16(B, w, a, lda, panels.packed, g, j0, Z + g * w, 4 * w, false);
+              if (panels.packed.present()) {  // h rounded once per distinct mask
+                uint16_t* a16 = bf16_rows(B, panels.packed.Kp);
+                if (g == 0 || rec.gate_stride != 0) round_rows(B, H, panels.packed.Kp, a, lda, a16);
+                gemm_bf16_rounded(B, w, a16, panels.packed, g, j0, Z + g * w, 4 * w, false);
                 continue;
               }
             }
