@@ -8,7 +8,9 @@ units) shape and for LSTM and GRU, each row's median milliseconds and its ratio 
   kernel) and ``droprnn ref`` (the reference loop) -- at the four shapes plus batch 1, (1, 100, 64, 128)
   and (1, 1000, 32, 64);
 - ``bf16-train`` / ``bf16-inference``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``,
-  ``droprnn rd`` / ``droprnn`` against ``torch.nn`` under the same autocast.
+  ``droprnn rd`` / ``droprnn`` against ``torch.nn`` under the same autocast;
+- ``proj-train`` / ``proj-inference`` (LSTM only): ``proj_size = units // 2``, no dropout -- ``torch.nn``
+  (which has no oneDNN path for projections), ``droprnn`` and ``droprnn ref``.
 
 The training table's rows:
 
@@ -55,7 +57,10 @@ TABLES = {
                   {"droprnn ref"}, True),
     "bf16-train": (SHAPES, ["torch.nn", "droprnn rd"], set(), False),
     "bf16-inference": (SHAPES, ["torch.nn", "droprnn"], set(), False),
+    "proj-train": (SHAPES, ["torch.nn", "droprnn", "droprnn ref"], {"droprnn ref"}, False),
+    "proj-inference": (SHAPES, ["torch.nn", "droprnn", "droprnn ref"], {"droprnn ref"}, False),
 }
+LSTM_ONLY = {"proj-train", "proj-inference"}  # torch.nn.GRU has no proj_size
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -75,11 +80,13 @@ def make_step(kind: str, variant: str, shape, seed: int = 0, table: str = "train
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if table.startswith("bf16")
                     else contextlib.nullcontext())
         rates = {"dropout": RATE, "recurrent_dropout": RATE} if variant.endswith(" rd") else {}
+        projection = {"proj_size": units // 2} if table in LSTM_ONLY else {}
         if variant == "torch.nn":
-            module = getattr(torch.nn, kind)(features, units, batch_first=True)
+            module = getattr(torch.nn, kind)(features, units, batch_first=True, **projection)
         else:
             module = getattr(droprnn, kind)(units, return_sequences=True, input_size=features,
-                                            impl="reference" if variant == "droprnn ref" else "auto", **rates)
+                                            impl="reference" if variant == "droprnn ref" else "auto", **rates,
+                                            **projection)
         x = torch.randn(batch, steps, features, requires_grad=not inference)
         if inference:
             module.eval()
@@ -289,6 +296,8 @@ def main() -> None:
         header = f"{'layer':5} {'shape (B,T,D,U)':20} {'variant':19} {'ms':>9} {'× torch':>8} {'peak MB':>8}"
         print(f"\n{table}\n{header}\n{'-' * len(header)}")
         for kind in args.layers:
+            if table in LSTM_ONLY and kind != "LSTM":
+                continue
             for shape in shapes:
                 steps = {variant: make_step(kind, variant, shape, table=table) for variant in variants}
                 times = interleaved_medians(steps, repeats, slow=slow)

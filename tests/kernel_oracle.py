@@ -142,6 +142,10 @@ def make_layer(kind: str, D: int, U: int, dtype, *, mode=None, acts=("tanh", "si
     act, rec_act = acts
     if kind == "lstm":
         layer = LSTM(U, activation=act, recurrent_activation=rec_act, **cell_kwargs("lstm", mode), **layer_kw)
+    elif kind == "lstm_proj":  # torch's proj_size: h has fewer features than the units
+        units = max(U, 2)
+        layer = LSTM(units, proj_size=max(1, units // 2), activation=act, recurrent_activation=rec_act,
+                     **cell_kwargs("lstm", mode), **layer_kw)
     elif kind in ("gru", "gru_reset_before"):
         layer = GRU(U, activation=act, recurrent_activation=rec_act, reset_after=kind == "gru",
                     **cell_kwargs("gru", mode), **layer_kw)

@@ -59,7 +59,7 @@ needs_fused = pytest.mark.skipif(
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-KINDS = ["lstm", "gru", "gru_reset_before", "simple", "stacked"]
+KINDS = ["lstm", "gru", "gru_reset_before", "simple", "stacked", "lstm_proj"]
 
 
 @pytest.fixture(params=["in loop", "after loop"])
@@ -165,7 +165,7 @@ MODES = {
 def _mode_applies(kind: str, mode_name: str) -> bool:
     if kind == "simple" and MODES[mode_name].get("recurrent_dropout_mode", "").startswith("update"):
         return False  # SimpleRNN rejects the update modes (the stacked case gives its SimpleRNNCell "tied")
-    if kind not in ("lstm", "stacked") and mode_name == "zoneout_c":
+    if kind not in ("lstm", "stacked", "lstm_proj") and mode_name == "zoneout_c":
         return False
     return True
 
@@ -523,7 +523,6 @@ UNSUPPORTED = {
     "elu": (lambda: GRU(4, activation="elu"), F32, "elu"),
     "elu_recurrent": (lambda: LSTM(4, recurrent_activation="elu"), F32, "elu"),
     "callable_activation": (lambda: SimpleRNN(4, activation=lambda t: 2 * t), F32, "activation"),
-    "proj_size": (lambda: LSTM(4, proj_size=2), F32, "proj_size"),
     "custom_cell": (lambda: RNN(MyLSTMCell(4)), F32, "MyLSTMCell"),
     "custom_cell_in_stack": (lambda: RNN([LSTMCell(4), MyLSTMCell(3)]), F32, "MyLSTMCell"),
 }
@@ -553,8 +552,8 @@ def test_auto_falls_back_with_the_reason(case, spy_fused):
 
 
 def test_impl_fused_constructor_argument_raises_for_unsupported_call():
-    layer = LSTM(4, proj_size=2, impl="fused")
-    with pytest.raises(DroprnnError, match="proj_size"):
+    layer = LSTM(4, activation="elu", impl="fused")
+    with pytest.raises(DroprnnError, match="elu"):
         layer(torch.randn(2, 3, 3))
 
 

@@ -88,25 +88,30 @@ ops = torch.ops.droprnn_cpu
 B, T, D, U = 2, 3, 5, 4
 
 def valid(cell):
-    G = {"lstm": 4, "gru": 3, "simple": 1}[cell]
+    G = {"lstm": 4, "lstm_proj": 4, "gru": 3, "simple": 1}[cell]
+    H = 3 if cell == "lstm_proj" else U  # a projection makes h narrower than the units
     t = lambda *s: torch.randn(*s)
     m = lambda *s: (torch.rand(*s) > 0.3).float()
-    forward = dict(xw=t(B, T, G, U), R=t(G, U, U),
-                   bias=t(G * U), h0=t(B, U), rec=m(G, B, U), zone=m(T, B, U), valid=m(B, T))
+    forward = dict(xw=t(B, T, G, U), R=t(G, H, U),
+                   bias=t(G * U), h0=t(B, H), rec=m(G, B, H), zone=m(T, B, H), valid=m(B, T))
     if cell == "gru":
         forward["rbias"] = t(G * U)
-    backward = dict(dhs=t(B, T, U), R=t(U, G * U), kernel=t(D, G * U), x=t(B, T, D), h0=t(B, U), hs=t(B, T, U),
-                    gates=t(B, T, G, U), inner=t(B, T, U), input_mask=m(G, B, D), rec=m(G, B, U), zone=m(T, B, U),
+    backward = dict(dhs=t(B, T, H), R=t(H, G * U), kernel=t(D, G * U), x=t(B, T, D), h0=t(B, H), hs=t(B, T, H),
+                    gates=t(B, T, G, U), inner=t(B, T, U), input_mask=m(G, B, D), rec=m(G, B, H), zone=m(T, B, H),
                     valid=m(B, T))
+    if cell == "lstm_proj":
+        forward["P"], backward["P"] = t(U, H), t(U, H)
     if cell == "simple":  # its backward reads neither
         del backward["gates"], backward["inner"]
     return forward, backward
 
 def call(cell, f, b, which):
+    if cell == "lstm_proj":
+        cell = "lstm"
     if which == "inference":
         if cell == "lstm":
             return ops.lstm_inference(f["xw"].clone(), f["R"], f["bias"], f["h0"], torch.randn(B, U), f["rec"], None,
-                                      f["zone"], None, f["valid"], 0, 1, False)
+                                      f["zone"], None, f["valid"], 0, 1, False, f.get("P"))
         if cell == "gru":
             return ops.gru_inference(f["xw"].clone(), f["R"], f["bias"], f["rbias"], f["h0"], f["rec"], None,
                                      f["zone"], f["valid"], 0, 1, True, False)
@@ -114,11 +119,11 @@ def call(cell, f, b, which):
                                         f["valid"], 0, False)
     if cell == "lstm" and which == "forward":
         return ops.lstm_forward(f["xw"].clone(), f["R"], f["bias"], f["h0"], f.get("c0", torch.randn(B, U)), f["rec"], None,
-                                f["zone"], None, f["valid"], 0, 1)
+                                f["zone"], None, f["valid"], 0, 1, f.get("P"))
     if cell == "lstm":
         return ops.lstm_backward(b["dhs"], torch.randn(B, U), b["R"], b["kernel"], b["x"], b["h0"], torch.randn(B, U),
                                  b["hs"], b["inner"], b["gates"], b["input_mask"], b["rec"], None, b["zone"], None,
-                                 b["valid"], 0, 1, True, True, True, True, False)
+                                 b["valid"], 0, 1, True, True, True, True, False, b.get("P"))
     if cell == "gru" and which == "forward":
         return ops.gru_forward(f["xw"].clone(), f["R"], f["bias"], f["rbias"], f["h0"], f["rec"], None, f["zone"],
                                f["valid"], 0, 1, True)
@@ -145,9 +150,11 @@ def mutations(tensor):
 raised = checked = 0
 # With bfloat16 products (where the CPU has them) the recurrent kernel comes in bfloat16.
 low_modes = (False, True) if ops.bf16_products() else (False,)
-for cell, which, low in [(c, w, l) for c in ("lstm", "gru", "simple") for w in ("forward", "inference", "backward")
-                         for l in low_modes]:
+for cell, which, low in [(c, w, l) for c in ("lstm", "lstm_proj", "gru", "simple")
+                         for w in ("forward", "inference", "backward") for l in low_modes]:
     f, b = valid(cell)
+    if low and cell == "lstm_proj":
+        continue  # a projection does not run with bfloat16 products (checked below)
     if low:
         f["R"], b["R"] = f["R"].bfloat16(), b["R"].bfloat16()
     call(cell, f, b, which)  # the valid call runs
@@ -167,6 +174,14 @@ for cell, which, low in [(c, w, l) for c in ("lstm", "gru", "simple") for w in (
                 continue
             print("ACCEPTED", cell, which, low, name, label, tuple(bad.shape))
 if ops.bf16_products():
+    f, b = valid("lstm_proj")
+    for which in ("forward", "inference", "backward"):
+        checked += 1
+        try:
+            call("lstm_proj", {**f, "R": f["R"].bfloat16()}, {**b, "R": b["R"].bfloat16()}, which)
+            print("ACCEPTED a projection with bfloat16 products", which)
+        except RuntimeError:
+            raised += 1
     operands = dict(a=torch.randn(5, 3), b=torch.randn(3, 4), out=torch.empty(5, 4))
     ops.bf16_mm(**operands)
     for name in operands:

@@ -107,3 +107,55 @@ def test_the_operators_pass_opcheck_with_bfloat16_products(case):
     backward_args = (torch.randn_like(hs), grad_c, *plain[:13], hs, saved, other, *plain[13:], [True] * 5, True)
     torch.library.opcheck(torch.ops.droprnn.fused_layer_backward.default, backward_args)
     torch.library.opcheck(torch.ops.droprnn.fused_layer_inference.default, (*plain, True, True))
+
+
+def projected_lstm_args(*, grad: bool = True, masks: bool = True) -> tuple:
+    """droprnn::fused_layer's arguments for an LSTM with a projection (proj_size H < U)."""
+    generator = torch.Generator().manual_seed(7)
+    H = U // 2
+
+    def normal(*shape):
+        return torch.randn(*shape, dtype=F64, generator=generator).requires_grad_(grad)
+
+    def keep(*shape, rate=0.3):
+        return (torch.rand(*shape, dtype=F64, generator=generator) > rate).to(F64) / (1 - rate)
+
+    return (
+        normal(B, T, D), normal(D, 4 * U), normal(4 * U), normal(H, 4 * U), None, normal(B, H), normal(B, U),
+        keep(4, B, D) if masks else None, keep(4, B, H) if masks else None, keep(B, U) if masks else None,
+        (torch.rand(T, B, H, generator=generator) < 0.2).to(F64) if masks else None,
+        (torch.rand(T, B, U, generator=generator) < 0.2).to(F64) if masks else None,
+        (torch.rand(B, T, generator=generator) > 0.3).to(F64) if masks else None,
+        "lstm", 0, 1, True, False, normal(U, H),
+    )
+
+
+@pytest.mark.parametrize("masks", [False, True], ids=["plain", "masks"])
+@pytest.mark.parametrize("weight_grads", ["in loop", "after loop"])
+def test_the_operators_pass_opcheck_with_a_projection(masks, weight_grads, monkeypatch):
+    if weight_grads == "after loop":  # the projection's own gradient stays in the loop
+        monkeypatch.setattr(fused, "_DEFER_BYTES", 0)
+        monkeypatch.setattr(fused, "_DEFER_BYTES_PER_ROW", 0)
+    args = projected_lstm_args(masks=masks)
+    torch.library.opcheck(torch.ops.droprnn.fused_layer.default, args)
+    plain = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+    hs, _, saved, other = torch.ops.droprnn.fused_layer(*plain)
+    assert hs.shape == (B, T, U // 2)
+    backward_args = (torch.randn_like(hs), torch.randn(B, U, dtype=F64), *plain[:13], hs, saved, other,
+                     *plain[13:17], [True] * 5, False, plain[18])
+    torch.library.opcheck(torch.ops.droprnn.fused_layer_backward.default, backward_args)
+    for all_steps in (True, False):
+        torch.library.opcheck(torch.ops.droprnn.fused_layer_inference.default,
+                              (*plain[:17], all_steps, False, plain[18]))
+
+
+def test_a_projected_lstm_passes_gradcheck():
+    """The projection's gradient too, against finite differences (float64)."""
+    args = projected_lstm_args()
+    differentiable = [a for k, a in enumerate(args) if k in (0, 1, 2, 3, 5, 6, 18)]
+
+    def outputs_of(x, kernel, bias, R, h0, c0, P):
+        hs, c_last, _, _ = torch.ops.droprnn.fused_layer(x, kernel, bias, R, None, h0, c0, *args[7:18], P)
+        return hs, c_last
+
+    assert torch.autograd.gradcheck(outputs_of, differentiable, atol=1e-6)

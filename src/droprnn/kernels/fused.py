@@ -33,6 +33,10 @@ same kernels in float32 with every product in bfloat16 (:func:`bf16_products`): 
 packed per gate for oneDNN's brgemm, h is rounded once per step and mask, and the accumulation, states and
 gate math stay in float32 (``kernels/cpu/bf16.h``).
 
+An LSTM with ``proj_size`` passes its projection P (U, H) to the same kernels: each step adds one product,
+h = (o * act(c)) @ P, and the backward one product through P per step, with P's gradient formed in its
+loop (the other weight gradients as above). It runs in float32 even under bfloat16 autocast.
+
 The hand-written backward is not itself differentiable; when a graph of the gradient is asked for
 (``create_graph=True``, e.g. double backward), the backward instead differentiates the same recurrence
 written with the cell's own step in plain autograd ops -- slower, and exact.
@@ -86,9 +90,6 @@ def unsupported_reason(call: RecurrentCall) -> Optional[str]:
     unknown = unknown_cell(call.cells)
     if unknown is not None:
         return f"the fused kernels cannot run it: {unknown}"
-    for k, w in enumerate(call.weights):
-        if w.projection is not None:
-            return f"cell {k} has a projection (proj_size); the fused LSTM has none yet"
     return _library_reason()
 
 
@@ -103,7 +104,8 @@ def bf16_products(call: RecurrentCall, autocast: Optional[torch.dtype] = None) -
     ``call.autocast``), on a CPU whose brgemm runs bfloat16 (AMX or AVX512-BF16)."""
     wanted = call.x.dtype == torch.bfloat16 or (call.x.dtype == torch.float32 and
                                                  torch.bfloat16 in (autocast, call.autocast))
-    return wanted and _bf16_available()
+    projected = any(w.projection is not None for w in call.weights)  # a projected LSTM runs in float32
+    return wanted and not projected and _bf16_available()
 
 
 def run(call: RecurrentCall) -> Result:
@@ -155,7 +157,7 @@ def _arguments(cell, x: Tensor, weights: CellWeights, states: States, masks: Cel
         weights.recurrent_bias if reset_after else None, states[0].contiguous(),
         states[1].contiguous() if lstm else None, _contiguous(masks.input, dtype),
         _contiguous(masks.recurrent, dtype), _contiguous(masks.update, dtype), zoneout[0], zoneout[1], valid,
-        CELL_KINDS[type(cell)], *activation_codes(cell), reset_after, bf16,
+        CELL_KINDS[type(cell)], *activation_codes(cell), reset_after, bf16, weights.projection,
     )
 
 
@@ -169,10 +171,14 @@ def _layer(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMas
 def _inference_layer(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks, valid: Optional[Tensor],
                      all_steps: bool = True, bf16: bool = False) -> tuple[Tensor, States]:
     """:func:`_layer` with no backward to follow; with ``all_steps`` false, h is the last step's (B, H)."""
-    h, c_last = torch.ops.droprnn.fused_layer_inference(
-        *_arguments(cell, x, weights, states, masks, valid, bf16)[:-1], all_steps, bf16)
+    *arguments, _, projection = _arguments(cell, x, weights, states, masks, valid, bf16)
+    h, c_last = torch.ops.droprnn.fused_layer_inference(*arguments, all_steps, bf16, projection)
     last = h[:, -1] if all_steps else h
     return h, ((last, c_last) if isinstance(cell, LSTMCell) else (last,))
+
+
+def _contiguous_or_none(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
 
 
 def _contiguous(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -295,7 +301,7 @@ def fused_layer(
     recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], input_mask: Optional[Tensor],
     recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
     zoneout_c: Optional[Tensor], valid: Optional[Tensor], cell: str, activation: int, recurrent_activation: int,
-    reset_after: bool, bf16_products: bool = False,
+    reset_after: bool, bf16_products: bool = False, projection: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One cell (``cell``: "lstm", "gru" or "simple_rnn") over a whole sequence, fused.
 
@@ -303,7 +309,8 @@ def fused_layer(
     applied; recurrent_bias (G·U,): the reset_after GRU's, else None; h0 (B, H); c0 (B, U) for the LSTM;
     masks as :class:`~droprnn.dropout.plan.CellMasks` holds them, as tensors; valid (B, T) of 0/1 or None;
     activation codes as ``kernels.ACTIVATION_NAMES`` numbers them; ``bf16_products``: the products in
-    bfloat16 (float32 tensors; see :func:`bf16_products`).
+    bfloat16 (float32 tensors; see :func:`bf16_products`); ``projection`` (U, H): an LSTM's ``proj_size``
+    projection (h = (o * act(c)) @ P), or None.
 
     Returns (hs (B, T, H): the carried h sequence; c_last (B, U): the LSTM's last c, else absent (a 0-d
     zero); and what the backward reads: the activated gates in the projections' layout (the SimpleRNN's
@@ -319,7 +326,7 @@ def fused_layer(
     if cell == "lstm":
         hs, c_seq = kernels.lstm_forward(xw, _panels(R, 4, _per_gate(recurrent_mask), bf16), bias, h0, c0.contiguous(),
                                          recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, activation,
-                                         recurrent_activation)
+                                         recurrent_activation, _contiguous_or_none(projection))
         # The LSTM kernel writes the activated gates over xw: no second sequence-sized buffer.
         return hs, c_seq[:, -1].clone(), xw, c_seq
     if cell == "gru":
@@ -337,7 +344,7 @@ def fused_layer(
 @fused_layer.register_fake
 def _fused_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0, input_mask, recurrent_mask,
                       update_mask, zoneout_h, zoneout_c, valid, cell, activation, recurrent_activation, reset_after,
-                      bf16_products=False):
+                      bf16_products=False, projection=None):
     batch, steps, _ = x.shape
     gates = GATES[cell]
     units = recurrent_kernel.shape[1] // gates
@@ -357,11 +364,12 @@ def fused_layer_backward(
     input_mask: Optional[Tensor], recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor],
     zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], valid: Optional[Tensor], hs: Tensor, saved: Tensor,
     other: Tensor, cell: str, activation: int, recurrent_activation: int, reset_after: bool, wanted: list[bool],
-    bf16_products: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    bf16_products: bool = False, projection: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of :func:`fused_layer`'s hs and c_last: (dx, d kernel, d input_bias, d recurrent_kernel,
-    d recurrent_bias, d h0, d c0). ``wanted`` says which of the first five to form (each is absent, a 0-d zero, when
-    not wanted or not applicable, as is d c0 without a c0). ``saved`` and ``other`` are the forward's."""
+    d recurrent_bias, d h0, d c0, d projection). ``wanted`` says which of the first five to form (each is
+    absent, a 0-d zero, when not wanted or not applicable, as are d c0 without a c0 and d projection without
+    one). ``saved`` and ``other`` are the forward's."""
     _require_library("fused_layer_backward")
     if len(wanted) != 5:
         raise ValueError(f"droprnn::fused_layer_backward: `wanted` expected 5 flags, got {len(wanted)}")
@@ -372,6 +380,7 @@ def fused_layer_backward(
     # The C++ backward forms the weight gradients in its time loop, or hands back every step's gate
     # gradients dz for large products after it (_defers_weight_grads); in bfloat16 always after it, where
     # they are bfloat16 products too.
+    # A projection's gradient is always formed in the loop.
     defer = (bf16 or _defers_weight_grads(x, R)) and any(wanted)
     if bf16:
         R = R.to(torch.bfloat16)
@@ -382,9 +391,11 @@ def fused_layer_backward(
             update_mask, zoneout_h, valid, activation, recurrent_activation, reset_after, *in_loop, defer)
     elif cell == "lstm":
         dc_last = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous()
-        dx, dkernel, dbias, dR, drb, dh0, dc0, dz = kernels.lstm_backward(
+        dx, dkernel, dbias, dR, dP, dh0, dc0, dz = kernels.lstm_backward(
             grad_hs, dc_last, R, kernel, x, h0, c0, hs, other, saved, input_mask, recurrent_mask, update_mask,
-            zoneout_h, zoneout_c, valid, activation, recurrent_activation, *in_loop[:4], defer)
+            zoneout_h, zoneout_c, valid, activation, recurrent_activation, *in_loop[:4], defer,
+            _contiguous_or_none(projection))
+        drb = None
     else:
         dx, dkernel, dbias, dR, drb, dh0, dc0, dz = kernels.simple_rnn_backward(
             grad_hs, R, kernel, x, h0, hs, saved if zoneout_h is not None else hs, input_mask, recurrent_mask, zoneout_h, valid, activation,
@@ -392,18 +403,22 @@ def fused_layer_backward(
     if defer:
         dx, dkernel, dbias, dR, drb = _grads_after_loop(cell, reset_after, x, kernel, input_mask, h0, hs,
                                                         recurrent_mask, dz, wanted, bf16)
-    return tuple(_absent(x) if g is None else g.contiguous() for g in (dx, dkernel, dbias, dR, drb, dh0, dc0))
+    if cell != "lstm":
+        dP = None
+    return tuple(_absent(x) if g is None else g.contiguous() for g in (dx, dkernel, dbias, dR, drb, dh0, dc0, dP))
 
 
 @fused_layer_backward.register_fake
 def _fused_layer_backward_fake(grad_hs, grad_c_last, x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0,
                                input_mask, recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, hs, saved, other,
-                               cell, activation, recurrent_activation, reset_after, wanted, bf16_products=False):
+                               cell, activation, recurrent_activation, reset_after, wanted, bf16_products=False,
+                               projection=None):
     def like(t: Optional[Tensor], want: bool = True) -> Tensor:
         return t.new_empty(t.shape) if want and t is not None else _absent(x)
 
     return (like(x, wanted[0]), like(kernel, wanted[1]), like(input_bias, wanted[2]),
-            like(recurrent_kernel, wanted[3]), like(recurrent_bias, wanted[4]), like(h0), like(c0))
+            like(recurrent_kernel, wanted[3]), like(recurrent_bias, wanted[4]), like(h0), like(c0),
+            like(projection))
 
 
 @torch.library.custom_op("droprnn::fused_layer_inference", mutates_args=(), device_types="cpu")
@@ -412,7 +427,7 @@ def fused_layer_inference(
     recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], input_mask: Optional[Tensor],
     recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
     zoneout_c: Optional[Tensor], valid: Optional[Tensor], cell: str, activation: int, recurrent_activation: int,
-    reset_after: bool, all_steps: bool, bf16_products: bool = False,
+    reset_after: bool, all_steps: bool, bf16_products: bool = False, projection: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`fused_layer` with no backward to follow (no autograd): keeps nothing for one -- no gates, no c
     sequence, no recurrent products -- and with ``all_steps`` false writes only the last step's h.
@@ -428,7 +443,7 @@ def fused_layer_inference(
     if cell == "lstm":
         return kernels.lstm_inference(xw, _panels(R, 4, _per_gate(recurrent_mask), bf16), bias, h0, c0.contiguous(),
                                       recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, activation,
-                                      recurrent_activation, all_steps)
+                                      recurrent_activation, all_steps, _contiguous_or_none(projection))
     if cell == "gru":
         panels = _panels(R, 3, _per_gate(recurrent_mask) or not reset_after, bf16)
         rbias = None if recurrent_bias is None else recurrent_bias.contiguous()
@@ -441,7 +456,7 @@ def fused_layer_inference(
 @fused_layer_inference.register_fake
 def _fused_layer_inference_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0, input_mask,
                                 recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, cell, activation,
-                                recurrent_activation, reset_after, all_steps, bf16_products=False):
+                                recurrent_activation, reset_after, all_steps, bf16_products=False, projection=None):
     batch, steps, _ = x.shape
     units = recurrent_kernel.shape[1] // GATES[cell]
     h = x.new_empty(batch, steps, h0.shape[1]) if all_steps else x.new_empty(batch, h0.shape[1])
@@ -449,41 +464,47 @@ def _fused_layer_inference_fake(x, kernel, input_bias, recurrent_kernel, recurre
 
 
 _DIFFERENTIABLE = 7  # x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0
+_PROJECTION = 18  # the operator's argument index of the LSTM's projection, also differentiable
 
 
 def _setup_context(ctx, inputs, output) -> None:
     # The outputs kept for the backward get no gradient: do not fill sequence-sized zeros for them.
     ctx.set_materialize_grads(False)
     hs, _, saved, other = output
-    ctx.save_for_backward(*inputs[:13], hs, saved, other)
+    projection = inputs[18] if len(inputs) > 18 else None
+    ctx.save_for_backward(*inputs[:13], hs, saved, other, projection)
     ctx.options = tuple(inputs[13:17])
     ctx.bf16 = bool(inputs[17]) if len(inputs) > 17 else False
 
 
 def _backward(ctx, grad_hs, grad_c_last, _grad_saved, _grad_other):
     (x, kernel, input_bias, R, rbias, h0, c0, input_mask, rec, upd, zoneout_h, zoneout_c, valid,
-     hs, saved, other) = ctx.saved_tensors
+     hs, saved, other, P) = ctx.saved_tensors
     cell, act, rec_act, reset_after = ctx.options
     lstm = cell == "lstm"
     if torch.is_grad_enabled():  # create_graph=True: differentiate the plain-ops recurrence instead
         math = math_cell(cell, R.shape[1] // GATES[cell], act, rec_act, reset_after)
         masks = CellMasks(recurrent=rec, update=upd, zoneout=(zoneout_h, zoneout_c) if lstm else (zoneout_h,))
 
-        def build(x, kernel, input_bias, R, rbias, h0, c0):
-            weights = CellWeights(kernel, R, input_bias, rbias)
+        def build(x, kernel, input_bias, R, rbias, h0, c0, *rest):
+            weights = CellWeights(kernel, R, input_bias, rbias, projection=rest[11] if len(rest) > 11 else None)
             return reference.plain_layer(math, x, weights, (h0, c0) if lstm else (h0,), input_mask, masks, valid)
 
-        return reference.differentiable_grads(ctx, (x, kernel, input_bias, R, rbias, h0, c0),
-                                              (grad_hs, grad_c_last), build)
+        # one entry per operator argument; the projection is the last (_PROJECTION)
+        inputs = (x, kernel, input_bias, R, rbias, h0, c0) + (None,) * (_PROJECTION - 7) + (P,)
+        return reference.differentiable_grads(ctx, inputs[:len(ctx.needs_input_grad)], (grad_hs, grad_c_last), build)
     needs = ctx.needs_input_grad
     present = (x, kernel, input_bias, R, rbias)
     wanted = [needs[k] and present[k] is not None for k in range(5)]
     grad_hs = torch.zeros_like(hs) if grad_hs is None else grad_hs
     grads = torch.ops.droprnn.fused_layer_backward(
         grad_hs, grad_c_last if lstm else None, x, kernel, input_bias, R, rbias, h0, c0, input_mask, rec, upd,
-        zoneout_h, zoneout_c, valid, hs, saved, other, cell, act, rec_act, reset_after, wanted, ctx.bf16)
+        zoneout_h, zoneout_c, valid, hs, saved, other, cell, act, rec_act, reset_after, wanted, ctx.bf16, P)
     wanted += [needs[5], needs[6] and lstm]
-    return (*(g if want else None for g, want in zip(grads, wanted)), *(None,) * (len(needs) - _DIFFERENTIABLE))
+    result = [g if want else None for g, want in zip(grads, wanted)] + [None] * (len(needs) - _DIFFERENTIABLE)
+    if P is not None and needs[_PROJECTION]:
+        result[_PROJECTION] = grads[7]
+    return tuple(result)
 
 
 fused_layer.register_autograd(_backward, setup_context=_setup_context)

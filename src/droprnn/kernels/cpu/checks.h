@@ -148,17 +148,30 @@ inline void check_panels(const CallDims& d, const at::Tensor& R, const std::opti
   }
 }
 
-// A backward's sizes, set by x (B, T, D) and the recurrent kernel (U, G·U) (no projection: H = U), and the
+// An LSTM's projection P (U, H), contiguous, of the call's dtype, with fewer features than units; without
+// one, h has `units` features. Not with bfloat16 products.
+inline void check_projection(const CallDims& d, const at::Tensor& R, const std::optional<at::Tensor>& projection) {
+  if (!projection.has_value() || !projection->defined()) {
+    TORCH_CHECK(d.H == d.U, d.fn, ": without a projection h0 must have `units` = ", d.U, " features, got ", d.H);
+    return;
+  }
+  TORCH_CHECK(R.scalar_type() != at::kBFloat16, d.fn, ": a projection does not run with bfloat16 products");
+  TORCH_CHECK(d.H < d.U, d.fn, ": a projection has fewer features than units (", d.U, "), got ", d.H);
+  check_tensor(d, *projection, "projection", {d.U, d.H}, Layout::kContiguous);
+}
+
+// A backward's sizes, set by x (B, T, D) and the recurrent kernel (H, G·U) (H = U but for a projection), and the
 // checks of the tensors that set them and of the output's gradient dhs (B, T, U).
 inline CallDims backward_dims(const char* fn, const at::Tensor& x, const at::Tensor& R, const at::Tensor& kernel,
-                              const at::Tensor& dhs, int64_t G) {
+                              const at::Tensor& dhs, int64_t G, bool projected = false) {
   check_dim(fn, x, "x", 3);
   check_dim(fn, R, "recurrent_kernel", 2);
-  const int64_t U = R.size(0);
-  const CallDims d{fn, x.size(0), x.size(1), G, U, U, x.size(2), call_dtype(fn, x)};
+  // (H, G·U): H = U unless an LSTM's projection makes h narrower
+  const int64_t U = projected ? R.size(1) / G : R.size(0), H = R.size(0);
+  const CallDims d{fn, x.size(0), x.size(1), G, U, H, x.size(2), call_dtype(fn, x)};
   check_tensor(d, x, "x", {d.B, d.T, d.D});
-  check_tensor(d, dhs, "dhs", {d.B, d.T, U});
-  check_recurrent_kernel(d, R, "recurrent_kernel", {U, G * U}, Layout::kAny);
+  check_tensor(d, dhs, "dhs", {d.B, d.T, H});
+  check_recurrent_kernel(d, R, "recurrent_kernel", {H, G * U}, Layout::kAny);
   check_tensor(d, kernel, "kernel", {d.D, G * U}, Layout::kAny);
   return d;
 }

@@ -4,7 +4,7 @@
 //   z   = xw_t + sum_g (h_{t-1} * m_g) @ R_g          xw_t: input projections incl. bias (one big GEMM outside)
 //   i, f, o = rec(z_i, z_f, z_o);  g = act(z_c)
 //   c'  = f * c_{t-1} + i * (g * u)                     u: update mask (Semeniuta), else 1
-//   h'  = o * act(c')
+//   h'  = o * act(c')                                   with a projection P (U, H): h' = (o * act(c')) @ P
 //   zoneout: s' = d * s_{t-1} + (1 - d) * s'            d: indicator (training) or rate (inference)
 //   step mask: s_t = v * s' + (1 - v) * s_{t-1}          v in {0, 1}
 //
@@ -31,6 +31,7 @@ struct LstmForward {
   StepMask<T> rec, upd;
   Zoneout<T> zh, zc;
   const T* v;
+  const T* proj;  // (U, H), or null: h is o * act(c') itself
   int64_t B, steps, U, H, act, rec_act;
   // Training keeps every step's h and c (h_slots = c_slots = steps) and the gates; inference keeps what the
   // recurrence reads: c in place (1 slot), h in 2 alternating slots unless every output is wanted.
@@ -60,8 +61,9 @@ struct LstmForward {
 
   // Row b at step t, units [j0, j0 + w): z holds the recurrent products of the four gates, gate g at
   // z + g * zs; hp / cp are the row's previous states. tcr is scratch (w).
+  // With a projection, o * act(c') goes to r (the row's U values) and h is formed by mix_h after the product.
   void row(int64_t b, int64_t t, T* z, int64_t zs, int64_t j0, int64_t w, const T* hp, const T* cp, T* tcr,
-           const Locals& l) const {
+           const Locals& l, T* r = nullptr) const {
     const int64_t row = b * steps + t;
     for (int64_t g = 0; g < 4; ++g) {
       const T* xr = x.at(b, t, g) + j0;
@@ -92,10 +94,28 @@ struct LstmForward {
       tcr[j] = fresh;
     }
     activate(act, tcr, w);  // now act(c')
+    if (r != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) r[j] = og[j] * tcr[j];
+      return;
+    }
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) {
       const T fresh = og[j] * tcr[j];
       const T zoned = dh[j] * hp[j] + (T(1) - dh[j]) * fresh;
+      hr[j] = vb * zoned + (T(1) - vb) * hp[j];
+    }
+  }
+
+  // Row b's h at step t from its projected fresh value (H), through zoneout and the step mask.
+  void mix_h(int64_t b, int64_t t, const T* fresh, const Locals& l) const {
+    const T* dh = l.kh.row(t, b);
+    const T* hp = h_prev(b, t);
+    T* hr = h_at(b, t);
+    const T vb = v ? v[b * steps + t] : T(1);
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const T zoned = dh[j] * hp[j] + (T(1) - dh[j]) * fresh[j];
       hr[j] = vb * zoned + (T(1) - vb) * hp[j];
     }
   }
@@ -108,16 +128,24 @@ struct LstmForward {
   void by_batch() const {
     const int64_t chunks = batch_chunks(B), rows_max = (B + chunks - 1) / chunks, G4 = 4 * U;
     // Work buffers, one set per chunk, allocated once per call (never inside the time loop).
-    const int64_t per_chunk = rows_max * (G4 + H) + U;
+    const int64_t per_chunk = rows_max * (G4 + H) + U + (proj ? rows_max * (U + H) : 0);
     Scratch<T> work(chunks * per_chunk);
     for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
       T* Z = work.data() + chunk * per_chunk;  // (n, 4U) recurrent products, then gates
       T* A = Z + rows_max * G4;                 // (n, H) masked h_{t-1}
       T* tcr = A + rows_max * H;                // (U,) one row's c', then act(c')
+      T* Rw = tcr + U;                          // with a projection: (n, U) o * act(c'), then (n, H) its product
+      T* Hf = Rw + rows_max * U;
       const Locals l = locals();
       for (int64_t t = 0; t < steps; ++t) {
         recurrent_product(h_prev(r0, t), h_ld(t), r0, r1, rec, t, panels, panels.count, A, Z, G4);
-        for (int64_t b = r0; b < r1; ++b) row(b, t, Z + (b - r0) * G4, U, 0, U, h_prev(b, t), c_prev(b, t), tcr, l);
+        for (int64_t b = r0; b < r1; ++b) {
+          row(b, t, Z + (b - r0) * G4, U, 0, U, h_prev(b, t), c_prev(b, t), tcr, l, proj ? Rw + (b - r0) * U : nullptr);
+        }
+        if (proj) {
+          gemm(r1 - r0, H, U, Rw, U, proj, H, Hf, H, false);
+          for (int64_t b = r0; b < r1; ++b) mix_h(b, t, Hf + (b - r0) * H, l);
+        }
       }
       bf16_release(panels.packed);
     });
@@ -176,20 +204,21 @@ template <typename T>
 static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias, const Tensor& h0,
                               const Tensor& c0, const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                               const optional<Tensor>& zoneout_h, const optional<Tensor>& zoneout_c,
-                              const optional<Tensor>& valid, int64_t act, int64_t rec_act, Tensor& hs, Tensor& cs,
-                              bool save_gates) {
+                              const optional<Tensor>& valid, const optional<Tensor>& projection, int64_t act,
+                              int64_t rec_act, Tensor& hs, Tensor& cs, bool save_gates) {
+  const T* proj = projection.has_value() && projection->defined() ? projection->data_ptr<T>() : nullptr;
   LstmForward<T> f{
       gate_seq<T>(xw), panels_of<T>(R, 4),
       input_bias.has_value() && input_bias->defined() ? input_bias->data_ptr<T>() : nullptr,
       h0.data_ptr<T>(), c0.data_ptr<T>(), hs.data_ptr<T>(), cs.data_ptr<T>(), gate_seq<T>(xw),
       gated_mask<T>(rec_mask), plain_mask<T>(upd_mask), zoneout_of<T>(zoneout_h), zoneout_of<T>(zoneout_c),
-      valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr,
+      valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr, proj,
       xw.size(0), xw.size(1), xw.size(3), h0.size(1), act, rec_act, hs.size(1), cs.size(1), save_gates};
   // Units split only for batches smaller than the thread count: measured here it is 1.8x faster at batch
   // 1 on 2 threads, and no faster than the batch split at (128, 50, 256, 512), where a thread's share of a
-  // 4 MiB recurrent kernel still does not stay in a 2 MiB L2.
+  // 4 MiB recurrent kernel still does not stay in a 2 MiB L2. A projection needs every unit of a row.
   const int64_t threads = at::get_num_threads();
-  if (threads > 1 && !at::in_parallel_region() && f.B < threads) {
+  if (threads > 1 && !at::in_parallel_region() && f.B < threads && proj == nullptr) {
     f.by_units();
   } else {
     f.by_batch();
@@ -200,13 +229,13 @@ static void lstm_forward_impl(const Tensor& xw, const Tensor& R, const optional<
 static CallDims check_lstm_forward(const char* fn, const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
                                    const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
                                    const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
-                                   const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act,
-                                   int64_t rec_act) {
+                                   const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
+                                   const optional<Tensor>& projection, int64_t act, int64_t rec_act) {
   check_dim(fn, xw, "xw", 4);
   check_dim(fn, h0, "h0", 2);
   const int64_t B = xw.size(0), steps = xw.size(1), U = xw.size(3), H = h0.size(1);
-  TORCH_CHECK(H == U, fn, ": projections are not supported (h0 must have `units` = ", U, " features, got ", H, ")");
   const CallDims d{fn, B, steps, 4, U, H, 0, call_dtype(fn, xw)};
+  check_projection(d, R, projection);
   check_gates(d, xw, "xw");
   check_panels(d, R, rec_mask, false);
   check_optional(d, input_bias, "input_bias", {4 * U});
@@ -225,14 +254,14 @@ std::tuple<Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const
                                         const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
                                         const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                         const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act,
-                                        int64_t rec_act) {
+                                        int64_t rec_act, const optional<Tensor>& projection) {
   const CallDims d = check_lstm_forward("droprnn lstm_forward", xw, R, input_bias, h0, c0, rec_mask, upd_mask,
-                                        zoneout_h, zoneout_c, valid, act, rec_act);
+                                        zoneout_h, zoneout_c, valid, projection, act, rec_act);
   Tensor hs = pooled_empty({d.B, d.T, d.H}, h0.options());
   Tensor cs = pooled_empty({d.B, d.T, d.U}, h0.options());
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_lstm_forward", [&] {
-    lstm_forward_impl<scalar_t>(xw, R, input_bias, h0, c0, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act,
-                                rec_act, hs, cs, /*save_gates=*/true);
+    lstm_forward_impl<scalar_t>(xw, R, input_bias, h0, c0, rec_mask, upd_mask, zoneout_h, zoneout_c, valid,
+                                projection, act, rec_act, hs, cs, /*save_gates=*/true);
   });
   return {hs, cs};
 }
@@ -244,14 +273,15 @@ std::tuple<Tensor, Tensor> lstm_inference(const Tensor& xw, const Tensor& R, con
                                           const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
                                           const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                           const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
-                                          int64_t act, int64_t rec_act, bool all_steps) {
+                                          int64_t act, int64_t rec_act, bool all_steps,
+                                          const optional<Tensor>& projection) {
   const CallDims d = check_lstm_forward("droprnn lstm_inference", xw, R, input_bias, h0, c0, rec_mask, upd_mask,
-                                        zoneout_h, zoneout_c, valid, act, rec_act);
+                                        zoneout_h, zoneout_c, valid, projection, act, rec_act);
   Tensor hs = pooled_empty({d.B, all_steps ? d.T : 2, d.H}, h0.options());
   Tensor cs = pooled_empty({d.B, 1, d.U}, h0.options());
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "droprnn_lstm_inference", [&] {
-    lstm_forward_impl<scalar_t>(xw, R, input_bias, h0, c0, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act,
-                                rec_act, hs, cs, /*save_gates=*/false);
+    lstm_forward_impl<scalar_t>(xw, R, input_bias, h0, c0, rec_mask, upd_mask, zoneout_h, zoneout_c, valid,
+                                projection, act, rec_act, hs, cs, /*save_gates=*/false);
   });
   return {all_steps ? hs : hs.select(1, (d.T - 1) % 2).contiguous(), cs.select(1, 0)};
 }
@@ -262,9 +292,9 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
                                const Tensor& gates, const optional<Tensor>& input_mask,
                                const optional<Tensor>& rec_mask, const optional<Tensor>& upd_mask,
                                const optional<Tensor>& zoneout_h, const optional<Tensor>& zoneout_c,
-                               const optional<Tensor>& valid, int64_t act, int64_t rec_act, bool want_dx,
-                               const Tensor& dx, Tensor& dK, Tensor& db, Tensor& dR, Tensor& dh0, Tensor& dc0,
-                               const Tensor& dz) {
+                               const optional<Tensor>& valid, const Tensor& PT, int64_t act, int64_t rec_act,
+                               bool want_dx, const Tensor& dx, Tensor& dK, Tensor& db, Tensor& dR, Tensor& dP,
+                               Tensor& dh0, Tensor& dc0, const Tensor& dz) {
   const int64_t B = cs.size(0), steps = cs.size(1), U = cs.size(2), H = hs.size(2), D = x.size(2), G4 = 4 * U;
   const T* dh_in = dhs.data_ptr<T>();
   const T* dc_end = dc_last.data_ptr<T>();  // (B, U): dL/dc at the last step, the only c the caller sees
@@ -283,13 +313,17 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
   const T* v = valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr;
   T* dz_all = dz.defined() ? dz.data_ptr<T>() : nullptr;
 
+  const T* pt = PT.defined() ? PT.data_ptr<T>() : nullptr;  // (H, U): the projection transposed, or null
+  const bool want_dP = dP.defined();
+
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
-  const int64_t wide = std::max(H, D);
-  const int64_t per_chunk = rows_max * (H + U + G4 + wide) + wide * rows_max + 5 * U;
+  const int64_t wide = std::max({H, D, pt ? U : int64_t(0)});
+  const int64_t per_chunk = rows_max * (H + U + G4 + wide) + wide * rows_max + 5 * U + (pt ? rows_max * (3 * U + H) : 0);
   Scratch<T> work(chunks * per_chunk);
-  // Per-chunk weight-gradient accumulators, summed after the loop: dR (H, 4U), dK (D, 4U), db (4U).
-  const int64_t acc_size = (want_dR ? H * G4 : 0) + (in.want_kernel ? D * G4 : 0) + (in.want_bias ? G4 : 0);
+  // Per-chunk weight-gradient accumulators, summed after the loop: dR (H, 4U), dK (D, 4U), db (4U), dP (U, H).
+  const int64_t acc_size = (want_dR ? H * G4 : 0) + (in.want_kernel ? D * G4 : 0) + (in.want_bias ? G4 : 0) +
+                           (want_dP ? U * H : 0);
   Scratch<T> acc(chunks * acc_size, true);
 
   for_each_batch_chunk(B, [&](int64_t r0, int64_t r1, int64_t chunk) {
@@ -302,47 +336,39 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
     T* dtc = ST + wide * rows_max;                   // (U,) one row's d act(c')
     T* tcr = dtc + U;                                // (U,) one row's act(c'), recomputed
     T* ones = tcr + U;
+    // With a projection: per row, act(c') (TC) and o * act(c') (Rw), the gradient at the projection's output
+    // (DHN, n × H) and at its input (DR, n × U).
+    T* TC = ones + 3 * U;
+    T* Rw = TC + rows_max * U;
+    T* DR = Rw + rows_max * U;
+    T* DHN = DR + rows_max * U;
     std::fill(ones, ones + U, T(1));
     const Zoneout<T> kh = with_buffer(zh, ones + U, U), kc = with_buffer(zc, ones + 2 * U, U);
     T* dR_acc = acc.data() + chunk * acc_size;
     T* dK_acc = dR_acc + (want_dR ? H * G4 : 0);
     T* db_acc = dK_acc + (in.want_kernel ? D * G4 : 0);
+    T* dP_acc = db_acc + (in.want_bias ? G4 : 0);
     std::fill(dh_carry, dh_carry + n * H, T(0));
     std::copy(dc_end + r0 * U, dc_end + r1 * U, dc_carry);
     for (int64_t t = steps - 1; t >= 0; --t) {
-      for (int64_t b = r0; b < r1; ++b) {
+      // The gradients at the gate pre-activations of row b, from d(o * act(c')) already turned into d o
+      // (in dzo) and d act(c') (in dtc): the cell-state side of the step, shared by both forms below.
+      auto c_side = [&](int64_t b, const T* tc, T* dtc) {
         const int64_t row = b * steps + t;
         const T* cp = t == 0 ? c_init + b * U : c_all + (row - 1) * U;
         const T* ig = g_all.at(b, t, 0);
         const T* fg = g_all.at(b, t, 1);
         const T* gg = g_all.at(b, t, 2);
         const T* og = g_all.at(b, t, 3);
-        const T* dhr = dh_in + row * H;
         const T* u = upd.present() ? upd.row(t, 0, b) : ones;
-#pragma omp simd
-        for (int64_t j = 0; j < U; ++j) tcr[j] = fg[j] * cp[j] + ig[j] * (gg[j] * u[j]);  // c', as forward
-        activate(act, tcr, U);
-        const T* dzh = kh.row(t, b);
         const T* dzc = kc.row(t, b);
         const T vb = v ? v[row] : T(1);
-        T* dhc = dh_carry + (b - r0) * H;
         T* dcc = dc_carry + (b - r0) * U;
         T* dzi = Dz + (b - r0) * G4;
         T* dzf = dzi + U;
         T* dzg = dzi + 2 * U;
         T* dzo = dzi + 3 * U;
-        // Two element-wise passes around vectorised activation-derivative passes (a switch on the
-        // activation inside a loop would keep it scalar).
-#pragma omp simd
-        for (int64_t j = 0; j < U; ++j) {
-          const T Dh = dhr[j] + dhc[j];
-          const T dH = vb * Dh;
-          const T dh_new = (T(1) - dzh[j]) * dH;
-          dzo[j] = dh_new * tcr[j];                     // d o, before o's derivative
-          dtc[j] = dh_new * og[j];                      // d act(c'), before act's derivative
-          dhc[j] = (T(1) - vb) * Dh + dzh[j] * dH;      // the recurrent product adds its part below
-        }
-        scale_by_act_grad(act, dtc, tcr, U);
+        scale_by_act_grad(act, dtc, tc, U);
 #pragma omp simd
         for (int64_t j = 0; j < U; ++j) {
           const T Dc = dcc[j];
@@ -357,6 +383,72 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
         scale_by_act_grad(rec_act, dzf, fg, U);
         scale_by_act_grad(act, dzg, gg, U);
         scale_by_act_grad(rec_act, dzo, og, U);
+      };
+      // act(c') of row b, recomputed from the saved gates and c_{t-1} as the forward formed it.
+      auto cell_output = [&](int64_t b, T* tc) {
+        const int64_t row = b * steps + t;
+        const T* cp = t == 0 ? c_init + b * U : c_all + (row - 1) * U;
+        const T* ig = g_all.at(b, t, 0);
+        const T* fg = g_all.at(b, t, 1);
+        const T* gg = g_all.at(b, t, 2);
+        const T* u = upd.present() ? upd.row(t, 0, b) : ones;
+#pragma omp simd
+        for (int64_t j = 0; j < U; ++j) tc[j] = fg[j] * cp[j] + ig[j] * (gg[j] * u[j]);
+        activate(act, tc, U);
+      };
+      // h's side of row b: dh_new (the gradient at the fresh h, width H) into out, the carry updated.
+      auto h_side = [&](int64_t b, T* out) {
+        const int64_t row = b * steps + t;
+        const T* dhr = dh_in + row * H;
+        const T* dzh = kh.row(t, b);
+        const T vb = v ? v[row] : T(1);
+        T* dhc = dh_carry + (b - r0) * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          const T Dh = dhr[j] + dhc[j];
+          const T dH = vb * Dh;
+          out[j] = (T(1) - dzh[j]) * dH;
+          dhc[j] = (T(1) - vb) * Dh + dzh[j] * dH;  // the recurrent product adds its part below
+        }
+      };
+      if (pt != nullptr) {  // h' = (o * act(c')) @ P: the gradient crosses the projection for all rows at once
+        for (int64_t b = r0; b < r1; ++b) {
+          T* tc = TC + (b - r0) * U;
+          T* r = Rw + (b - r0) * U;
+          const T* og = g_all.at(b, t, 3);
+          cell_output(b, tc);
+#pragma omp simd
+          for (int64_t j = 0; j < U; ++j) r[j] = og[j] * tc[j];
+          h_side(b, DHN + (b - r0) * H);
+        }
+        gemm(r1 - r0, U, H, DHN, H, pt, U, DR, U, false);
+        if (want_dP) weight_grad(Rw, U, r0, r1, U, StepMask<T>{}, t, DHN, H, 1, H, dP_acc, H, ST);
+        for (int64_t b = r0; b < r1; ++b) {
+          const T* tc = TC + (b - r0) * U;
+          const T* dr = DR + (b - r0) * U;
+          const T* og = g_all.at(b, t, 3);
+          T* dzo = Dz + (b - r0) * G4 + 3 * U;
+#pragma omp simd
+          for (int64_t j = 0; j < U; ++j) {
+            dzo[j] = dr[j] * tc[j];  // d o, before o's derivative
+            dtc[j] = dr[j] * og[j];  // d act(c'), before act's derivative
+          }
+          c_side(b, tc, dtc);
+        }
+      } else {
+        for (int64_t b = r0; b < r1; ++b) {
+          const T* og = g_all.at(b, t, 3);
+          T* dzo = Dz + (b - r0) * G4 + 3 * U;
+          cell_output(b, tcr);
+          h_side(b, dtc);  // dh_new, then (below) d act(c') in place
+#pragma omp simd
+          for (int64_t j = 0; j < U; ++j) {
+            const T dh_new = dtc[j];
+            dzo[j] = dh_new * tcr[j];
+            dtc[j] = dh_new * og[j];
+          }
+          c_side(b, tcr, dtc);
+        }
       }
       keep_step_grads(dz_all, G4, Dz, G4, G4, r0, r1, t, steps);
       const T* h_prev = t == 0 ? h_init + r0 * H : h_all + (r0 * steps + t - 1) * H;
@@ -369,7 +461,7 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
     std::copy(dh_carry, dh_carry + n * H, dh0.data_ptr<T>() + r0 * H);
     std::copy(dc_carry, dc_carry + n * U, dc0.data_ptr<T>() + r0 * U);
   });
-  reduce_chunks(acc.data(), chunks, acc_size, {&dR, &dK, &db});
+  reduce_chunks(acc.data(), chunks, acc_size, {&dR, &dK, &db, &dP});
 }
 
 Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, const Tensor& kernel, const Tensor& x,
@@ -377,8 +469,11 @@ Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, c
                     const optional<Tensor>& input_mask, const optional<Tensor>& rec_mask,
                     const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                     const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
-                    bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_dz) {
-  const CallDims d = backward_dims("droprnn lstm_backward", x, R, kernel, dhs, 4);
+                    bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_dz,
+                    const optional<Tensor>& projection) {
+  const bool projected = projection.has_value() && projection->defined();
+  const CallDims d = backward_dims("droprnn lstm_backward", x, R, kernel, dhs, 4, projected);
+  check_projection(d, R, projection);
   const int64_t U = d.U;
   check_tensor(d, dc_last, "dc_last", {d.B, U});
   check_tensor(d, h0, "h0", {d.B, d.H});
@@ -397,16 +492,19 @@ Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, c
   Tensor dK = want_dkernel ? pooled_empty(kernel.sizes(), kernel.options()) : Tensor();  // contiguous, whatever kernel's strides
   Tensor db = want_dbias ? pooled_empty({kernel.size(1)}, x.options()) : Tensor();
   Tensor dR = want_dR ? pooled_empty(R.sizes(), x.options()) : Tensor();
+  Tensor dP = projected ? pooled_empty(projection->sizes(), x.options()) : Tensor();
   Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
   Tensor dc0 = pooled_empty(c0.sizes(), c0.options());
   Tensor dz = want_dz ? pooled_empty({x.size(0), x.size(1), kernel.size(1)}, x.options()) : Tensor();
   const Tensor KT = want_dx ? transposed(kernel) : kernel;  // read for dx only
+  const Tensor PT = projected ? transposed(*projection) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "droprnn_lstm_backward", [&] {
     lstm_backward_impl<scalar_t>(dhs, dc_last, kernel_transposed(R, 4), KT, x, h0, c0, hs, cs, gates,
-                                 input_mask, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, act, rec_act, want_dx,
-                                 dx, dK, db, dR, dh0, dc0, dz);
+                                 input_mask, rec_mask, upd_mask, zoneout_h, zoneout_c, valid, PT, act, rec_act,
+                                 want_dx, dx, dK, db, dR, dP, dh0, dc0, dz);
   });
-  return {dx, dK, db, dR, Tensor(), dh0, dc0, dz};
+  // The fifth slot holds the cell's extra parameter's gradient: the GRU's recurrent bias, here the projection.
+  return {dx, dK, db, dR, dP, dh0, dc0, dz};
 }
 
 }  // namespace droprnn

@@ -12,18 +12,20 @@ std::tuple<Tensor, Tensor> lstm_forward(const Tensor& xw, const Tensor& R, const
                                                 const Tensor& c0, const optional<Tensor>& rec_mask,
                                                 const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                                 const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
-                                                int64_t act, int64_t rec_act);
+                                                int64_t act, int64_t rec_act, const optional<Tensor>& projection);
 std::tuple<Tensor, Tensor> lstm_inference(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
                                           const Tensor& h0, const Tensor& c0, const optional<Tensor>& rec_mask,
                                           const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                                           const optional<Tensor>& zoneout_c, const optional<Tensor>& valid,
-                                          int64_t act, int64_t rec_act, bool all_steps);
+                                          int64_t act, int64_t rec_act, bool all_steps,
+                                          const optional<Tensor>& projection);
 Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, const Tensor& kernel, const Tensor& x,
                     const Tensor& h0, const Tensor& c0, const Tensor& hs, const Tensor& cs, const Tensor& gates,
                     const optional<Tensor>& input_mask, const optional<Tensor>& rec_mask,
                     const optional<Tensor>& upd_mask, const optional<Tensor>& zoneout_h,
                     const optional<Tensor>& zoneout_c, const optional<Tensor>& valid, int64_t act, int64_t rec_act,
-                    bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_dz);
+                    bool want_dx, bool want_dkernel, bool want_dbias, bool want_dR, bool want_dz,
+                    const optional<Tensor>& projection);
 std::tuple<Tensor, Tensor> gru_forward(const Tensor& xw, const Tensor& R, const optional<Tensor>& input_bias,
                                        const optional<Tensor>& rbias,
                                        const Tensor& h0, const optional<Tensor>& rec_mask,
