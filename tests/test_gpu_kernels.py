@@ -51,7 +51,7 @@ from droprnn import (  # noqa: E402
 )
 from droprnn.kernels import dispatch, fused, gpu  # noqa: E402
 from kernel_oracle import (  # noqa: E402
-    call_for, cast_plan, draw_plans, flat, holey_mask, loss_weights, rebuild, run, spy_on,
+    call_for, cast_plan, draw_plans, flat, holey_mask, loss_weights, rebuild, run, spy_on, uninitialized_is_nan,
 )
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
@@ -64,22 +64,6 @@ _SRC = str(Path(droprnn.__file__).resolve().parents[1])
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def uninitialized_is_nan():
-    """Make torch.empty fill with NaN (restoring the previous settings afterwards)."""
-    was_det = torch.are_deterministic_algorithms_enabled()
-    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        assert torch.isnan(torch.empty(5, dtype=F32)).all(), "NaN fill inactive: the NaN check would be vacuous"
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
-        torch.utils.deterministic.fill_uninitialized_memory = was_fill
-
-
 def make_cell(kind: str, units: int, **options):
     """An LSTMCell ("lstm"), a GRUCell ("gru": reset_after, "gru-rb": reset_before) or a SimpleRNNCell
     ("simple", which has no recurrent_activation)."""
