@@ -131,9 +131,18 @@ def _case(name):
     return layer, x, draw_plans(layer, B, T)
 
 
+@pytest.fixture(params=["in loop", "after loop"])
+def weight_grads(request, monkeypatch):
+    """Both ways the backward forms the weight gradients: in its loop (float32 updates), or after it in
+    bfloat16 products (fused._defers_weight_grads)."""
+    monkeypatch.setattr(fused, "_DEFER_BYTES", 0 if request.param == "after loop" else 1 << 40)
+    monkeypatch.setattr(fused, "_DEFER_BYTES_PER_ROW", 0 if request.param == "after loop" else 1 << 40)
+    return request.param
+
+
 @needs_bf16
 @pytest.mark.parametrize("name", list(CASES))
-def test_autocast_training_equals_the_float64_reference_within_the_bound(name):
+def test_autocast_training_equals_the_float64_reference_within_the_bound(name, weight_grads):
     layer, x, plans = _case(name)
     got = _run(layer, "fused", x, plans, autocast=True)
     assert all(t.dtype == BF16 for t in got[0]) and all(g.dtype == F32 for g in got[1])
@@ -145,7 +154,7 @@ def test_autocast_training_equals_the_float64_reference_within_the_bound(name):
 
 @needs_bf16
 @pytest.mark.parametrize("name", ["lstm", "lstm_wide", "gru_wide", "gru_reset_before", "simple", "stacked"])
-def test_bfloat16_layers_train_fused_within_the_bound(name):
+def test_bfloat16_layers_train_fused_within_the_bound(name, weight_grads):
     layer, x, plans = _case(name)
     low = copy.deepcopy(layer).to(BF16)
     got = _run(low, "fused", x.to(BF16), [cast_plan(p, BF16) for p in plans], autocast=False)

@@ -891,3 +891,6 @@ def test_weight_gradients_after_the_loop_only_where_they_outgrow_the_cache(kind,
     assert fused._defers_weight_grads(torch.zeros(20, 1, 650), R)  # 650 units: 3.3-13 MiB
     assert not fused._defers_weight_grads(torch.zeros(2000, 1, 650), R)  # a step's update is 2000 rows thick
     assert not fused._defers_weight_grads(torch.zeros(1, 1, 32), torch.zeros(32, gates * 32))
+    # with bfloat16 products only the cache decides: a thick batch defers too, a small layer does not
+    assert fused._defers_weight_grads(torch.zeros(2000, 1, 650), R, bf16=True)
+    assert not fused._defers_weight_grads(torch.zeros(2000, 1, 32), torch.zeros(32, gates * 32), bf16=True)
