@@ -162,6 +162,11 @@ def make_layer(kind: str, D: int, U: int, dtype, *, mode=None, acts=("tanh", "si
         layer = RNN(cells, **layer_kw)
     else:
         raise AssertionError(kind)
+    return built_with_random_weights(layer, D, dtype, seed, weight_scale)
+
+
+def built_with_random_weights(layer, D: int, dtype, seed: int, weight_scale: float):
+    """``layer`` built for D features with weights N(0, weight_scale²), deterministic in ``seed``."""
     layer.build(D, dtype=dtype)
     gen = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():

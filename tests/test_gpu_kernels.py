@@ -51,7 +51,8 @@ from droprnn import (  # noqa: E402
 )
 from droprnn.kernels import dispatch, fused, gpu  # noqa: E402
 from kernel_oracle import (  # noqa: E402
-    call_for, cast_plan, draw_plans, flat, holey_mask, loss_weights, rebuild, run, spy_on, uninitialized_is_nan,
+    built_with_random_weights, call_for, cast_plan, draw_plans, flat, holey_mask, loss_weights, rebuild, run, spy_on,
+    uninitialized_is_nan,
 )
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
@@ -90,12 +91,7 @@ def make_layer(D: int, U: int, dtype, *, mode=None, acts=("tanh", "sigmoid"), st
         layer = SimpleRNN(U, activation=act, **mode, **layer_kw)
     else:
         layer = GRU(U, activation=act, recurrent_activation=rec_act, reset_after=cell == "gru", **mode, **layer_kw)
-    layer.build(D, dtype=dtype)
-    gen = torch.Generator().manual_seed(1000 + seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(weight_scale * torch.randn(p.shape, generator=gen, dtype=F64))
-    return layer
+    return built_with_random_weights(layer, D, dtype, seed, weight_scale)
 
 
 def random_input(B: int, T: int, D: int, dtype, seed: int = 0) -> torch.Tensor:
