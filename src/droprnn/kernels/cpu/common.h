@@ -390,18 +390,14 @@ void recurrent_product(const T* h_prev, int64_t ldh, int64_t r0, int64_t r1, con
   if constexpr (std::is_same_v<T, float>) {
     if (R.packed.present()) {  // bfloat16 products, one per gate; h rounded once per distinct mask
       const int64_t gates = used * R.gates_per_panel(), U = R.packed.N;
-      const T* rows = h_prev;
-      int64_t ld = ldh;
+      const bool per_gate = rec.present() && rec.gate_stride != 0;
+      uint16_t* a16 = bf16_rows(n, R.packed.Kp);
       for (int64_t g = 0; g < gates; ++g) {
-        if (rec.present() && (g == 0 || rec.gate_stride != 0)) {
-          masked_rows(base, ldh, r0, r1, K, rec, t, rec.gate_stride != 0 ? g : 0, A);
-          rows = A, ld = K;
+        if (g == 0 || per_gate) {
+          if (rec.present()) masked_rows(base, ldh, r0, r1, K, rec, t, per_gate ? g : 0, A);
+          round_rows(n, K, R.packed.Kp, rec.present() ? A : h_prev, rec.present() ? K : ldh, a16);
         }
-        if (g == 0 || (rec.present() && rec.gate_stride != 0)) {
-          uint16_t* a16 = bf16_rows(n, R.packed.Kp);
-          round_rows(n, K, R.packed.Kp, rows, ld, a16);
-        }
-        gemm_bf16_rounded(n, U, bf16_rows(n, R.packed.Kp), R.packed, g, 0, Z + g * U, ldz, false);
+        gemm_bf16_rounded(n, U, a16, R.packed, g, 0, Z + g * U, ldz, false);
       }
       return;
     }
