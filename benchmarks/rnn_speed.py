@@ -20,7 +20,11 @@ The training table's rows:
                           kernel runs inside the compiled program as its registered operator;
 - ``droprnn``             droprnn without dropout;
 - ``droprnn ref rd``      droprnn's reference loop (impl="reference") with the same dropout;
-- ``hand loop rd``        what a PyTorch user writes by hand: a Python loop with variational masks;
+- ``hand loop rd``        what a PyTorch user writes by hand with the same (per-gate) masks: a Python loop,
+                          per-gate products (no ``torch.nn`` cell takes per-gate masks);
+- ``droprnn ref tied``    the reference loop with one input and one state mask shared by all gates
+                          (``recurrent_dropout_mode="tied"``, ``input_dropout_mode="shared"``);
+- ``hand loop tied``      the same masks by hand: a loop of ``torch.nn.LSTMCell`` / ``GRUCell`` calls;
 - ``keras-jax rd``        Keras 3 LSTM/GRU(dropout=0.25, recurrent_dropout=0.25) on JAX (jit), in a
                           subprocess, when JAX and Keras are installed.
 
@@ -48,10 +52,12 @@ import time
 
 SHAPES = [(32, 100, 64, 128), (64, 100, 128, 256), (16, 200, 32, 64), (128, 50, 256, 512)]
 RATE = 0.25
-TRAIN_VARIANTS = ["torch.nn", "droprnn rd", "droprnn rd compiled", "droprnn", "droprnn ref rd", "hand loop rd"]
+TRAIN_VARIANTS = ["torch.nn", "droprnn rd", "droprnn rd compiled", "droprnn", "droprnn ref rd", "hand loop rd",
+                  "droprnn ref tied", "hand loop tied"]
+HAND_LOOPS = {"droprnn ref rd", "hand loop rd", "droprnn ref tied", "hand loop tied"}
 # table: (shapes, variants, the slow variants that run a third of the rounds, memory measured)
 TABLES = {
-    "train": (SHAPES, TRAIN_VARIANTS, {"droprnn ref rd", "hand loop rd"}, True),
+    "train": (SHAPES, TRAIN_VARIANTS, HAND_LOOPS, True),
     "inference": (SHAPES + [(1, 100, 64, 128), (1, 1000, 32, 64)], ["torch.nn", "droprnn", "droprnn ref"],
                   {"droprnn ref"}, True),
     "bf16-train": (SHAPES, ["torch.nn", "droprnn rd"], set(), False),
@@ -107,10 +113,12 @@ def make_step(kind: str, variant: str, shape, seed: int = 0, table: str = "train
             out.sum().backward()
 
         return step
-    if variant == "hand loop rd":
-        return _hand_loop(kind, x, units)
+    if variant.startswith("hand loop"):
+        return _hand_loop(kind, x, units, tied=variant.endswith("tied"))
     rates = {} if variant == "droprnn" else {"dropout": RATE, "recurrent_dropout": RATE}
-    impl = "reference" if variant == "droprnn ref rd" else "auto"
+    if variant.endswith("tied"):
+        rates.update(recurrent_dropout_mode="tied", input_dropout_mode="shared")
+    impl = "reference" if variant.startswith("droprnn ref") else "auto"
     layer = getattr(droprnn, kind)(units, return_sequences=True, input_size=features, impl=impl, **rates)
     run = torch.compile(layer) if variant == "droprnn rd compiled" else layer  # compiled at the warm-up step
 
@@ -120,18 +128,28 @@ def make_step(kind: str, variant: str, shape, seed: int = 0, table: str = "train
     return step
 
 
-def _hand_loop(kind: str, x, units: int):
-    """Variational dropout as users write it: masks drawn per sequence, a Python loop over time."""
+def _hand_loop(kind: str, x, units: int, tied: bool):
+    """The loop a PyTorch user writes by hand for variational dropout, with the same masks as the droprnn row it
+    is set against: masks drawn once per sequence and a Python loop over time.
+
+    ``tied``: one input and one state mask shared by every gate, so each step is a ``torch.nn.LSTMCell`` /
+    ``GRUCell`` call (C++ gate math) -- droprnn's ``recurrent_dropout_mode="tied", input_dropout_mode="shared"``
+    (``GRUCell`` also carries the masked h into ``z * h``, which Keras does not; the work is the same).
+    Otherwise Keras's masks, one per gate on the input and on h(t-1) where each meets its kernel, which no
+    ``torch.nn`` cell takes: the step is written out (:func:`per_gate_loop`).
+    """
     import torch
 
     batch, steps, features = x.shape
     gates = 4 if kind == "LSTM" else 3
     cell = (torch.nn.LSTMCell if kind == "LSTM" else torch.nn.GRUCell)(features, units)
+    keep = 1 - RATE
 
-    def step():
-        keep = 1 - RATE
-        input_mask = torch.bernoulli(torch.full((batch, features), keep)) / keep
-        state_mask = torch.bernoulli(torch.full((batch, units), keep)) / keep
+    def masks(count: int, width: int):
+        return torch.bernoulli(torch.full((count, batch, width), keep)) / keep
+
+    def tied_step():
+        input_mask, state_mask = masks(1, features)[0], masks(1, units)[0]
         h = torch.zeros(batch, units)
         c = torch.zeros(batch, units)
         outputs = []
@@ -143,7 +161,41 @@ def _hand_loop(kind: str, x, units: int):
             outputs.append(h)
         torch.stack(outputs, 1).sum().backward()
 
-    return step
+    def per_gate_step():
+        outputs = per_gate_loop(cell, x, masks(gates, features), masks(gates, units))
+        outputs.sum().backward()
+
+    return tied_step if tied else per_gate_step
+
+
+def per_gate_loop(cell, x, input_masks, state_masks):
+    """The hand loop's recurrence with one mask per gate: per-gate products, the input projections of all steps
+    formed before the loop. ``cell``: a ``torch.nn.LSTMCell`` / ``GRUCell`` (its weights); x (B, T, D),
+    input_masks (G, B, D), state_masks (G, B, U). Returns h of every step (B, T, U)."""
+    import torch
+
+    batch, steps, features = x.shape
+    gates, units = (4 if isinstance(cell, torch.nn.LSTMCell) else 3), cell.hidden_size
+    # torch's layout (G·U, D) as one (D, U) kernel per gate, so that x @ kernel[g] is gate g's block
+    kernel = cell.weight_ih.view(gates, units, features).transpose(1, 2)
+    recurrent = cell.weight_hh.view(gates, units, units).transpose(1, 2)
+    bias_x, bias_h = cell.bias_ih.view(gates, units), cell.bias_hh.view(gates, units)
+    projected = [((x * input_masks[g].unsqueeze(1)) @ kernel[g] + bias_x[g]).unbind(1) for g in range(gates)]
+    h = x.new_zeros(batch, units)
+    c = x.new_zeros(batch, units)
+    outputs = []
+    for t in range(steps):
+        from_h = [(h * state_masks[g]) @ recurrent[g] + bias_h[g] for g in range(gates)]
+        if gates == 4:  # torch's gate order i, f, g, o
+            i, f, o = (torch.sigmoid(projected[g][t] + from_h[g]) for g in (0, 1, 3))
+            c = f * c + i * torch.tanh(projected[2][t] + from_h[2])
+            h = o * torch.tanh(c)
+        else:  # r, z, n; the reset multiplies the recurrent product (torch's and Keras's default)
+            r, z = (torch.sigmoid(projected[g][t] + from_h[g]) for g in (0, 1))
+            n = torch.tanh(projected[2][t] + r * from_h[2])
+            h = (1 - z) * n + z * h
+        outputs.append(h)
+    return torch.stack(outputs, 1)
 
 
 def interleaved_medians(steps: dict, repeats: int, slow: set) -> dict:

@@ -35,3 +35,37 @@ def test_every_row_of_every_table_runs(rnn_speed, kind):
 def test_the_machine_line_names_the_cpu_and_its_caches(rnn_speed):
     line = rnn_speed.machine()
     assert "L2" in line and "threads" in line
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_the_per_gate_hand_loop_is_torch_cells_recurrence_when_its_gates_share_masks(rnn_speed, kind):
+    """The hand loop that the reference loop is timed against computes a real LSTM / GRU with its masks where
+    Keras puts them: with every gate's mask the same, it equals a loop of torch's cell on masked inputs."""
+    import torch
+
+    torch.manual_seed(0)
+    batch, steps, features, units = 3, 5, 4, 6
+    gates = 4 if kind == "LSTM" else 3
+    cell = getattr(torch.nn, kind + "Cell")(features, units).double()
+    x = torch.randn(batch, steps, features, dtype=torch.float64)
+    input_mask = torch.bernoulli(torch.full((batch, features), 0.7, dtype=torch.float64)) / 0.7
+    state_mask = torch.bernoulli(torch.full((batch, units), 0.7, dtype=torch.float64)) / 0.7
+    got = rnn_speed.per_gate_loop(cell, x, input_mask.expand(gates, -1, -1), state_mask.expand(gates, -1, -1))
+    h = c = x.new_zeros(batch, units)
+    expected = []
+    for t in range(steps):
+        if kind == "LSTM":
+            h, c = cell(x[:, t] * input_mask, (h * state_mask, c))
+        else:
+            # torch's cell adds h itself in z * h: pass the masked h for the products only
+            gi = torch.nn.functional.linear(x[:, t] * input_mask, cell.weight_ih, cell.bias_ih)
+            gh = torch.nn.functional.linear(h * state_mask, cell.weight_hh, cell.bias_hh)
+            (ir, iz, i_n), (hr, hz, hn) = gi.chunk(3, 1), gh.chunk(3, 1)
+            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            h = (1 - z) * torch.tanh(i_n + r * hn) + z * h
+        expected.append(h)
+    torch.testing.assert_close(got, torch.stack(expected, 1), rtol=1e-12, atol=1e-12)
+    plain = rnn_speed.per_gate_loop(cell, x, x.new_ones(gates, batch, features), x.new_ones(gates, batch, units))
+    reference = getattr(torch.nn, kind)(features, units, batch_first=True).double()
+    reference.load_state_dict({k + "_l0": v for k, v in cell.state_dict().items()})
+    torch.testing.assert_close(plain, reference(x)[0], rtol=1e-12, atol=1e-12)

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..cells import CellWeights
+from ..cells import CellWeights, with_gate_kernels
 from ..dropout.plan import CellMasks
 from .call import RecurrentCall, Result
 
@@ -44,6 +44,7 @@ def run(call: RecurrentCall) -> Result:
     """
     x, step_mask, weights = call.in_processing_order()
     cells, masks = call.cells, call.plan.cells
+    weights = [with_gate_kernels(w, cell.gates, m.recurrent) for w, cell, m in zip(weights, cells, masks)]
     # unbind once: indexing projected[:, t] per step would make autograd build a full-size zero
     # gradient for every step (select_backward), which dominated the reference loop's backward.
     projected = cells[0].project_inputs(x, weights[0], masks[0].input).unbind(1)
@@ -82,6 +83,7 @@ def plain_layer(cell, x: Tensor, weights: CellWeights, states: States, input_mas
     """What a fast kernel's layer operator computes for one cell, in the cell's own plain autograd ops: the
     carried h sequence (B, T, H), then the last value of every other state (the LSTM's c). ``valid``: (B, T)
     of 0/1 or None. The path for double backward, which the hand-written backwards do not support."""
+    weights = with_gate_kernels(weights, cell.gates, masks.recurrent)
     projected = cell.project_inputs(x, weights, input_masks).unbind(1)
     sequence = []
     for t in range(x.shape[1]):
