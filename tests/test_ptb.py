@@ -153,8 +153,11 @@ def test_training_windows_carry_detached_states_and_redraw_masks():
 def test_learning_rate_schedules_follow_the_papers():
     small = ptb.PRESETS["zaremba-small"]
     assert [ptb.learning_rate(small, e) for e in (1, 4, 5, 6, 13)] == [1.0, 1.0, 0.5, 0.25, 0.5 ** 9]
-    medium = ptb.PRESETS["zaremba-medium"]
-    assert ptb.learning_rate(medium, 6) == 1.0 and ptb.learning_rate(medium, 8) == pytest.approx(0.64)
+    for name in ("zaremba-medium", "gal-medium"):  # Zaremba's medium schedule: divided by 1.2 per epoch after the 6th
+        medium = ptb.PRESETS[name]
+        assert ptb.learning_rate(medium, 6) == 1.0 and ptb.learning_rate(medium, 8) == pytest.approx(1 / 1.2 ** 2)
+    first = ptb.PRESETS["gal-medium-tf"]  # the first gal-medium run's schedule, the TensorFlow tutorial's
+    assert ptb.learning_rate(first, 8) == pytest.approx(0.64)
 
 
 def test_preset_models_place_dropout_as_published():
@@ -170,6 +173,9 @@ def test_preset_models_place_dropout_as_published():
     lstm = gal.layers[1]
     assert lstm.stateful and lstm.cell.dropout == 0.35 and lstm.cell.recurrent_dropout == 0.2
     assert tuple(gal.layers[3].noise_shape) == (None, 1, None), "one output mask per window"
+    assert gal.layers[0].per_sequence, "each sequence drops its own word types, as Gal's scripts"
+    first = build(ptb.model_code(ptb.PRESETS["gal-medium-tf"]))
+    assert not first.layers[0].per_sequence
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -207,3 +213,17 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
     assert resumed["test_metric"] == whole["test_metric"]
     with pytest.raises(DroprnnError, match="other settings"):
         ptb.train(dataclasses.replace(preset, units=8), seed=3, checkpoint=tmp_path / "split.pt")
+
+
+def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    preset = ptb.Preset("old", "old", layers=1, units=4, epochs=3, learning_rate=1.0, lr_decay=0.5, decay_after=1,
+                        init_scale=0.1)
+    model = build(ptb.model_code(preset, vocabulary=10))
+    ptb._save(tmp_path / "old.pt", preset, 0, model, [{"epoch": 1}], (9.0, 1), 12.0, "cpu")
+    saved = torch.load(tmp_path / "old.pt", weights_only=False)
+    del saved["preset"]["embedding_per_sequence"]  # as written before the setting was added
+    torch.save(saved, tmp_path / "old.pt")
+    epochs, best, seconds = ptb._resume(tmp_path / "old.pt", preset, 0, model, "cpu")
+    assert epochs == [{"epoch": 1}] and best == (9.0, 1) and seconds == 12.0
+    with pytest.raises(DroprnnError, match="embedding_per_sequence"):
+        ptb._resume(tmp_path / "old.pt", dataclasses.replace(preset, embedding_per_sequence=True), 0, model, "cpu")
