@@ -227,3 +227,63 @@ def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_default(
     assert epochs == [{"epoch": 1}] and best == (9.0, 1) and seconds == 12.0
     with pytest.raises(DroprnnError, match="embedding_per_sequence"):
         ptb._resume(tmp_path / "old.pt", dataclasses.replace(preset, embedding_per_sequence=True), 0, model, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- placements
+def test_placements_put_each_kind_of_dropout_where_its_name_says():
+    base = ptb.PRESETS["zaremba-small"]
+    models = {name: build(ptb.model_code(ptb.placement_preset(base, name, 0.3))) for name in ptb.PLACEMENTS}
+    none = models["none"]
+    assert [type(m).__name__ for m in none.layers] == ["Embedding", "LSTM", "LSTM", "Dense"]
+    assert not any(isinstance(m, (droprnn.Dropout, droprnn.EmbeddingDropout)) for m in none.modules())
+    assert all(l.cell.dropout == 0 and l.cell.recurrent_dropout == 0 for l in none.layers[1:3])
+    after = [type(m).__name__ for m in models["dropout_after"].layers]
+    assert after == ["Embedding", "LSTM", "Dropout", "LSTM", "Dropout", "Dense"], "between the layers, before the softmax"
+    both = [m for m in models["both"].layers if isinstance(m, droprnn.LSTM)]
+    assert len(both) == 2 and all(l.cell.dropout == 0.3 and l.cell.recurrent_dropout == 0.3 for l in both)
+    assert all(l.cell.recurrent_dropout_mode == "tied" for l in models["tied"].layers if isinstance(l, droprnn.LSTM))
+    zoned = [l for l in models["zoneout"].layers if isinstance(l, droprnn.LSTM)]
+    assert all(l.cell.zoneout_h == 0.3 and l.cell.zoneout_c == 0.3 for l in zoned)
+    embedding = models["embedding"].layers[0]
+    assert isinstance(embedding, droprnn.EmbeddingDropout) and embedding.rate == 0.3
+    assert all(l.stateful for m in models.values() for l in m.layers if isinstance(l, droprnn.LSTM))
+
+
+def test_a_placement_replaces_the_base_presets_own_dropout():
+    gal = ptb.placement_preset(ptb.PRESETS["gal-medium"], "recurrent_dropout", 0.2)
+    model = build(ptb.model_code(gal))
+    assert not any(isinstance(m, (droprnn.Dropout, droprnn.EmbeddingDropout)) for m in model.modules())
+    lstms = [l for l in model.layers if isinstance(l, droprnn.LSTM)]
+    assert all(l.cell.dropout == 0 and l.cell.recurrent_dropout == 0.2 for l in lstms)
+    assert gal.mc_samples == 0 and gal.published is None and gal.epochs == 39 and gal.units == 650
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--variants", "both,sideways"], "sideways"),
+    (["--variants", "both,both"], "more than once"),
+    (["--variants", "both", "--rate", "1.5"], "--rate"),
+    (["--variants", "both", "--seeds", "0"], "--seeds"),
+])
+def test_placement_runs_refuse_bad_arguments_in_one_line(capsys, tmp_path, arguments, message):
+    assert main(["lab", "ptb", *arguments, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "run").exists(), "nothing is written before the arguments hold"
+
+
+@needs_ptb
+def test_placements_run_side_by_side_and_resume_from_their_records(tmp_path):
+    seen = []
+    results, files = ptb.run_placements("none,embedding", 0.3, base="tiny", out=str(tmp_path / "run"), epochs=1,
+                                        progress=lambda variant, record: seen.append(variant))
+    assert seen == ["none", "embedding"]
+    assert [t["variant"] for t in results["trials"]] == ["none", "embedding"]
+    assert all(t["status"] == "ok" and 1 < t["test_metric"] < 10_000 for t in results["trials"])
+    assert results["config"]["rate"] == 0.3 and results["config"]["metric"] == "perplexity"
+    assert "EmbeddingDropout" in results["variants"]["embedding"]["code"]
+    assert files["html"].exists() and (tmp_path / "run" / "masks" / "embedding.png").exists()
+    seen.clear()
+    again, _ = ptb.run_placements("none,embedding", 0.3, base="tiny", out=str(tmp_path / "run"), epochs=1,
+                                  progress=lambda variant, record: seen.append(variant))
+    assert seen == [], "finished trials are read back, not trained again"
+    assert [t["test_metric"] for t in again["trials"]] == [t["test_metric"] for t in results["trials"]]

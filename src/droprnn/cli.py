@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
-from .errors import DroprnnError
+from .errors import DroprnnError, check_positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,12 +68,18 @@ def _add_lab(commands) -> None:
     ptb = tasks.add_parser("ptb", help="word-level language modelling on Penn Treebank: Zaremba and Gal",
                            description="Train a published Penn Treebank configuration and compare its test "
                                        "perplexity with the paper's.")
-    from .lab.ptb import PRESETS
+    from .lab.ptb import PLACEMENTS, PRESETS
 
     ptb.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
     ptb.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     ptb.add_argument("--seed", type=int, default=0)
-    ptb.add_argument("--out", default="", help="run directory (default runs/ptb-<preset>)")
+    ptb.add_argument("--variants", default=None,
+                     help="compare dropout placements on the preset's model and schedule instead (its own dropout "
+                          f"off), a comma list from: {', '.join(PLACEMENTS)}")
+    ptb.add_argument("--rate", type=float, default=0.25, help="the placements' drop probability (with --variants)")
+    ptb.add_argument("--seeds", type=int, default=1, help="seeds per placement (with --variants): 0, 1, ...")
+    ptb.add_argument("--out", default="", help="run directory (default runs/ptb-<preset>, or "
+                                                 "runs/ptb-<preset>-placements with --variants)")
     ptb.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the layers run the GPU kernels when Triton is installed)")
 
 
@@ -111,8 +117,29 @@ def _run_lab(args) -> None:
     print(f"\nreport: {files['html']}  (also {files['markdown']}; data in {files['markdown'].parent / 'results.json'})")
 
 
+def _run_ptb_placements(args) -> None:
+    from .lab import ptb
+    from .lab.report import summarize, terminal_table
+
+    def show(variant: str, record: dict) -> None:
+        print(f"{variant} epoch {record['epoch']}: train perplexity {record['train_metric']:.1f}, valid perplexity "
+              f"{record['val_metric']:.1f}, {record['seconds']:.0f} s", flush=True)
+
+    seeds = check_positive_int("droprnn lab ptb", "--seeds", args.seeds)
+    results, files = ptb.run_placements(args.variants, args.rate, base=args.preset, out=args.out or None,
+                                        seeds=tuple(range(seeds)), epochs=args.epochs,
+                                        progress=show, device=args.device)
+    print()
+    print(terminal_table(summarize(results), "perplexity"))
+    print(f"\nreport: {files['html']}")
+
+
 def _run_ptb(args) -> None:
     from .lab import ptb
+
+    if args.variants is not None:
+        _run_ptb_placements(args)
+        return
 
     def show(record: dict) -> None:
         print(f"epoch {record['epoch']}: train perplexity {record['train_metric']:.1f}, valid perplexity "
@@ -135,7 +162,7 @@ def _run_ptb(args) -> None:
 
 
 def _run_masks(args) -> None:
-    from .errors import check_positive_int, check_rate
+    from .errors import check_rate
     from .lab.masks import draw_variants
     from .lab.variants import LAYERS, check_variants
 

@@ -40,7 +40,7 @@ from ..errors import DroprnnError, check_device, check_out_dir, check_positive_i
 from ..layers.recurrent import RNN
 from . import masks, report
 from .runner import versions
-from .variants import build
+from .variants import VARIANTS, Variant, build, check_variants, rnn_arguments
 
 Tensor = torch.Tensor
 WHERE = "droprnn lab ptb"
@@ -60,6 +60,8 @@ class Preset:
     embedding_dropout:  whole word types dropped from the embedding (Gal's embedding dropout)
     embedding_per_sequence: each row of a window drops its own word types (Gal's scripts), rather than one
                         draw shared by the batch
+    placement, placement_rate: one of :data:`PLACEMENTS` at that rate, in place of the sites above (the
+                        "which dropout, where?" runs: ``droprnn lab ptb --variants``)
     """
 
     name: str
@@ -80,6 +82,8 @@ class Preset:
     output_dropout: float = 0.0
     embedding_dropout: float = 0.0
     embedding_per_sequence: bool = False
+    placement: str = ""
+    placement_rate: float = 0.0
     weight_decay: float = 0.0
     mc_samples: int = 0
     published: Optional[float] = None
@@ -118,8 +122,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
+# The lab's placements, plus the one only a language model has: whole word types dropped from the embedding.
+PLACEMENTS: dict[str, Variant] = {**VARIANTS, "embedding": Variant(
+    "embedding", "embedding dropout", "Whole word types dropped from the embedding: every occurrence of a "
+    "dropped word in the window reads zeros (Gal's embedding dropout), one draw per window shared by the batch.")}
+
+
 def model_code(preset: Preset, vocabulary: int = VOCABULARY) -> str:
     """The droprnn source of the preset's model (the same words as the report shows)."""
+    if preset.placement:
+        return _placement_code(preset, vocabulary)
     u = preset.units
     embedding = f"droprnn.Embedding({vocabulary}, {u})"
     if preset.embedding_dropout:
@@ -138,6 +150,31 @@ def model_code(preset: Preset, vocabulary: int = VOCABULARY) -> str:
         layers.append(f"droprnn.Dropout({preset.output_dropout}, noise_shape=(None, 1, None))")
     layers.append(f"droprnn.Dense({vocabulary}, input_size={u})")
     return "model = droprnn.Sequential([\n" + "".join(f"    {line},\n" for line in layers) + "])\n"
+
+
+def _placement_code(preset: Preset, vocabulary: int) -> str:
+    """A placement on the preset's stack: its layers before each LSTM's input and after each LSTM's output
+    (so ``dropout_after`` drops between the layers and before the softmax), its arguments on every LSTM."""
+    placement, rate, u = PLACEMENTS[preset.placement], preset.placement_rate, preset.units
+    embedding = f"droprnn.Embedding({vocabulary}, {u})"
+    layers = [f"droprnn.EmbeddingDropout({embedding}, {rate})" if placement.name == "embedding" else embedding]
+    options = rnn_arguments(placement, "lstm", rate) if placement.rnn else ""
+    for _ in range(preset.layers):
+        layers += [b.format(rate=rate) for b in placement.before]
+        layers.append(f"droprnn.LSTM({u}, return_sequences=True, stateful=True, input_size={u}"
+                      f"{', ' + options if options else ''})")
+        layers += [a.format(rate=rate) for a in placement.after]
+    layers.append(f"droprnn.Dense({vocabulary}, input_size={u})")
+    return "model = droprnn.Sequential([\n" + "".join(f"    {line},\n" for line in layers) + "])\n"
+
+
+def placement_preset(base: Preset, placement: str, rate: float) -> Preset:
+    """``base`` with its own dropout sites off and ``placement`` at ``rate`` instead (no MC evaluation)."""
+    return dataclasses.replace(
+        base, name=f"{base.name}/{placement}", description=PLACEMENTS[placement].description, dropout=0.0,
+        input_dropout=0.0, recurrent_dropout=0.0, output_dropout=0.0, embedding_dropout=0.0,
+        embedding_per_sequence=False, mc_samples=0, published=None, published_mc=None, placement=placement,
+        placement_rate=0.0 if placement == "none" else rate)
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -401,9 +438,79 @@ def run(preset_name: str, out: Optional[str] = None, seed: int = 0, epochs: Opti
     return results, files
 
 
-def draw_masks(preset: Preset, folder: Path, steps: int = 35) -> Path:
-    """The preset's mask picture for the first ``steps`` test tokens (seeded: the same picture every run)."""
+def run_placements(variants: Any, rate: float, base: str = "zaremba-small", out: Optional[str] = None,
+                   seeds: Any = (0,), epochs: Optional[int] = None,
+                   progress: Optional[Callable[[str, dict[str, Any]], None]] = None,
+                   device: str = "cpu") -> tuple[dict[str, Any], dict[str, Path]]:
+    """``droprnn lab ptb --variants``: "which dropout, where?" on a language model. Each placement of
+    :data:`PLACEMENTS` trains ``base``'s model and schedule with that one placement at ``rate`` (its own
+    dropout off), for every seed; results.json and one report hold them side by side.
+
+    Resumable at two levels: a finished trial's record (``trials/<variant>-seed<k>.json``) is read back, an
+    unfinished one continues from its checkpoint. A trial that raises is recorded as failed; the others go
+    on, and a rerun tries it again. ``progress(variant, epoch record)`` is told every epoch.
+    """
+    from .runner import failed
+
+    where = WHERE
+    names = check_variants(where, variants, PLACEMENTS)
+    if base not in PRESETS:
+        raise DroprnnError(f"{where}: argument `--preset` expected one of {', '.join(PRESETS)}, got {base!r}.")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < 1:
+        raise DroprnnError(f"{where}: argument `--rate` expected a drop probability in (0, 1), got {rate!r}.")
+    if isinstance(seeds, int) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise DroprnnError(f"{where}: argument `--seeds` expected one or more ints >= 0, got {seeds!r}.")
+    seeds = tuple(seeds)
+    template = PRESETS[base]
+    if epochs is not None:
+        template = dataclasses.replace(template, epochs=check_positive_int(where, "--epochs", epochs))
+    device = check_device(where, "--device", device)
+    run_dir = Path(check_out_dir(where, out or f"runs/ptb-{base}-placements"))
+    trials, codes, pictures = [], {}, {}
+    for seed in seeds:
+        for name in names:
+            preset = placement_preset(template, name, float(rate))
+            codes[name] = model_code(preset)
+            record = run_dir / "trials" / f"{name}-seed{seed}.json"
+            if record.exists() and json.loads(record.read_text()).get("status") == "ok":
+                trials.append(json.loads(record.read_text()))
+                continue
+            report_epoch = None if progress is None else (lambda r, n=name: progress(n, r))
+            try:
+                trial = train(preset, seed, report_epoch, device=device,
+                              checkpoint=run_dir / "trials" / f"{name}-seed{seed}" / "checkpoint.pt")
+                trial["variant"] = name
+            except Exception:  # noqa: BLE001 - recorded; the other placements go on
+                import traceback
+
+                trial = failed(name, seed, traceback.format_exc())
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(trial, indent=1))
+            trials.append(trial)
+    for name in names:
+        pictures[name] = draw_masks(placement_preset(template, name, float(rate)), run_dir / "masks", file=name)
+    results = {
+        "format": report.RESULTS_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "machine": (torch.cuda.get_device_name(device) if str(device).startswith("cuda")
+                    else f"CPU, {torch.get_num_threads()} threads"),
+        "config": {"dataset": "ptb", "task": "language modelling", "metric": "perplexity", "layer": "lstm",
+                   "seeds": list(seeds), "variants": list(names), "rate": rate, "base": base,
+                   **{k: v for k, v in dataclasses.asdict(template).items() if k not in ("name", "description")}},
+        "variants": {name: {"title": PLACEMENTS[name].title, "description": PLACEMENTS[name].description,
+                            "code": codes[name]} for name in names},
+        "trials": trials,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    return results, report.write_report(results, run_dir, pictures)
+
+
+def draw_masks(preset: Preset, folder: Path, steps: int = 35, file: Optional[str] = None) -> Path:
+    """The preset's mask picture for the first ``steps`` test tokens (seeded: the same picture every run),
+    as ``folder/<file or the preset's name>.png``."""
     ids = torch.as_tensor(np.asarray(datasets.load("ptb").test[:steps]), dtype=torch.int64)[None]
     torch.manual_seed(0)
     panels = masks.mask_panels(build(model_code(preset)), ids, torch.tensor([steps]))
-    return masks.draw(panels, folder / f"{preset.name}.png", f"{preset.name}: what is dropped in {steps} test tokens")
+    return masks.draw(panels, folder / f"{file or preset.name}.png", f"{preset.name}: what is dropped in {steps} test tokens")

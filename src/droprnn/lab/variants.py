@@ -8,7 +8,7 @@ that source, so the code printed in the report is the code that was trained, and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import DroprnnError
 
@@ -61,15 +61,15 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 )}
 
 
-def check_variants(where: str, names: Any) -> tuple[str, ...]:
-    """Validated variant names (a comma-separated string or a sequence), in the order given."""
+def check_variants(where: str, names: Any, known: Mapping[str, Variant] = VARIANTS) -> tuple[str, ...]:
+    """Validated variant names (a comma-separated string or a sequence) from ``known``, in the order given."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     names = tuple(names)
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         got = f"unknown {', '.join(map(repr, unknown))}" if unknown else "none"
-        raise DroprnnError(f"{where}: argument `variants` expected names from {', '.join(VARIANTS)}; got {got}.")
+        raise DroprnnError(f"{where}: argument `variants` expected names from {', '.join(known)}; got {got}.")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DroprnnError(f"{where}: argument `variants` lists {', '.join(map(repr, repeated))} more than once; "
