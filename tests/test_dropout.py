@@ -792,3 +792,20 @@ def test_mc_dropout_in_eval_mode():
     lstm = model[0]
     a, b = lstm(x, training=True), lstm(x, training=True)
     assert not torch.equal(a, b)
+
+
+def test_dropout_argument_and_spatial_dropout_draw_the_same_masks_from_the_global_rng():
+    """Without recurrent dropout the layer's input mask is one channel mask per sequence, as SpatialDropout1D's:
+    from the same global RNG state they are the same draws, on any CPU (torch's scalar-probability Bernoulli
+    draws with MKL on Intel CPUs and mt19937 elsewhere, so the masks avoid it)."""
+    from droprnn.dropout.plan import draw_cell_masks
+
+    spatial = droprnn.SpatialDropout1D(0.3)
+    torch.manual_seed(1)
+    channels = spatial(torch.ones(4, 5, 12), training=True)[:, 0] != 0
+    cell = droprnn.LSTMCell(8, dropout=0.3, input_size=12)
+    torch.manual_seed(1)
+    masks = draw_cell_masks(cell, 4, 12, True, torch.float32, torch.device("cpu"))
+    assert masks.input.shape == (1, 4, 12)
+    assert torch.equal(masks.input[0] != 0, channels)
+    assert 0 < int(channels.sum()) < channels.numel()

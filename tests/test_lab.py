@@ -339,8 +339,17 @@ def test_rich_progress_follows_the_events():
     (["lab", "--dataset", "imagenet"], "--dataset"),
     (["lab", "--units", "ten"], "--units"),
     (["masks", "--variants", "nope"], "nope"),
+    (["lab", "--variants", ","], "--variants` expected names from none, "),
+    (["lab", "--variants", "none,none"], "'none' more than once"),
+    (["lab", "--out", "{a_file}"], "is a file"),
+    (["masks", "--out", "{a_file}"], "is a file"),
+    (["lab", "ptb", "--device", "tpu"], "--device"),
+    (["demo", "--steps", "-1"], "droprnn demo: argument `--steps` expected an int > 0"),
 ])
-def test_bad_options_give_one_line_and_exit_2(argv, needle, capsys):
+def test_bad_options_give_one_line_and_exit_2(argv, needle, capsys, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    argv = [arg.format(a_file=a_file) for arg in argv]
     try:
         status = main(argv)
     except SystemExit as exit_:
@@ -348,6 +357,20 @@ def test_bad_options_give_one_line_and_exit_2(argv, needle, capsys):
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert len(err.splitlines()) == 1 and needle in err, err
+    assert a_file.read_text() == "kept"
+
+
+@pytest.mark.parametrize("command, needles", [
+    (["lab"], ["--units UNITS (default: 64)", "--layer LAYER lstm or gru (default: lstm)"]),
+    (["lab", "ptb"], ["(default: tiny)", "--seed SEED (default: 0)"]),
+    (["masks"], ["--units UNITS (default: 16)", "Draw, for each dropout placement"]),
+    (["demo"], ["--seed SEED (default: 0)", "(default: 12)"]),
+])
+def test_help_shows_every_options_default(command, needles, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(needle in out for needle in needles), out
 
 
 def test_python_dash_m_runs_the_same_command():

@@ -16,8 +16,32 @@ from typing import NoReturn, Optional, Sequence
 from .errors import DroprnnError, check_positive_int
 
 
+def _shows_default(default) -> bool:
+    return not (default is None or default is False or default == "" or default == argparse.SUPPRESS)
+
+
+class _WithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, also where the option has no help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").strip()
+        if not _shows_default(action.default) or not action.option_strings or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class _Parser(argparse.ArgumentParser):
-    """Bad options end in one line naming the option, and exit status 2."""
+    """Bad options end in one line naming the option, and exit status 2; ``--help`` shows each default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _WithDefaults)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        # argparse prints no help line, hence no default, for an option without help text
+        if "help" not in kwargs and _shows_default(kwargs.get("default")):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -52,7 +76,8 @@ def _add_lab(commands) -> None:
     lab.add_argument("--units", type=int, default=d["units"].default)
     lab.add_argument("--epochs", type=int, default=d["epochs"].default)
     lab.add_argument("--rate", type=float, default=d["rate"].default, help="the rate of every placement")
-    lab.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from: {', '.join(VARIANTS)}")
+    lab.add_argument("--variants", default=",".join(VARIANTS),
+                     help=f"comma list from: {', '.join(VARIANTS)} (default: all of them)")
     lab.add_argument("--seeds", type=int, default=d["seeds"].default, help="seeds per variant (0, 1, ...)")
     lab.add_argument("--batch-size", type=int, default=d["batch_size"].default)
     lab.add_argument("--learning-rate", type=float, default=d["learning_rate"].default)
@@ -86,13 +111,17 @@ def _add_lab(commands) -> None:
 def _add_masks(commands) -> None:
     from .lab.variants import VARIANTS
 
-    masks = commands.add_parser("masks", help="draw each placement's mask picture (PNG), no training")
+    masks = commands.add_parser("masks", help="draw each placement's mask picture (PNG), no training",
+                                description="Draw, for each dropout placement, which entries one call drops: the "
+                                            "input, the state fed to the recurrent kernel and the output, step by "
+                                            "step (one PNG per placement; nothing is trained).")
     masks.add_argument("--layer", default="lstm", help="lstm or gru")
     masks.add_argument("--units", type=int, default=16)
     masks.add_argument("--features", type=int, default=12)
     masks.add_argument("--steps", type=int, default=24)
     masks.add_argument("--rate", type=float, default=0.3)
-    masks.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from: {', '.join(VARIANTS)}")
+    masks.add_argument("--variants", default=",".join(VARIANTS),
+                       help=f"comma list from: {', '.join(VARIANTS)} (default: all of them)")
     masks.add_argument("--out", default="masks", help="folder for the PNG files")
     masks.add_argument("--seed", type=int, default=0)
 
@@ -162,7 +191,7 @@ def _run_ptb(args) -> None:
 
 
 def _run_masks(args) -> None:
-    from .errors import check_rate
+    from .errors import check_out_dir, check_rate
     from .lab.masks import draw_variants
     from .lab.variants import LAYERS, check_variants
 
@@ -171,6 +200,7 @@ def _run_masks(args) -> None:
         raise DroprnnError(f"{where}: argument `--layer` expected one of {', '.join(LAYERS)}, got {args.layer!r}.")
     for name in ("units", "features", "steps"):
         check_positive_int(where, f"--{name}", getattr(args, name))
+    check_out_dir(where, args.out)
     images = draw_variants(layer=args.layer, units=args.units, features=args.features, steps=args.steps,
                            rate=check_rate(where, "--rate", args.rate, allow_one=False),
                            variants=check_variants(where, args.variants), out=args.out, seed=args.seed)
@@ -197,8 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             if args.command is None:
                 args = demo.parse_args([])
-            if args.steps <= 0 or args.features <= 0:
-                parser.error("--steps and --features must be positive")
+            for name in ("steps", "features"):
+                check_positive_int("droprnn demo", f"--{name}", getattr(args, name))
             demo_module.run(steps=args.steps, features=args.features, units=args.features, rate=args.rate,
                             seed=args.seed)
     except DroprnnError as error:

@@ -90,10 +90,13 @@ def dropout_mask(
 
     Keras's recurrent cells build the same tensor (dropout applied to ones) and multiply by it. A seeded
     stream draws as Keras does (a Bernoulli of a probability tensor, then the cast and the scale), so seeded
-    masks equal Keras's; the global RNG draws in place in ``dtype`` and scales in place: two kernel launches
-    on a GPU instead of five, the same distribution and values.
+    masks equal Keras's. So does the global RNG on the CPU, so that a mask's values depend on the seed alone
+    and equal those of :func:`keep_mask` (``Dropout``, ``SpatialDropout1D``) of the same shape: torch's
+    Bernoulli of a scalar probability on the CPU takes MKL's generator on Intel CPUs and mt19937 elsewhere,
+    and consumes the global stream differently from the tensor form. On a GPU the global RNG draws in place
+    in ``dtype`` and scales in place: two kernel launches instead of five, the same distribution.
     """
-    if stream.seed is None:
+    if stream.seed is None and device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - rate).div_(1.0 - rate)
     keep = keep_mask(shape, rate, stream, device)
     return keep.to(dtype) / (1.0 - rate)

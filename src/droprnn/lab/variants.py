@@ -68,11 +68,11 @@ def check_variants(where: str, names: Any, known: Mapping[str, Variant] = VARIAN
     names = tuple(names)
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        got = f"unknown {', '.join(map(repr, unknown))}" if unknown else "none"
-        raise DroprnnError(f"{where}: argument `variants` expected names from {', '.join(known)}; got {got}.")
+        got = f"unknown {', '.join(map(repr, unknown))}" if unknown else "no names"
+        raise DroprnnError(f"{where}: argument `--variants` expected names from {', '.join(known)}; got {got}.")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise DroprnnError(f"{where}: argument `variants` lists {', '.join(map(repr, repeated))} more than once; "
+        raise DroprnnError(f"{where}: argument `--variants` lists {', '.join(map(repr, repeated))} more than once; "
                            "each variant runs once per seed.")
     return names
 
