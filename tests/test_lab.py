@@ -290,6 +290,27 @@ def test_mask_panels_show_what_each_variant_drops():
     assert after.image.shape == (1, 6) and after.columns == "unit"
 
 
+def test_mask_panel_titles_say_whether_the_gates_share_a_mask():
+    inputs, recurrent = _panels("both")
+    assert "some of the 4 gates" in inputs.title and "some of the 4 gates" in recurrent.title
+    (tied,) = _panels("tied")
+    assert "one mask for every gate" in tied.title and "some of" not in tied.title
+    (dropout,) = _panels("dropout")
+    assert "one mask for every gate" in dropout.title
+
+
+@needs_matplotlib
+def test_mask_pictures_mention_grey_only_where_there_is_grey(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    captions = []
+    original = Figure.supxlabel
+    monkeypatch.setattr(Figure, "supxlabel", lambda self, text, **kw: captions.append(text) or original(self, text, **kw))
+    masks.draw(_panels("tied"), tmp_path / "tied.png", "tied")
+    masks.draw(_panels("both"), tmp_path / "both.png", "both")
+    assert "grey" not in captions[0] and "grey" in captions[1]
+
+
 @needs_matplotlib
 def test_masks_command_writes_one_png_per_variant(tmp_path, capsys):
     assert main(["masks", "--variants", "both,weights", "--layer", "gru", "--out", str(tmp_path), "--steps", "7"]) == 0

@@ -277,3 +277,9 @@ def test_missing_matplotlib_names_the_install_command(tmp_path, monkeypatch):
     assert "pip install matplotlib" in message and "pip install droprnn[lab]" in message
     assert "\n" not in message
     assert not (tmp_path / "report.md").exists()  # nothing half-written
+
+
+def test_numbers_that_round_to_zero_print_without_a_minus_sign():
+    assert report._number(-0.00001, 3, signed=True) == "+0.000"
+    assert report._number(-0.0004, 3) == "0.000"
+    assert report._number(-0.0006, 3, signed=True) == "-0.001"

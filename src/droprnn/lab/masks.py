@@ -8,6 +8,7 @@ a dropout layer's pattern by pushing ones through it, a recurrent layer's from t
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -46,17 +47,23 @@ def _over_time(mask: Optional[Tensor], steps: int, per_sequence_dim: int) -> Opt
     return torch.stack([_share(m[:, 0]) for m in mask[:steps]])
 
 
+def _per_gate_note(mask: Tensor, gates: int) -> str:
+    """How a panel of ``mask`` reads: one mask for every gate, or shares of the per-gate masks."""
+    return f"(grey: dropped for some of the {gates} gates)" if mask.shape[-3] > 1 else "(one mask for every gate)"
+
+
 def _recurrent_panels(layer: RNN, steps: int) -> list[Panel]:
     masks = layer.last_dropout_plan.cells[0].materialized()
-    gates = f"{layer.cells[0].gates} gates"
+    count = layer.cells[0].gates
+    gates = f"{count} gates"
     panels = []
     inputs = _over_time(masks.input, steps, 3)
     if inputs is not None:
-        panels.append(Panel(f"`dropout`: input x(t) into the kernel\n(grey: some of the {gates})", inputs))
+        panels.append(Panel(f"`dropout`: input x(t) into the kernel\n{_per_gate_note(masks.input, count)}", inputs))
     recurrent = _over_time(masks.recurrent, steps, 3)
     if recurrent is not None:
-        panels.append(Panel(f"`recurrent_dropout`: h(t-1) into the\nrecurrent kernel (grey: some of the {gates})",
-                            recurrent, columns="unit"))
+        panels.append(Panel(f"`recurrent_dropout`: h(t-1) into the\nrecurrent kernel "
+                            f"{_per_gate_note(masks.recurrent, count)}", recurrent, columns="unit"))
     if masks.update is not None:
         update = masks.update[:, 0] if masks.update.dim() == 3 else masks.update[0].expand(steps, -1)
         panels.append(Panel("cell update dropped\n(the memory is kept)", (update[:steps] == 0).float(), columns="unit"))
@@ -120,18 +127,25 @@ def draw(panels: list[Panel], path: Path, title: str) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from matplotlib.ticker import MaxNLocator
+
     count = max(1, len(panels))
-    figure = Figure(figsize=(max(5.5, 3.3 * count), 3.6), dpi=100, layout="constrained")
+    width = max(5.5, 3.3 * count)
+    figure = Figure(figsize=(width, 3.6), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    figure.suptitle(title, fontsize=11)
-    figure.supxlabel("black: dropped   white: kept   grey: dropped by some of the per-gate masks", fontsize=8)
+    figure.suptitle(textwrap.fill(title, int(width * 9)), fontsize=11)  # ~9 characters of 11 pt per inch
+    grey = any(bool(((p.image > 0) & (p.image < 1)).any()) for p in panels)
+    figure.supxlabel("black: dropped   white: kept" + ("   grey: dropped by some of the per-gate masks" if grey else ""),
+                     fontsize=8)
     axes = figure.subplots(1, count, squeeze=False)[0]
     if not panels:
         axes[0].text(0.5, 0.5, "nothing is dropped", ha="center", va="center", fontsize=12)
         axes[0].set_axis_off()
     for ax, panel in zip(axes, panels):
         ax.imshow(panel.image.numpy(), cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-        ax.set_title(panel.title, fontsize=8.5)
+        ax.set_title("\n".join(textwrap.fill(line, 40) for line in panel.title.split("\n")), fontsize=8.5)
+        for axis in (ax.xaxis, ax.yaxis):  # rows and columns are steps, units, features: whole numbers
+            axis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(panel.columns, fontsize=8)
         ax.set_ylabel(panel.rows, fontsize=8)
         ax.tick_params(labelsize=7)

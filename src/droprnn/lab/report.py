@@ -195,6 +195,7 @@ def _row_cells(summary: VariantSummary, metric: str) -> tuple[str, str, str, str
 def _number(value: float, decimals: int, *, signed: bool = False) -> str:
     if math.isnan(value):
         return MISSING
+    value = round(value, decimals) + 0.0  # a value that rounds to zero prints as 0, never as -0
     return f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
 
 
