@@ -1,5 +1,5 @@
 """The GPU benchmark's parts that need no GPU: its baseline rows and hand loop run on CPU tensors, and its
-summary table computes the speed-ups issue 7 targets. A GPU run is scarce: a crash in these would waste it."""
+summary table computes the speed-ups the GPU targets are stated in. A GPU run is scarce: a crash in these would waste it."""
 
 from __future__ import annotations
 
@@ -37,9 +37,14 @@ def test_hand_loop_trains_on_the_inputs_it_was_given(gpu_speed, cell):
     assert not torch.allclose(x.grad, 2 * first)
 
 
-def test_cudnn_row_runs_torch_nn_on_the_cpu(gpu_speed):
-    step = gpu_speed.make_step("gru", "cudnn", (2, 4, 3, 5), torch.device("cpu"))
-    step()  # torch.nn.GRU forward + backward, with torch's switches restored afterwards
+def test_cudnn_rows_train_torch_nn_and_restore_torchs_switches(gpu_speed):
+    before = torch.backends.cudnn.allow_tf32
+    for variant in ("cudnn", "cudnn-fp32"):  # the second turns TF32 off inside its step only
+        step = gpu_speed.make_step("gru", variant, (2, 4, 3, 5), torch.device("cpu"))
+        step()
+        assert torch.backends.cudnn.allow_tf32 == before
+        (module,) = [c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.nn.GRU)]
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), "forward + backward"
 
 
 def test_summary_reports_ratios_to_cudnn_and_speedups_of_rd(gpu_speed):

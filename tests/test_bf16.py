@@ -1,4 +1,4 @@
-"""bfloat16 on the fused CPU path (issue 17): products in bfloat16 through oneDNN's brgemm, float32
+"""bfloat16 on the fused CPU path: products in bfloat16 through oneDNN's brgemm, float32
 accumulation, float32 states and gate math.
 
 Two ways in: a float32 layer under ``torch.autocast("cpu", dtype=torch.bfloat16)``, and a bfloat16 layer

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (issue 4) against the reference loop, kernel dispatch, and explain().
+"""The fused CPU kernels against the reference loop, kernel dispatch, and explain().
 
 The oracle is ``impl="reference"``: every comparison runs the same layer weights on the same input with the
 SAME dropout plan (drawn once and passed as ``dropout_plan=``) through ``impl="fused"`` and

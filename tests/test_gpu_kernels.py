@@ -1,4 +1,4 @@
-"""The Triton GPU kernels (issue 7: LSTM and GRU, both reset_after forms) against the reference loop, run on
+"""The Triton GPU kernels (LSTM, GRU in both reset_after forms, SimpleRNN) against the reference loop, run on
 the CPU by Triton's interpreter (TRITON_INTERPRET=1), plus the dispatch rules around them.
 
 The oracle is ``impl="reference"``: every comparison runs the same layer weights on the same input with the

@@ -1,4 +1,4 @@
-"""The recurrent-dropout variants of issue 3 on LSTM, GRU (reset_after True and False) and SimpleRNN.
+"""The recurrent-dropout variants on LSTM, GRU (reset_after True and False) and SimpleRNN.
 
 For each variant (``recurrent_dropout_mode`` keras / tied / per_step / update / update_per_step / weights /
 weights_per_unit, ``input_dropout_mode`` keras / shared / per_gate / per_step, ``zoneout_h`` / ``zoneout_c``,
@@ -11,7 +11,7 @@ LSTM ``proj_size``):
 4. eval mode (identity for dropout, expectation for zoneout; ``training=True`` overrides);
 5. the errors for invalid combinations; 6. combinations and stacked cells; 7. seeds; 8. proj_size.
 
-Reference conventions (issue 3 / the droprnn docs): per-step masks carry a leading time axis indexed by the
+Reference conventions (the plan's, see droprnn.dropout.plan): per-step masks carry a leading time axis indexed by the
 PROCESSING step (after the go_backwards reversal); zoneout indicator d = 1 keeps the old value,
 ``new = d * old + (1 - d) * fresh``, applied before the sequence-mask carry; the step output is the zoned h.
 """

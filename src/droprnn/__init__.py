@@ -6,7 +6,7 @@ Keras-exact recurrent layers and dropout (``LSTM(dropout=, recurrent_dropout=)``
 
 from .cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
 from . import nn
-from .dropout.layers import (
+from .layers.dropout import (
     AlphaDropout, Dropout, EmbeddingDropout, GaussianDropout, GaussianNoise, LockedDropout, SpatialDropout1D,
     TimestepDropout, WordDropout,
 )

@@ -34,6 +34,7 @@ from torch import nn
 
 from . import activations, initializers
 from .dropout.modes import INPUT_MODES, RECURRENT_MODES, UPDATE_MODES, check_mode
+from .dropout.plan import StepMasks
 from .errors import DroprnnError, check_positive_int, check_rate, fail
 from .random import SeedStream
 
@@ -54,14 +55,6 @@ class CellWeights(NamedTuple):
     # (k, H, U): recurrent_kernel cut per gate, each block contiguous -- set once per call by a time loop
     # whose recurrent masks are per gate (:func:`with_gate_kernels`), so that no step rearranges the kernel
     recurrent_gates: Optional[Tensor] = None
-
-
-class StepMasks(NamedTuple):
-    """The masks of one timestep (see :meth:`droprnn.dropout.CellMasks.at`)."""
-
-    recurrent: Optional[Tensor] = None  # (m, B, H) on h(t-1) where it meets the recurrent kernel
-    update: Optional[Tensor] = None  # (B, U) on the cell update
-    zoneout: Optional[tuple[Optional[Tensor], ...]] = None  # per state: keep-old indicator or its expectation
 
 
 def masked_matmul(x: Tensor, weight: Tensor, masks: Optional[Tensor], blocks: int) -> Tensor:

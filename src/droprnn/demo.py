@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout.layers import Dropout, SpatialDropout1D
+from .layers.dropout import Dropout, SpatialDropout1D
 from .layers.recurrent import GRU
 
 DROPPED, KEPT = "#", "."

@@ -26,11 +26,10 @@ tensors (the CPU kernels do so); on the CPU they are drawn as tensors from torch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
-from ..cells import StepMasks
 from ..errors import DroprnnError, fail, type_name
 from ..random import CounterMask, draw_seed, dropout_mask, keep_mask
 
@@ -41,6 +40,14 @@ COUNTER_DEVICES = frozenset({"cuda"})
 # The counter stream of each kind of per-step mask (one seed per cell and call serves all of them); the GPU
 # kernels use the same numbers (literals in kernels/gpu: rec_mask 0, update_mask 1, zoneout of h 2 and c 3).
 RECURRENT_STREAM, UPDATE_STREAM, ZONEOUT_STREAMS = 0, 1, (2, 3)
+
+
+class StepMasks(NamedTuple):
+    """The masks of one timestep (see :meth:`CellMasks.at`): what a cell's step reads."""
+
+    recurrent: Optional[Tensor] = None  # (m, B, H) on h(t-1) where it meets the recurrent kernel
+    update: Optional[Tensor] = None  # (B, U) on the cell update
+    zoneout: Optional[tuple[Optional[Tensor], ...]] = None  # per state: keep-old indicator or its expectation
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ class CellMasks:
         return self._at(self.input, t, 3)
 
     def at(self, t: int):
-        """The :class:`~droprnn.cells.StepMasks` of processing step t."""
+        """The :class:`StepMasks` of processing step t."""
         zoneout = None
         if self.zoneout is not None:  # per step in training; a constant expectation in inference
             zoneout = tuple(z if z is None or z.dim() == 0 else z[t] for z in self.zoneout)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import activations
 from ..cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
-from ..dropout.layers import AlphaDropout, Dropout, GaussianDropout, GaussianNoise, SpatialDropout1D
+from ..layers.dropout import AlphaDropout, Dropout, GaussianDropout, GaussianNoise, SpatialDropout1D
 from ..errors import DroprnnError
 from ..layers.core import Dense, Embedding, Masking, Sequential
 from ..layers.recurrent import GRU, LSTM, RNN, SimpleRNN

@@ -21,7 +21,7 @@ CLASSIFICATION_DATASETS = ("japanese_vowels", "plaid", "rotten_tomatoes")
 @dataclass(frozen=True)
 class LabConfig:
     """One lab run. The defaults are the embedded run: JapaneseVowels, a 64-unit LSTM, every variant,
-    3 seeds, about 5 minutes on 2 cores."""
+    3 seeds, under a minute of training on 2 cores (44 s on an Intel Xeon, 2026-11-27)."""
 
     dataset: str = "japanese_vowels"
     layer: str = "lstm"

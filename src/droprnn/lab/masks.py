@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..dropout.layers import Dropout, EmbeddingDropout, SpatialDropout1D, TimestepDropout
+from ..layers.dropout import Dropout, EmbeddingDropout, SpatialDropout1D, TimestepDropout
 from ..layers.base import Layer
 from ..layers.core import Dense, Sequential
 from ..layers.recurrent import RNN

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import datasets
-from ..dropout.layers import EmbeddingDropout
+from ..layers.dropout import EmbeddingDropout
 from ..dropout.mc import mc_dropout_mode
 from ..errors import DroprnnError, check_device, check_out_dir, check_positive_int
 from ..layers.recurrent import RNN
@@ -420,18 +420,9 @@ def run(preset_name: str, out: Optional[str] = None, seed: int = 0, epochs: Opti
 
     published = ", ".join(f"{label} {value}" for label, value in (
         ("published test perplexity", preset.published), ("with MC dropout", preset.published_mc)) if value)
-    results = {
-        "format": report.RESULTS_FORMAT,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": versions(),
-        "machine": (torch.cuda.get_device_name(device) if str(device).startswith("cuda")
-                    else f"CPU, {torch.get_num_threads()} threads"),
-        "config": {"dataset": "ptb", "task": "language modelling", "metric": "perplexity", "layer": "lstm",
-                   "seeds": [seed], "variants": [preset.name], **dataclasses.asdict(preset)},
-        "variants": {preset.name: {"title": preset.name, "description": f"{preset.description}; {published}."
-                                   if published else preset.description, "code": model_code(preset)}},
-        "trials": [trial],
-    }
+    results = _results(device, {"seeds": [seed], "variants": [preset.name], **dataclasses.asdict(preset)},
+                       {preset.name: {"title": preset.name, "description": f"{preset.description}; {published}."
+                                      if published else preset.description, "code": model_code(preset)}}, [trial])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     files = report.write_report(results, run_dir, {preset.name: draw_masks(preset, run_dir / "masks")})
@@ -489,22 +480,27 @@ def run_placements(variants: Any, rate: float, base: str = "zaremba-small", out:
             trials.append(trial)
     for name in names:
         pictures[name] = draw_masks(placement_preset(template, name, float(rate)), run_dir / "masks", file=name)
-    results = {
+    settings = {k: v for k, v in dataclasses.asdict(template).items() if k not in ("name", "description")}
+    results = _results(device, {"seeds": list(seeds), "variants": list(names), "rate": rate, "base": base, **settings},
+                       {name: {"title": PLACEMENTS[name].title, "description": PLACEMENTS[name].description,
+                               "code": codes[name]} for name in names}, trials)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    return results, report.write_report(results, run_dir, pictures)
+
+
+def _results(device: str, config: dict[str, Any], variants: dict[str, Any], trials: list) -> dict[str, Any]:
+    """A run's results.json, in the lab's format (its report reads it)."""
+    return {
         "format": report.RESULTS_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
         "machine": (torch.cuda.get_device_name(device) if str(device).startswith("cuda")
                     else f"CPU, {torch.get_num_threads()} threads"),
-        "config": {"dataset": "ptb", "task": "language modelling", "metric": "perplexity", "layer": "lstm",
-                   "seeds": list(seeds), "variants": list(names), "rate": rate, "base": base,
-                   **{k: v for k, v in dataclasses.asdict(template).items() if k not in ("name", "description")}},
-        "variants": {name: {"title": PLACEMENTS[name].title, "description": PLACEMENTS[name].description,
-                            "code": codes[name]} for name in names},
+        "config": {"dataset": "ptb", "task": "language modelling", "metric": "perplexity", "layer": "lstm", **config},
+        "variants": variants,
         "trials": trials,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    return results, report.write_report(results, run_dir, pictures)
 
 
 def draw_masks(preset: Preset, folder: Path, steps: int = 35, file: Optional[str] = None) -> Path:

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import DroprnnError, check_rate, fail, type_name
-from ..layers.base import Layer, floating_input
+from .base import Layer, floating_input
 from ..random import SeedStream, dropout_mask, keep_mask, normal, uniform
 
 Tensor = torch.Tensor

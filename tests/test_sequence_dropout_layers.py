@@ -1,4 +1,4 @@
-"""Issue 3 dropout layers (LockedDropout, TimestepDropout, EmbeddingDropout, WordDropout) and MC dropout
+"""The sequence dropout layers (LockedDropout, TimestepDropout, EmbeddingDropout, WordDropout) and MC dropout
 (mc_predict / mc_dropout_mode)."""
 
 from __future__ import annotations
