@@ -894,3 +894,12 @@ def test_weight_gradients_after_the_loop_only_where_they_outgrow_the_cache(kind,
     # with bfloat16 products only the cache decides: a thick batch defers too, a small layer does not
     assert fused._defers_weight_grads(torch.zeros(2000, 1, 650), R, bf16=True)
     assert not fused._defers_weight_grads(torch.zeros(2000, 1, 32), torch.zeros(32, gates * 32), bf16=True)
+
+
+def test_every_registered_mode_is_compared_here():
+    """A mode added to the registry (droprnn.dropout.modes) fails here until a case above compares it."""
+    from droprnn.dropout import modes as registry
+
+    recurrent = {m.get("recurrent_dropout_mode", "keras") for m in MODES.values() if m.get("recurrent_dropout")}
+    inputs = {m.get("input_dropout_mode", "keras") for m in MODES.values() if m.get("dropout")}
+    assert recurrent == set(registry.RECURRENT) and inputs == set(registry.INPUT)

@@ -1587,3 +1587,12 @@ def test_counter_masks_over_two_unit_blocks(cell, mode, counter_cpu):
     assert plans[0].cells[0].counter_based
     compare(layer, random_input(B, T, D, F64, 120), plans, initial_state=make_initial_state(layer, B, F64, 120),
             mask=holey_mask(B, T, 120))
+
+
+def test_every_registered_mode_is_compared_here():
+    """A mode added to the registry (droprnn.dropout.modes) fails here until a case above compares it."""
+    from droprnn.dropout import modes as registry
+
+    recurrent = {m.get("recurrent_dropout_mode", "keras") for m in MODES.values() if m.get("recurrent_dropout")}
+    inputs = {m.get("input_dropout_mode", "keras") for m in MODES.values() if m.get("dropout")}
+    assert recurrent == set(registry.RECURRENT) and inputs == set(registry.INPUT)

@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pack_sequence, pad_packed_sequence
 
 import droprnn
+from droprnn.dropout import modes as registry
 from droprnn import DroprnnError
 from droprnn import nn as dnn
 from droprnn.random import SeedStream, derived_seed, keep_mask
@@ -33,8 +34,8 @@ KINDS = {
 }
 ALL_KINDS = list(KINDS)
 
-RECURRENT_MODES = ["keras", "tied", "per_step", "update", "update_per_step", "weights", "weights_per_unit"]
-UPDATE_MODES = {"update", "update_per_step"}
+RECURRENT_MODES = list(registry.RECURRENT)
+UPDATE_MODES = set(registry.UPDATE_MODES)
 
 
 def tol(dtype):

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import droprnn
+from droprnn.dropout import modes as registry
 from droprnn import DropoutPlan, DroprnnError
 
 F64 = torch.float64
@@ -34,14 +35,23 @@ TOL = 1e-10
 
 KINDS = ["lstm", "gru", "gru_v1", "simple"]  # gru: reset_after=True (default), gru_v1: reset_after=False
 GATES = {"lstm": 4, "gru": 3, "gru_v1": 3, "simple": 1}
-REC_MODES = ["keras", "tied", "per_step", "update", "update_per_step", "weights", "weights_per_unit"]
-INPUT_MODES = ["keras", "shared", "per_gate", "per_step"]
-UPDATE_MODES = ("update", "update_per_step")
-PER_STEP_REC = ("per_step", "update_per_step")
+REC_MODES = list(registry.RECURRENT)
+INPUT_MODES = list(registry.INPUT)
+UPDATE_MODES = registry.UPDATE_MODES
+PER_STEP_REC = tuple(name for name, mode in registry.RECURRENT.items() if mode.per_step)
 
 
 def rec_cases(kinds=KINDS, modes=REC_MODES):
     return [(k, m) for k in kinds for m in modes if not (k == "simple" and m in UPDATE_MODES)]
+
+
+def EXPECTED_SHAPES(g, H):  # noqa: N802 - a table, written out by hand: the plan's shapes are what is tested
+    return {"keras": (g, B, H), "tied": (1, B, H), "per_step": (T, g, B, H), "update": (B, U),
+            "update_per_step": (T, B, U), "weights": (H, g * U), "weights_per_unit": (H, 1)}
+
+
+def test_every_registered_mode_has_its_expected_mask_shape_here():
+    assert set(EXPECTED_SHAPES(4, U)) == set(registry.RECURRENT), "a new mode needs its row in EXPECTED_SHAPES"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,15 +243,10 @@ def test_recurrent_mode_mask_layout(kind, mode):
     cm = layer.last_dropout_plan.cells[0]
     g, H = GATES[kind], U
     kinds_present = {f for f in ("recurrent", "update", "recurrent_kernel") if getattr(cm, f) is not None}
-    expected_field = {"keras": "recurrent", "tied": "recurrent", "per_step": "recurrent", "update": "update",
-                      "update_per_step": "update", "weights": "recurrent_kernel",
-                      "weights_per_unit": "recurrent_kernel"}[mode]
+    expected_field = registry.RECURRENT[mode].site
     assert kinds_present == {expected_field}
     assert cm.zoneout is None
-    expected_shape = {
-        "keras": (g, B, H), "tied": (1, B, H), "per_step": (T, g, B, H), "update": (B, U),
-        "update_per_step": (T, B, U), "weights": (H, g * U), "weights_per_unit": (H, 1),
-    }[mode]
+    expected_shape = EXPECTED_SHAPES(g, H)[mode]
     mask = getattr(cm, expected_field)
     assert tuple(mask.shape) == expected_shape
     assert mask.dtype == F64

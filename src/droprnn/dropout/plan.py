@@ -32,6 +32,7 @@ import torch
 
 from ..errors import DroprnnError, fail, type_name
 from ..random import CounterMask, draw_seed, dropout_mask, keep_mask
+from .modes import INPUT, RECURRENT
 
 Tensor = torch.Tensor
 
@@ -155,10 +156,11 @@ def _keras_draw_counts(cell: Any) -> tuple[int, int]:
 
 
 def _input_mask_count(cell: Any) -> int:
-    mode = cell.input_dropout_mode
-    if mode == "per_gate" or (mode == "keras" and cell.recurrent_dropout > 0 and cell.recurrent_dropout_mode == "keras"):
-        return cell.gates
-    return 1
+    mode = INPUT[cell.input_dropout_mode]
+    per_gate = mode.per_gate
+    if per_gate is None:  # Keras: per gate exactly when its own recurrent dropout is on
+        per_gate = cell.recurrent_dropout > 0 and cell.recurrent_dropout_mode == "keras"
+    return cell.gates if per_gate else 1
 
 
 def draw_cell_masks(
@@ -197,26 +199,25 @@ def draw_cell_masks(
 
     masks: dict[str, Any] = {}
     if dropout > 0:
-        if input_mode == "per_step":
+        if INPUT[input_mode].per_step:  # one mask for all gates at each step
             masks["input"] = mask((steps, 1, batch, input_size), dropout)
         else:
             masks["input"] = per_gate(_input_mask_count(cell), (batch, input_size), dropout)
     p = recurrent_dropout
-    if p > 0:
-        if recurrent_mode == "keras":
-            masks["recurrent"] = per_gate(gates, (batch, hidden), p)
-        elif recurrent_mode == "tied":
-            masks["recurrent"] = mask((1, batch, hidden), p)
-        elif recurrent_mode == "per_step":
-            masks["recurrent"] = per_step(RECURRENT_STREAM, (steps, gates, batch, hidden), p)
-        elif recurrent_mode == "update":
-            masks["update"] = mask((batch, cell.units), p)
-        elif recurrent_mode == "update_per_step":
-            masks["update"] = per_step(UPDATE_STREAM, (steps, batch, cell.units), p)
-        elif recurrent_mode == "weights":
-            masks["recurrent_kernel"] = mask((hidden, gates * cell.units), p)
-        elif recurrent_mode == "weights_per_unit":
-            masks["recurrent_kernel"] = mask((hidden, 1), p)
+    if p > 0:  # the mode's record says where its masks go and how they are drawn
+        mode = RECURRENT[recurrent_mode]
+        if mode.site == "recurrent":
+            count = gates if mode.per_gate else 1
+            if mode.per_step:
+                drawn = per_step(RECURRENT_STREAM, (steps, count, batch, hidden), p)
+            else:
+                drawn = per_gate(count, (batch, hidden), p) if mode.per_gate else mask((1, batch, hidden), p)
+        elif mode.site == "update":
+            shape = (batch, cell.units)
+            drawn = per_step(UPDATE_STREAM, (steps, *shape), p) if mode.per_step else mask(shape, p)
+        else:  # the recurrent kernel (DropConnect): its entries, or whole rows
+            drawn = mask((hidden, 1) if mode.per_unit else (hidden, gates * cell.units), p)
+        masks[mode.site] = drawn
     if any(zoneout_rates):
         masks["zoneout"] = tuple(
             None if not rate else per_step(ZONEOUT_STREAMS[k], (steps, batch, size), rate, kind="keep")

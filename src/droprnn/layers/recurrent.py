@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import activations, initializers
 from ..cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
-from ..dropout.modes import WEIGHT_MODES
+from ..dropout.modes import WEIGHT_MODES, layer_doc
 from ..dropout.plan import DropoutPlan, check_plan, draw_plan
 from ..errors import DroprnnError, check_positive_int, fail, no_torchscript, type_name
 from ..kernels import dispatch as kernels
@@ -299,18 +299,6 @@ class _SingleCellRNN(RNN):
         return self.cell.recurrent_dropout
 
 
-_VARIANTS_DOC = """
-    Beyond Keras (defaults reproduce Keras exactly; see the README's dropout table):
-        recurrent_dropout_mode: "keras" (per-gate masks on h(t-1), per sequence), "tied" (one mask for all
-            gates), "per_step" (fresh masks every step), "update" / "update_per_step" (Semeniuta et al.:
-            mask the cell update{update}), "weights" / "weights_per_unit" (DropConnect on recurrent_kernel).
-        input_dropout_mode: "keras", "shared" (one mask for all gates), "per_gate", "per_step" (fresh mask
-            every step, as Keras 2's cuDNN path).
-        zoneout_h{zoneout_c}: per step, sample and unit, keep the previous value with this probability
-            (Krueger et al. 2016); inference uses the expectation.
-"""
-
-
 class LSTM(_SingleCellRNN):
     __doc__ = """Long short-term memory layer, Keras's ``LSTM``: step math and weights as :class:`~droprnn.LSTMCell`.
 
@@ -318,7 +306,7 @@ class LSTM(_SingleCellRNN):
     where it enters the recurrent kernel (never c or the carried state); masks (B, features) are drawn
     once per call and reused at every timestep; with ``recurrent_dropout > 0`` each of the 4 gates gets
     its own input and state mask, otherwise one input mask serves all gates. Only in training.
-""" + _VARIANTS_DOC.format(update=" g", zoneout_c=", zoneout_c (the cell state)") + """
+""" + layer_doc("LSTM's g", ", zoneout_c (the cell state)") + """
     ``proj_size`` (from ``torch.nn.LSTM``, not Keras) projects h to that many features.
 
     Input (B, T, D) → output (B, T, H) with ``return_sequences`` else (B, H), H = proj_size or units;
@@ -377,7 +365,7 @@ class GRU(_SingleCellRNN):
 
     Dropout as :class:`LSTM`, with 3 per-gate masks (z, r, h) when ``recurrent_dropout > 0``; the
     recurrent mask never touches the h(t-1) of the update ``z * h(t-1)``.
-""" + _VARIANTS_DOC.format(update=" candidate", zoneout_c="") + """
+""" + layer_doc("the candidate ĥ") + """
     Input (B, T, D) → output (B, T, units) with ``return_sequences`` else (B, units); state h (B, units).
     """
 
@@ -431,7 +419,7 @@ class SimpleRNN(_SingleCellRNN):
 
     One input mask and one state mask per call when the dropouts are on. The "update" modes do not apply
     (the whole state is the update).
-""" + _VARIANTS_DOC.format(update=" (not for SimpleRNN)", zoneout_c="") + """
+""" + layer_doc("a cell update, which SimpleRNN does not have (it refuses them)") + """
     Input (B, T, D) → output (B, T, units) with ``return_sequences`` else (B, units); state h (B, units).
     """
 
