@@ -6,7 +6,7 @@ docstrings, error messages and the README's table of variants are made from them
 their lists of modes from here.
 
 Adding a mode that reuses a mask site (a recurrent mask, an update mask, a recurrent-kernel mask) is one
-record below, plus the kernels' handling if its masks have a new shape. See the README's Architecture.
+record below, plus the kernels' handling if its masks have a new shape (docs/architecture.md has the recipe).
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ class RNN(Layer):
             first call.
         unroll: accepted for Keras compatibility; the result is the same either way.
         zero_output_for_mask: masked steps output zeros instead of repeating the previous output.
-        input_shape / input_size: the feature size D, to create the weights now instead of at the first call.
+        input_shape: Keras's (T, D) (T may be None), to create the weights now instead of at the first call.
+        input_size: the feature size D, the same way.
         impl: "auto" (the fused CPU kernel, or the Triton GPU kernel for CUDA tensors, when the call allows
             it, else the reference loop), "reference", "fused" or "gpu" (raise if the call cannot run
             there). ``droprnn.explain(layer)`` says which ran and why.
