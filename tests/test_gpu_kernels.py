@@ -770,7 +770,8 @@ def test_describe_says_the_interpreter_runs_eager_loops():
 
 @in_process
 def test_loop_key_holds_what_the_captured_work_depends_on():
-    from droprnn.kernels.gpu.loops import Noise, loop_key
+    from droprnn.kernels.gpu.loops import loop_key
+    from droprnn.kernels.gpu.noise import Noise
 
     B, T, D, U = 2, 3, 4, 5
     x = torch.zeros(B, T, D)
@@ -868,7 +869,7 @@ def test_float32_products_follow_torch_rnn_tf32_switch():
     default ("high"), full float32 ("highest") with cudnn.allow_tf32 off -- whatever the matmul switch says."""
     from types import SimpleNamespace
 
-    from droprnn.kernels.gpu.loops import float32_precision, rnn_allows_tf32
+    from droprnn.kernels.gpu.precision import float32_precision, rnn_allows_tf32
 
     cuda32 = SimpleNamespace(dtype=torch.float32, device=torch.device("cuda"))  # no CUDA needed to decide
     with tf32_switches():
@@ -891,7 +892,7 @@ def test_float32_products_follow_torch_rnn_tf32_switch():
 
 
 def test_products_precision_sets_and_restores_torch_switches_exactly():
-    from droprnn.kernels.gpu.loops import products_precision
+    from droprnn.kernels.gpu.precision import products_precision
 
     with tf32_switches():
         torch.set_float32_matmul_precision("highest")
@@ -919,17 +920,17 @@ def test_products_precision_sets_and_restores_torch_switches_exactly():
                                   lambda: SimpleRNN(4, recurrent_dropout=0.2)], ids=["lstm", "gru", "simple"])
 def test_backward_products_run_at_the_forwards_precision(make, monkeypatch):
     """The backward's products use the precision the forward took, even if torch's switch changed between."""
-    from droprnn.kernels.gpu import gru, loops, lstm, simple
+    from droprnn.kernels.gpu import gru, loops, lstm, precision, simple
 
     keys = []
     real = loops.run_loop
     for module in (lstm, gru, simple):
         monkeypatch.setattr(module, "run_loop", lambda cls, key, *a: keys.append(key) or real(cls, key, *a))
-    monkeypatch.setattr(loops, "float32_precision", lambda x: "highest")
+    monkeypatch.setattr(precision, "float32_precision", lambda x: "highest")
     layer = make()
     layer.impl = "gpu"
     y = layer(torch.randn(2, 3, 5))
-    monkeypatch.setattr(loops, "float32_precision", lambda x: "high")
+    monkeypatch.setattr(precision, "float32_precision", lambda x: "high")
     y.sum().backward()
     assert [(key.backward, key.precision) for key in keys] == [(False, "highest"), (True, "highest")]
     assert keys[0].matmul_settings == keys[1].matmul_settings == "float32 products at highest"

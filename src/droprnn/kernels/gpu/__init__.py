@@ -19,7 +19,7 @@ Supported:
     dtypes          float32, float64, float16, bfloat16 (the kernels compute and carry the states in
                     float32 for the half-precision types; products in the input dtype). float32 products run
                     at the precision torch lets its own RNNs use: TF32 by default, as cuDNN, full float32
-                    with ``torch.backends.cudnn.allow_tf32 = False`` (``loops.float32_precision``)
+                    with ``torch.backends.cudnn.allow_tf32 = False`` (``precision.float32_precision``)
     input masks     per sequence, shared (m == 1) or per gate (m == 4 LSTM, 3 GRU); per step (T, m, B, D)
     recurrent masks per sequence or per step (T, m, B, U), shared (m == 1) or per gate (m == 4 LSTM, 3 GRU)
     update masks    per sequence (B, U) or per step (T, B, U), on the cell update (Semeniuta et al.)

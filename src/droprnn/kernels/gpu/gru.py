@@ -35,21 +35,8 @@ zoneout then keeps each unit's old value with indicator d: d ⊙ h_{t-1} + (1 - 
 inference). Per-step recurrent masks are read at the step that uses them: step t + 1's on h_t for the
 next products, step t's on h_{t-1} for reset_before's candidate.
 
-Speed (``benchmarks/gpu_speed.py``, NVIDIA H200, torch 2.11 + CUDA 13.0, cuDNN 9.19, Triton 3.6): median
-ms of a training step and × torch.nn.GRU (cuDNN) with torch's defaults, the reset_after form, columns as
-lstm.py's table; float32, all from one run::
 
-    shape (B, T, D, U)      cuDNN  gpu rd       gpu rd eager  gpu          gpu eager     gpu rd TF32  cuDNN no TF32
-    (64, 100, 256, 256)      5.1    4.0 (0.78)   20.1 (3.9)    3.2 (0.62)   25.4 (5.0)    3.3 (0.64)   5.8 (1.14)
-    (64, 100, 512, 512)      5.3    5.7 (1.06)   19.9 (3.7)    4.4 (0.82)   30.5 (5.7)    4.3 (0.81)   5.4 (1.00)
-    (128, 200, 1024, 1024)  11.9   34.2 (2.88)   60.3 (5.1)   28.1 (2.37)   76.6 (6.4)   12.0 (1.01)  33.8 (2.85)
-    (32, 500, 256, 256)     19.6   13.6 (0.69)  150.8 (7.7)   11.5 (0.59)  131.8 (6.7)   10.8 (0.55)  25.8 (1.31)
-    (1, 1000, 256, 256)     30.8   12.7 (0.41)  264.1 (8.6)   10.4 (0.34)  251.0 (8.2)   12.7 (0.41)  31.4 (1.02)
-
-bfloat16, × torch.nn.GRU in bfloat16: (64, 100, 512, 512) cuDNN 5.2 ms, gpu rd 4.9 (0.95), gpu 2.7 (0.52);
-(128, 200, 1024, 1024) cuDNN 10.4, gpu rd 8.7 (0.83), gpu 5.5 (0.53). As for the LSTM, the largest float32
-shape is bound by the products (cuDNN used TF32, droprnn's products did not then: they now follow torch's
-RNN switch, TF32 by default -- see lstm.py). reset_before, which cuDNN does not have, was not timed.
+Timings (``benchmarks/gpu_speed.py``) are in the documentation's Performance page.
 """
 
 from __future__ import annotations
@@ -60,7 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .loops import BackwardLoop, ForwardLoop, LoopKey, Noise, loop_key, outputs_and_saved, run_loop
+from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_saved, run_loop
+from .noise import Noise
 from ..products import gru_recurrent_bias_grad, gru_recurrent_kernel_grad, input_grads, project
 from .triton_helpers import (activate, carry_state, compute_type, gate_offset, grid, incoming_grad, next_step,
                              program_units, rec_mask, step_is_real, step_offset, store_product_inputs, through,

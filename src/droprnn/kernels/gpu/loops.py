@@ -16,8 +16,9 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from ...random import CounterMask
 from . import graphs
+from .noise import Noise, rec_modes
+from .precision import matmul_settings, products_precision
 from .triton_helpers import accumulator_dtype
 
 Tensor = torch.Tensor
@@ -50,115 +51,6 @@ class LoopKey(NamedTuple):
     precision: Optional[str] = None  # float32 products: the matmul precision run_loop sets (float32_precision)
 
 
-def rnn_allows_tf32() -> bool:
-    """Whether torch lets its own recurrent layers (cuDNN) compute float32 with TF32: its switch for them,
-    ``torch.backends.cudnn.rnn.fp32_precision`` (torch >= 2.9; "tf32" by default), else the older
-    ``torch.backends.cudnn.allow_tf32`` (True by default). Never raises."""
-    rnn = getattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision", "none")
-    if rnn in ("tf32", "ieee"):
-        return rnn == "tf32"
-    try:
-        return bool(torch.backends.cudnn.allow_tf32)
-    except RuntimeError:  # torch's legacy and per-backend switches were mixed: read the per-backend ones
-        return "tf32" in (torch.backends.cudnn.fp32_precision, getattr(torch.backends, "fp32_precision", "none"))
-
-
-def float32_precision(x: Tensor) -> Optional[str]:
-    """The float32 matmul precision droprnn's cuBLAS products run under for a call on ``x``: "high" (TF32)
-    where torch's RNNs may use TF32 (``rnn_allows_tf32``), else "highest" -- so droprnn computes like the
-    cuDNN layers it replaces, whatever ``torch.set_float32_matmul_precision`` says (its default keeps
-    cuBLAS in full float32 while cuDNN's RNNs use TF32). None, nothing set: other dtypes, CPU tensors (the
-    interpreter), and torch's TF32 switches left mixed (then the matmul switch stands, as the key records)."""
-    if x.dtype != torch.float32 or x.device.type != "cuda":
-        return None
-    try:
-        torch.get_float32_matmul_precision()
-    except RuntimeError:  # mixed legacy and per-backend switches: setting one more would not be safe
-        return None
-    return "high" if rnn_allows_tf32() else "highest"
-
-
-@contextlib.contextmanager
-def products_precision(precision: Optional[str]):
-    """Run the enclosed cuBLAS products (and their capture) under the float32 matmul ``precision``, restoring
-    torch's switches exactly afterwards -- the legacy one and, where torch has it, the per-backend string
-    (set through the legacy setter, both stay consistent). Nothing for None."""
-    try:
-        legacy = None if precision is None else torch.get_float32_matmul_precision()
-    except RuntimeError:  # the switches were mixed since the forward took its precision: leave them alone
-        legacy = None
-    if legacy is None or legacy == precision:
-        yield
-        return
-    per_backend = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(legacy)
-        if per_backend is not None:
-            torch.backends.cuda.matmul.fp32_precision = per_backend
-
-
-def _matmul_settings(dtype: torch.dtype, precision: Optional[str] = None) -> str:
-    """The torch switches that change what a cuBLAS product of ``dtype`` computes (``precision``: what
-    run_loop sets for float32, see float32_precision)."""
-    if precision is not None:
-        return f"float32 products at {precision}"
-    if dtype == torch.float32:
-        # torch >= 2.9 has per-backend switches (torch.backends.cuda.matmul.fp32_precision, inherited from
-        # torch.backends.fp32_precision); once a user sets those, torch.get_float32_matmul_precision() raises
-        # ("mix of the legacy and new APIs"), so the new switch is read where it exists. It reflects the
-        # legacy setter too.
-        precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-        return f"fp32 {precision}" if precision is not None else torch.get_float32_matmul_precision()
-    if dtype == torch.float16:
-        return f"fp16 reduced reduction {torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction}"
-    if dtype == torch.bfloat16:
-        return f"bf16 reduced reduction {torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction}"
-    return ""
-
-
-def counter_constants(mask: CounterMask) -> tuple[int, float]:
-    """(THRESH, SCALE) of a counter-based mask for the kernels: its threshold, and its kept value as the
-    mask's dtype holds it (what ``CounterMask.materialize`` computes)."""
-    return mask.threshold, float(torch.ones((), dtype=mask.dtype) / (1.0 - mask.rate))
-
-
-def rec_modes(rec: Any) -> tuple:
-    """The recurrent masks' constexprs (REC_MODE, REC_THRESH, REC_SCALE): mode 0 per sequence (m, B, U) (or
-    none), 1 per step (T, m, B, U) read from a tensor, 2 per step made from the counter."""
-    if isinstance(rec, CounterMask):
-        return (2, *counter_constants(rec))
-    return (1 if rec is not None and rec.dim() == 4 else 0, 0, 1.0)
-
-
-class Noise(NamedTuple):
-    """What the step kernels apply besides the input and recurrent masks, as a cell's forward receives it."""
-
-    update: Any = None  # the cell update's mask: (B, U) per sequence, (T, B, U) per step, or a CounterMask
-    zoneout: tuple = ()  # per state: None, the keep-old indicators (T, B, U) or a CounterMask, or a float rate
-    seed: Optional[Tensor] = None  # the counter seed shared by the call's counter-based masks (recurrent ones too)
-
-    def modes(self) -> tuple:
-        """The kernels' constexprs, part of the loop key (a captured loop keeps its constexprs):
-        (UPDATE: 0 none, 1 per sequence, 2 per step, 3 counter-based; UPD_THRESH; UPD_SCALE), and per state
-        (ZONE, RATE, THRESH): ZONE 0 none, 1 drawn indicators, 2 the expectation RATE, 3 counter-based."""
-        if isinstance(self.update, CounterMask):
-            update = (3, *counter_constants(self.update))
-        else:
-            update = (0 if self.update is None else self.update.dim() - 1, 0, 1.0)
-        zones = tuple((0, 0.0, 0) if z is None else (2, float(z), 0) if isinstance(z, float)
-                      else (3, 0.0, z.threshold) if isinstance(z, CounterMask) else (1, 0.0, 0)
-                      for z in self.zoneout)
-        return update, zones
-
-    def zone(self, k: int) -> Optional[Tensor]:
-        """State k's zoneout indicators as a tensor, or None (none, counter-based, or the expectation)."""
-        z = self.zoneout[k] if k < len(self.zoneout) else None
-        return z if torch.is_tensor(z) else None
-
-
 def loop_key(cell: str, backward: bool, x: Tensor, units: int, input_masks: Optional[Tensor], rec: Any,
              valid: Optional[Tensor], codes: tuple, has_dhs: bool = False, has_recurrent_bias: bool = False,
              noise: Noise = Noise(), proj: int = 0, precision: Optional[str] = None) -> LoopKey:
@@ -169,7 +61,7 @@ def loop_key(cell: str, backward: bool, x: Tensor, units: int, input_masks: Opti
     gate_major = input_masks is not None and input_masks.shape[-3] > 1
     return LoopKey(cell, backward, x.device, x.dtype, batch, steps, units, proj, gate_major,
                    0 if rec is None else rec.shape[-3], rec_modes(rec), noise.modes(),
-                   valid is not None, has_dhs, has_recurrent_bias, tuple(codes), _matmul_settings(x.dtype, precision),
+                   valid is not None, has_dhs, has_recurrent_bias, tuple(codes), matmul_settings(x.dtype, precision),
                    stream, precision)
 
 

@@ -50,29 +50,7 @@ h and c, dc0), so calls sharing a key -- two layers, two calls before a backward
 never see each other's data. Eager instead: CPU tensors (Triton's interpreter), a stream already being
 captured (a user's own graph), ``DROPRNN_CUDA_GRAPHS=0``. At most ``graphs.CACHE_SIZE`` loops are kept.
 
-Speed (``benchmarks/gpu_speed.py``, NVIDIA H200, torch 2.11 + CUDA 13.0, cuDNN 9.19, Triton 3.6, float32):
-median ms of a training step (forward + backward), and × torch.nn.LSTM (cuDNN, which has no recurrent
-dropout) with torch's default settings; all columns from one run::
-
-    shape (B, T, D, U)      cuDNN  gpu rd       gpu rd eager  gpu          gpu eager     gpu rd TF32  cuDNN no TF32
-    (64, 100, 256, 256)      5.4    5.3 (0.98)   32.2 (5.9)    3.2 (0.59)   29.2 (5.4)    5.9 (1.08)   6.2 (1.15)
-    (64, 100, 512, 512)      6.7    7.2 (1.08)   34.0 (5.1)    5.0 (0.76)   31.4 (4.7)    5.9 (0.89)   6.5 (0.98)
-    (128, 200, 1024, 1024)  13.7   37.8 (2.75)   59.0 (4.3)   34.2 (2.49)   60.6 (4.4)   15.3 (1.12)  38.5 (2.80)
-    (32, 500, 256, 256)     19.7   14.0 (0.71)  120.5 (6.1)   10.9 (0.55)  128.6 (6.5)   11.6 (0.59)  23.4 (1.19)
-    (1, 1000, 256, 256)     36.2   13.6 (0.38)  223.9 (6.2)    9.7 (0.27)  189.4 (5.2)   12.9 (0.36)  36.9 (1.02)
-
-"rd": dropout = recurrent_dropout = 0.25 (Keras's per-gate masks); "eager": ``DROPRNN_CUDA_GRAPHS=0``;
-"TF32": ``torch.set_float32_matmul_precision("high")``, TF32 products. Graphs and eager loops agree bit
-for bit. With graphs a step costs about 14 µs forward + backward at B = 1 (224 µs eager). The largest
-shape is bound by the products, not the host: torch's defaults let cuDNN use TF32 but keep cuBLAS in
-full float32 -- with TF32 off cuDNN takes as long as these kernels (38.5 ms), with TF32 products these
-kernels take 1.12× cuDNN. (An earlier run: a Python loop over torch.nn.LSTMCell with variational masks
-took 10-20× cuDNN, droprnn's reference loop 26-29×.) A later run with the GRU rows (``gru.py``) gave the
-float32 graph and cuDNN columns within about 15% (the host-bound eager ones varied up to 26%); in
-bfloat16, × torch.nn.LSTM in bfloat16: (64, 100, 512, 512) cuDNN 6.3 ms, gpu rd 5.3 (0.85), gpu 2.1
-(0.33); (128, 200, 1024, 1024) cuDNN 11.2, gpu rd 8.5 (0.75), gpu 5.8 (0.52). Since these runs the float32
-products follow torch's switch for its RNNs instead of the matmul precision (``loops.float32_precision``):
-TF32 by default, as cuDNN -- the "gpu rd TF32" column is what the default runs now (not re-timed).
+Timings (``benchmarks/gpu_speed.py``) are in the documentation's Performance page.
 """
 
 from __future__ import annotations
@@ -83,7 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .loops import BackwardLoop, ForwardLoop, LoopKey, Noise, loop_key, outputs_and_saved, run_loop
+from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_saved, run_loop
+from .noise import Noise
 from ..products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_step, program_units,
                              step_is_real, step_offset, store_product_inputs, through, update_mask, zoneout_keep,

@@ -62,7 +62,7 @@ def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
 
 def arguments(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks, valid: Optional[Tensor]) -> tuple:
     """The arguments of ``droprnn::gpu_layer`` for one cell's call."""
-    from .loops import float32_precision  # imports Triton
+    from .precision import float32_precision
 
     kind = CELL_KINDS[type(cell)]
     dtype, lstm = x.dtype, kind == "lstm"
@@ -99,7 +99,7 @@ def _encoded(masks: CellMasks, dtype: torch.dtype, states: int) -> tuple:
 def _decoded(x: Tensor, h0: Tensor, units: int, recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor],
              zoneout: tuple, seed: Optional[Tensor], counters: list[float], states: int) -> tuple:
     """The recurrent masks and Noise the time loops take, from the operator's arguments (see ``_encoded``)."""
-    from .loops import Noise
+    from .noise import Noise
 
     batch, steps = x.shape[:2]
     rec_count, rec_rate, update_rate, *zone_rates = counters
@@ -144,7 +144,7 @@ def gpu_layer(
 
     Arguments as ``droprnn::fused_layer`` plus the LSTM's ``projection`` (U, H) or None, the masks encoded as
     the module docstring says, ``saving`` (whether a backward may follow: else nothing is kept for it) and
-    ``precision``, the float32 products' ("" for none; ``loops.float32_precision``).
+    ``precision``, the float32 products' ("" for none; ``precision.float32_precision``).
 
     Returns (h (B, T + 1, H) with h0 in slot 0, c_last (B, U) for the LSTM, and what the backward reads --
     LSTM: gates, the c sequence, r with a projection; GRU: gates, side; SimpleRNN: pre -- absent (0-d zeros)

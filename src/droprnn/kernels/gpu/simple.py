@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .loops import BackwardLoop, ForwardLoop, LoopKey, Noise, loop_key, outputs_and_saved, run_loop
+from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_saved, run_loop
+from .noise import Noise
 from ..products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (activate, carry_state, compute_type, grid, incoming_grad, next_step, program_units,
                              step_is_real, store_product_inputs, through, zoneout_split)
