@@ -199,30 +199,22 @@ def _mm(a: Tensor, b: Tensor, out: Tensor, bf16: bool) -> Tensor:
 
 
 def _project(x: Tensor, kernel: Tensor, masks: Optional[Tensor], gates: int, bf16: bool = False) -> Tensor:
-    """Input projections of all steps as a (B, T, G, U) view, without the bias (the kernels add it).
-
-    Per-gate masks give a gate-major tensor (G, B, T, U) (viewed as (B, T, G, U)), one product per gate,
-    with one gate's masked copy of x alive at a time. The buffers come from the kernels' block cache
-    (kernels/cpu/pool.cpp): a sequence-sized tensor allocated afresh each call costs its page faults again.
+    """Input projections of all steps as a (B, T, G, U) view, without the bias (the kernels add it):
+    :func:`products.project`, into buffers from the kernels' block cache (kernels/cpu/pool.cpp), one gate's
+    masked copy of x alive at a time. Per-gate masks give a gate-major tensor (G, B, T, U) underneath.
     ``bf16``: bfloat16 products (see :func:`bf16_products`).
     """
-    batch, steps, features = x.shape
+    batch, steps, _ = x.shape
     units = kernel.shape[1] // gates
 
-    def buffer(*shape: int) -> Tensor:
-        return torch.ops.droprnn_cpu.empty(list(shape), x.dtype)
+    def new(shape, dtype, device=None) -> Tensor:
+        return torch.ops.droprnn_cpu.empty(list(shape), dtype)
 
-    if _per_gate(masks):  # (G, B, D): per sequence (per-step input masks are always shared)
-        out, scratch = buffer(gates, batch * steps, units), buffer(*x.shape)
-        for g in range(gates):
-            masked = torch.mul(x, masks[g].unsqueeze(1), out=scratch).view(batch * steps, features)
-            _mm(masked, kernel[:, g * units:(g + 1) * units], out[g], bf16)
-        return out.view(gates, batch, steps, units).permute(1, 2, 0, 3)
-    if masks is not None:  # one mask for all gates: (1, B, D) per sequence or (T, 1, B, D) per step
-        mask = masks[:, 0].permute(1, 0, 2) if masks.dim() == 4 else masks[0].unsqueeze(1)
-        x = torch.mul(x, mask, out=buffer(*x.shape))
-    flat = x.reshape(batch * steps, features)
-    return _mm(flat, kernel, buffer(batch * steps, gates * units), bf16).view(batch, steps, gates, units)
+    gate_major = _per_gate(masks)
+    out = new((gates, batch, steps, units) if gate_major else (batch, steps, gates, units), x.dtype)
+    products.project(x, kernel, None, masks, out, gates, batch_gates=False, new=new,
+                     matmul=lambda a, b, target: _mm(a, b, target, bf16))
+    return out.permute(1, 2, 0, 3) if gate_major else out
 
 
 def _panels(R: Tensor, gates: int, per_gate: bool, bf16: bool = False) -> Tensor:

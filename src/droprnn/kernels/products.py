@@ -16,7 +16,7 @@ step went from 49 to 39 MB at the same speed).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -72,13 +72,30 @@ def gate_columns(t: Tensor, gates: int) -> Tensor:
 
 
 def project(x: Tensor, kernel: Tensor, bias: Optional[Tensor], masks: Optional[Tensor], out: Tensor,
-            gates: int) -> Tensor:
+            gates: int, *, batch_gates: bool = True, matmul: Optional[Callable[[Tensor, Tensor, Tensor], Any]] = None,
+            new: Callable[..., Tensor] = torch.empty) -> Tensor:
     """Input projections of all steps with the bias, written into ``out``: x (B, T, D) -> (B, T, G·U), or
     gate-major (G, B, T, U) with per-gate masks. ``out`` is a time loop's gates buffer, so that a captured
-    loop's static buffer is filled without a copy."""
+    loop's static buffer is filled without a copy.
+
+    The fused CPU kernels' form: ``bias`` None (their loops add it), ``batch_gates`` False, ``matmul(a, b,
+    out)`` their product (bfloat16 products there), ``new(shape, dtype=, device=)`` their block cache for the
+    masked copies of x (a sequence-sized tensor allocated afresh costs its page faults again).
+    """
     batch, steps, features = x.shape
     units = kernel.shape[1] // gates
-    if per_gate(masks) and batched(x, gates):
+    if matmul is not None and bias is not None:
+        raise ValueError("project: a given matmul takes no bias (add it in the loop)")
+
+    def product(a: Tensor, b: Tensor, target: Tensor, b_bias: Optional[Tensor]) -> None:
+        if matmul is not None:
+            matmul(a, b, target)
+        elif b_bias is None:
+            torch.mm(a, b, out=target)
+        else:
+            torch.addmm(b_bias, a, b, out=target)
+
+    if per_gate(masks) and batched(x, gates, batch_gates):
         target = out.view(gates, batch * steps, units)
         masked, panels = masked_copies(x, masks, range(gates)), gate_columns(kernel, gates)
         if bias is None:
@@ -86,25 +103,16 @@ def project(x: Tensor, kernel: Tensor, bias: Optional[Tensor], masks: Optional[T
         else:
             torch.baddbmm(bias.view(gates, 1, units), masked, panels, out=target)
         return out
-    if per_gate(masks):
-        scratch = torch.empty_like(x)
+    if per_gate(masks):  # one gate's masked copy of x alive at a time
+        scratch = new(tuple(x.shape), dtype=x.dtype, device=x.device)
         for g in range(gates):
             cols = slice(g * units, (g + 1) * units)
             masked = torch.mul(x, time_mask(masks, g), out=scratch).view(batch * steps, features)
-            target = out[g].view(batch * steps, units)
-            if bias is None:
-                torch.mm(masked, kernel[:, cols], out=target)
-            else:
-                torch.addmm(bias[cols], masked, kernel[:, cols], out=target)
+            product(masked, kernel[:, cols], out[g].view(batch * steps, units), None if bias is None else bias[cols])
         return out
-    if masks is not None:
-        x = x * time_mask(masks, 0)
-    flat = x.reshape(batch * steps, features)
-    target = out.view(batch * steps, gates * units)
-    if bias is None:
-        torch.mm(flat, kernel, out=target)
-    else:
-        torch.addmm(bias, flat, kernel, out=target)
+    if masks is not None:  # one mask for every gate: per sequence (1, B, D) or per step (T, 1, B, D)
+        x = torch.mul(x, time_mask(masks, 0), out=new(tuple(x.shape), dtype=x.dtype, device=x.device))
+    product(x.reshape(batch * steps, features), kernel, out.view(batch * steps, gates * units), bias)
     return out
 
 
