@@ -39,7 +39,7 @@ Tensor = torch.Tensor
 # Devices whose plans hold counter-based per-step masks (the GPU kernels make them inside their steps).
 COUNTER_DEVICES = frozenset({"cuda"})
 # The counter stream of each kind of per-step mask (one seed per cell and call serves all of them); the GPU
-# kernels use the same numbers (literals in kernels/gpu: rec_mask 0, update_mask 1, zoneout of h 2 and c 3).
+# kernels read these numbers (kernels/gpu/triton_helpers.py: STREAM_RECURRENT, STREAM_UPDATE, STREAM_ZONEOUT_H/C).
 RECURRENT_STREAM, UPDATE_STREAM, ZONEOUT_STREAMS = 0, 1, (2, 3)
 
 

@@ -50,9 +50,9 @@ import triton.language as tl
 from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_saved, run_loop
 from .noise import Noise
 from ..products import gru_recurrent_bias_grad, gru_recurrent_kernel_grad, input_grads, project
-from .triton_helpers import (activate, carry_state, compute_type, gate_offset, grid, incoming_grad, next_step,
-                             program_units, rec_mask, step_is_real, step_offset, store_product_inputs, through,
-                             update_mask, zoneout_split)
+from .triton_helpers import (STREAM_ZONEOUT_H, activate, carry_state, compute_type, gate_offset, grid, incoming_grad,
+                             next_step, program_units, rec_mask, step_is_real, step_offset, store_product_inputs,
+                             through, update_mask, zoneout_split)
 
 Tensor = torch.Tensor
 
@@ -107,7 +107,7 @@ def _state_grads(dh, z, n, upd_ptr, zone_ptr, seed_ptr, b, t, u, inside, B, U, U
                  ZONE_H_THRESH: tl.constexpr, COMPUTE: tl.constexpr):
     """From dh, the whole gradient reaching h_t: (dh_fresh, the gradient of the un-zoned state; the part that
     goes straight to h_{t-1}, through z and zoneout; n ⊙ m_u, the masked candidate; the candidate's gradient)."""
-    dh_fresh, dh_direct = zoneout_split(dh, zone_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
+    dh_fresh, dh_direct = zoneout_split(dh, zone_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
                                         ZONE_H_THRESH, COMPUTE)
     n_u = n
     d_n = dh_fresh * (1.0 - z)

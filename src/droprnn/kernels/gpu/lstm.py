@@ -64,9 +64,9 @@ import triton.language as tl
 from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_saved, run_loop
 from .noise import Noise
 from ..products import input_grads, project, recurrent_kernel_grad
-from .triton_helpers import (activate, compute_type, gate_offset, grid, incoming_grad, next_step, program_units,
-                             step_is_real, step_offset, store_product_inputs, through, update_mask, zoneout_keep,
-                             zoneout_split)
+from .triton_helpers import (STREAM_ZONEOUT_C, STREAM_ZONEOUT_H, activate, compute_type, gate_offset, grid,
+                             incoming_grad, next_step, program_units, step_is_real, step_offset, store_product_inputs,
+                             through, update_mask, zoneout_keep, zoneout_split)
 
 Tensor = torch.Tensor
 
@@ -121,7 +121,7 @@ def _forward_step(
     c = f * c_prev + i * update
     h = o * activate(c, ACT)
     if ZONE_C != 0:  # each unit keeps its old value with indicator d (or its expectation)
-        d = zoneout_keep(zc_ptr, seed_ptr, 3, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, ZONE_C_THRESH, COMPUTE)
+        d = zoneout_keep(zc_ptr, seed_ptr, STREAM_ZONEOUT_C, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, ZONE_C_THRESH, COMPUTE)
         c = d * c_prev + (1 - d) * c
     if HAS_VALID:  # a masked step holds both states
         keep = step_is_real(valid_ptr, b, t, T)
@@ -138,7 +138,7 @@ def _forward_step(
         if HAS_VALID or ZONE_H != 0:
             h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
             if ZONE_H != 0:
-                d = zoneout_keep(zh_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH,
+                d = zoneout_keep(zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH,
                                  COMPUTE)
                 h = d * h_prev + (1 - d) * h
             if HAS_VALID:
@@ -163,7 +163,7 @@ def _projected_step(
     if HAS_VALID or ZONE_H != 0:
         h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
         if ZONE_H != 0:
-            d = zoneout_keep(zh_ptr, seed_ptr, 2, b, t, u, inside, B, H, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
+            d = zoneout_keep(zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, H, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
             h = d * h_prev + (1 - d) * h
         if HAS_VALID:
             h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
@@ -214,9 +214,9 @@ def _backward_step(
         c = tl.load(c_ptr + before + U, mask=inside).to(COMPUTE)
     tc = activate(c, ACT)
     dc_next = tl.load(dc_ptr + b * U + u, mask=inside).to(COMPUTE)
-    dh_fresh, dh_carry = zoneout_split(dh, zh_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
+    dh_fresh, dh_carry = zoneout_split(dh, zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
                                        ZONE_H_THRESH, COMPUTE)
-    dc_fresh, dc_prev = zoneout_split(dc_next, zc_ptr, seed_ptr, 3, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE,
+    dc_fresh, dc_prev = zoneout_split(dc_next, zc_ptr, seed_ptr, STREAM_ZONEOUT_C, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE,
                                       ZONE_C_THRESH, COMPUTE)
     dc = dc_fresh + through(dh_fresh * o, tc, ACT)
     dzi = through(dc * update, i, REC_ACT)
@@ -263,7 +263,7 @@ def _projected_backward_step(
     b, u, inside = program_units(H, BLOCK)
     dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T, H,
                        HAS_DHS, N_MASKS, 4, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
-    dh_fresh, dh_carry = zoneout_split(dh, zh_ptr, seed_ptr, 2, b, t, u, inside, B, H, ZONE_H, ZONE_H_RATE,
+    dh_fresh, dh_carry = zoneout_split(dh, zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, H, ZONE_H, ZONE_H_RATE,
                                        ZONE_H_THRESH, COMPUTE)
     if HAS_VALID:
         keep = step_is_real(valid_ptr, b, t, T)

@@ -30,8 +30,8 @@ import triton.language as tl
 from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_saved, run_loop
 from .noise import Noise
 from ..products import input_grads, project, recurrent_kernel_grad
-from .triton_helpers import (activate, carry_state, compute_type, grid, incoming_grad, next_step, program_units,
-                             step_is_real, store_product_inputs, through, zoneout_split)
+from .triton_helpers import (STREAM_ZONEOUT_H, activate, carry_state, compute_type, grid, incoming_grad, next_step,
+                             program_units, step_is_real, store_product_inputs, through, zoneout_split)
 
 Tensor = torch.Tensor
 
@@ -73,7 +73,7 @@ def _backward_step(
     dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T, U,
                        HAS_DHS, N_MASKS, 1, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
     y = tl.load(pre_ptr + (b * T + t) * U + u, mask=inside).to(COMPUTE)
-    dh_fresh, dh_carry = zoneout_split(dh, zone_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
+    dh_fresh, dh_carry = zoneout_split(dh, zone_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
                                        ZONE_H_THRESH, COMPUTE)
     dz = through(dh_fresh, y, ACT)
     if HAS_VALID:  # a masked step held h: its gradient passes on, and the step gets none

@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ...dropout.plan import RECURRENT_STREAM, UPDATE_STREAM, ZONEOUT_STREAMS
 from .operator import carry_dtype
+
+# The counter streams of the plan's per-step masks (dropout/plan.py numbers them), as the kernels name them.
+STREAM_RECURRENT = tl.constexpr(RECURRENT_STREAM)
+STREAM_UPDATE = tl.constexpr(UPDATE_STREAM)
+STREAM_ZONEOUT_H = tl.constexpr(ZONEOUT_STREAMS[0])
+STREAM_ZONEOUT_C = tl.constexpr(ZONEOUT_STREAMS[1])
 
 # Units per program: a (B, ceil(U / BLOCK)) grid; 128 keeps enough programs for small batches on big GPUs.
 _MAX_BLOCK = 128
@@ -130,7 +137,7 @@ def rec_mask(masks_ptr, seed_ptr, step, k, b, u, inside, B, U, N_MASKS: tl.const
     else:
         offset = ((step.to(tl.int64) * N_MASKS + k) * B + b) * U + u
     if REC_MODE == 2:
-        return counter_value(seed_ptr, 0, offset, REC_THRESH, 0.0, REC_SCALE, COMPUTE)
+        return counter_value(seed_ptr, STREAM_RECURRENT, offset, REC_THRESH, 0.0, REC_SCALE, COMPUTE)
     else:
         return tl.load(masks_ptr + offset, mask=inside).to(COMPUTE)
 
@@ -187,7 +194,7 @@ def update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE: tl.constexpr, 
         return tl.load(upd_ptr + b * U + u, mask=inside, other=0.0).to(COMPUTE)
     offset = (t.to(tl.int64) * B + b) * U + u
     if UPDATE == 3:
-        return counter_value(seed_ptr, 1, offset, UPD_THRESH, 0.0, UPD_SCALE, COMPUTE)
+        return counter_value(seed_ptr, STREAM_UPDATE, offset, UPD_THRESH, 0.0, UPD_SCALE, COMPUTE)
     else:
         return tl.load(upd_ptr + offset, mask=inside, other=0.0).to(COMPUTE)
 
@@ -226,7 +233,7 @@ def carry_state(h, h_prev, carry_ptr, h_ptr, zone_ptr, seed_ptr, valid_ptr, b, t
     """The step's h from its fresh value: zoned (d ⊙ h_{t-1} + (1 - d) ⊙ h), h_{t-1} itself where the step is
     masked; stored in the carry (B, U) and in slot t + 1 of the h sequence (B, T + 1, U), and returned."""
     if ZONE_H != 0:
-        d = zoneout_keep(zone_ptr, seed_ptr, 2, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
+        d = zoneout_keep(zone_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
         h = d * h_prev + (1.0 - d) * h
     if HAS_VALID:
         h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
