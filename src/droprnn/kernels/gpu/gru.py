@@ -50,9 +50,9 @@ import triton.language as tl
 from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_saved, run_loop
 from .noise import Noise
 from ..products import gru_recurrent_bias_grad, gru_recurrent_kernel_grad, input_grads, project
-from .triton_helpers import (STREAM_ZONEOUT_H, activate, carry_state, compute_type, gate_offset, grid, incoming_grad,
-                             next_step, program_units, rec_mask, step_is_real, step_offset, store_product_inputs,
-                             through, update_mask, zoneout_split)
+from .triton_helpers import (STREAM_ZONEOUT_H, UPDATE_NONE, activate, carry_state, compute_type, gate_offset, grid,
+                             incoming_grad, next_step, program_units, rec_mask, step_is_real, step_offset,
+                             store_product_inputs, through, update_mask, zoneout_split)
 
 Tensor = torch.Tensor
 
@@ -93,7 +93,7 @@ def _next_state(z, n, carry_ptr, h_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_p
     the step is masked: stored in the carry and in slot t + 1 of the h sequence, with the next step's inputs
     of its first N_PRODUCTS products."""
     h_prev = tl.load(carry_ptr + b * U + u, mask=inside)
-    if UPDATE != 0:
+    if UPDATE != UPDATE_NONE:
         n = n * update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH, UPD_SCALE, COMPUTE)
     h = carry_state(z * h_prev + (1.0 - z) * n, h_prev, carry_ptr, h_ptr, zone_ptr, seed_ptr, valid_ptr, b, t, u,
                     inside, B, T, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
@@ -111,7 +111,7 @@ def _state_grads(dh, z, n, upd_ptr, zone_ptr, seed_ptr, b, t, u, inside, B, U, U
                                         ZONE_H_THRESH, COMPUTE)
     n_u = n
     d_n = dh_fresh * (1.0 - z)
-    if UPDATE != 0:
+    if UPDATE != UPDATE_NONE:
         m_u = update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH, UPD_SCALE, COMPUTE)
         n_u = n * m_u
         d_n = d_n * m_u

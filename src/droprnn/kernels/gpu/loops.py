@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 
 from . import graphs
+from . import noise
 from .noise import Noise, rec_modes
 from .precision import matmul_settings, products_precision
 from .triton_helpers import accumulator_dtype
@@ -129,11 +130,15 @@ class Loop:
         B, T, U, H, m = key.batch, key.steps, key.units, self.h_units, key.n_masks
         (update, _, _), zones = key.noise
         rec_mode = key.rec[0]
-        self.rec = self.new(*((T, m, B, H) if rec_mode else (m, B, H))) if static and m and rec_mode < 2 else None
-        self.upd = self.new(*((B, U) if update == 1 else (T, B, U))) if static and update in (1, 2) else None
-        self.zone = [self.new(T, B, size) if static and mode == 1 else None
+        per_step = rec_mode == noise.REC_PER_STEP
+        self.rec = (self.new(*((T, m, B, H) if per_step else (m, B, H)))
+                    if static and m and rec_mode != noise.REC_COUNTER else None)
+        self.upd = (self.new(*((B, U) if update == noise.UPDATE_PER_SEQUENCE else (T, B, U)))
+                    if static and update in (noise.UPDATE_PER_SEQUENCE, noise.UPDATE_PER_STEP) else None)
+        self.zone = [self.new(T, B, size) if static and mode == noise.ZONE_DRAWN else None
                      for (mode, _, _), size in zip(zones, (H, U))]
-        counter = rec_mode == 2 or update == 3 or any(mode == 3 for mode, _, _ in zones)
+        counter = (rec_mode == noise.REC_COUNTER or update == noise.UPDATE_COUNTER
+                   or any(mode == noise.ZONE_COUNTER for mode, _, _ in zones))
         self.seed = torch.zeros(2, dtype=torch.int64, device=key.device) if static and counter else None
 
     def take_noise(self, rec: Optional[Tensor], noise: "Noise") -> None:

@@ -64,9 +64,9 @@ import triton.language as tl
 from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_saved, run_loop
 from .noise import Noise
 from ..products import input_grads, project, recurrent_kernel_grad
-from .triton_helpers import (STREAM_ZONEOUT_C, STREAM_ZONEOUT_H, activate, compute_type, gate_offset, grid,
-                             incoming_grad, next_step, program_units, step_is_real, step_offset, store_product_inputs,
-                             through, update_mask, zoneout_keep, zoneout_split)
+from .triton_helpers import (STREAM_ZONEOUT_C, STREAM_ZONEOUT_H, UPDATE_NONE, ZONE_NONE, activate, compute_type,
+                             gate_offset, grid, incoming_grad, next_step, program_units, step_is_real, step_offset,
+                             store_product_inputs, through, update_mask, zoneout_keep, zoneout_split)
 
 Tensor = torch.Tensor
 
@@ -116,11 +116,11 @@ def _forward_step(
     after = before + U
     c_prev = tl.load(c_ptr + before, mask=inside).to(COMPUTE)
     update = g
-    if UPDATE != 0:  # the cell update's mask (Semeniuta et al.)
+    if UPDATE != UPDATE_NONE:  # the cell update's mask (Semeniuta et al.)
         update = g * update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH, UPD_SCALE, COMPUTE)
     c = f * c_prev + i * update
     h = o * activate(c, ACT)
-    if ZONE_C != 0:  # each unit keeps its old value with indicator d (or its expectation)
+    if ZONE_C != ZONE_NONE:  # each unit keeps its old value with indicator d (or its expectation)
         d = zoneout_keep(zc_ptr, seed_ptr, STREAM_ZONEOUT_C, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, ZONE_C_THRESH, COMPUTE)
         c = d * c_prev + (1 - d) * c
     if HAS_VALID:  # a masked step holds both states
@@ -135,9 +135,9 @@ def _forward_step(
     if PROJ:
         tl.store(r_ptr + (b * T + t) * U + u, h.to(r_ptr.dtype.element_ty), mask=inside)
     else:
-        if HAS_VALID or ZONE_H != 0:
+        if HAS_VALID or ZONE_H != ZONE_NONE:
             h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
-            if ZONE_H != 0:
+            if ZONE_H != ZONE_NONE:
                 d = zoneout_keep(zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH,
                                  COMPUTE)
                 h = d * h_prev + (1 - d) * h
@@ -160,9 +160,9 @@ def _projected_step(
     b, u, inside = program_units(H, BLOCK)
     h = tl.load(hp_ptr + b * H + u, mask=inside).to(COMPUTE)
     before = (b * (T + 1) + t) * H + u
-    if HAS_VALID or ZONE_H != 0:
+    if HAS_VALID or ZONE_H != ZONE_NONE:
         h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
-        if ZONE_H != 0:
+        if ZONE_H != ZONE_NONE:
             d = zoneout_keep(zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, H, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
             h = d * h_prev + (1 - d) * h
         if HAS_VALID:
@@ -205,10 +205,10 @@ def _backward_step(
     before = (b * (T + 1) + t) * U + u
     c_prev = tl.load(c_ptr + before, mask=inside).to(COMPUTE)
     update = g
-    if UPDATE != 0:
+    if UPDATE != UPDATE_NONE:
         m_u = update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE, UPD_THRESH, UPD_SCALE, COMPUTE)
         update = g * m_u
-    if ZONE_C != 0:
+    if ZONE_C != ZONE_NONE:
         c = f * c_prev + i * update
     else:
         c = tl.load(c_ptr + before + U, mask=inside).to(COMPUTE)
@@ -222,7 +222,7 @@ def _backward_step(
     dzi = through(dc * update, i, REC_ACT)
     dzf = through(dc * c_prev, f, REC_ACT)
     d_update = dc * i
-    if UPDATE != 0:
+    if UPDATE != UPDATE_NONE:
         d_update = d_update * m_u
     dzc = through(d_update, g, ACT)
     dzo = through(dh_fresh * tc, o, REC_ACT)
@@ -313,7 +313,7 @@ class _ForwardLoop(ForwardLoop):
         launch = _forward_step[programs]
         noise = self.noise_args(2)
         if proj:  # h's zoneout happens after the projection, in _projected_step
-            noise.update(ZONE_H=0, ZONE_H_RATE=0.0, ZONE_H_THRESH=0)
+            noise.update(ZONE_H=ZONE_NONE.value, ZONE_H_RATE=0.0, ZONE_H_THRESH=0)
         constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid, ACT=key.codes[0],
                          REC_ACT=key.codes[1], COMPUTE=compute_type(key.dtype), BLOCK=block, PROJ=bool(proj),
                          **self.rec_args(), **noise)
@@ -387,7 +387,7 @@ class _BackwardLoop(BackwardLoop):
         launch = _backward_step[programs]
         noise = self.noise_args(2)
         if proj:  # h's part (zoneout, held steps, carry) happens in _projected_backward_step
-            noise.update(ZONE_H=0, ZONE_H_RATE=0.0, ZONE_H_THRESH=0)
+            noise.update(ZONE_H=ZONE_NONE.value, ZONE_H_RATE=0.0, ZONE_H_THRESH=0)
         constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid,
                          HAS_DHS=key.has_dhs, ACT=key.codes[0], REC_ACT=key.codes[1], COMPUTE=compute_type(key.dtype),
                          BLOCK=block, PROJ=bool(proj), **self.rec_args(), **noise)

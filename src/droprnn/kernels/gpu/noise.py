@@ -13,6 +13,11 @@ from ...random import CounterMask
 
 Tensor = torch.Tensor
 
+# The codes the step kernels branch on (constexprs; triton_helpers.py hands the same names to the kernels).
+REC_PER_SEQUENCE, REC_PER_STEP, REC_COUNTER = 0, 1, 2  # recurrent masks: (m, B, U) or none; (T, m, B, U); counter
+UPDATE_NONE, UPDATE_PER_SEQUENCE, UPDATE_PER_STEP, UPDATE_COUNTER = 0, 1, 2, 3  # (B, U); (T, B, U); counter
+ZONE_NONE, ZONE_DRAWN, ZONE_EXPECTATION, ZONE_COUNTER = 0, 1, 2, 3  # (T, B, U) indicators; the rate; counter
+
 
 def counter_constants(mask: CounterMask) -> tuple[int, float]:
     """(THRESH, SCALE) of a counter-based mask for the kernels: its threshold, and its kept value as the
@@ -21,11 +26,10 @@ def counter_constants(mask: CounterMask) -> tuple[int, float]:
 
 
 def rec_modes(rec: Any) -> tuple:
-    """The recurrent masks' constexprs (REC_MODE, REC_THRESH, REC_SCALE): mode 0 per sequence (m, B, U) (or
-    none), 1 per step (T, m, B, U) read from a tensor, 2 per step made from the counter."""
+    """The recurrent masks' constexprs (REC_MODE, one of the REC_* codes; REC_THRESH, REC_SCALE)."""
     if isinstance(rec, CounterMask):
-        return (2, *counter_constants(rec))
-    return (1 if rec is not None and rec.dim() == 4 else 0, 0, 1.0)
+        return (REC_COUNTER, *counter_constants(rec))
+    return (REC_PER_STEP if rec is not None and rec.dim() == 4 else REC_PER_SEQUENCE, 0, 1.0)
 
 
 class Noise(NamedTuple):
@@ -37,14 +41,16 @@ class Noise(NamedTuple):
 
     def modes(self) -> tuple:
         """The kernels' constexprs, part of the loop key (a captured loop keeps its constexprs):
-        (UPDATE: 0 none, 1 per sequence, 2 per step, 3 counter-based; UPD_THRESH; UPD_SCALE), and per state
-        (ZONE, RATE, THRESH): ZONE 0 none, 1 drawn indicators, 2 the expectation RATE, 3 counter-based."""
+        (UPDATE, one of the UPDATE_* codes; UPD_THRESH; UPD_SCALE), and per state (ZONE, one of the ZONE_*
+        codes; RATE, the expectation for ZONE_EXPECTATION; THRESH, the counter's for ZONE_COUNTER)."""
         if isinstance(self.update, CounterMask):
-            update = (3, *counter_constants(self.update))
+            update = (UPDATE_COUNTER, *counter_constants(self.update))
+        elif self.update is None:
+            update = (UPDATE_NONE, 0, 1.0)
         else:
-            update = (0 if self.update is None else self.update.dim() - 1, 0, 1.0)
-        zones = tuple((0, 0.0, 0) if z is None else (2, float(z), 0) if isinstance(z, float)
-                      else (3, 0.0, z.threshold) if isinstance(z, CounterMask) else (1, 0.0, 0)
+            update = (UPDATE_PER_SEQUENCE if self.update.dim() == 2 else UPDATE_PER_STEP, 0, 1.0)
+        zones = tuple((ZONE_NONE, 0.0, 0) if z is None else (ZONE_EXPECTATION, float(z), 0) if isinstance(z, float)
+                      else (ZONE_COUNTER, 0.0, z.threshold) if isinstance(z, CounterMask) else (ZONE_DRAWN, 0.0, 0)
                       for z in self.zoneout)
         return update, zones
 

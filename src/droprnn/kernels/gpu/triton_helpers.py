@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ...dropout.plan import RECURRENT_STREAM, UPDATE_STREAM, ZONEOUT_STREAMS
+from . import noise
 from .operator import carry_dtype
 
 # The counter streams of the plan's per-step masks (dropout/plan.py numbers them), as the kernels name them.
@@ -31,6 +32,12 @@ STREAM_RECURRENT = tl.constexpr(RECURRENT_STREAM)
 STREAM_UPDATE = tl.constexpr(UPDATE_STREAM)
 STREAM_ZONEOUT_H = tl.constexpr(ZONEOUT_STREAMS[0])
 STREAM_ZONEOUT_C = tl.constexpr(ZONEOUT_STREAMS[1])
+# The noise codes (noise.py), as the kernels compare them.
+REC_PER_SEQUENCE, REC_COUNTER = tl.constexpr(noise.REC_PER_SEQUENCE), tl.constexpr(noise.REC_COUNTER)
+UPDATE_NONE, UPDATE_PER_SEQUENCE = tl.constexpr(noise.UPDATE_NONE), tl.constexpr(noise.UPDATE_PER_SEQUENCE)
+UPDATE_COUNTER = tl.constexpr(noise.UPDATE_COUNTER)
+ZONE_NONE, ZONE_EXPECTATION = tl.constexpr(noise.ZONE_NONE), tl.constexpr(noise.ZONE_EXPECTATION)
+ZONE_COUNTER = tl.constexpr(noise.ZONE_COUNTER)
 
 # Units per program: a (B, ceil(U / BLOCK)) grid; 128 keeps enough programs for small batches on big GPUs.
 _MAX_BLOCK = 128
@@ -132,11 +139,11 @@ def rec_mask(masks_ptr, seed_ptr, step, k, b, u, inside, B, U, N_MASKS: tl.const
              REC_THRESH: tl.constexpr, REC_SCALE: tl.constexpr, COMPUTE: tl.constexpr):
     """Recurrent mask k on sequence b's units u at step ``step``: the call's (m, B, U) when REC_MODE is 0,
     else per step (T, m, B, U), read (1) or made from counter stream 0 (2)."""
-    if REC_MODE == 0:
+    if REC_MODE == REC_PER_SEQUENCE:
         offset = (k * B + b) * U + u
     else:
         offset = ((step.to(tl.int64) * N_MASKS + k) * B + b) * U + u
-    if REC_MODE == 2:
+    if REC_MODE == REC_COUNTER:
         return counter_value(seed_ptr, STREAM_RECURRENT, offset, REC_THRESH, 0.0, REC_SCALE, COMPUTE)
     else:
         return tl.load(masks_ptr + offset, mask=inside).to(COMPUTE)
@@ -190,10 +197,10 @@ def update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE: tl.constexpr, 
                 UPD_SCALE: tl.constexpr, COMPUTE: tl.constexpr):
     """The mask on the cell update at step t (Semeniuta et al.): UPDATE 1 one per sequence (B, U), 2 one
     per step (T, B, U), 3 per step from counter stream 1. Only called when UPDATE != 0."""
-    if UPDATE == 1:
+    if UPDATE == UPDATE_PER_SEQUENCE:
         return tl.load(upd_ptr + b * U + u, mask=inside, other=0.0).to(COMPUTE)
     offset = (t.to(tl.int64) * B + b) * U + u
-    if UPDATE == 3:
+    if UPDATE == UPDATE_COUNTER:
         return counter_value(seed_ptr, STREAM_UPDATE, offset, UPD_THRESH, 0.0, UPD_SCALE, COMPUTE)
     else:
         return tl.load(upd_ptr + offset, mask=inside, other=0.0).to(COMPUTE)
@@ -205,10 +212,10 @@ def zoneout_keep(zone_ptr, seed_ptr, STREAM: tl.constexpr, b, t, u, inside, B, U
     """d, the share of the old state a unit keeps at step t: ZONE 1 the drawn 0/1 indicators (T, B, U),
     2 their expectation RATE (inference), 3 the indicators made from counter stream STREAM. Only called when
     ZONE != 0; the state is d·old + (1 - d)·fresh."""
-    if ZONE == 2:
+    if ZONE == ZONE_EXPECTATION:
         return tl.full(u.shape, RATE, COMPUTE)
     offset = (t.to(tl.int64) * B + b) * U + u
-    if ZONE == 3:
+    if ZONE == ZONE_COUNTER:
         return counter_value(seed_ptr, STREAM, offset, THRESH, 1.0, 0.0, COMPUTE)
     else:
         return tl.load(zone_ptr + offset, mask=inside, other=0.0).to(COMPUTE)
@@ -219,7 +226,7 @@ def zoneout_split(grad, zone_ptr, seed_ptr, STREAM: tl.constexpr, b, t, u, insid
                   RATE: tl.constexpr, THRESH: tl.constexpr, COMPUTE: tl.constexpr):
     """The gradient of a zoned state d·old + (1 - d)·fresh split in two: (1 - d)·grad for the fresh value,
     d·grad straight to the step before (zeros without zoneout)."""
-    if ZONE == 0:
+    if ZONE == ZONE_NONE:
         return grad, tl.full(grad.shape, 0.0, grad.dtype)  # not tl.zeros_like: a @jit helper (see above)
     else:
         d = zoneout_keep(zone_ptr, seed_ptr, STREAM, b, t, u, inside, B, U, ZONE, RATE, THRESH, COMPUTE)
@@ -232,8 +239,9 @@ def carry_state(h, h_prev, carry_ptr, h_ptr, zone_ptr, seed_ptr, valid_ptr, b, t
                 HAS_VALID: tl.constexpr, COMPUTE: tl.constexpr):
     """The step's h from its fresh value: zoned (d ⊙ h_{t-1} + (1 - d) ⊙ h), h_{t-1} itself where the step is
     masked; stored in the carry (B, U) and in slot t + 1 of the h sequence (B, T + 1, U), and returned."""
-    if ZONE_H != 0:
-        d = zoneout_keep(zone_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
+    if ZONE_H != ZONE_NONE:
+        d = zoneout_keep(zone_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
+                         ZONE_H_THRESH, COMPUTE)
         h = d * h_prev + (1.0 - d) * h
     if HAS_VALID:
         h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
