@@ -196,3 +196,27 @@ def run_impl(layer, impl, *args, **kwargs):
         result = run(layer, *args, **kwargs)
     assert layer.last_kernel is not None and layer.last_kernel.name == impl, layer.last_kernel
     return result
+
+
+def state_sizes(layer) -> list[list[int]]:
+    """Per cell of ``layer``, the sizes of its states."""
+    return [list(c.state_size) for c in layer.cells]
+
+
+def make_initial_state(layer, B: int, dtype, seed: int):
+    """Random initial states for ``layer`` (per cell a list when stacked), the same for every kernel."""
+    gen = torch.Generator().manual_seed(2000 + seed)
+    per_cell = [[0.5 * torch.randn(B, s, generator=gen, dtype=torch.float64).to(dtype) for s in sizes]
+                for sizes in state_sizes(layer)]
+    return per_cell[0] if len(per_cell) == 1 else per_cell
+
+
+def assert_f64_equal(got_result, want_result, kernel: str = "fast"):
+    """A fast kernel's (outputs, grads) equal the reference's to 1e-10 in float64, with no NaN (an element
+    the kernel never wrote: see uninitialized_is_nan)."""
+    names = ["output/state"] * len(got_result[0]) + ["grad"] * len(got_result[1])
+    got, want = got_result[0] + got_result[1], want_result[0] + want_result[1]
+    assert len(got) == len(want)
+    for k, (a, b, name) in enumerate(zip(got, want, names)):
+        assert not torch.isnan(a).any(), f"{name} #{k}: NaN in the {kernel} result (an element never written)"
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} #{k}: {m}")

@@ -41,10 +41,10 @@ import droprnn
 from droprnn import (
     GRU, LSTM, RNN, Bidirectional, CellMasks, DropoutPlan, DroprnnError, GRUCell, LSTMCell, SimpleRNN,
 )
-from droprnn.kernels import cpu, dispatch, fused
+from droprnn.kernels import cpu, fused
 from kernel_oracle import (
-    cast_plan, draw_plans, flat, holey_mask, loss_weights, make_layer, random_input, rebuild,
-    run_impl, spy_on, stable_seed, uninitialized_is_nan,
+    assert_f64_equal, cast_plan, draw_plans, flat, holey_mask, loss_weights, make_initial_state, make_layer,
+    random_input, rebuild, run_impl, spy_on, stable_seed, state_sizes, uninitialized_is_nan,
 )
 
 F32, F64 = torch.float32, torch.float64
@@ -70,27 +70,6 @@ def weight_grads(request, monkeypatch):
         monkeypatch.setattr(fused, "_DEFER_BYTES", 0)
         monkeypatch.setattr(fused, "_DEFER_BYTES_PER_ROW", 0)
     return request.param
-
-
-def state_sizes(layer) -> list[list[int]]:
-    return [list(c.state_size) for c in layer.cells]
-
-
-def make_initial_state(layer, B: int, dtype, seed: int):
-    gen = torch.Generator().manual_seed(2000 + seed)
-    per_cell = [[0.5 * torch.randn(B, s, generator=gen, dtype=F64).to(dtype) for s in sizes]
-                for sizes in state_sizes(layer)]
-    return per_cell[0] if len(per_cell) == 1 else per_cell
-
-
-def assert_f64_equal(fused_result, ref_result):
-    names = ["output/state"] * len(fused_result[0]) + ["grad"] * len(fused_result[1])
-    got = fused_result[0] + fused_result[1]
-    want = ref_result[0] + ref_result[1]
-    assert len(got) == len(want)
-    for k, (a, b, name) in enumerate(zip(got, want, names)):
-        assert not torch.isnan(a).any(), f"{name} #{k}: NaN in the fused result (an element never written)"
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} #{k}: {m}")
 
 
 def assert_f32_close(f32, r32, r64):
@@ -849,7 +828,7 @@ def test_cache_counts_and_empties():
 @needs_fused
 @pytest.mark.parametrize("megabytes, most", [("0", 0), ("4", 4 << 20)])
 def test_cache_limit_from_environment_in_subprocess(megabytes, most):
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import torch, droprnn
         from droprnn.kernels import cpu
         layer = droprnn.LSTM(144, dropout=0.3, recurrent_dropout=0.3, return_sequences=True, impl="fused")

@@ -51,8 +51,8 @@ from droprnn import (  # noqa: E402
 )
 from droprnn.kernels import dispatch, fused, gpu  # noqa: E402
 from kernel_oracle import (  # noqa: E402
-    built_with_random_weights, call_for, cast_plan, draw_plans, flat, holey_mask, loss_weights, rebuild, run, spy_on,
-    uninitialized_is_nan,
+    assert_f64_equal, built_with_random_weights, call_for, cast_plan, draw_plans, flat, holey_mask, loss_weights,
+    make_initial_state, rebuild, run, spy_on, uninitialized_is_nan,
 )
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
@@ -99,13 +99,6 @@ def random_input(B: int, T: int, D: int, dtype, seed: int = 0) -> torch.Tensor:
     return torch.randn(B, T, D, generator=gen, dtype=F64).to(dtype)
 
 
-def make_initial_state(layer, B: int, dtype, seed: int):
-    gen = torch.Generator().manual_seed(2000 + seed)
-    per_cell = [[0.5 * torch.randn(B, s, generator=gen, dtype=F64).to(dtype) for s in c.state_size]
-                for c in layer.cells]
-    return per_cell[0] if len(per_cell) == 1 else per_cell
-
-
 def run_impl(layer, impl, *args, **kwargs):
     """Run a deep copy of ``layer`` with ``impl``; check it really took that kernel."""
     layer = copy.deepcopy(layer)
@@ -114,14 +107,6 @@ def run_impl(layer, impl, *args, **kwargs):
         result = run(layer, *args, **kwargs)
     assert layer.last_kernel is not None and layer.last_kernel.name == impl, layer.last_kernel
     return result
-
-
-def assert_f64_equal(got, want):
-    got, want = got[0] + got[1], want[0] + want[1]
-    assert len(got) == len(want)
-    for k, (a, b) in enumerate(zip(got, want)):
-        assert not torch.isnan(a).any(), f"tensor #{k}: NaN in the gpu result (an element never written)"
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"tensor #{k}: {m}")
 
 
 # (rtol, times the reference loop's own error) per dtype: see the module docstring.
