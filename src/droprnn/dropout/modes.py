@@ -55,42 +55,76 @@ class Mode:
 
 
 RECURRENT: dict[str, Mode] = {m.name: m for m in (
-    Mode("keras", "recurrent dropout (Keras)", "recurrent", "one mask per gate on h(t-1) where it enters the recurrent kernel, drawn once per "
-         "sequence (Keras 3 >= 3.8; Gal & Ghahramani's untied variant)",
-         where="h(t-1) before the recurrent kernel, one mask per gate; never the carried state", shared_over="time",
-         paper="Gal & Ghahramani 2016 (untied); Keras ≥ 3.8", per_gate=True),
-    Mode("tied", "tied recurrent dropout", "recurrent", "one mask on h(t-1) shared by all gates, drawn once per sequence (Gal & Ghahramani's "
-         "tied variant)", where="h(t-1) before the recurrent kernel", shared_over="time, gates",
+    Mode("keras", "recurrent dropout (Keras)", "recurrent",
+         meaning="one mask per gate on h(t-1) where it enters the recurrent kernel, drawn once per sequence (Keras "
+                 "3 >= 3.8; Gal & Ghahramani's untied variant)",
+         where="h(t-1) before the recurrent kernel, one mask per gate; never the carried state",
+         shared_over="time",
+         paper="Gal & Ghahramani 2016 (untied); Keras ≥ 3.8",
+         per_gate=True),
+    Mode("tied", "tied recurrent dropout", "recurrent",
+         meaning="one mask on h(t-1) shared by all gates, drawn once per sequence (Gal & Ghahramani's tied "
+                 "variant)",
+         where="h(t-1) before the recurrent kernel",
+         shared_over="time, gates",
          paper="Gal & Ghahramani 2016 (tied)"),
-    Mode("per_step", "per-step recurrent dropout", "recurrent", "one mask per gate on h(t-1), drawn afresh at every step (the naive scheme)",
-         where="h(t-1) before the recurrent kernel, per gate", shared_over="nothing",
-         paper="the naive scheme (Zaremba et al. warn against it)", per_step=True, per_gate=True),
-    Mode("update", "update dropout", "update", "one mask on the cell update (LSTM's g, GRU's candidate) per sequence; memory is "
-         "never erased (Semeniuta et al. 2016)",
+    Mode("per_step", "per-step recurrent dropout", "recurrent",
+         meaning="one mask per gate on h(t-1), drawn afresh at every step (the naive scheme)",
+         where="h(t-1) before the recurrent kernel, per gate",
+         shared_over="nothing",
+         paper="the naive scheme (Zaremba et al. warn against it)",
+         per_step=True, per_gate=True),
+    Mode("update", "update dropout", "update",
+         meaning="one mask on the cell update (LSTM's g, GRU's candidate) per sequence; memory is never erased "
+                 "(Semeniuta et al. 2016)",
          where="LSTM's candidate g (`c = f·c + i·(g⊙m)`), GRU's candidate ĥ; memory is never erased",
-         shared_over="time", paper="Semeniuta et al. 2016"),
-    Mode("update_per_step", "update dropout, per step", "update", "as 'update', with a fresh mask at every step", where="as above",
-         shared_over="nothing", paper="Semeniuta et al. 2016", per_step=True),
-    Mode("weights", "DropConnect on recurrent weights", "recurrent_kernel", "DropConnect on recurrent_kernel: one mask over the matrix per call, "
-         "shared by the batch (Wan et al. 2013; AWD-LSTM's WeightDrop)", where="entries of `recurrent_kernel`",
-         shared_over="time, batch", paper="Wan et al. 2013; Merity et al. 2017 (AWD-LSTM's WeightDrop)"),
-    Mode("weights_per_unit", "DropConnect per unit", "recurrent_kernel", "DropConnect on whole rows of recurrent_kernel (one unit's "
-         "outgoing weights), per call, shared by the batch",
-         where="whole rows of `recurrent_kernel` (a unit's outgoing weights)", shared_over="time, batch",
-         paper="—", per_unit=True),
+         shared_over="time",
+         paper="Semeniuta et al. 2016"),
+    Mode("update_per_step", "update dropout, per step", "update",
+         meaning="as 'update', with a fresh mask at every step",
+         where="as above",
+         shared_over="nothing",
+         paper="Semeniuta et al. 2016",
+         per_step=True),
+    Mode("weights", "DropConnect on recurrent weights", "recurrent_kernel",
+         meaning="DropConnect on recurrent_kernel: one mask over the matrix per call, shared by the batch (Wan et "
+                 "al. 2013; AWD-LSTM's WeightDrop)",
+         where="entries of `recurrent_kernel`",
+         shared_over="time, batch",
+         paper="Wan et al. 2013; Merity et al. 2017 (AWD-LSTM's WeightDrop)"),
+    Mode("weights_per_unit", "DropConnect per unit", "recurrent_kernel",
+         meaning="DropConnect on whole rows of recurrent_kernel (one unit's outgoing weights), per call, shared by "
+                 "the batch",
+         where="whole rows of `recurrent_kernel` (a unit's outgoing weights)",
+         shared_over="time, batch",
+         paper="—",
+         per_unit=True),
 )}
 
 INPUT: dict[str, Mode] = {m.name: m for m in (
-    Mode("keras", "input dropout (Keras)", "input", "as Keras: one mask per gate when Keras-style recurrent dropout is on, else one shared "
-         "mask; drawn once per sequence",
+    Mode("keras", "input dropout (Keras)", "input",
+         meaning="as Keras: one mask per gate when Keras-style recurrent dropout is on, else one shared mask; "
+                 "drawn once per sequence",
          where="x(t) before the input kernel; one mask per gate when Keras recurrent dropout is on",
-         shared_over="time", paper="Gal & Ghahramani 2016", per_gate=None),
-    Mode("shared", "input, one mask for all gates", "input", "one mask shared by all gates, drawn once per sequence", where="x(t)",
-         shared_over="time, gates", paper="Gal & Ghahramani 2016 (tied)"),
-    Mode("per_gate", "input, one mask per gate", "input", "one mask per gate, drawn once per sequence", where="x(t), per gate",
-         shared_over="time", paper="Gal & Ghahramani 2016 (untied)", per_gate=True),
-    Mode("per_step", "input, fresh every step", "input", "one mask shared by all gates, drawn afresh at every step (Keras 2's cuDNN-path "
-         "behaviour)", where="x(t)", shared_over="gates", paper="Keras 2's cuDNN path; Zaremba et al. 2014 style",
+         shared_over="time",
+         paper="Gal & Ghahramani 2016",
+         per_gate=None),
+    Mode("shared", "input, one mask for all gates", "input",
+         meaning="one mask shared by all gates, drawn once per sequence",
+         where="x(t)",
+         shared_over="time, gates",
+         paper="Gal & Ghahramani 2016 (tied)"),
+    Mode("per_gate", "input, one mask per gate", "input",
+         meaning="one mask per gate, drawn once per sequence",
+         where="x(t), per gate",
+         shared_over="time",
+         paper="Gal & Ghahramani 2016 (untied)",
+         per_gate=True),
+    Mode("per_step", "input, fresh every step", "input",
+         meaning="one mask shared by all gates, drawn afresh at every step (Keras 2's cuDNN-path behaviour)",
+         where="x(t)",
+         shared_over="gates",
+         paper="Keras 2's cuDNN path; Zaremba et al. 2014 style",
          per_step=True),
 )}
 

@@ -211,7 +211,7 @@ def draw_cell_masks(
             if mode.per_step:
                 drawn = per_step(RECURRENT_STREAM, (steps, count, batch, hidden), p)
             else:
-                drawn = per_gate(count, (batch, hidden), p) if mode.per_gate else mask((1, batch, hidden), p)
+                drawn = per_gate(count, (batch, hidden), p)
         elif mode.site == "update":
             shape = (batch, cell.units)
             drawn = per_step(UPDATE_STREAM, (steps, *shape), p) if mode.per_step else mask(shape, p)

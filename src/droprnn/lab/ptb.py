@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -457,33 +458,30 @@ def run_placements(variants: Any, rate: float, base: str = "zaremba-small", out:
         template = dataclasses.replace(template, epochs=check_positive_int(where, "--epochs", epochs))
     device = check_device(where, "--device", device)
     run_dir = Path(check_out_dir(where, out or f"runs/ptb-{base}-placements"))
-    trials, codes, pictures = [], {}, {}
+    presets = {name: placement_preset(template, name, float(rate)) for name in names}
+    trials = []
     for seed in seeds:
         for name in names:
-            preset = placement_preset(template, name, float(rate))
-            codes[name] = model_code(preset)
             record = run_dir / "trials" / f"{name}-seed{seed}.json"
-            if record.exists() and json.loads(record.read_text()).get("status") == "ok":
-                trials.append(json.loads(record.read_text()))
+            finished = json.loads(record.read_text()) if record.exists() else None
+            if finished is not None and finished.get("status") == "ok":
+                trials.append(finished)
                 continue
             report_epoch = None if progress is None else (lambda r, n=name: progress(n, r))
             try:
-                trial = train(preset, seed, report_epoch, device=device,
+                trial = train(presets[name], seed, report_epoch, device=device,
                               checkpoint=run_dir / "trials" / f"{name}-seed{seed}" / "checkpoint.pt")
                 trial["variant"] = name
             except Exception:  # noqa: BLE001 - recorded; the other placements go on
-                import traceback
-
                 trial = failed(name, seed, traceback.format_exc())
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps(trial, indent=1))
             trials.append(trial)
-    for name in names:
-        pictures[name] = draw_masks(placement_preset(template, name, float(rate)), run_dir / "masks", file=name)
+    pictures = {name: draw_masks(preset, run_dir / "masks", file=name) for name, preset in presets.items()}
     settings = {k: v for k, v in dataclasses.asdict(template).items() if k not in ("name", "description")}
     results = _results(device, {"seeds": list(seeds), "variants": list(names), "rate": rate, "base": base, **settings},
                        {name: {"title": PLACEMENTS[name].title, "description": PLACEMENTS[name].description,
-                               "code": codes[name]} for name in names}, trials)
+                               "code": model_code(preset)} for name, preset in presets.items()}, trials)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results, report.write_report(results, run_dir, pictures)

@@ -107,8 +107,8 @@ def _state_grads(dh, z, n, upd_ptr, zone_ptr, seed_ptr, b, t, u, inside, B, U, U
                  ZONE_H_THRESH: tl.constexpr, COMPUTE: tl.constexpr):
     """From dh, the whole gradient reaching h_t: (dh_fresh, the gradient of the un-zoned state; the part that
     goes straight to h_{t-1}, through z and zoneout; n ⊙ m_u, the masked candidate; the candidate's gradient)."""
-    dh_fresh, dh_direct = zoneout_split(dh, zone_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
-                                        ZONE_H_THRESH, COMPUTE)
+    dh_fresh, dh_direct = zoneout_split(dh, zone_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H,
+                                        ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
     n_u = n
     d_n = dh_fresh * (1.0 - z)
     if UPDATE != UPDATE_NONE:

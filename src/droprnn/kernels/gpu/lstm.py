@@ -121,7 +121,8 @@ def _forward_step(
     c = f * c_prev + i * update
     h = o * activate(c, ACT)
     if ZONE_C != ZONE_NONE:  # each unit keeps its old value with indicator d (or its expectation)
-        d = zoneout_keep(zc_ptr, seed_ptr, STREAM_ZONEOUT_C, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE, ZONE_C_THRESH, COMPUTE)
+        d = zoneout_keep(zc_ptr, seed_ptr, STREAM_ZONEOUT_C, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE,
+                         ZONE_C_THRESH, COMPUTE)
         c = d * c_prev + (1 - d) * c
     if HAS_VALID:  # a masked step holds both states
         keep = step_is_real(valid_ptr, b, t, T)
@@ -138,8 +139,8 @@ def _forward_step(
         if HAS_VALID or ZONE_H != ZONE_NONE:
             h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
             if ZONE_H != ZONE_NONE:
-                d = zoneout_keep(zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH,
-                                 COMPUTE)
+                d = zoneout_keep(zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
+                                 ZONE_H_THRESH, COMPUTE)
                 h = d * h_prev + (1 - d) * h
             if HAS_VALID:
                 h = tl.where(keep, h, h_prev)
@@ -163,7 +164,8 @@ def _projected_step(
     if HAS_VALID or ZONE_H != ZONE_NONE:
         h_prev = tl.load(h_ptr + before, mask=inside).to(COMPUTE)
         if ZONE_H != ZONE_NONE:
-            d = zoneout_keep(zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, H, ZONE_H, ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
+            d = zoneout_keep(zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, H, ZONE_H, ZONE_H_RATE,
+                             ZONE_H_THRESH, COMPUTE)
             h = d * h_prev + (1 - d) * h
         if HAS_VALID:
             h = tl.where(step_is_real(valid_ptr, b, t, T), h, h_prev)
@@ -214,10 +216,10 @@ def _backward_step(
         c = tl.load(c_ptr + before + U, mask=inside).to(COMPUTE)
     tc = activate(c, ACT)
     dc_next = tl.load(dc_ptr + b * U + u, mask=inside).to(COMPUTE)
-    dh_fresh, dh_carry = zoneout_split(dh, zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
-                                       ZONE_H_THRESH, COMPUTE)
-    dc_fresh, dc_prev = zoneout_split(dc_next, zc_ptr, seed_ptr, STREAM_ZONEOUT_C, b, t, u, inside, B, U, ZONE_C, ZONE_C_RATE,
-                                      ZONE_C_THRESH, COMPUTE)
+    dh_fresh, dh_carry = zoneout_split(dh, zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H,
+                                       ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
+    dc_fresh, dc_prev = zoneout_split(dc_next, zc_ptr, seed_ptr, STREAM_ZONEOUT_C, b, t, u, inside, B, U, ZONE_C,
+                                      ZONE_C_RATE, ZONE_C_THRESH, COMPUTE)
     dc = dc_fresh + through(dh_fresh * o, tc, ACT)
     dzi = through(dc * update, i, REC_ACT)
     dzf = through(dc * c_prev, f, REC_ACT)
@@ -263,8 +265,8 @@ def _projected_backward_step(
     b, u, inside = program_units(H, BLOCK)
     dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T, H,
                        HAS_DHS, N_MASKS, 4, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
-    dh_fresh, dh_carry = zoneout_split(dh, zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, H, ZONE_H, ZONE_H_RATE,
-                                       ZONE_H_THRESH, COMPUTE)
+    dh_fresh, dh_carry = zoneout_split(dh, zh_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, H, ZONE_H,
+                                       ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
     if HAS_VALID:
         keep = step_is_real(valid_ptr, b, t, T)
         dh_fresh = tl.where(keep, dh_fresh, 0.0)

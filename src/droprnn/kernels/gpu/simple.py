@@ -73,8 +73,8 @@ def _backward_step(
     dh = incoming_grad(dh_ptr, dhs_ptr, back_ptr, masks_ptr, seed_ptr, next_step(t, T), b, t, u, inside, B, T, U,
                        HAS_DHS, N_MASKS, 1, REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
     y = tl.load(pre_ptr + (b * T + t) * U + u, mask=inside).to(COMPUTE)
-    dh_fresh, dh_carry = zoneout_split(dh, zone_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H, ZONE_H_RATE,
-                                       ZONE_H_THRESH, COMPUTE)
+    dh_fresh, dh_carry = zoneout_split(dh, zone_ptr, seed_ptr, STREAM_ZONEOUT_H, b, t, u, inside, B, U, ZONE_H,
+                                       ZONE_H_RATE, ZONE_H_THRESH, COMPUTE)
     dz = through(dh_fresh, y, ACT)
     if HAS_VALID:  # a masked step held h: its gradient passes on, and the step gets none
         keep = step_is_real(valid_ptr, b, t, T)
