@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from droprnn.kernels import cpu, fused
+from droprnn.kernels import cpu, eager, fused
 
 pytestmark = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason=f"no fused kernels: {cpu.unavailable_reason()}")
 
@@ -79,6 +79,45 @@ def test_fused_layer_inference_passes_opcheck(case, all_steps):
     h, _ = torch.ops.droprnn.fused_layer_inference(*args, all_steps)
     hs, _, _, _ = torch.ops.droprnn.fused_layer(*args)
     torch.testing.assert_close(h, hs if all_steps else hs[:, -1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_eager_calls_equal_the_registered_operators(case):
+    """Eager code calls the operators' Python straight (kernels/eager.py); the dispatcher's way gives the
+    same numbers, forward, gradients and inference, bit for bit."""
+    def run(call):
+        args = layer_args(**case)
+        hs, c_last, _, _ = call(fused.fused_layer, args)
+        grad_hs = torch.randn(hs.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+        loss = (hs * grad_hs).sum() + (c_last.sum() if case["cell"] == "lstm" else 0)
+        tensors = [a for a in args[:7] if a is not None]
+        grads = torch.autograd.grad(loss, tensors)
+        with torch.no_grad():
+            h, _ = call(fused.fused_layer_inference, (*args, False))
+        return hs, c_last, h, grads, type(hs.grad_fn).__name__
+
+    direct = run(lambda operator, args: operator(*args))
+    registered = run(lambda operator, args: operator.op(*args))
+    assert direct[4] == "_fused_layer_functionBackward" and direct[4] != registered[4]  # each way taken
+    for mine, theirs in zip(direct[:3] + tuple(direct[3]), registered[:3] + tuple(registered[3])):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_the_registered_operators_run_wherever_something_watches():
+    """Fake tensors (torch.compile, torch.export), tensor subclasses and torch.func transforms see the
+    registered operator; plain eager code does not need it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.zeros(2)
+    assert not eager.watched((x, None, "lstm", 1))
+    with FakeTensorMode():
+        assert eager.watched((torch.zeros(2),))
+
+    class Marked(torch.Tensor):
+        pass
+
+    assert eager.watched((x, x.as_subclass(Marked)))
+    assert torch.func.grad(lambda t: (t * float(eager.watched((t,)))).sum())(torch.ones(2)).sum() == 2
 
 
 def test_fused_layer_gradients_pass_gradcheck():

@@ -52,7 +52,7 @@ import torch
 
 from ..cells import CellWeights, GRUCell, LSTMCell
 from ..dropout.plan import CellMasks
-from . import CELL_KINDS, activation_codes, constant_when_compiled, cpu, math_cell, products, reference, unknown_cell
+from . import CELL_KINDS, activation_codes, constant_when_compiled, cpu, eager, math_cell, products, reference, unknown_cell
 from .call import RecurrentCall, Result, stacked
 
 Tensor = torch.Tensor
@@ -164,7 +164,7 @@ def _arguments(cell, x: Tensor, weights: CellWeights, states: States, masks: Cel
 def _layer(cell, x: Tensor, weights: CellWeights, states: States, masks: CellMasks,
            valid: Optional[Tensor], bf16: bool = False) -> tuple[Tensor, States]:
     """One cell over the sequence: its carried h sequence (B, T, H) and final states."""
-    hs, c_last, _, _ = torch.ops.droprnn.fused_layer(*_arguments(cell, x, weights, states, masks, valid, bf16))
+    hs, c_last, _, _ = fused_layer(*_arguments(cell, x, weights, states, masks, valid, bf16))
     return hs, ((hs[:, -1], c_last) if isinstance(cell, LSTMCell) else (hs[:, -1],))
 
 
@@ -172,7 +172,7 @@ def _inference_layer(cell, x: Tensor, weights: CellWeights, states: States, mask
                      all_steps: bool = True, bf16: bool = False) -> tuple[Tensor, States]:
     """:func:`_layer` with no backward to follow; with ``all_steps`` false, h is the last step's (B, H)."""
     *arguments, _, projection = _arguments(cell, x, weights, states, masks, valid, bf16)
-    h, c_last = torch.ops.droprnn.fused_layer_inference(*arguments, all_steps, bf16, projection)
+    h, c_last = fused_layer_inference(*arguments, all_steps, bf16, projection)
     last = h[:, -1] if all_steps else h
     return h, ((last, c_last) if isinstance(cell, LSTMCell) else (last,))
 
@@ -290,8 +290,7 @@ def _gates_buffer(x: Tensor, units: int, gates: int, input_mask: Optional[Tensor
     return x.new_empty(batch, steps, gates, units)
 
 
-@torch.library.custom_op("droprnn::fused_layer", mutates_args=(), device_types="cpu")
-def fused_layer(
+def _fused_layer(
     x: Tensor, kernel: Tensor, input_bias: Optional[Tensor], recurrent_kernel: Tensor,
     recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], input_mask: Optional[Tensor],
     recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
@@ -336,7 +335,6 @@ def fused_layer(
     return hs, _absent(x), fresh if zoneout_h is not None else _absent(x), _absent(x)
 
 
-@fused_layer.register_fake
 def _fused_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0, input_mask, recurrent_mask,
                       update_mask, zoneout_h, zoneout_c, valid, cell, activation, recurrent_activation, reset_after,
                       bf16_products=False, projection=None):
@@ -352,8 +350,7 @@ def _fused_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h
     return hs, _absent(x), saved, x.new_empty(batch, steps, units) if reset_after else _absent(x)
 
 
-@torch.library.custom_op("droprnn::fused_layer_backward", mutates_args=(), device_types="cpu")
-def fused_layer_backward(
+def _fused_layer_backward(
     grad_hs: Tensor, grad_c_last: Optional[Tensor], x: Tensor, kernel: Tensor, input_bias: Optional[Tensor],
     recurrent_kernel: Tensor, recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
     input_mask: Optional[Tensor], recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor],
@@ -402,7 +399,6 @@ def fused_layer_backward(
     return tuple(_absent(x) if g is None else g.contiguous() for g in (dx, dkernel, dbias, dR, drb, dh0, dc0, dP))
 
 
-@fused_layer_backward.register_fake
 def _fused_layer_backward_fake(grad_hs, grad_c_last, x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0,
                                input_mask, recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, hs, saved, other,
                                cell, activation, recurrent_activation, reset_after, wanted, bf16_products=False,
@@ -415,8 +411,7 @@ def _fused_layer_backward_fake(grad_hs, grad_c_last, x, kernel, input_bias, recu
             like(projection))
 
 
-@torch.library.custom_op("droprnn::fused_layer_inference", mutates_args=(), device_types="cpu")
-def fused_layer_inference(
+def _fused_layer_inference(
     x: Tensor, kernel: Tensor, input_bias: Optional[Tensor], recurrent_kernel: Tensor,
     recurrent_bias: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], input_mask: Optional[Tensor],
     recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor], zoneout_h: Optional[Tensor],
@@ -447,7 +442,6 @@ def fused_layer_inference(
                                         activation, all_steps), _absent(x)
 
 
-@fused_layer_inference.register_fake
 def _fused_layer_inference_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0, input_mask,
                                 recurrent_mask, update_mask, zoneout_h, zoneout_c, valid, cell, activation,
                                 recurrent_activation, reset_after, all_steps, bf16_products=False, projection=None):
@@ -491,7 +485,7 @@ def _backward(ctx, grad_hs, grad_c_last, _grad_saved, _grad_other):
     present = (x, kernel, input_bias, R, rbias)
     wanted = [needs[k] and present[k] is not None for k in range(5)]
     grad_hs = torch.zeros_like(hs) if grad_hs is None else grad_hs
-    grads = torch.ops.droprnn.fused_layer_backward(
+    grads = fused_layer_backward(
         grad_hs, grad_c_last if lstm else None, x, kernel, input_bias, R, rbias, h0, c0, input_mask, rec, upd,
         zoneout_h, zoneout_c, valid, hs, saved, other, cell, act, rec_act, reset_after, wanted, ctx.bf16, P)
     wanted += [needs[5], needs[6] and lstm]
@@ -501,4 +495,8 @@ def _backward(ctx, grad_hs, grad_c_last, _grad_saved, _grad_other):
     return tuple(result)
 
 
-fused_layer.register_autograd(_backward, setup_context=_setup_context)
+fused_layer_backward = eager.register("droprnn::fused_layer_backward", _fused_layer_backward,
+                                      _fused_layer_backward_fake, "cpu")
+fused_layer = eager.register("droprnn::fused_layer", _fused_layer, _fused_layer_fake, "cpu", _setup_context, _backward)
+fused_layer_inference = eager.register("droprnn::fused_layer_inference", _fused_layer_inference,
+                                       _fused_layer_inference_fake, "cpu")

@@ -242,18 +242,19 @@ class RNN(Layer):
         # validate
         if torch.jit.is_tracing():
             raise no_torchscript(self.where, "torch.jit.trace")
-        kernel = self.cells[0].kernel
+        cells = self.cells  # a new list per access: taken once
+        kernel = cells[0].kernel
         x = float_input(self.where, x, None if kernel is None else kernel.dtype)
         if x.dim() != 3:
             raise fail(self.where, "inputs", "a tensor of shape (batch, time, features)", f"shape {tuple(x.shape)}")
         batch, steps, features = x.shape
         if steps == 0:
             raise fail(self.where, "inputs", "at least one timestep", f"shape {tuple(x.shape)}")
-        if not self.built:
+        if not all(c.built for c in cells):
             self.build_for_input(features, x)
-        elif features != self.input_size:
+        elif features != cells[0].input_size:
             raise fail(
-                self.where, "inputs", f"{self.input_size} features on the last axis (the size it was built with)",
+                self.where, "inputs", f"{cells[0].input_size} features on the last axis (the size it was built with)",
                 f"shape {tuple(x.shape)}",
             )
         step_mask, lengths = sequence_mask(self.where, mask, lengths, batch, steps, x.device)
@@ -261,15 +262,15 @@ class RNN(Layer):
         # plan the dropout
         if dropout_plan is None:
             training = self.resolve_training(training)
-            dropout_plan = draw_plan(self.cells, batch, features, training, x.dtype, x.device, steps)
+            dropout_plan = draw_plan(cells, batch, features, training, x.dtype, x.device, steps)
         else:
-            check_plan(self.where, dropout_plan, self.cells, batch, features, steps, x.device)
+            check_plan(self.where, dropout_plan, cells, batch, features, steps, x.device)
             if any(m.dtype != x.dtype for m in dropout_plan.masks()):  # every kernel then reads the same numbers
                 dropout_plan = dropout_plan.to(x.dtype)
         self.last_dropout_plan = dropout_plan
         # run a kernel over time
         call = RecurrentCall(
-            tuple(self.cells), tuple(cell.weights() for cell in self.cells), x, tuple(states), dropout_plan,
+            tuple(cells), tuple(cell.weights() for cell in cells), x, tuple(states), dropout_plan,
             step_mask, lengths, self.go_backwards, self.zero_output_for_mask, self.return_sequences, self.where,
         )
         (sequence, last, final_states), self.last_kernel = kernels.execute(self.impl, call)
@@ -279,7 +280,7 @@ class RNN(Layer):
         output = sequence if self.return_sequences else last
         if not self.return_state:
             return output
-        if len(self.cells) == 1:
+        if len(cells) == 1:
             return (output, *final_states[0])
         return (output, *final_states)
 

@@ -23,7 +23,7 @@ import torch
 from ...cells import CellWeights, LSTMCell
 from ...dropout.plan import RECURRENT_STREAM, UPDATE_STREAM, ZONEOUT_STREAMS, CellMasks
 from ...random import CounterMask
-from .. import CELL_KINDS, activation_codes, math_cell, reference
+from .. import CELL_KINDS, activation_codes, eager, math_cell, reference
 
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
@@ -55,7 +55,7 @@ def dense(t: Any, dtype: torch.dtype) -> Optional[Tensor]:
 def layer(cell, x: Tensor, w: CellWeights, states: States, masks: CellMasks,
           valid: Optional[Tensor]) -> tuple[Tensor, States]:
     """One cell over x (B, T, D) on the GPU: its carried h sequence (B, T, H) and final states."""
-    h, c_last, *_ = torch.ops.droprnn.gpu_layer(*arguments(cell, x, w, states, masks, valid))
+    h, c_last, *_ = gpu_layer(*arguments(cell, x, w, states, masks, valid))
     hs = h[:, 1:]  # slot 0 holds h0
     return hs, ((hs[:, -1], c_last) if isinstance(cell, LSTMCell) else (hs[:, -1],))
 
@@ -131,8 +131,7 @@ def _absent(like: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- the operators
-@torch.library.custom_op("droprnn::gpu_layer", mutates_args=())
-def gpu_layer(
+def _gpu_layer(
     x: Tensor, kernel: Tensor, input_bias: Optional[Tensor], recurrent_kernel: Tensor,
     recurrent_bias: Optional[Tensor], projection: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
     input_mask: Optional[Tensor], recurrent_mask: Optional[Tensor], update_mask: Optional[Tensor],
@@ -171,7 +170,6 @@ def gpu_layer(
     return (h, c_last, *saved, *(_absent(x) for _ in range(3 - len(saved))))
 
 
-@gpu_layer.register_fake
 def _gpu_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, projection, h0, c0, input_mask,
                     recurrent_mask, update_mask, zoneout_h, zoneout_c, counter_seed, valid, cell, activation,
                     recurrent_activation, reset_after, counters, saving, precision):
@@ -196,8 +194,7 @@ def _gpu_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, pro
     return (h, c_last, *saved, *(_absent(x) for _ in range(3 - len(saved))))
 
 
-@torch.library.custom_op("droprnn::gpu_layer_backward", mutates_args=())
-def gpu_layer_backward(
+def _gpu_layer_backward(
     grad_h: Tensor, grad_c_last: Optional[Tensor], x: Tensor, kernel: Tensor, input_bias: Optional[Tensor],
     recurrent_kernel: Tensor, recurrent_bias: Optional[Tensor], projection: Optional[Tensor], h0: Tensor,
     c0: Optional[Tensor], input_mask: Optional[Tensor], recurrent_mask: Optional[Tensor],
@@ -239,7 +236,6 @@ def gpu_layer_backward(
     return tuple(_absent(x) if g is None else g.contiguous() for g in (dx, dk, db, dR, drb, dP, dh0, dc0))
 
 
-@gpu_layer_backward.register_fake
 def _gpu_layer_backward_fake(grad_h, grad_c_last, x, kernel, input_bias, recurrent_kernel, recurrent_bias, projection,
                              h0, c0, input_mask, recurrent_mask, update_mask, zoneout_h, zoneout_c, counter_seed, valid,
                              h, saved0, saved1, saved2, cell, activation, recurrent_activation, reset_after, counters,
@@ -281,7 +277,7 @@ def _backward(ctx, grad_h, grad_c_last, *_saved_grads):
         return reference.differentiable_grads(ctx, (x, kernel, input_bias, R, rbias, P, h0, c0),
                                               (grad_h, grad_c_last), build)
     grad_h = torch.zeros_like(h) if grad_h is None else grad_h
-    grads = torch.ops.droprnn.gpu_layer_backward(
+    grads = gpu_layer_backward(
         grad_h, grad_c_last if lstm else None, x, kernel, input_bias, R, rbias, P, h0, c0, input_mask, rec, upd, zh,
         zc, seed, valid, h, saved0, saved1, saved2, cell, act, rec_act, reset_after, counters, precision,
         list(needs[:6]))
@@ -290,4 +286,5 @@ def _backward(ctx, grad_h, grad_c_last, *_saved_grads):
             *(None,) * (len(needs) - _DIFFERENTIABLE))
 
 
-gpu_layer.register_autograd(_backward, setup_context=_setup_context)
+gpu_layer_backward = eager.register("droprnn::gpu_layer_backward", _gpu_layer_backward, _gpu_layer_backward_fake)
+gpu_layer = eager.register("droprnn::gpu_layer", _gpu_layer, _gpu_layer_fake, None, _setup_context, _backward)
