@@ -456,15 +456,61 @@ void product_grad(const T* D, int64_t ldd, int64_t r0, int64_t r1, int64_t t, in
   }
 }
 
+// Per-gate masks that are the same at every step, transposed once per call for the rows [r0, r1) of one
+// chunk of the batch: (G, F, n). A step's weight gradient then masks its one transposed block with a
+// vectorised multiply per gate instead of making a strided, masked copy per gate (the copies were ~7% of
+// an LSTM's training step at (32, 100, 64, 128) with per-gate masks). Empty for other masks.
+template <typename T>
+struct MaskColumns {
+  std::vector<T> data;
+  int64_t F = 0, n = 0;
+  bool present() const { return !data.empty(); }
+  const T* gate(int64_t g) const { return data.data() + g * F * n; }
+};
+
+template <typename T>
+MaskColumns<T> mask_columns(const StepMask<T>& mask, int64_t gates, int64_t r0, int64_t r1, int64_t F) {
+  MaskColumns<T> c;
+  if (!mask.present() || mask.gate_stride == 0 || mask.step_stride != 0 || r1 <= r0) return c;
+  c.F = F;
+  c.n = r1 - r0;
+  c.data.resize(static_cast<size_t>(gates * F * c.n));
+  for (int64_t g = 0; g < gates; ++g) {
+    T* out = c.data.data() + g * F * c.n;
+    for (int64_t b = r0; b < r1; ++b) {
+      const T* m = mask.row(0, g, b);
+      for (int64_t i = 0; i < F; ++i) out[i * c.n + (b - r0)] = m[i];
+    }
+  }
+  return c;
+}
+
 // W (width, ld ldw) += sum_g (S * m_g)^T @ D_g over gates [0, used): a weight gradient accumulated one
 // step at a time, for the rows [r0, r1) of S (ld lds) -- h_{t-1} for the recurrent kernel, x_t for the
 // input kernel -- with the masks applied in cache instead of in a masked copy of the whole sequence.
-// ST is scratch for one transposed, masked block (width, n).
+// ST is scratch for two transposed blocks (2, width, n); `columns`, the mask transposed (mask_columns),
+// where it serves.
 template <typename T>
 void weight_grad(const T* S, int64_t lds, int64_t r0, int64_t r1, int64_t width, const StepMask<T>& mask, int64_t t,
-                 const T* D, int64_t ldd, int64_t used, int64_t U, T* W, int64_t ldw, T* ST) {
+                 const T* D, int64_t ldd, int64_t used, int64_t U, T* W, int64_t ldw, T* ST,
+                 const MaskColumns<T>& columns = MaskColumns<T>{}) {
   const int64_t n = r1 - r0;
   const bool per_gate = mask.present() && mask.gate_stride != 0;
+  if (per_gate && columns.present()) {
+    for (int64_t b = r0; b < r1; ++b) {
+      const T* src = S + (b - r0) * lds;
+      T* col = ST + (b - r0);
+      for (int64_t i = 0; i < width; ++i) col[i * n] = src[i];
+    }
+    T* masked = ST + width * n;
+    for (int64_t g = 0; g < used; ++g) {
+      const T* m = columns.gate(g);
+#pragma omp simd
+      for (int64_t k = 0; k < width * n; ++k) masked[k] = ST[k] * m[k];
+      gemm(width, U, n, masked, n, D + g * U, ldd, W + g * U, ldw, true);
+    }
+    return;
+  }
   for (int64_t g = 0; g < (per_gate ? used : 1); ++g) {
     for (int64_t b = r0; b < r1; ++b) {
       const T* src = S + (b - r0) * lds;
@@ -496,12 +542,15 @@ struct InputSide {
 // The input side of one backward step: dK += (x_t * m_g)^T Dz_g, db += sum of Dz rows, and
 // dx_t = sum_g (Dz_g @ K_g^T) * m_g, each only when wanted. Dz holds the step's gradients at the
 // projections (n rows, ld ldd, `gates` blocks of U).
+// `columns`: the input masks transposed for these rows (mask_columns), where they serve.
 template <typename T>
 void accumulate_input_side(const InputSide<T>& in, const T* Dz, int64_t ldd, int64_t gates, int64_t U, int64_t r0,
-                           int64_t r1, int64_t t, int64_t steps, T* tmp, T* ST, T* dK_acc, T* db_acc) {
+                           int64_t r1, int64_t t, int64_t steps, T* tmp, T* ST, T* dK_acc, T* db_acc,
+                           const MaskColumns<T>& columns = MaskColumns<T>{}) {
   const int64_t D = in.features, width = gates * U;
   const T* x_t = in.x + (r0 * steps + t) * D;
-  if (in.want_kernel) weight_grad(x_t, steps * D, r0, r1, D, in.mask, t, Dz, ldd, gates, U, dK_acc, width, ST);
+  if (in.want_kernel)
+    weight_grad(x_t, steps * D, r0, r1, D, in.mask, t, Dz, ldd, gates, U, dK_acc, width, ST, columns);
   if (in.want_bias) {
     for (int64_t b = r0; b < r1; ++b) {
       const T* d = Dz + (b - r0) * ldd;

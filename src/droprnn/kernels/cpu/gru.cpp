@@ -206,7 +206,7 @@ static void gru_backward_impl(const Tensor& dhs, const KernelT& RT, const Tensor
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
   const int64_t wide = std::max(U, D);
-  const int64_t per_chunk = rows_max * (U + 2 * G3 + wide + U) + wide * rows_max + 3 * U;
+  const int64_t per_chunk = rows_max * (U + 2 * G3 + wide + U) + 2 * wide * rows_max + 3 * U;
   Scratch<T> work(chunks * per_chunk);
   // Per-chunk accumulators, summed after the loop: dR (U, 3U), dK (D, 3U), db (3U), d rb (3U).
   const int64_t acc_size = (want_dR ? U * G3 : 0) + (in.want_kernel ? D * G3 : 0) + (in.want_bias ? G3 : 0) +
@@ -220,8 +220,8 @@ static void gru_backward_impl(const Tensor& dhs, const KernelT& RT, const Tensor
     T* Di = Dz + rows_max * G3;                      // (n, 3U) gradients at the recurrent product (reset_after)
     T* tmp = Di + rows_max * G3;                     // (n, max(U, D))
     T* A = tmp + rows_max * wide;                    // (n, U) a = r * (h * m_h) (reset_before)
-    T* ST = A + rows_max * U;                        // (max(U, D), n)
-    T* ones = ST + wide * rows_max;
+    T* ST = A + rows_max * U;                        // (2, max(U, D), n) transposed (and masked) blocks
+    T* ones = ST + 2 * wide * rows_max;
     std::fill(ones, ones + 2 * U, T(1));
     const Zoneout<T> kh = with_buffer(zh, ones + 2 * U, U);
     T* dR_acc = acc.data() + chunk * acc_size;
@@ -229,6 +229,8 @@ static void gru_backward_impl(const Tensor& dhs, const KernelT& RT, const Tensor
     T* db_acc = dK_acc + (in.want_kernel ? D * G3 : 0);
     T* drb_acc = db_acc + (in.want_bias ? G3 : 0);
     std::fill(dh_carry, dh_carry + n * U, T(0));
+    const MaskColumns<T> rec_columns = want_dR ? mask_columns(rec, 3, r0, r1, U) : MaskColumns<T>{};
+    const MaskColumns<T> in_columns = in.want_kernel ? mask_columns(in.mask, 3, r0, r1, D) : MaskColumns<T>{};
     for (int64_t t = steps - 1; t >= 0; --t) {
       const T* h_prev = t == 0 ? h_init + r0 * U : h_all + (r0 * steps + t - 1) * U;
       const int64_t ldh = t == 0 ? U : steps * U;
@@ -301,7 +303,7 @@ static void gru_backward_impl(const Tensor& dhs, const KernelT& RT, const Tensor
       const T* D_inner = reset_after ? Di : Dz;  // gradients at the recurrent product's output
       const int64_t first = reset_after ? 3 : 2;   // gates in the first recurrent product
       if (want_dR) {
-        weight_grad(h_prev, ldh, r0, r1, U, rec, t, D_inner, G3, first, U, dR_acc, G3, ST);
+        weight_grad(h_prev, ldh, r0, r1, U, rec, t, D_inner, G3, first, U, dR_acc, G3, ST, rec_columns);
         if (!reset_after) weight_grad(A, U, r0, r1, U, no_mask, t, Dz + 2 * U, G3, 1, U, dR_acc + 2 * U, G3, ST);
       }
       if (want_drb) {
@@ -311,7 +313,7 @@ static void gru_backward_impl(const Tensor& dhs, const KernelT& RT, const Tensor
           for (int64_t j = 0; j < G3; ++j) drb_acc[j] += d[j];
         }
       }
-      accumulate_input_side(in, Dz, G3, 3, U, r0, r1, t, steps, tmp, ST, dK_acc, db_acc);
+      accumulate_input_side(in, Dz, G3, 3, U, r0, r1, t, steps, tmp, ST, dK_acc, db_acc, in_columns);
       product_grad(D_inner, G3, r0, r1, t, first, U, rt, U, rec, tmp, dh_carry, U, true, RT.packed);
     }
     bf16_release(RT.packed);

@@ -319,7 +319,8 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
   const int64_t wide = std::max({H, D, pt ? U : int64_t(0)});
-  const int64_t per_chunk = rows_max * (H + U + G4 + wide) + wide * rows_max + 5 * U + (pt ? rows_max * (3 * U + H) : 0);
+  const int64_t per_chunk =
+      rows_max * (H + U + G4 + wide) + 2 * wide * rows_max + 5 * U + (pt ? rows_max * (3 * U + H) : 0);
   Scratch<T> work(chunks * per_chunk);
   // Per-chunk weight-gradient accumulators, summed after the loop: dR (H, 4U), dK (D, 4U), db (4U), dP (U, H).
   const int64_t acc_size = (want_dR ? H * G4 : 0) + (in.want_kernel ? D * G4 : 0) + (in.want_bias ? G4 : 0) +
@@ -332,8 +333,8 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
     T* dc_carry = dh_carry + rows_max * H;           // (n, U)
     T* Dz = dc_carry + rows_max * U;                 // (n, 4U) gradients at the gate pre-activations
     T* tmp = Dz + rows_max * G4;                     // (n, max(H, D)) a product before masking
-    T* ST = tmp + rows_max * wide;                   // (max(H, D), n) a transposed, masked block
-    T* dtc = ST + wide * rows_max;                   // (U,) one row's d act(c')
+    T* ST = tmp + rows_max * wide;                   // (2, max(H, D), n) transposed (and masked) blocks
+    T* dtc = ST + 2 * wide * rows_max;               // (U,) one row's d act(c')
     T* tcr = dtc + U;                                // (U,) one row's act(c'), recomputed
     T* ones = tcr + U;
     // With a projection: per row, act(c') (TC) and o * act(c') (Rw), the gradient at the projection's output
@@ -350,6 +351,8 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
     T* dP_acc = db_acc + (in.want_bias ? G4 : 0);
     std::fill(dh_carry, dh_carry + n * H, T(0));
     std::copy(dc_end + r0 * U, dc_end + r1 * U, dc_carry);
+    const MaskColumns<T> rec_columns = want_dR ? mask_columns(rec, 4, r0, r1, H) : MaskColumns<T>{};
+    const MaskColumns<T> in_columns = in.want_kernel ? mask_columns(in.mask, 4, r0, r1, D) : MaskColumns<T>{};
     for (int64_t t = steps - 1; t >= 0; --t) {
       // The gradients at the gate pre-activations of row b, from d(o * act(c')) already turned into d o
       // (in dzo) and d act(c') (in dtc): the cell-state side of the step, shared by both forms below.
@@ -453,8 +456,8 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
       keep_step_grads(dz_all, G4, Dz, G4, G4, r0, r1, t, steps);
       const T* h_prev = t == 0 ? h_init + r0 * H : h_all + (r0 * steps + t - 1) * H;
       const int64_t ldh = t == 0 ? H : steps * H;
-      if (want_dR) weight_grad(h_prev, ldh, r0, r1, H, rec, t, Dz, G4, 4, U, dR_acc, G4, ST);
-      accumulate_input_side(in, Dz, G4, 4, U, r0, r1, t, steps, tmp, ST, dK_acc, db_acc);
+      if (want_dR) weight_grad(h_prev, ldh, r0, r1, H, rec, t, Dz, G4, 4, U, dR_acc, G4, ST, rec_columns);
+      accumulate_input_side(in, Dz, G4, 4, U, r0, r1, t, steps, tmp, ST, dK_acc, db_acc, in_columns);
       product_grad(Dz, G4, r0, r1, t, 4, U, rt, H, rec, tmp, dh_carry, H, true, RT.packed);
     }
     bf16_release(RT.packed);
