@@ -41,11 +41,16 @@ class Operator:
         self.op, self.impl = op, impl
         self.function = None
         if backward is not None:
+            # forward takes ctx itself: with a separate setup_context, Function.apply binds the arguments to
+            # forward's signature through inspect on every call (torch.func transforms, which need that form,
+            # get the registered operator anyway).
+            def forward(ctx, *args):
+                output = impl(*args)
+                setup_context(ctx, args, output)
+                return output
+
             self.function = type(f"{impl.__name__}_function", (torch.autograd.Function,), {
-                "forward": staticmethod(impl),
-                "setup_context": staticmethod(setup_context),
-                "backward": staticmethod(backward),
-            })
+                "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
         if watched(args):
