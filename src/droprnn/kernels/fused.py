@@ -18,7 +18,8 @@ Per cell (stacked cells run one after another, :func:`droprnn.kernels.call.stack
 A cell over a sequence is one registered operator, ``droprnn::fused_layer`` (its backward
 ``droprnn::fused_layer_backward``): a schema, a fake implementation that gives the output shapes from the
 input shapes (symbolic batch and time included) and autograd registered on the operator, so
-``torch.compile`` and ``torch.export`` keep the fused kernel whole inside the programs they build. The
+``torch.compile`` and ``torch.export`` keep the fused kernel whole inside the programs they build. Eager
+code calls the same functions without the dispatcher (``kernels/eager.py``). The
 forward returns what its backward reads besides the inputs (the activated gates, the LSTM's c sequence, the
 GRU's recurrent products); nothing else is saved, no projection and no masked copy.
 
