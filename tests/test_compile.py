@@ -36,8 +36,8 @@ pytestmark = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason=f"n
 D = 4
 
 
-def issue_model() -> Sequential:
-    """The model of the toolchain issue: LSTM(dropout, recurrent_dropout) -> Bidirectional(GRU) -> SimpleRNN
+def mixed_model() -> Sequential:
+    """Every cell and a wrapper in one model: LSTM(dropout, recurrent_dropout) -> Bidirectional(GRU) -> SimpleRNN
     -> Dense, built by Sequential from the first layer's input shape."""
     return Sequential([
         LSTM(6, return_sequences=True, dropout=0.3, recurrent_dropout=0.3, input_shape=(None, D)),
@@ -56,7 +56,7 @@ MODELS = {
     "bidirectional": lambda: Bidirectional(LSTM(5, return_sequences=True, recurrent_dropout=0.3), input_size=D),
     "stacked": lambda: RNN([LSTMCell(5, recurrent_dropout=0.3), GRUCell(4, dropout=0.2), SimpleRNNCell(3)],
                            return_sequences=True, input_size=D),
-    "sequential": issue_model,
+    "sequential": mixed_model,
     "masking": lambda: Sequential([Masking(0.0), LSTM(5, recurrent_dropout=0.3, input_shape=(None, D))]),
     "nn_lstm": lambda: dnn.LSTM(D, 5, num_layers=2, bidirectional=True, batch_first=True, dropout=0.2,
                                 input_dropout=0.2, recurrent_dropout=0.2),
@@ -148,10 +148,10 @@ def test_compiled_training_with_given_masks_equals_eager():
     assert_close_all(got, want)
 
 
-def test_inductor_training_of_the_issue_model(same_random_draws):
-    """The issue's model, compiled as a user would (Inductor, default options): the fused operators run
+def test_inductor_training_of_a_mixed_model(same_random_draws):
+    """The mixed model, compiled as a user would (Inductor, default options): the fused operators run
     inside the program, forward and backward, and the step equals eager's."""
-    eager, compiled = issue_model(), issue_model()
+    eager, compiled = mixed_model(), mixed_model()
     compiled.load_state_dict(eager.state_dict())
     seen = CompileCounterWithBackend("inductor")
     program = torch.compile(compiled, backend=seen)
@@ -182,7 +182,7 @@ def test_inference_fullgraph_dynamic_serves_new_shapes_without_recompiling(name)
 
 
 def test_inductor_inference_fullgraph_with_lengths():
-    model = issue_model().eval()
+    model = mixed_model().eval()
     program = torch.compile(model, fullgraph=True, dynamic=True)
     for batch, steps in [(3, 6), (4, 9)]:
         x = torch.randn(batch, steps, D)
@@ -239,7 +239,7 @@ def test_fullgraph_on_a_layer_without_weights_says_how_to_fix_it():
 
 
 def test_sequential_builds_every_layer_from_the_first_input_shape():
-    model = issue_model()
+    model = mixed_model()
     assert all(layer.built for layer in model.layers)
     assert model[1].forward_layer.input_size == 6 and model[2].input_size == 10 and model[3].input_size == 4
 

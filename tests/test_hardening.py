@@ -1,6 +1,6 @@
 """Bad input and faults: nothing crashes the process, corrupts state or returns a silently wrong number.
 
-Each test is one case the adversarial pass of the hardening issue reproduced. What could kill the
+Each test is one case an adversarial pass over the public API reproduced. What could kill the
 interpreter (the C++ entry points given wrong shapes, damaged cached libraries) runs in a subprocess, so a
 regression fails a test instead of ending the suite.
 """

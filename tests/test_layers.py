@@ -51,8 +51,8 @@ def simple_rnn_by_hand(x, cell):
     return torch.stack(out, dim=1)
 
 
-# ============================================================================ the issue's example
-def test_seed_example_from_issue_runs_verbatim():
+# ============================================================================ the question droprnn answers
+def test_the_keras_users_seed_example_runs_verbatim():
     features_size = 7
     model = Sequential()
     model.add(GRU(units=512, return_sequences=True, dropout=0.5, input_shape=(None, features_size)))

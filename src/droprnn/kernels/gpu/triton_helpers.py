@@ -4,7 +4,8 @@ Only Triton builtins here (tl.exp, tl.where, tl.full, …), none of triton.langu
 tl.zeros_like, tl.sum, …): the library's own @jit helpers are compiled
 for the GPU when Triton is imported before TRITON_INTERPRET=1 is set, and would then refuse to run inside
 an interpreted kernel. These functions are jit'd when this module is first imported, which is when the
-kernels that call them are (``stack.py`` imports both cells), so all of them run the same way.
+kernels that call them are (``lstm.py``, ``gru.py`` and ``simple.py`` import this module), so all of them run
+the same way.
 
 Precision: the kernels load every operand into ``COMPUTE`` -- float64 for float64 tensors, float32 for
 float32, float16 and bfloat16 ones -- and round once, on the store. The states a recurrence carries from
