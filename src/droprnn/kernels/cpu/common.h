@@ -235,6 +235,15 @@ inline void scale_by_act_grad(int64_t act, T* dx, const T* y, int64_t n) {
   }
 }
 
+// A carried state after zoneout (keep: the keep-old weight, an indicator in training, the rate in
+// inference) and the step mask (vb in {0, 1}: a masked step keeps the old state). Elementwise, so that the
+// loops calling it stay fused and vectorised; the result may overwrite old (read first).
+template <typename T>
+inline T carried(T old, T fresh, T keep, T vb) {
+  const T zoned = keep * old + (T(1) - keep) * fresh;
+  return vb * zoned + (T(1) - vb) * old;
+}
+
 // ---------------------------------------------------------------------------------------------- masks
 // A mask that may be per sequence or per step: element (t, [gate,] b, j) of a tensor shaped
 // (m, B, F) or (T, m, B, F) (gate axis present for recurrent masks), or (B, F) / (T, B, F).

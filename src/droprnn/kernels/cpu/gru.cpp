@@ -114,8 +114,7 @@ static void gru_forward_impl(const Tensor& xw, const Tensor& R, const optional<T
 #pragma omp simd
         for (int64_t j = 0; j < U; ++j) {
           const T fresh = zg[j] * hp[j] + (T(1) - zg[j]) * (ng[j] * u[j]);
-          const T zoned = keep[j] * hp[j] + (T(1) - keep[j]) * fresh;
-          hr[j] = vb * zoned + (T(1) - vb) * hp[j];
+          hr[j] = carried(hp[j], fresh, keep[j], vb);
         }
       }
     }

@@ -89,8 +89,7 @@ struct LstmForward {
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) {
       const T fresh = fg[j] * cp[j] + ig[j] * (gg[j] * u[j]);
-      const T zoned = dc[j] * cp[j] + (T(1) - dc[j]) * fresh;
-      cr[j] = vb * zoned + (T(1) - vb) * cp[j];
+      cr[j] = carried(cp[j], fresh, dc[j], vb);
       tcr[j] = fresh;
     }
     activate(act, tcr, w);  // now act(c')
@@ -100,11 +99,7 @@ struct LstmForward {
       return;
     }
 #pragma omp simd
-    for (int64_t j = 0; j < w; ++j) {
-      const T fresh = og[j] * tcr[j];
-      const T zoned = dh[j] * hp[j] + (T(1) - dh[j]) * fresh;
-      hr[j] = vb * zoned + (T(1) - vb) * hp[j];
-    }
+    for (int64_t j = 0; j < w; ++j) hr[j] = carried(hp[j], og[j] * tcr[j], dh[j], vb);
   }
 
   // Row b's h at step t from its projected fresh value (H), through zoneout and the step mask.
@@ -114,10 +109,7 @@ struct LstmForward {
     T* hr = h_at(b, t);
     const T vb = v ? v[b * steps + t] : T(1);
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const T zoned = dh[j] * hp[j] + (T(1) - dh[j]) * fresh[j];
-      hr[j] = vb * zoned + (T(1) - vb) * hp[j];
-    }
+    for (int64_t j = 0; j < H; ++j) hr[j] = carried(hp[j], fresh[j], dh[j], vb);
   }
 
   const T* h_prev(int64_t b, int64_t t) const { return t == 0 ? h_init + b * H : h_at(b, t - 1); }

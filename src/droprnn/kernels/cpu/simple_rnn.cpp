@@ -59,10 +59,7 @@ static void simple_forward_impl(const Tensor& xw, const Tensor& R, const optiona
         const T vb = v ? v[row] : T(1);
         T* hr = h_out + (b * h_slots + t % h_slots) * U;
 #pragma omp simd
-        for (int64_t j = 0; j < U; ++j) {
-          const T zoned = keep[j] * hp[j] + (T(1) - keep[j]) * fr[j];
-          hr[j] = vb * zoned + (T(1) - vb) * hp[j];
-        }
+        for (int64_t j = 0; j < U; ++j) hr[j] = carried(hp[j], fr[j], keep[j], vb);
       }
     }
     bf16_release(panels.packed);
