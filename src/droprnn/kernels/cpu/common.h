@@ -467,8 +467,9 @@ void product_grad(const T* D, int64_t ldd, int64_t r0, int64_t r1, int64_t t, in
 
 // Per-gate masks that are the same at every step, transposed once per call for the rows [r0, r1) of one
 // chunk of the batch: (G, F, n). A step's weight gradient then masks its one transposed block with a
-// vectorised multiply per gate instead of making a strided, masked copy per gate (the copies were ~7% of
-// an LSTM's training step at (32, 100, 64, 128) with per-gate masks). Empty for other masks.
+// vectorised multiply per gate instead of making a strided, masked copy per gate (profiling LSTM training at
+// (32, 100, 64, 128) with per-gate masks, weight_grad's own share of the samples fell from 4.4% to 3.0%).
+// Empty for other masks.
 template <typename T>
 struct MaskColumns {
   std::vector<T> data;
