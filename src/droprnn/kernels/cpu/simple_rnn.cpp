@@ -141,7 +141,7 @@ static void simple_backward_impl(const Tensor& dhs, const KernelT& RT, const Ten
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
   const int64_t wide = std::max(U, D);
-  const int64_t per_chunk = rows_max * (2 * U + wide) + 2 * wide * rows_max + U;
+  const int64_t per_chunk = rows_max * (2 * U + wide) + wide * rows_max + U;
   Scratch<T> work(chunks * per_chunk);
   const int64_t acc_size = (want_dR ? U * U : 0) + (in.want_kernel ? D * U : 0) + (in.want_bias ? U : 0);
   Scratch<T> acc(chunks * acc_size, true);
@@ -151,8 +151,8 @@ static void simple_backward_impl(const Tensor& dhs, const KernelT& RT, const Ten
     T* dh_carry = work.data() + chunk * per_chunk;  // (n, U)
     T* Dz = dh_carry + rows_max * U;                 // (n, U) gradients at the pre-activation
     T* tmp = Dz + rows_max * U;                      // (n, max(U, D))
-    T* ST = tmp + rows_max * wide;                   // (2, max(U, D), n), as weight_grad asks
-    const Zoneout<T> kh = with_buffer(zh, ST + 2 * wide * rows_max, U);
+    T* ST = tmp + rows_max * wide;                   // (max(U, D), n): one gate, so no mask columns
+    const Zoneout<T> kh = with_buffer(zh, ST + wide * rows_max, U);
     T* dR_acc = acc.data() + chunk * acc_size;
     T* dK_acc = dR_acc + (want_dR ? U * U : 0);
     T* db_acc = dK_acc + (in.want_kernel ? D * U : 0);
