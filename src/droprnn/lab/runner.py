@@ -72,6 +72,9 @@ def _run_inline(config, jobs, on_done, progress):
 
 
 HEARTBEAT_SECONDS = 2.0
+# A new worker's first sign of life waits for the process to start and import torch, which a loaded machine
+# can stretch well past a short --trial-timeout; so until then it gets at least this long.
+STARTUP_SECONDS = 60.0
 
 
 def _worker_main(config: LabConfig, conn) -> None:
@@ -91,6 +94,7 @@ def _worker_main(config: LabConfig, conn) -> None:
             except (OSError, EOFError):
                 return
 
+    send(("alive", None))  # at once: starting a process (spawn, importing torch) can take longer than a beat
     threading.Thread(target=beat, daemon=True).start()
     sink = _Sink(send)
     while (job := conn.recv()) is not None:
@@ -109,6 +113,10 @@ class _Worker:
         self.process.start()
         child.close()
         self.job = None
+        self.started = False  # not heard from yet: still starting (see STARTUP_SECONDS)
+
+    def silence_allowed(self, trial_timeout: float) -> float:
+        return trial_timeout if self.started else max(trial_timeout, STARTUP_SECONDS)
 
     def assign(self, queue: list) -> None:
         self.job = queue.pop(0) if queue else None
@@ -140,13 +148,14 @@ def _run_processes(config, jobs, on_done, progress):
     try:
         while any(w.job is not None for w in workers):
             busy = [w for w in workers if w.job is not None]
-            silent_for = max(0.0, config.trial_timeout - max(time.monotonic() - w.heard for w in busy))
+            now = time.monotonic()
+            silent_for = max(0.0, min(w.silence_allowed(config.trial_timeout) - (now - w.heard) for w in busy))
             wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=silent_for)
             for worker in busy:
                 try:
                     while worker.job is not None and worker.conn.poll():
                         event, data = worker.conn.recv()
-                        worker.heard = time.monotonic()
+                        worker.heard, worker.started = time.monotonic(), True
                         if event == "trial":
                             on_done(data)
                             worker.assign(queue)
@@ -157,11 +166,13 @@ def _run_processes(config, jobs, on_done, progress):
                 if worker.job is not None and not worker.process.is_alive():
                     # A crash in native code, os._exit, the OOM killer.
                     replace(worker, f"the worker process running this trial died (exit code {worker.process.exitcode})")
-                elif worker.job is not None and time.monotonic() - worker.heard > config.trial_timeout:
+                elif worker.job is not None and \
+                        time.monotonic() - worker.heard > worker.silence_allowed(config.trial_timeout):
                     worker.process.kill()
                     worker.process.join(timeout=5)
+                    why = "(--trial-timeout)" if worker.started else "since it was started"
                     replace(worker, f"the worker process running this trial showed no sign of life for "
-                                    f"{config.trial_timeout:g} s (--trial-timeout) and was killed")
+                                    f"{worker.silence_allowed(config.trial_timeout):g} s {why} and was killed")
     finally:
         for worker in workers:
             worker.process.join(timeout=5)
