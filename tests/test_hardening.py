@@ -247,7 +247,12 @@ def test_a_truncated_cached_library_is_rebuilt_and_said(tmp_path):
     target.parent.mkdir(parents=True)
     shutil.copy(cpu.library_path(), target)
     shutil.copy(Path(cpu.library_path()).with_name("droprnn_cpu.json"), target.with_name("droprnn_cpu.json"))
+    # The build kept its objects, so the repair is a link; one object is damaged too, and recompiled.
+    shutil.copytree(Path(cpu.library_path()).parent / "objects", target.parent / "objects")
+    damaged = target.parent / "objects" / "pool.cpp.o"
+    damaged.write_bytes(damaged.read_bytes()[:100])
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    untouched = {obj.name: obj.stat().st_mtime_ns for obj in (target.parent / "objects").glob("*.o") if obj != damaged}
     script = """
         import torch, droprnn
         layer = droprnn.LSTM(4, input_size=3)
@@ -258,6 +263,8 @@ def test_a_truncated_cached_library_is_rebuilt_and_said(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fused CPU kernel" in result.stdout and "was rebuilt" in result.stdout and "checksum" in result.stdout
     assert cpu._damage(target, key) is None
+    assert set(cpu._kept_objects(target.parent)) == set(cpu.SOURCES)
+    assert {name: (target.parent / "objects" / name).stat().st_mtime_ns for name in untouched} == untouched
 
 
 @needs_fused
