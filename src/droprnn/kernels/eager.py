@@ -23,6 +23,12 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def absent(like: torch.Tensor) -> torch.Tensor:
+    """What an operator returns where a result does not apply: operators cannot return None, and
+    zero-element tensors would count as aliases of each other, so a 0-d zero of its own."""
+    return like.new_zeros(())
+
+
 def watched(args: tuple) -> bool:
     """Whether the registered operator must be called (it must appear in a traced program, or something
     besides autograd intercepts tensor operations)."""

@@ -277,12 +277,6 @@ def _require_library(op: str) -> None:
         raise RuntimeError(f"droprnn::{op}: {cpu.unavailable_reason()}")
 
 
-def _absent(like: Tensor) -> Tensor:
-    """What an operator returns where a result does not apply: operators cannot return None, and
-    zero-element tensors would count as aliases of each other, so a 0-d zero of its own."""
-    return like.new_zeros(())
-
-
 def _gates_buffer(x: Tensor, units: int, gates: int, input_mask: Optional[Tensor]) -> Tensor:
     """A tensor laid out as ``_project`` writes the projections (and the kernels the gates over them)."""
     batch, steps, _ = x.shape
@@ -329,11 +323,11 @@ def _fused_layer(
         rbias = None if recurrent_bias is None else recurrent_bias.contiguous()
         hs, inner = kernels.gru_forward(xw, panels, bias, rbias, h0, recurrent_mask, update_mask, zoneout_h, valid,
                                         activation, recurrent_activation, reset_after)
-        return hs, _absent(x), xw, inner if reset_after else _absent(x)
+        return hs, eager.absent(x), xw, inner if reset_after else eager.absent(x)
     hs, fresh = kernels.simple_rnn_forward(xw, _panels(R, 1, False, bf16), bias, h0, recurrent_mask, zoneout_h,
                                            valid, activation)
     # Without zoneout the kernel's fresh h' is hs itself (an output may not be returned twice).
-    return hs, _absent(x), fresh if zoneout_h is not None else _absent(x), _absent(x)
+    return hs, eager.absent(x), fresh if zoneout_h is not None else eager.absent(x), eager.absent(x)
 
 
 def _fused_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0, input_mask, recurrent_mask,
@@ -344,11 +338,12 @@ def _fused_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h
     units = recurrent_kernel.shape[1] // gates
     hs = x.new_empty(batch, steps, h0.shape[1])
     if cell == "simple_rnn":
-        return hs, _absent(x), x.new_empty(batch, steps, units) if zoneout_h is not None else _absent(x), _absent(x)
+        fresh = x.new_empty(batch, steps, units) if zoneout_h is not None else eager.absent(x)
+        return hs, eager.absent(x), fresh, eager.absent(x)
     saved = _gates_buffer(x, units, gates, input_mask)
     if cell == "lstm":
         return hs, x.new_empty(batch, units), saved, x.new_empty(batch, steps, units)
-    return hs, _absent(x), saved, x.new_empty(batch, steps, units) if reset_after else _absent(x)
+    return hs, eager.absent(x), saved, x.new_empty(batch, steps, units) if reset_after else eager.absent(x)
 
 
 def _fused_layer_backward(
@@ -397,7 +392,7 @@ def _fused_layer_backward(
                                                         recurrent_mask, dz, wanted, bf16)
     if cell != "lstm":
         dP = None
-    return tuple(_absent(x) if g is None else g.contiguous() for g in (dx, dkernel, dbias, dR, drb, dh0, dc0, dP))
+    return tuple(eager.absent(x) if g is None else g.contiguous() for g in (dx, dkernel, dbias, dR, drb, dh0, dc0, dP))
 
 
 def _fused_layer_backward_fake(grad_hs, grad_c_last, x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0,
@@ -405,7 +400,7 @@ def _fused_layer_backward_fake(grad_hs, grad_c_last, x, kernel, input_bias, recu
                                cell, activation, recurrent_activation, reset_after, wanted, bf16_products=False,
                                projection=None):
     def like(t: Optional[Tensor], want: bool = True) -> Tensor:
-        return t.new_empty(t.shape) if want and t is not None else _absent(x)
+        return t.new_empty(t.shape) if want and t is not None else eager.absent(x)
 
     return (like(x, wanted[0]), like(kernel, wanted[1]), like(input_bias, wanted[2]),
             like(recurrent_kernel, wanted[3]), like(recurrent_bias, wanted[4]), like(h0), like(c0),
@@ -438,9 +433,9 @@ def _fused_layer_inference(
         panels = _panels(R, 3, _per_gate(recurrent_mask) or not reset_after, bf16)
         rbias = None if recurrent_bias is None else recurrent_bias.contiguous()
         return kernels.gru_inference(xw, panels, bias, rbias, h0, recurrent_mask, update_mask, zoneout_h, valid,
-                                     activation, recurrent_activation, reset_after, all_steps), _absent(x)
+                                     activation, recurrent_activation, reset_after, all_steps), eager.absent(x)
     return kernels.simple_rnn_inference(xw, _panels(R, 1, False, bf16), bias, h0, recurrent_mask, zoneout_h, valid,
-                                        activation, all_steps), _absent(x)
+                                        activation, all_steps), eager.absent(x)
 
 
 def _fused_layer_inference_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0, input_mask,
@@ -449,7 +444,7 @@ def _fused_layer_inference_fake(x, kernel, input_bias, recurrent_kernel, recurre
     batch, steps, _ = x.shape
     units = recurrent_kernel.shape[1] // GATES[cell]
     h = x.new_empty(batch, steps, h0.shape[1]) if all_steps else x.new_empty(batch, h0.shape[1])
-    return h, x.new_empty(batch, units) if cell == "lstm" else _absent(x)
+    return h, x.new_empty(batch, units) if cell == "lstm" else eager.absent(x)
 
 
 _DIFFERENTIABLE = 7  # x, kernel, input_bias, recurrent_kernel, recurrent_bias, h0, c0

@@ -125,11 +125,6 @@ def _cell_module(cell: str):
     return {"lstm": lstm, "gru": gru, "simple_rnn": simple}[cell]
 
 
-def _absent(like: Tensor) -> Tensor:
-    """What an operator returns where a result does not apply (see ``fused._absent``)."""
-    return like.new_zeros(())
-
-
 # ---------------------------------------------------------------------------------------------- the operators
 def _gpu_layer(
     x: Tensor, kernel: Tensor, input_bias: Optional[Tensor], recurrent_kernel: Tensor,
@@ -156,7 +151,7 @@ def _gpu_layer(
     codes, module = (activation, recurrent_activation), _cell_module(cell)
     x, mask = x.contiguous(), None if input_mask is None else input_mask.contiguous()
     h0, precision = h0.contiguous(), precision or None
-    c_last = _absent(x)
+    c_last = eager.absent(x)
     if lstm:
         h, c_last, saved = module.forward(x, kernel, input_bias, recurrent_kernel, projection, h0, c0.contiguous(),
                                           mask, rec, noise, valid, codes, saving, precision)
@@ -166,8 +161,8 @@ def _gpu_layer(
     else:
         h, saved = module.forward(x, kernel, input_bias, recurrent_kernel, h0, mask, rec, noise, valid, codes, saving,
                                   precision)
-    saved = [_absent(x) if t is None else t for t in saved]
-    return (h, c_last, *saved, *(_absent(x) for _ in range(3 - len(saved))))
+    saved = [eager.absent(x) if t is None else t for t in saved]
+    return (h, c_last, *saved, *(eager.absent(x) for _ in range(3 - len(saved))))
 
 
 def _gpu_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, projection, h0, c0, input_mask,
@@ -177,7 +172,7 @@ def _gpu_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, pro
     gates = GATES[cell]
     units, hidden = recurrent_kernel.shape[1] // gates, h0.shape[1]
     h = x.new_empty(batch, steps + 1, hidden)
-    c_last = x.new_empty(batch, units) if cell == "lstm" else _absent(x)
+    c_last = x.new_empty(batch, units) if cell == "lstm" else eager.absent(x)
     saved = []
     if saving:
         if cell == "simple_rnn":
@@ -191,7 +186,7 @@ def _gpu_layer_fake(x, kernel, input_bias, recurrent_kernel, recurrent_bias, pro
                     saved.append(x.new_empty(batch, steps, units))
             else:
                 saved.append(x.new_empty(batch, steps, units))
-    return (h, c_last, *saved, *(_absent(x) for _ in range(3 - len(saved))))
+    return (h, c_last, *saved, *(eager.absent(x) for _ in range(3 - len(saved))))
 
 
 def _gpu_layer_backward(
@@ -233,7 +228,7 @@ def _gpu_layer_backward(
             (*want[:4], True), d_hs, x, kernel, input_bias, recurrent_kernel, mask, rec, noise, valid, codes, h,
             (saved0,), precision)
     dh0 = dh0 + grad_h[:, 0].to(dh0.dtype)  # h's slot 0 is h0 itself
-    return tuple(_absent(x) if g is None else g.contiguous() for g in (dx, dk, db, dR, drb, dP, dh0, dc0))
+    return tuple(eager.absent(x) if g is None else g.contiguous() for g in (dx, dk, db, dR, drb, dP, dh0, dc0))
 
 
 def _gpu_layer_backward_fake(grad_h, grad_c_last, x, kernel, input_bias, recurrent_kernel, recurrent_bias, projection,
@@ -241,7 +236,7 @@ def _gpu_layer_backward_fake(grad_h, grad_c_last, x, kernel, input_bias, recurre
                              h, saved0, saved1, saved2, cell, activation, recurrent_activation, reset_after, counters,
                              precision, wanted):
     def like(t: Optional[Tensor], want: bool = True) -> Tensor:
-        return t.new_empty(t.shape) if want and t is not None else _absent(x)
+        return t.new_empty(t.shape) if want and t is not None else eager.absent(x)
 
     present = (x, kernel, input_bias, recurrent_kernel, recurrent_bias, projection)
     return (*(like(t, w) for t, w in zip(present, wanted)), like(h0), like(c0 if cell == "lstm" else None))
