@@ -3,8 +3,8 @@
 tests/test_gpu_kernels.py holds the kernels' results to the reference loop in Triton's interpreter, which
 never runs Triton's compiler. Here the specialisations the layers launch (the script's --quick set) are
 compiled to cubins for Hopper (sm_90: H100, H200), and those in half precision for Turing (sm_75: T4, which
-has no bfloat16 conversion instructions, so bfloat16 takes another lowering), and a kernel the interpreter runs but the compiler
-rejects shows that the check can fail. The checks run in subprocesses: the kernels must be imported with
+has no bfloat16 conversion instructions, so bfloat16 takes another lowering), and a kernel the interpreter
+runs but the compiler rejects shows that the check can fail. The checks run in subprocesses: the kernels must be imported with
 TRITON_INTERPRET unset, and this process may have compiled them for the interpreter.
 """
 

@@ -69,9 +69,9 @@ def _flags(compiler: str) -> list[str]:
     wide = ["-mprefer-vector-width=512"] if "avx512f" in _cpu_flags().split() else []
     # A sanitized build is for tests: -O1 compiles it about four times faster than -O3 with full debug
     # information, and keeps line numbers in the reports (-g1 in _sanitizers).
-    level = "-O1" if _sanitizers() else "-O3"
-    return [level, "-march=native", *wide, "-fopenmp", "-fPIC", "-std=c++20", "-DNDEBUG", "-w",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *_sanitizers(), *includes]
+    sanitize = _sanitizers()
+    return ["-O1" if sanitize else "-O3", "-march=native", *wide, "-fopenmp", "-fPIC", "-std=c++20", "-DNDEBUG",
+            "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *sanitize, *includes]
 
 
 def _sanitizers() -> list[str]:
@@ -87,7 +87,8 @@ def _key(compiler: str) -> str:
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update((_HERE / name).read_bytes())
-    for part in (str(CACHE_LAYOUT), torch.__version__, compiler, sys.platform, _cpu_flags(), " ".join(_flags(compiler))):
+    for part in (str(CACHE_LAYOUT), torch.__version__, compiler, sys.platform, _cpu_flags(),
+                 " ".join(_flags(compiler))):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -131,7 +132,7 @@ def _build(compiler: str, target: Path, key: str) -> None:
         objects, jobs, compiled = [], [], []
         for name in SOURCES:
             if name in kept:  # a library damaged after its build is repaired by a link alone
-                objects.append(str(kept[name]))
+                objects.append(str(_object(target.parent, name)))
                 continue
             obj = Path(tmp) / (name + ".o")
             objects.append(str(obj))
@@ -154,33 +155,39 @@ def _build(compiler: str, target: Path, key: str) -> None:
         record.write_text(json.dumps({"key": key, "sha256": _digest(staged), "torch": torch.__version__}))
         os.replace(staged, target)
         os.replace(record, _manifest(target))
-        _keep_objects(target.parent, compiled, Path(tmp))
+        _keep_objects(target.parent, kept, compiled, Path(tmp))
 
 
-def _kept_objects(folder: Path) -> dict[str, Path]:
-    """The object files of an earlier build of this key whose checksums still match their record."""
+def _object(folder: Path, name: str) -> Path:
+    """Where the build in ``folder`` keeps the object file of source ``name``."""
+    return folder / "objects" / (name + ".o")
+
+
+def _kept_objects(folder: Path) -> dict[str, str]:
+    """The object files of an earlier build of this key whose checksums still match their record: source
+    name -> checksum."""
     try:
         record = json.loads((folder / "objects" / "objects.json").read_text())
-        found = {name: folder / "objects" / (name + ".o") for name in SOURCES}
-        return {name: path for name, path in found.items()
-                if path.exists() and isinstance(record, dict) and record.get(name) == _digest(path)}
+        if not isinstance(record, dict):
+            return {}
+        return {name: record[name] for name in SOURCES
+                if _object(folder, name).exists() and record.get(name) == _digest(_object(folder, name))}
     except (OSError, ValueError):
         return {}
 
 
-def _keep_objects(folder: Path, compiled: list[tuple[str, Path]], tmp: Path) -> None:
-    """Keep the objects just compiled beside the library (each renamed into place, then the record)."""
+def _keep_objects(folder: Path, kept: dict[str, str], compiled: list[tuple[str, Path]], tmp: Path) -> None:
+    """Keep the objects just compiled beside those kept (each renamed into place, then the record)."""
     if not compiled:
         return
-    kept = folder / "objects"
-    kept.mkdir(exist_ok=True)
-    record = {name: _digest(path) for name, path in _kept_objects(folder).items()}
+    (folder / "objects").mkdir(exist_ok=True)
+    record = dict(kept)
     for name, obj in compiled:
         record[name] = _digest(obj)
-        os.replace(obj, kept / obj.name)
+        os.replace(obj, _object(folder, name))
     staged = tmp / "objects.json"
     staged.write_text(json.dumps(record))
-    os.replace(staged, kept / "objects.json")
+    os.replace(staged, folder / "objects" / "objects.json")
 
 
 def _cache_folders() -> list[Path]:

@@ -465,11 +465,6 @@ void product_grad(const T* D, int64_t ldd, int64_t r0, int64_t r1, int64_t t, in
   }
 }
 
-// Per-gate masks that are the same at every step, transposed once per call for the rows [r0, r1) of one
-// chunk of the batch: (G, F, n). A step's weight gradient then masks its one transposed block with a
-// vectorised multiply per gate instead of making a strided, masked copy per gate (profiling LSTM training at
-// (32, 100, 64, 128) with per-gate masks, weight_grad's own share of the samples fell from 4.4% to 3.0%).
-// Empty for other masks.
 // dst (width, n) = n rows of src (ld apart, `width` values each) transposed; with `mask` present, each row
 // first multiplied by its mask row (rows [r0, r0 + n) of gate g at step t).
 template <typename T>
@@ -487,6 +482,11 @@ void transpose_rows(const T* src, int64_t ld, int64_t n, int64_t width, T* dst, 
   }
 }
 
+// Per-gate masks that are the same at every step, transposed once per call for the rows [r0, r1) of one
+// chunk of the batch: (G, F, n). A step's weight gradient then masks its one transposed block with a
+// vectorised multiply per gate instead of making a strided, masked copy per gate (profiling LSTM training at
+// (32, 100, 64, 128) with per-gate masks, weight_grad's own share of the samples fell from 4.4% to 3.0%).
+// Empty for other masks.
 template <typename T>
 struct MaskColumns {
   std::vector<T> data;
