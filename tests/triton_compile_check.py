@@ -127,6 +127,13 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return (max(registers), max(local)) if registers else (-1, -1)
 
 
+def _jit(kernel):
+    """The JITFunction under a kernel's decorators (``triton.heuristics`` wraps it; ``.fn`` is what it wraps)."""
+    while kernel is not None and not isinstance(kernel, JITFunction):
+        kernel = getattr(kernel, "fn", None)
+    return kernel
+
+
 def launched_kernels() -> dict[str, set[str]]:
     """Module → names of the kernels its host code launches (``name[grid](...)``), read from its source."""
     from droprnn.kernels import gpu
@@ -135,7 +142,8 @@ def launched_kernels() -> dict[str, set[str]]:
     for name in KERNEL_MODULES:
         source = (Path(gpu.__file__).parent / f"{name}.py").read_text()
         module = sys.modules[f"{gpu.__name__}.{name}"]
-        found[name] = {n for n in re.findall(r"\b(_\w+)\[", source) if isinstance(getattr(module, n, None), JITFunction)}
+        launched = re.findall(r"\b(_\w+)\[", source)
+        found[name] = {n for n in launched if isinstance(_jit(getattr(module, n, None)), JITFunction)}
     return found
 
 

@@ -50,8 +50,8 @@ import triton.language as tl
 from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_saved, run_loop
 from .noise import Noise
 from ..products import gru_recurrent_bias_grad, gru_recurrent_kernel_grad, input_grads, project
-from .triton_helpers import (STREAM_ZONEOUT_H, UPDATE_NONE, activate, carry_state, compute_type, gate_offset, grid,
-                             incoming_grad, next_step, program_units, rec_mask, step_is_real, step_offset,
+from .triton_helpers import (STREAM_ZONEOUT_H, UPDATE_NONE, activate, carry_state, compute_type, gate_offset, given,
+                             grid, incoming_grad, next_step, program_units, rec_mask, step_is_real, step_offset,
                              store_product_inputs, through, update_mask, zoneout_split)
 
 Tensor = torch.Tensor
@@ -118,6 +118,7 @@ def _state_grads(dh, z, n, upd_ptr, zone_ptr, seed_ptr, b, t, u, inside, B, U, U
     return dh_fresh, dh_direct + dh_fresh * z, n_u, d_n
 
 
+@given(HAS_RBIAS="rbias_ptr", HAS_VALID="valid_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _reset_after_step(
     gates_ptr, product_ptr, rbias_ptr, h_ptr, carry_ptr, side_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_ptr,
@@ -176,6 +177,7 @@ def _reset_before_gates(
     tl.store(side_ptr + (b * T + t) * U + u, a.to(dtype), mask=inside)
 
 
+@given(HAS_VALID="valid_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_state(
     gates_ptr, product_h_ptr, h_ptr, carry_ptr, masked_h_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, valid_ptr, t,
@@ -196,6 +198,7 @@ def _reset_before_state(
                 ZONE_H_RATE, ZONE_H_THRESH, HAS_VALID, COMPUTE)
 
 
+@given(HAS_VALID="valid_ptr", HAS_DHS="dhs_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _reset_after_backward_step(
     gates_ptr, h_ptr, side_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, dh_ptr, dz_ptr,
@@ -240,6 +243,7 @@ def _reset_after_backward_step(
     tl.store(dh_ptr + b * U + u, dh_prev.to(dh_ptr.dtype.element_ty), mask=inside)
 
 
+@given(HAS_VALID="valid_ptr", HAS_DHS="dhs_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_candidate_backward(
     gates_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, dh_ptr, dz_ptr, dn_step_ptr, t,
@@ -266,6 +270,7 @@ def _reset_before_candidate_backward(
     tl.store(dh_ptr + b * U + u, dh.to(dh_ptr.dtype.element_ty), mask=inside)
 
 
+@given(HAS_VALID="valid_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _reset_before_gates_backward(
     gates_ptr, h_ptr, valid_ptr, da_ptr, masks_ptr, upd_ptr, zone_ptr, seed_ptr, dh_ptr, dz_ptr, dz_step_ptr, t, B,
@@ -345,28 +350,25 @@ class _ForwardLoop(ForwardLoop):
                      **self.rec_args())
         noise = self.noise_args(1)
         act, rec_act = key.codes
-        masks_arg, valid_arg, seed_arg = self.or_unused(self.rec), self.or_unused(self.valid), self.or_unused(self.seed)
-        upd_arg, zone_arg = self.or_unused(self.upd), self.or_unused(self.zone[0])
         multiply = torch.bmm if self.per_gate else torch.mm  # one product per gate, or one for all
         h_in = self.masked_h if self.per_gate else self.masked_h[0]
         if self.reset_after:
             launch = _reset_after_step[programs]
-            rbias_arg = self.or_unused(self.rbias)
             for t in steps:
                 multiply(h_in, self.R, out=self.product)
-                launch(self.gates, self.product, rbias_arg, self.h, self.carry, self.side, self.masked_h, masks_arg,
-                       upd_arg, zone_arg, seed_arg, valid_arg, t, key.batch, units, key.steps, HAS_RBIAS=key.has_recurrent_bias,
-                       HAS_VALID=key.has_valid, ACT=act, REC_ACT=rec_act, **noise, **shape)
+                launch(self.gates, self.product, self.rbias, self.h, self.carry, self.side, self.masked_h, self.rec,
+                       self.upd, self.zone[0], self.seed, self.valid, t, key.batch, units, key.steps, ACT=act,
+                       REC_ACT=rec_act, **noise, **shape)
             return
         gates_launch, state_launch = _reset_before_gates[programs], _reset_before_state[programs]
         R_zr, R_h = (self.R[:2], self.R[2]) if self.per_gate else (self.R[:, :2 * units], self.R[:, 2 * units:])
         for t in steps:
             multiply(h_in, R_zr, out=self.product)
-            gates_launch(self.gates, self.product, self.carry, self.side, masks_arg, seed_arg, t, key.batch, units,
+            gates_launch(self.gates, self.product, self.carry, self.side, self.rec, self.seed, t, key.batch, units,
                          key.steps, REC_ACT=rec_act, **shape)
             torch.mm(self.side[:, t], R_h, out=self.product_h)
-            state_launch(self.gates, self.product_h, self.h, self.carry, self.masked_h, masks_arg, upd_arg, zone_arg,
-                         seed_arg, valid_arg, t, key.batch, units, key.steps, HAS_VALID=key.has_valid, ACT=act, **noise,
+            state_launch(self.gates, self.product_h, self.h, self.carry, self.masked_h, self.rec, self.upd,
+                         self.zone[0], self.seed, self.valid, t, key.batch, units, key.steps, ACT=act, **noise,
                          **shape)
 
 
@@ -415,32 +417,28 @@ class _BackwardLoop(BackwardLoop):
     def run(self, steps: range) -> None:
         key, units = self.key, self.key.units
         programs, block = grid(key.batch, units)
-        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid,
+        shape = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks,
                      COMPUTE=compute_type(key.dtype), BLOCK=block, **self.rec_args(), **self.noise_args(1))
         act, rec_act = key.codes
-        valid_arg, dhs_arg, masks_arg = self.or_unused(self.valid), self.or_unused(self.d_hs), self.or_unused(self.rec)
-        seed_arg = self.or_unused(self.seed)
-        upd_arg, zone_arg = self.or_unused(self.upd), self.or_unused(self.zone[0])
         multiply = torch.bmm if self.per_gate else torch.mm
         back_out = self.back if self.per_gate else self.back[0]
         R_t = self.R if self.per_gate else self.R.t()  # R_gᵀ panels, or Rᵀ (3U, U)
         if self.reset_after:
             launch = _reset_after_backward_step[programs]
             for t in steps:
-                launch(self.gates, self.h, self.side, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zone_arg,
-                       seed_arg, self.dh, self.dz, self.d_inner, self.dz_step, t, key.batch, units, key.steps,
-                       HAS_DHS=key.has_dhs, ACT=act, REC_ACT=rec_act, **shape)
+                launch(self.gates, self.h, self.side, self.valid, self.d_hs, self.back, self.rec, self.upd,
+                       self.zone[0], self.seed, self.dh, self.dz, self.d_inner, self.dz_step, t, key.batch, units,
+                       key.steps, ACT=act, REC_ACT=rec_act, **shape)
                 multiply(self.dz_step, R_t, out=back_out)
             return
         candidate_launch = _reset_before_candidate_backward[programs]
         gates_launch = _reset_before_gates_backward[programs]
         R_zr_t, R_h_t = (R_t[:2], R_t[2]) if self.per_gate else (R_t[:2 * units], R_t[2 * units:])
         for t in steps:
-            candidate_launch(self.gates, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zone_arg, seed_arg, self.dh,
-                             self.dz, self.dn_step, t, key.batch, units, key.steps, HAS_DHS=key.has_dhs, ACT=act,
-                             **shape)
+            candidate_launch(self.gates, self.valid, self.d_hs, self.back, self.rec, self.upd, self.zone[0], self.seed,
+                             self.dh, self.dz, self.dn_step, t, key.batch, units, key.steps, ACT=act, **shape)
             torch.mm(self.dn_step, R_h_t, out=self.da)
-            gates_launch(self.gates, self.h, valid_arg, self.da, masks_arg, upd_arg, zone_arg, seed_arg, self.dh,
+            gates_launch(self.gates, self.h, self.valid, self.da, self.rec, self.upd, self.zone[0], self.seed, self.dh,
                          self.dz, self.dz_step, t, key.batch, units, key.steps, REC_ACT=rec_act, **shape)
             multiply(self.dz_step, R_zr_t, out=back_out)
 

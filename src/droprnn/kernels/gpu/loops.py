@@ -172,10 +172,6 @@ class Loop:
             args[f"ZONE_{name}"], args[f"ZONE_{name}_RATE"], args[f"ZONE_{name}_THRESH"] = mode, rate, zone_thresh
         return args
 
-    def or_unused(self, t: Optional[Tensor]) -> Tensor:
-        """``t``, or for an absent input any tensor: a kernel never reads the argument of an absent input."""
-        return self.unused if t is None else t
-
 
 class ForwardLoop(Loop):
     """What every forward loop has: the h sequence (B, T + 1, U) (slot 0: h0), and in a static loop the
@@ -185,7 +181,7 @@ class ForwardLoop(Loop):
     def __init__(self, key: LoopKey, static: bool):
         super().__init__(key, static)
         B, T = key.batch, key.steps
-        self.h = self.unused = self.new(B, T + 1, self.h_units)
+        self.h = self.new(B, T + 1, self.h_units)
         self.new_noise()
         self.valid = self.new(B, T) if static and key.has_valid else None
 
@@ -201,7 +197,7 @@ class BackwardLoop(Loop):
     def __init__(self, key: LoopKey, static: bool):
         super().__init__(key, static)
         B, T, H = key.batch, key.steps, self.h_units
-        self.dh = self.unused = self.new_carry(B, H)
+        self.dh = self.new_carry(B, H)
         self.valid = self.new(B, T) if static and key.has_valid else None
         self.d_hs = self.new(B, T, H) if static and key.has_dhs else None
         self.new_noise()

@@ -65,8 +65,8 @@ from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_sav
 from .noise import Noise
 from ..products import input_grads, project, recurrent_kernel_grad
 from .triton_helpers import (STREAM_ZONEOUT_C, STREAM_ZONEOUT_H, UPDATE_NONE, ZONE_NONE, activate, compute_type,
-                             gate_offset, grid, incoming_grad, next_step, program_units, step_is_real, step_offset,
-                             store_product_inputs, through, update_mask, zoneout_keep, zoneout_split)
+                             gate_offset, given, grid, incoming_grad, next_step, program_units, step_is_real,
+                             step_offset, store_product_inputs, through, update_mask, zoneout_keep, zoneout_split)
 
 Tensor = torch.Tensor
 
@@ -84,6 +84,7 @@ CELL = "lstm"
 #   masks      (m, B, H) recurrent masks, or per step (T, m, B, H); masked_h and back (m, B, H)
 #   valid      (B, T) 0/1; dhs (B, T, H); dz (B, T, 4, U); dh (B, H), dc (B, U) in the compute dtype
 #   projection r (B, T, U); hp, dhp_step (B, H); dhp (B, T, H); dr (B, U)
+@given(PROJ="r_ptr", HAS_VALID="valid_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _forward_step(
     gates_ptr, product_ptr, h_ptr, c_ptr, r_ptr, masked_h_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, seed_ptr,
@@ -149,6 +150,7 @@ def _forward_step(
                              REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
 
 
+@given(HAS_VALID="valid_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _projected_step(
     hp_ptr, h_ptr, masked_h_ptr, masks_ptr, zh_ptr, seed_ptr, valid_ptr, t, B, H, T, N_MASKS: tl.constexpr,
@@ -174,6 +176,7 @@ def _projected_step(
                          REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
 
 
+@given(PROJ="dr_ptr", HAS_VALID="valid_ptr", HAS_DHS="dhs_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _backward_step(
     gates_ptr, c_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, upd_ptr, zh_ptr, zc_ptr, seed_ptr, dr_ptr, dh_ptr,
@@ -252,6 +255,7 @@ def _backward_step(
         tl.store(dh_ptr + b * U + u, dh_carry.to(dh_ptr.dtype.element_ty), mask=inside)
 
 
+@given(HAS_VALID="valid_ptr", HAS_DHS="dhs_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _projected_backward_step(
     dhs_ptr, back_ptr, masks_ptr, zh_ptr, seed_ptr, valid_ptr, dh_ptr, dhp_ptr, dhp_step_ptr, t, B, H, T,
@@ -316,30 +320,26 @@ class _ForwardLoop(ForwardLoop):
         noise = self.noise_args(2)
         if proj:  # h's zoneout happens after the projection, in _projected_step
             noise.update(ZONE_H=ZONE_NONE.value, ZONE_H_RATE=0.0, ZONE_H_THRESH=0)
-        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid, ACT=key.codes[0],
-                         REC_ACT=key.codes[1], COMPUTE=compute_type(key.dtype), BLOCK=block, PROJ=bool(proj),
-                         **self.rec_args(), **noise)
-        masks_arg, valid_arg, seed_arg = self.or_unused(self.rec), self.or_unused(self.valid), self.or_unused(self.seed)
-        upd_arg, zh_arg, zc_arg = self.or_unused(self.upd), self.or_unused(self.zone[0]), self.or_unused(self.zone[1])
-        r_arg = self.or_unused(self.r)
+        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, ACT=key.codes[0], REC_ACT=key.codes[1],
+                         COMPUTE=compute_type(key.dtype), BLOCK=block, **self.rec_args(), **noise)
         if proj:
             h_programs, h_block = grid(key.batch, proj)
             h_launch = _projected_step[h_programs]
             zone_h = {k: v for k, v in self.noise_args(2).items() if k.startswith("ZONE_H")}
-            h_constants = dict(N_MASKS=key.n_masks, HAS_VALID=key.has_valid, COMPUTE=compute_type(key.dtype),
-                               BLOCK=h_block, **self.rec_args(), **zone_h)
+            h_constants = dict(N_MASKS=key.n_masks, COMPUTE=compute_type(key.dtype), BLOCK=h_block, **self.rec_args(),
+                               **zone_h)
         h_for_mm = self.masked_h[0]
         for t in steps:
             if self.per_gate:  # one product per gate: (4, B, H) @ (4, H, U) -> (4, B, U)
                 torch.bmm(self.masked_h, self.R, out=self.product)
             else:  # (B, H) @ (H, 4U) -> (B, 4U)
                 torch.mm(h_for_mm, self.R, out=self.product)
-            launch(self.gates, self.product, self.h, self.c, r_arg, self.masked_h, masks_arg, upd_arg, zh_arg, zc_arg,
-                   seed_arg, valid_arg, t, key.batch, key.units, key.steps, **constants)
+            launch(self.gates, self.product, self.h, self.c, self.r, self.masked_h, self.rec, self.upd, self.zone[0],
+                   self.zone[1], self.seed, self.valid, t, key.batch, key.units, key.steps, **constants)
             if proj:
                 torch.mm(self.r[:, t], self.P, out=self.hp)
-                h_launch(self.hp, self.h, self.masked_h, masks_arg, zh_arg, seed_arg, valid_arg, t, key.batch, proj,
-                         key.steps, **h_constants)
+                h_launch(self.hp, self.h, self.masked_h, self.rec, self.zone[0], self.seed, self.valid, t, key.batch,
+                         proj, key.steps, **h_constants)
 
 
 class _BackwardLoop(BackwardLoop):
@@ -390,28 +390,25 @@ class _BackwardLoop(BackwardLoop):
         noise = self.noise_args(2)
         if proj:  # h's part (zoneout, held steps, carry) happens in _projected_backward_step
             noise.update(ZONE_H=ZONE_NONE.value, ZONE_H_RATE=0.0, ZONE_H_THRESH=0)
-        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, HAS_VALID=key.has_valid,
-                         HAS_DHS=key.has_dhs, ACT=key.codes[0], REC_ACT=key.codes[1], COMPUTE=compute_type(key.dtype),
-                         BLOCK=block, PROJ=bool(proj), **self.rec_args(), **noise)
-        valid_arg, dhs_arg, masks_arg = self.or_unused(self.valid), self.or_unused(self.d_hs), self.or_unused(self.rec)
-        seed_arg, dr_arg = self.or_unused(self.seed), self.or_unused(self.dr)
-        upd_arg, zh_arg, zc_arg = self.or_unused(self.upd), self.or_unused(self.zone[0]), self.or_unused(self.zone[1])
+        constants = dict(GATE_MAJOR=key.gate_major, N_MASKS=key.n_masks, ACT=key.codes[0], REC_ACT=key.codes[1],
+                         COMPUTE=compute_type(key.dtype), BLOCK=block, **self.rec_args(), **noise)
         if proj:
             h_programs, h_block = grid(key.batch, proj)
             h_launch = _projected_backward_step[h_programs]
             zone_h = {k: v for k, v in self.noise_args(2).items() if k.startswith("ZONE_H")}
-            h_constants = dict(N_MASKS=key.n_masks, HAS_VALID=key.has_valid, HAS_DHS=key.has_dhs,
-                               COMPUTE=compute_type(key.dtype), BLOCK=h_block, **self.rec_args(), **zone_h)
+            h_constants = dict(N_MASKS=key.n_masks, COMPUTE=compute_type(key.dtype), BLOCK=h_block, **self.rec_args(),
+                               **zone_h)
             P_t = self.P.t()
         R_t = self.R if self.per_gate else self.R.t()  # R_gᵀ panels, or (4U, H)
         back_for_mm = self.back[0]
         for t in steps:
             if proj:
-                h_launch(dhs_arg, self.back, masks_arg, zh_arg, seed_arg, valid_arg, self.dh, self.dhp, self.dhp_step,
-                         t, key.batch, proj, key.steps, **h_constants)
+                h_launch(self.d_hs, self.back, self.rec, self.zone[0], self.seed, self.valid, self.dh, self.dhp,
+                         self.dhp_step, t, key.batch, proj, key.steps, **h_constants)
                 torch.mm(self.dhp_step, P_t, out=self.dr)
-            launch(self.gates, self.c, valid_arg, dhs_arg, self.back, masks_arg, upd_arg, zh_arg, zc_arg, seed_arg,
-                   dr_arg, self.dh, self.dc, self.dz, self.dz_step, t, key.batch, key.units, key.steps, **constants)
+            launch(self.gates, self.c, self.valid, self.d_hs, self.back, self.rec, self.upd, self.zone[0], self.zone[1],
+                   self.seed, self.dr, self.dh, self.dc, self.dz, self.dz_step, t, key.batch, key.units, key.steps,
+                   **constants)
             if self.per_gate:
                 torch.bmm(self.dz_step, R_t, out=self.back)
             else:

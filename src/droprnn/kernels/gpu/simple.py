@@ -30,8 +30,8 @@ import triton.language as tl
 from .loops import BackwardLoop, ForwardLoop, LoopKey, loop_key, outputs_and_saved, run_loop
 from .noise import Noise
 from ..products import input_grads, project, recurrent_kernel_grad
-from .triton_helpers import (STREAM_ZONEOUT_H, activate, carry_state, compute_type, grid, incoming_grad, next_step,
-                             program_units, step_is_real, store_product_inputs, through, zoneout_split)
+from .triton_helpers import (STREAM_ZONEOUT_H, activate, carry_state, compute_type, given, grid, incoming_grad,
+                             next_step, program_units, step_is_real, store_product_inputs, through, zoneout_split)
 
 Tensor = torch.Tensor
 
@@ -41,6 +41,7 @@ CELL = "simple"
 # ---------------------------------------------------------------------------------------------- Triton
 # Layouts: pre (B, T, U) the projections, overwritten by y; h (B, T + 1, U) (slot 0: h0); carry (B, U) in the
 # compute dtype; product, masked_h, back, dz_step (B, U); masks (1, B, U) or (T, 1, B, U); dz (B, T, U).
+@given(HAS_VALID="valid_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _forward_step(
     pre_ptr, product_ptr, h_ptr, carry_ptr, masked_h_ptr, masks_ptr, zone_ptr, seed_ptr, valid_ptr, t, B, U, T,
@@ -61,6 +62,7 @@ def _forward_step(
                          REC_MODE, REC_THRESH, REC_SCALE, COMPUTE)
 
 
+@given(HAS_VALID="valid_ptr", HAS_DHS="dhs_ptr")
 @triton.jit(do_not_specialize=["t"])
 def _backward_step(
     pre_ptr, valid_ptr, dhs_ptr, back_ptr, masks_ptr, zone_ptr, seed_ptr, dh_ptr, dz_ptr, dz_step_ptr, t, B, U, T,
@@ -118,15 +120,13 @@ class _ForwardLoop(ForwardLoop):
         key = self.key
         programs, block = grid(key.batch, key.units)
         launch = _forward_step[programs]
-        constants = dict(N_MASKS=key.n_masks, HAS_VALID=key.has_valid, ACT=key.codes[0],
-                         COMPUTE=compute_type(key.dtype), BLOCK=block, **self.rec_args(), **_zone_args(self))
-        masks_arg, valid_arg, seed_arg = self.or_unused(self.rec), self.or_unused(self.valid), self.or_unused(self.seed)
-        zone_arg = self.or_unused(self.zone[0])
+        constants = dict(N_MASKS=key.n_masks, ACT=key.codes[0], COMPUTE=compute_type(key.dtype), BLOCK=block,
+                         **self.rec_args(), **_zone_args(self))
         h_for_mm = self.masked_h[0]
         for t in steps:
             torch.mm(h_for_mm, self.R, out=self.product)
-            launch(self.pre, self.product, self.h, self.carry, self.masked_h, masks_arg, zone_arg, seed_arg, valid_arg,
-                   t, key.batch, key.units, key.steps, **constants)
+            launch(self.pre, self.product, self.h, self.carry, self.masked_h, self.rec, self.zone[0], self.seed,
+                   self.valid, t, key.batch, key.units, key.steps, **constants)
 
 
 class _BackwardLoop(BackwardLoop):
@@ -157,13 +157,11 @@ class _BackwardLoop(BackwardLoop):
         key = self.key
         programs, block = grid(key.batch, key.units)
         launch = _backward_step[programs]
-        constants = dict(N_MASKS=key.n_masks, HAS_VALID=key.has_valid, HAS_DHS=key.has_dhs, ACT=key.codes[0],
-                         COMPUTE=compute_type(key.dtype), BLOCK=block, **self.rec_args(), **_zone_args(self))
-        valid_arg, dhs_arg, masks_arg = self.or_unused(self.valid), self.or_unused(self.d_hs), self.or_unused(self.rec)
-        zone_arg, seed_arg = self.or_unused(self.zone[0]), self.or_unused(self.seed)
+        constants = dict(N_MASKS=key.n_masks, ACT=key.codes[0], COMPUTE=compute_type(key.dtype), BLOCK=block,
+                         **self.rec_args(), **_zone_args(self))
         R_t, back_for_mm = self.R.t(), self.back[0]
         for t in steps:
-            launch(self.pre, valid_arg, dhs_arg, self.back, masks_arg, zone_arg, seed_arg, self.dh, self.dz,
+            launch(self.pre, self.valid, self.d_hs, self.back, self.rec, self.zone[0], self.seed, self.dh, self.dz,
                    self.dz_step, t, key.batch, key.units, key.steps, **constants)
             torch.mm(self.dz_step, R_t, out=back_for_mm)
 

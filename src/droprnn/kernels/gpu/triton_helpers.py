@@ -198,13 +198,13 @@ def update_mask(upd_ptr, seed_ptr, b, t, u, inside, B, U, UPDATE: tl.constexpr, 
                 UPD_SCALE: tl.constexpr, COMPUTE: tl.constexpr):
     """The mask on the cell update at step t (Semeniuta et al.): UPDATE 1 one per sequence (B, U), 2 one
     per step (T, B, U), 3 per step from counter stream 1. Only called when UPDATE != 0."""
-    if UPDATE == UPDATE_PER_SEQUENCE:
+    if UPDATE == UPDATE_PER_SEQUENCE:  # one chain, as in zoneout_keep
         return tl.load(upd_ptr + b * U + u, mask=inside, other=0.0).to(COMPUTE)
-    offset = (t.to(tl.int64) * B + b) * U + u
-    if UPDATE == UPDATE_COUNTER:
-        return counter_value(seed_ptr, STREAM_UPDATE, offset, UPD_THRESH, 0.0, UPD_SCALE, COMPUTE)
+    elif UPDATE == UPDATE_COUNTER:
+        return counter_value(seed_ptr, STREAM_UPDATE, (t.to(tl.int64) * B + b) * U + u, UPD_THRESH, 0.0, UPD_SCALE,
+                             COMPUTE)
     else:
-        return tl.load(upd_ptr + offset, mask=inside, other=0.0).to(COMPUTE)
+        return tl.load(upd_ptr + (t.to(tl.int64) * B + b) * U + u, mask=inside, other=0.0).to(COMPUTE)
 
 
 @triton.jit
@@ -213,13 +213,14 @@ def zoneout_keep(zone_ptr, seed_ptr, STREAM: tl.constexpr, b, t, u, inside, B, U
     """d, the share of the old state a unit keeps at step t: ZONE 1 the drawn 0/1 indicators (T, B, U),
     2 their expectation RATE (inference), 3 the indicators made from counter stream STREAM. Only called when
     ZONE != 0; the state is d·old + (1 - d)·fresh."""
+    # One if/elif chain: Triton compiles the code after a constexpr branch's return, and an absent input's
+    # pointer is None there.
     if ZONE == ZONE_EXPECTATION:
         return tl.full(u.shape, RATE, COMPUTE)
-    offset = (t.to(tl.int64) * B + b) * U + u
-    if ZONE == ZONE_COUNTER:
-        return counter_value(seed_ptr, STREAM, offset, THRESH, 1.0, 0.0, COMPUTE)
+    elif ZONE == ZONE_COUNTER:
+        return counter_value(seed_ptr, STREAM, (t.to(tl.int64) * B + b) * U + u, THRESH, 1.0, 0.0, COMPUTE)
     else:
-        return tl.load(zone_ptr + offset, mask=inside, other=0.0).to(COMPUTE)
+        return tl.load(zone_ptr + (t.to(tl.int64) * B + b) * U + u, mask=inside, other=0.0).to(COMPUTE)
 
 
 @triton.jit
@@ -255,6 +256,13 @@ def carry_state(h, h_prev, carry_ptr, h_ptr, zone_ptr, seed_ptr, valid_ptr, b, t
 def step_is_real(valid_ptr, b, t, T):
     """Whether step t of sequence b is real (the step mask (B, T) holds 0 where it is masked)."""
     return tl.load(valid_ptr + b * T + t) != 0
+
+
+def given(**flags: str):
+    """Decorates a step kernel so that each flag is whether its launch passed a tensor for that pointer:
+    ``@given(HAS_VALID="valid_ptr")``. An absent input is passed as None, which Triton specialises on, and
+    the flag keeps the code that would read it out of the kernel."""
+    return triton.heuristics({flag: (lambda args, name=name: args[name] is not None) for flag, name in flags.items()})
 
 
 # Whether Triton compiled the functions above for its CPU interpreter (TRITON_INTERPRET=1 at import).
