@@ -28,6 +28,12 @@ The training table's rows:
 - ``keras-jax rd``        Keras 3 LSTM/GRU(dropout=0.25, recurrent_dropout=0.25) on JAX (jit), in a
                           subprocess, when JAX and Keras are installed.
 
+Each shape also gets a ``products floor`` row: the time the layer's matrix products alone take at the rate
+this machine reaches on one large product (measured at the start, float32 or bfloat16 as the table runs):
+input and recurrent products, and for training their two gradient products each. No implementation of the
+same arithmetic is much faster; where the floor is above 0.9× ``torch.nn``, a 0.9× target cannot be met
+there.
+
 Peak memory: the peak resident-memory growth of one training step (after a warm-up step), measured in a
 fresh subprocess per row (Linux: /proc/self/status).
 
@@ -35,6 +41,7 @@ fresh subprocess per row (Linux: /proc/self/status).
     python benchmarks/rnn_speed.py --tables inference,bf16-inference
     python benchmarks/rnn_speed.py --quick         # one small shape, for a smoke run
     python benchmarks/rnn_speed.py --json out.json
+    python benchmarks/rnn_speed.py --markdown out.json   # that run's tables in Markdown, for the docs
     python benchmarks/rnn_speed.py --shapes 20,35,650,650 --layers LSTM   # other shapes (this one: a
                                                    # medium Penn Treebank layer)
 """
@@ -216,6 +223,41 @@ def interleaved_medians(steps: dict, repeats: int, slow: set) -> dict:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+# ---------------------------------------------------------------------------------------------- the floor
+GATES = {"LSTM": 4, "GRU": 3}
+
+
+def product_flops(kind: str, shape, table: str) -> float:
+    """Floating-point operations of a layer's matrix products on one (B, T, D, U) batch: per step, the input
+    product (D -> G·U) and the recurrent one (H -> G·U; H = U // 2 with a projection, which adds U -> H);
+    a training step adds two gradient products for each (for the inputs and for the weights), less the one
+    into the initial state, which wants no gradient."""
+    batch, steps, features, units = shape
+    gates = GATES[kind]
+    hidden = units // 2 if table in LSTM_ONLY else units
+    per_row = features * gates * units + hidden * gates * units + (units * hidden if table in LSTM_ONLY else 0)
+    forward = 2.0 * batch * steps * per_row
+    return forward if table.endswith("inference") else 3 * forward - 2.0 * batch * hidden * gates * units
+
+
+def product_rate(dtype_name: str, repeats: int = 7) -> float:
+    """This machine's rate on one large product, in FLOP per millisecond (float32, or bfloat16 with float32
+    accumulation as autocast runs it), at the current thread count: the best of ``repeats``."""
+    import torch
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    m, k, n = 4096, 1024, 1024
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * m * k * n / (best * 1e3)
+
+
 # ---------------------------------------------------------------------------------------------- keras on jax
 KERAS_JAX = r"""
 import os, sys, time, json, statistics
@@ -319,6 +361,30 @@ def _tables(text: str) -> list[str]:
     return tables
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows of a run (``--json``) as one Markdown table per benchmark table, for the docs: a row per layer
+    and shape, each variant's median ms with its ratio to ``torch.nn``, and the peak MB where measured."""
+    out = []
+    for table in dict.fromkeys(r["table"] for r in rows):
+        mine = [r for r in rows if r["table"] == table]
+        variants = list(dict.fromkeys(r["variant"] for r in mine))
+        memory = [v for v in variants if any(r["variant"] == v and r["peak_mb"] == r["peak_mb"] for r in mine)]
+        head = ["layer", "shape (B, T, D, U)", *variants] + ([f"peak MB: {' / '.join(memory)}"] if memory else [])
+        out += [f"**{table}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for layer, shape in dict.fromkeys((r["layer"], tuple(r["shape"])) for r in mine):
+            cells = {r["variant"]: r for r in mine if r["layer"] == layer and tuple(r["shape"]) == shape}
+            line = [layer, str(shape)]
+            for v in variants:
+                r = cells.get(v)
+                line.append("—" if r is None else f"{r['ms']:.1f} ms" if v == "torch.nn"
+                            else f"{r['ms']:.1f} ({r['ratio']:.2f}×)")
+            if memory:
+                line.append(" / ".join(f"{cells[v]['peak_mb']:.1f}" if v in cells else "—" for v in memory))
+            out.append("| " + " | ".join(line) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -330,7 +396,15 @@ def main() -> None:
     parser.add_argument("--shapes", type=_shapes, help="B,T,D,U shapes separated by ';' instead of the issue's")
     parser.add_argument("--layers", type=_layers, default="LSTM,GRU", help="comma-separated, of LSTM and GRU")
     parser.add_argument("--tables", type=_tables, default=",".join(TABLES), help=f"comma list from: {', '.join(TABLES)}")
+    parser.add_argument("--markdown", metavar="JSON", help="print the rows a run wrote with --json as Markdown "
+                        "tables (for the docs) and exit")
     args = parser.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            saved = json.load(f)
+        print(f"{saved['machine']}\n")
+        print(markdown(saved["rows"]))
+        return
 
     import torch
 
@@ -340,6 +414,9 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     print(f"fused kernels: {cpu.library_path() if cpu.load() else cpu.unavailable_reason()}")
+    rates = {name: product_rate(name) for name in ("float32", "bfloat16")}
+    print("one large product (4096x1024 @ 1024x1024): "
+          + ", ".join(f"{name} {rate / 1e6:.0f} GFLOP/s" for name, rate in rates.items()))
     rows = []
     for table in args.tables:
         table_shapes, variants, slow, measure_memory = TABLES[table]
@@ -357,10 +434,12 @@ def main() -> None:
                     keras_ms = keras_jax_ms(kind, shape, repeats, args.threads)
                     if keras_ms is not None:
                         times["keras-jax rd"] = keras_ms
+                rate = rates["bfloat16" if table.startswith("bf16") else "float32"]
+                times["products floor"] = product_flops(kind, shape, table) / rate
                 baseline = times["torch.nn"]
                 for variant, ms in times.items():
                     memory = float("nan")
-                    if measure_memory and not args.no_memory and variant != "keras-jax rd":
+                    if measure_memory and not args.no_memory and variant not in ("keras-jax rd", "products floor"):
                         memory = peak_memory_mb(kind, variant, shape, args.threads, table)
                     rows.append({"table": table, "layer": kind, "shape": shape, "variant": variant, "ms": ms,
                                  "ratio": ms / baseline, "peak_mb": memory})
@@ -369,7 +448,8 @@ def main() -> None:
                 print()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+            json.dump({"machine": machine(), "product_gflops": {k: v / 1e6 for k, v in rates.items()}, "rows": rows},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,40 @@ def test_the_per_gate_hand_loop_is_torch_cells_recurrence_when_its_gates_share_m
     reference = getattr(torch.nn, kind)(features, units, batch_first=True).double()
     reference.load_state_dict({k + "_l0": v for k, v in cell.state_dict().items()})
     torch.testing.assert_close(plain, reference(x)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,table", [("LSTM", "inference"), ("LSTM", "train"), ("LSTM", "proj-inference"),
+                                        ("LSTM", "proj-train"), ("GRU", "inference"), ("GRU", "train")])
+def test_the_floor_counts_the_products_the_reference_loop_runs(rnn_speed, kind, table):
+    """The products floor's operation count is what torch's own counter sees the reference loop compute."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import droprnn
+
+    shape = (2, 3, 4, 6)
+    projection = {"proj_size": 3} if table in rnn_speed.LSTM_ONLY else {}
+    layer = getattr(droprnn, kind)(6, return_sequences=True, input_size=4, impl="reference", **projection)
+    x = torch.randn(*shape[:3], requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out = layer(x, training=True)
+        if table.endswith("train"):
+            out.sum().backward()
+    assert rnn_speed.product_flops(kind, shape, table) == counter.get_total_flops()
+
+
+def test_the_product_rate_is_a_measured_positive_rate(rnn_speed):
+    rate = rnn_speed.product_rate("float32", repeats=1)
+    assert 1e3 < rate < 1e12  # FLOP per millisecond: between 1 MFLOP/s and 1 PFLOP/s
+
+
+def test_a_saved_run_prints_as_markdown_tables_with_ratios_and_memory(rnn_speed):
+    rows = [{"table": "inference", "layer": "LSTM", "shape": [1, 2, 3, 4], "variant": "torch.nn", "ms": 2.0,
+             "ratio": 1.0, "peak_mb": 5.0},
+            {"table": "inference", "layer": "LSTM", "shape": [1, 2, 3, 4], "variant": "droprnn", "ms": 1.5,
+             "ratio": 0.75, "peak_mb": 4.0},
+            {"table": "inference", "layer": "LSTM", "shape": [1, 2, 3, 4], "variant": "products floor", "ms": 0.5,
+             "ratio": 0.25, "peak_mb": float("nan")}]
+    text = rnn_speed.markdown(rows)
+    assert "| layer | shape (B, T, D, U) | torch.nn | droprnn | products floor | peak MB: torch.nn / droprnn |" in text
+    assert "| LSTM | (1, 2, 3, 4) | 2.0 ms | 1.5 (0.75×) | 0.5 (0.25×) | 5.0 / 4.0 |" in text
