@@ -413,6 +413,27 @@ def test_thread_count_does_not_change_results():
         assert_f64_equal(other, results[0])
 
 
+@needs_fused
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_gradient_fading_into_subnormals_equals_reference_and_the_callers_mode_is_kept(threads):
+    """The kernels flush subnormals to zero while they run (x86: they cost ~100x an ordinary operation, and
+    a gradient fading over hundreds of steps reaches them). The result differs from the reference's by
+    less than the smallest normal float; the calling thread computes with subnormals again afterwards."""
+    layer = make_layer("gru", 8, 16, F32, weight_scale=0.3, return_sequences=False)
+    x = torch.randn(4, 300, 8, generator=torch.Generator().manual_seed(0))
+    plans = draw_plans(layer, 4, 300)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        grads = [run_impl(layer, impl, x, plans)[1][0] for impl in ("fused", "reference")]  # d x
+        tiny = torch.tensor([1e-39]) * 2.0  # computed on this thread after the kernels ran on it
+    finally:
+        torch.set_num_threads(previous)
+    assert grads[1][:, 0].abs().max() < 1e-30, "the gradient at the first step should have faded"
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert tiny.item() == pytest.approx(2e-39, rel=1e-3), "the caller's thread must keep computing subnormals"
+
+
 # ----------------------------------------------------------------------------------------------- plans from users
 def _replace(plan: DropoutPlan, field: str, fn) -> DropoutPlan:
     """``plan`` with ``fn`` applied to every tensor of one CellMasks field."""

@@ -16,6 +16,9 @@
 #include <cstring>
 #include <optional>
 #include <type_traits>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include "bf16.h"
 
@@ -320,11 +323,31 @@ Zoneout<T> with_buffer(Zoneout<T> z, T* buffer, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------- threads
+// While it lives, this thread computes with subnormal numbers flushed to zero (x86's FTZ and DAZ), then
+// the thread's own mode comes back. Why: on x86 an operation on a subnormal (below 1.2e-38 in float32)
+// costs about a hundred times an ordinary one, and gradients that fade over hundreds of steps get there --
+// a GRU's backward over 200 steps with only the last output's gradient ran 20x slower than with every
+// step's (measured here: 25 ms against 1.3). A flushed value differs from the reference's by less than
+// 1.2e-38 (2.2e-308 in float64).
+class FlushSubnormals {
+ public:
+#if defined(__SSE__)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ (bit 15), DAZ (bit 6)
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#else
+  FlushSubnormals() {}  // elsewhere the platform's own mode stands
+#endif
+};
+
 // Run fn(rows_begin, rows_end, chunk) over a split of the batch into at most one chunk per thread.
 template <typename F>
 void for_each_batch_chunk(int64_t batch, F fn) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormals flush;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t r0 = batch * chunk / chunks, r1 = batch * (chunk + 1) / chunks;
       fn(r0, r1, chunk);

@@ -150,6 +150,7 @@ struct LstmForward {
     const int64_t G4 = 4 * U;
 #pragma omp parallel num_threads(at::get_num_threads())
     {
+      const FlushSubnormals flush;
       const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
       // Slices of whole 16-unit vectors (the last takes the rest); of whole packed blocks for bfloat16
       // products, which start a product at a block.
