@@ -11,3 +11,21 @@ import torch  # noqa: E402
 def _fixed_global_rng():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Loads ``benchmarks/<name>.py`` as a module, as the benchmark tests read it (the scripts are no package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # registered as an import would (pickling and dataclasses look there)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -3,22 +3,12 @@ typo), and it names the machine with its caches."""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "rnn_speed.py"
 
 
 @pytest.fixture(scope="module")
-def rnn_speed():
-    spec = importlib.util.spec_from_file_location("rnn_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rnn_speed"] = module
-    spec.loader.exec_module(module)
-    return module
+def rnn_speed(benchmark_script):
+    return benchmark_script("rnn_speed")
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
