@@ -210,3 +210,15 @@ def test_another_backend_is_refused_with_the_way_to_the_torch_one(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(DroprnnError, match="KERAS_BACKEND=torch"):
         dk.LSTM(U)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_a_mixed_bfloat16_policy_runs_bfloat16_products_close_to_keras(kind):
+    """Keras's "mixed_bfloat16" (float32 variables, bfloat16 computation) runs under torch's autocast: the
+    products in bfloat16, so the result is Keras's own to bfloat16's precision, not to float32's."""
+    theirs, ours = pair(kind, dtype="mixed_bfloat16", return_sequences=True)
+    x = torch.randn(B, T, D)
+    got, want = ours(x), theirs(x)
+    assert got.dtype == torch.bfloat16 and ours.weights[0].dtype == "float32"
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+    assert ours._loop.last_kernel.bf16_products, ours._loop.last_kernel

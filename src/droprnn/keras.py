@@ -17,6 +17,7 @@ would receive that backend's arrays, which droprnn cannot compute with, so they 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import keras
@@ -119,13 +120,14 @@ class _DroprnnLoop:
             mask = mask[0]
         training = bool(training)
         loop = self._loop
-        dtype = self.cell.kernel.value.dtype
+        dtype = loop.cells[0].kernel.dtype  # the variables' own (`.value` is cast under a mixed policy)
         states = [s.to(dtype) for s in (initial_state if tree.is_nested(initial_state) else [initial_state])]
         plan = self._keras_plan(training)
         if plan is not None:
             plan = plan.to(dtype)
-        output, *final = loop(sequences.to(dtype), mask=mask, initial_state=states, training=training,
-                              dropout_plan=plan)
+        with _compute_in(self.compute_dtype, dtype, sequences.device):
+            output, *final = loop(sequences.to(dtype), mask=mask, initial_state=states, training=training,
+                                  dropout_plan=plan)
         if self.return_sequences:
             return output[:, -1], output, final
         return output, output[:, None], final
@@ -134,6 +136,16 @@ class _DroprnnLoop:
         config = super().get_config()
         config.update({name: getattr(self, name) for name in self._options})
         return config
+
+
+def _compute_in(compute: str, variables: torch.dtype, device: torch.device) -> Any:
+    """A mixed-precision policy (float32 variables, bfloat16 or float16 computation: Keras's
+    ``"mixed_bfloat16"``) as torch's autocast, under which droprnn's kernels run their products in the
+    lower precision and keep the states and gate math in float32; otherwise nothing."""
+    lower = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(compute)
+    if lower is None or lower == variables:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=lower)
 
 
 def _activation(function: Any) -> Any:
