@@ -268,6 +268,7 @@ def test_without_bf16_products_the_float32_result_is_rounded_once(monkeypatch):
     with torch.autocast("cpu", dtype=BF16):
         got = layer(x, dropout_plan=plans[0])
     assert not layer.last_kernel.bf16_products and "products in bfloat16" not in droprnn.explain(layer)
+    assert layer.last_kernel.bf16_in_float32 and "computed in float32" in droprnn.explain(layer)
     plain = layer(x, dropout_plan=plans[0])
     for g, p in zip(flat(got), flat(plain)):
         assert g.dtype == BF16

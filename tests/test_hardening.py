@@ -195,6 +195,17 @@ if ops.bf16_products():
             if name != "out" and label in ("float64", "transposed"):  # read in any dtype and strides
                 continue
             print("ACCEPTED bf16_mm", name, label, tuple(bad.shape))
+operands = dict(a=torch.randn(5, 3), b=torch.randn(3, 4), out=torch.empty(5, 4))
+ops.float_mm(**operands)
+for name in operands:
+    for label, bad in mutations(operands[name]):
+        checked += 1
+        try:
+            ops.float_mm(**{**operands, name: bad})
+        except (RuntimeError, IndexError, TypeError, NotImplementedError):
+            raised += 1
+            continue
+        print("ACCEPTED float_mm", name, label, tuple(bad.shape))
 print("CHECKED", checked, "RAISED", raised)
 for sizes in ([-1, 5], [1 << 40, 1 << 40]):
     try:

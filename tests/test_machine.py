@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+import torch
+
+import droprnn
+from droprnn.kernels import cpu
 from droprnn.kernels.cpu import machine
 
 
@@ -50,3 +55,138 @@ def test_without_sysfs_the_measured_machine_stands_in(sysfs, tmp_path, monkeypat
     monkeypatch.setattr(machine, "_CACHES", tmp_path / "missing")
     machine.caches.cache_clear()
     assert machine.caches()["l2"] == 2 << 20 and machine.blocking().gemm_block == 256
+
+
+# ---------------------------------------------------------------------------------------------- products
+@pytest.fixture
+def timed(monkeypatch):
+    """Replaces the timing with given numbers, and counts the measurements."""
+    calls = []
+
+    def use(torch_seconds: float, brgemm_seconds: float):
+        def fake(rounds: int = 5):
+            calls.append(rounds)
+            return {"torch": torch_seconds, "brgemm": brgemm_seconds}
+
+        monkeypatch.setattr(machine, "_time_products", fake)
+        return calls
+
+    monkeypatch.delenv(machine.PRODUCTS_ENV, raising=False)
+    return use
+
+
+def test_brgemm_is_chosen_only_where_it_wins_by_five_percent(timed, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    timed(1.0, 0.96)
+    assert machine.products_choice(tmp_path / "a", 2) == "torch"
+    timed(1.0, 0.90)
+    assert machine.products_choice(tmp_path / "b", 2) == "brgemm"
+
+
+def test_the_choice_is_measured_once_per_thread_count_and_kept(timed, tmp_path):
+    calls = timed(1.0, 0.5)
+    assert machine.products_choice(tmp_path, 2) == "brgemm"
+    assert json.loads((tmp_path / "products.json").read_text()) == {"2": "brgemm"}
+    timed(0.5, 1.0)  # a later measurement would say otherwise: the kept answer stands
+    assert machine.products_choice(tmp_path, 2) == "brgemm"
+    assert machine.products_choice(tmp_path, 1) == "torch"  # another thread count is measured
+    assert json.loads((tmp_path / "products.json").read_text()) == {"2": "brgemm", "1": "torch"}
+    assert len(calls) == 2  # 2 threads once, 1 thread once
+
+
+@pytest.mark.parametrize("record", ["", "{not json", "[1, 2]", '{"2": "mkl"}'])
+def test_a_damaged_record_is_measured_again(timed, tmp_path, record):
+    (tmp_path / "products.json").write_text(record)
+    calls = timed(1.0, 0.5)
+    assert machine.products_choice(tmp_path, 2) == "brgemm" and len(calls) == 1
+    assert json.loads((tmp_path / "products.json").read_text())["2"] == "brgemm"
+
+
+def test_the_environment_forces_the_choice_and_a_bad_value_is_named(timed, tmp_path, monkeypatch):
+    calls = timed(1.0, 0.5)
+    monkeypatch.setenv(machine.PRODUCTS_ENV, "torch")
+    assert machine.products_choice(tmp_path, 2) == "torch" and not calls
+    monkeypatch.setenv(machine.PRODUCTS_ENV, "mkl")
+    with pytest.raises(ValueError, match="DROPRNN_PRODUCTS expected one of torch, brgemm, got 'mkl'"):
+        machine.products_choice(tmp_path, 2)
+
+
+needs_fused = pytest.mark.skipif(not cpu.load(), reason="fused CPU kernels unavailable")
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (64, 64, 64), (70, 130, 129), (3, 600, 65), (513, 17, 300)])
+def test_float_mm_equals_the_float64_product(shape):
+    M, K, N = shape
+    gen = torch.Generator().manual_seed(M * K + N)
+    a, b = torch.randn(M, K, generator=gen), torch.randn(K, N, generator=gen)
+    out = torch.full((M, N), float("nan"))
+    torch.ops.droprnn_cpu.float_mm(a, b, out)
+    want = a.double() @ b.double()
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5 * K ** 0.5 * max(1.0, want.abs().max().item()))
+
+
+@needs_fused
+def test_float_mm_reads_column_blocks_and_writes_row_strided_outputs():
+    """The projections pass one gate's columns of the kernel (rows with a gap) and write into a wider buffer."""
+    a = torch.randn(9, 6)
+    kernel = torch.randn(6, 4 * 5)
+    out = torch.full((9, 12), float("nan"))
+    torch.ops.droprnn_cpu.float_mm(a, kernel[:, 5:10], out[:, 2:7])
+    torch.testing.assert_close(out[:, 2:7], a @ kernel[:, 5:10], rtol=1e-6, atol=1e-5)
+    assert out[:, :2].isnan().all() and out[:, 7:].isnan().all()  # nothing written beside the block
+
+
+@needs_fused
+@pytest.mark.parametrize("bad, message", [
+    (lambda: (torch.randn(3, 4), torch.randn(5, 6), torch.empty(3, 6)), r"b must have shape \(4, 6\)"),
+    (lambda: (torch.randn(3, 4), torch.randn(4, 6), torch.empty(3, 5)), r"out must have shape \(3, 6\)"),
+    (lambda: (torch.randn(3, 4), torch.randn(4, 6), torch.empty(3, 6, dtype=torch.float64)), "out must be a float32"),
+    (lambda: (torch.randn(4, 3).t(), torch.randn(4, 6), torch.empty(3, 6)), "a must have a unit stride"),
+    (lambda: (torch.randn(3, 4), torch.randn(4, 6), torch.empty(6).expand(3, 6)), "rows that do not overlap"),
+    (lambda: (torch.randn(3), torch.randn(3, 6), torch.empty(1, 6)), "matrices"),
+])
+def test_float_mm_names_bad_arguments(bad, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.droprnn_cpu.float_mm(*bad())
+
+
+@needs_fused
+@pytest.mark.parametrize("choice", ["torch", "brgemm"])
+def test_either_library_gives_the_same_layer(choice, monkeypatch):
+    """The fused LSTM with each library for its input projections equals the reference loop, per-gate masks
+    (one product per gate's columns) and tied ones (one product)."""
+    from droprnn.kernels import fused
+
+    monkeypatch.setitem(cpu._state, f"products-{torch.get_num_threads()}", choice)
+    used = []
+    monkeypatch.setattr(torch.ops.droprnn_cpu, "float_mm", _spy(torch.ops.droprnn_cpu.float_mm, used), raising=False)
+    for inputs, recurrent in (("keras", "keras"), ("shared", "tied")):
+        torch.manual_seed(0)
+        layer = droprnn.LSTM(12, input_size=5, return_sequences=True, dropout=0.3, recurrent_dropout=0.2,
+                             input_dropout_mode=inputs, recurrent_dropout_mode=recurrent)
+        x = torch.randn(3, 7, 5, requires_grad=True)
+        torch.manual_seed(1)
+        y = layer(x)
+        y.square().sum().backward()
+        grads = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+        x.grad = None
+        layer.zero_grad()
+        layer.impl = "reference"
+        torch.manual_seed(1)
+        want = layer(x)
+        want.square().sum().backward()
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+        for got, expected in zip(grads, [x.grad] + [p.grad for p in layer.parameters()]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert cpu.projection_products() == choice
+    assert bool(used) == (choice == "brgemm")  # per-gate masks: one product per gate; tied: one
+
+
+def _spy(function, calls):
+    def spied(*args, **kwargs):
+        calls.append(args[0].shape)
+        return function(*args, **kwargs)
+
+    return spied

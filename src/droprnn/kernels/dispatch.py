@@ -41,12 +41,14 @@ class KernelChoice:
     """The kernel of one call: ``name`` is one of "gpu", "fused", "reference", "scan", "onnx"; ``reason``
     says why a faster kernel was not taken; ``autocast``: the dtype the results were cast to under
     ``torch.autocast`` (None outside it); ``bf16_products``: whether the products ran in bfloat16 (the
-    fused kernels, for bfloat16 calls and under autocast to bfloat16)."""
+    fused kernels, for bfloat16 calls and under autocast to bfloat16); ``bf16_in_float32``: they were asked
+    for but ran in float32, this CPU having none."""
 
     name: str
     reason: Optional[str] = None
     autocast: Optional[torch.dtype] = None
     bf16_products: bool = False
+    bf16_in_float32: bool = False
 
     def __str__(self) -> str:
         if self.name == "fused":
@@ -62,6 +64,8 @@ class KernelChoice:
             text = f"reference loop ({self.reason})"
         if self.bf16_products:
             text += "; products in bfloat16 (float32 accumulation, states and gates)"
+        elif self.bf16_in_float32:
+            text += "; bfloat16 asked for, computed in float32: PyTorch's brgemm runs no bfloat16 products on this CPU"
         if self.autocast is not None:
             computed = "the rest in float32" if self.bf16_products else "computed in the parameters' dtype"
             text += f"; under autocast: {computed}, results cast to {_dtype_name(self.autocast)}"
@@ -112,7 +116,10 @@ def pick(impl: str, call: RecurrentCall) -> KernelChoice:
     reason = fast.unsupported_reason(call)
     if reason is not None:
         return KernelChoice(fallback, reason, autocast)
-    return KernelChoice(fast.NAME, None, autocast, fast is fused and fused.bf16_products(call, autocast))
+    if fast is not fused or not fused.wants_bf16_products(call, autocast):
+        return KernelChoice(fast.NAME, None, autocast)
+    low = fused.bf16_products(call, autocast)
+    return KernelChoice(fast.NAME, None, autocast, bf16_products=low, bf16_in_float32=not low)
 
 
 def choose(impl: str, call: RecurrentCall) -> KernelChoice:

@@ -99,14 +99,20 @@ def _bf16_available() -> bool:
     return bool(cpu.load() and torch.ops.droprnn_cpu.bf16_products())
 
 
-def bf16_products(call: RecurrentCall, autocast: Optional[torch.dtype] = None) -> bool:
-    """Whether this call's products run in bfloat16 (float32 accumulation, states and gate math): a
-    bfloat16 call, or a float32 one under ``torch.autocast`` to bfloat16 (``autocast``, or
-    ``call.autocast``), on a CPU whose brgemm runs bfloat16 (AMX or AVX512-BF16)."""
+def wants_bf16_products(call: RecurrentCall, autocast: Optional[torch.dtype] = None) -> bool:
+    """Whether this call asks for bfloat16 products: a bfloat16 call, or a float32 one under
+    ``torch.autocast`` to bfloat16 (``autocast``, or ``call.autocast``), and no LSTM projection (a projected
+    LSTM runs in float32)."""
     wanted = call.x.dtype == torch.bfloat16 or (call.x.dtype == torch.float32 and
                                                  torch.bfloat16 in (autocast, call.autocast))
-    projected = any(w.projection is not None for w in call.weights)  # a projected LSTM runs in float32
-    return wanted and not projected and _bf16_available()
+    return wanted and not any(w.projection is not None for w in call.weights)
+
+
+def bf16_products(call: RecurrentCall, autocast: Optional[torch.dtype] = None) -> bool:
+    """Whether this call's products run in bfloat16 (float32 accumulation, states and gate math): it asks
+    for them (:func:`wants_bf16_products`) and PyTorch's brgemm runs bfloat16 on this CPU (with AMX, as
+    PyTorch builds it: not with AVX512-BF16 alone)."""
+    return wants_bf16_products(call, autocast) and _bf16_available()
 
 
 def run(call: RecurrentCall) -> Result:
@@ -192,9 +198,14 @@ def _per_gate(masks: Optional[Tensor]) -> bool:
 
 
 def _mm(a: Tensor, b: Tensor, out: Tensor, bf16: bool) -> Tensor:
-    """out = a @ b; with ``bf16`` in the recurrences' bfloat16 products (float32 accumulation and result)."""
+    """out = a @ b; with ``bf16`` in the recurrences' bfloat16 products (float32 accumulation and result);
+    in float32 by whichever library this machine runs faster (:func:`cpu.projection_products`)."""
     if bf16:
         torch.ops.droprnn_cpu.bf16_mm(a, b, out)
+        return out
+    if (a.dtype == torch.float32 and a.stride(-1) == 1 and b.stride(-1) == 1
+            and cpu.projection_products() == "brgemm"):
+        torch.ops.droprnn_cpu.float_mm(a, b, out)
         return out
     return torch.mm(a, b, out=out)
 

@@ -34,7 +34,7 @@ import torch
 
 from . import machine
 
-SOURCES = ("ops.cpp", "pool.cpp", "lstm.cpp", "gru.cpp", "simple_rnn.cpp", "bf16.cpp")
+SOURCES = ("ops.cpp", "pool.cpp", "lstm.cpp", "gru.cpp", "simple_rnn.cpp", "bf16.cpp", "mm.cpp")
 HEADERS = ("common.h", "checks.h", "bf16.h")
 # What a cache folder holds, part of the build key: 2 keeps the object files beside the library.
 CACHE_LAYOUT = 2
@@ -262,6 +262,16 @@ def load() -> bool:
         except Exception as error:  # noqa: BLE001 - any failure means: use the reference loop, and say why
             _state["reason"] = f"fused CPU kernels unavailable: {error}".strip()
             return False
+
+
+def projection_products() -> str:
+    """Which library runs float32 input projections here, "torch" or "brgemm" (:func:`machine.products_choice`,
+    measured once per build and thread count). Needs the kernels loaded."""
+    threads = torch.get_num_threads()
+    key = f"products-{threads}"
+    if key not in _state:
+        _state[key] = machine.products_choice(Path(_state["loaded"]).parent, threads)
+    return _state[key]
 
 
 def unavailable_reason() -> Optional[str]:

@@ -12,12 +12,19 @@ from them; each rule is the one that reproduces, on the Intel Xeon where the ker
   fill an eighth of L2 (256 x 256 there), so it stays in cache while every row of the left-hand side passes.
 
 Where sysfs says nothing (not Linux, a container that hides it) the Xeon's sizes stand in.
+
+One choice is measured instead: which library runs the float32 input projections (one large product per
+call). On a Xeon MKL's sgemm (``torch.mm``) was the faster; on an AMD EPYC it ran them at ~120-145 GFLOP/s
+on 2 threads against 160-200 for oneDNN's brgemm (``mm.cpp``). :func:`products_choice` times both once
+and keeps the answer beside the built library.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -81,3 +88,55 @@ def describe() -> str:
     sizes = caches()
     text = f"{model} (L1d {sizes['l1d'] >> 10} KiB and L2 {sizes['l2'] >> 10} KiB per core"
     return text + (f", L3 {sizes['l3'] >> 20} MiB)" if sizes["l3"] else ")")
+
+
+# The product the choice is timed on: an input projection of a mid-sized call (B·T = 4096, D = 128, 4U = 512).
+_PROBE = (4096, 128, 512)
+PRODUCTS_ENV = "DROPRNN_PRODUCTS"
+_PRODUCTS = ("torch", "brgemm")
+
+
+def _time_products(rounds: int = 5) -> dict[str, float]:
+    """The best of ``rounds`` interleaved timings (seconds) of the probe product by each library."""
+    import torch
+
+    m, k, n = _PROBE
+    a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+    run = {"torch": lambda: torch.mm(a, b, out=out), "brgemm": lambda: torch.ops.droprnn_cpu.float_mm(a, b, out)}
+    best = {name: math.inf for name in run}
+    for _ in range(rounds + 1):  # the first round warms up (oneDNN generates its kernel there)
+        for name, product in run.items():
+            started = time.perf_counter()
+            product()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def products_choice(folder: Path, threads: int) -> str:
+    """"torch" or "brgemm": which runs this machine's float32 input projections faster with ``threads``
+    threads, measured once and kept in ``folder/products.json`` (the built library's folder). brgemm must win
+    by 5% to be chosen (torch.mm is the default). ``$DROPRNN_PRODUCTS`` forces either."""
+    forced = os.environ.get(PRODUCTS_ENV, "")
+    if forced:
+        if forced not in _PRODUCTS:
+            raise ValueError(f"droprnn: ${PRODUCTS_ENV} expected one of {', '.join(_PRODUCTS)}, got {forced!r}")
+        return forced
+    record = folder / "products.json"
+    try:
+        known = json.loads(record.read_text())
+        if known.get(str(threads)) in _PRODUCTS:
+            return known[str(threads)]
+    except (OSError, ValueError, AttributeError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    timings = _time_products()
+    choice = "brgemm" if timings["brgemm"] < 0.95 * timings["torch"] else "torch"
+    known[str(threads)] = choice
+    try:  # atomic: a reader sees the old record or the new, never half of one
+        staged = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        staged.write_text(json.dumps(known))
+        os.replace(staged, record)
+    except OSError:
+        pass  # a read-only cache: measured again by the next process
+    return choice

@@ -66,6 +66,7 @@ int64_t set_gemm_block(int64_t side) {
 int64_t empty_cache();
 int64_t cached_bytes();
 void bf16_mm(const Tensor& a, const Tensor& b, Tensor& out);
+void float_mm(const Tensor& a, const Tensor& b, Tensor& out);
 
 }  // namespace droprnn
 
@@ -85,5 +86,7 @@ TORCH_LIBRARY(droprnn_cpu, m) {
   m.def("cached_bytes", &droprnn::cached_bytes);
   m.def("bf16_products", [] { return droprnn::bf16_products_available(); });
   m.def("bf16_mm(Tensor a, Tensor b, Tensor(a!) out) -> ()");
+  m.def("float_mm(Tensor a, Tensor b, Tensor(a!) out) -> ()");
   m.impl("bf16_mm", c10::DispatchKey::CPU, &droprnn::bf16_mm);
+  m.impl("float_mm", c10::DispatchKey::CPU, &droprnn::float_mm);
 }
