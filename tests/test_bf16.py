@@ -1,5 +1,5 @@
-"""bfloat16 on the fused CPU path: products in bfloat16 through oneDNN's brgemm, float32
-accumulation, float32 states and gate math.
+"""bfloat16 on the fused CPU path: products in bfloat16 (oneDNN's brgemm on AMX, droprnn's own micro-kernel
+on AVX512-BF16), float32 accumulation, float32 states and gate math.
 
 Two ways in: a float32 layer under ``torch.autocast("cpu", dtype=torch.bfloat16)``, and a bfloat16 layer
 (``.bfloat16()``) fed bfloat16 input. Both are judged against a float64 reference run of the same weights,
@@ -15,13 +15,18 @@ A wrong mask, step or gate moves results by tens of percent of ``scale`` and fai
 have taken the fused kernel with bfloat16 products, and their error to be above float32's (the products
 really are bfloat16), with NaN-filled fresh memory so an unwritten element shows up.
 
-On a CPU whose brgemm has no bfloat16 (no AVX512-BF16 or AMX) the kernels compute in float32 and round the
-results once; the last tests hold that path, and the rest skip there.
+On a CPU with neither AMX nor AVX512-BF16 the kernels compute in float32 and round the results once; the
+last tests hold that path, and the rest skip there. A CPU with both runs this file once more with the
+AVX512-BF16 kernel forced (``DROPRNN_BF16_ENGINE``), so each engine is held to the same bounds where it runs.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +45,7 @@ needs_fused = pytest.mark.skipif(_REASON is not None and ("no C++ compiler" in _
                                                           "DROPRNN_DISABLE_FUSED" in _REASON),
                                  reason=f"fused kernels unavailable here: {_REASON}")
 _BF16 = _REASON is None and fused._bf16_available()
-needs_bf16 = pytest.mark.skipif(not _BF16, reason="this CPU's brgemm has no bfloat16 products")
+needs_bf16 = pytest.mark.skipif(not _BF16, reason="this CPU runs no bfloat16 products (AMX or AVX512-BF16)")
 pytestmark = needs_fused
 
 RELATIVE_BOUND = 0.1
@@ -279,3 +284,32 @@ def test_float16_is_not_taken_for_bfloat16():
     layer = droprnn.LSTM(4, dtype=torch.float16, impl="fused")
     with pytest.raises(DroprnnError, match="float16"):
         layer(torch.randn(2, 3, 3, dtype=torch.float16))
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="this CPU has no AVX512-BF16")
+def test_each_engine_holds_the_bounds_where_it_runs():
+    """The AVX512-BF16 micro-kernel, forced where the default is another engine (AMX), passes this file;
+    where it is the default (an AMD EPYC) the run above was its run. Forcing "none" gives the float32 path."""
+    forced = {**os.environ, "DROPRNN_BF16_ENGINE": "avx512_bf16"}
+    probe = [sys.executable, "-c", "import torch; from droprnn.kernels import cpu; cpu.load(); "
+             "print(torch.ops.droprnn_cpu.bf16_engine())"]
+    default = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert subprocess.run(probe, capture_output=True, text=True, check=True, env=forced).stdout.split()[-1] == "avx512_bf16"
+    none = subprocess.run(probe, capture_output=True, text=True, check=True,
+                          env={**os.environ, "DROPRNN_BF16_ENGINE": "none"}).stdout.split()[-1]
+    assert none == "none"
+    if default == "avx512_bf16":
+        assert _BF16 and "AVX512-BF16" in fused.bf16_engine_text()
+        return
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                          "-k", "not each_engine"], capture_output=True, text=True, env=forced,
+                         cwd=Path(__file__).parent.parent)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout, run.stdout[-500:]

@@ -63,9 +63,9 @@ class KernelChoice:
         else:
             text = f"reference loop ({self.reason})"
         if self.bf16_products:
-            text += "; products in bfloat16 (float32 accumulation, states and gates)"
+            text += f"; products in bfloat16 ({fused.bf16_engine_text()}; float32 accumulation, states and gates)"
         elif self.bf16_in_float32:
-            text += "; bfloat16 asked for, computed in float32: PyTorch's brgemm runs no bfloat16 products on this CPU"
+            text += "; bfloat16 asked for, computed in float32: this CPU runs no bfloat16 products (AMX or AVX512-BF16)"
         if self.autocast is not None:
             computed = "the rest in float32" if self.bf16_products else "computed in the parameters' dtype"
             text += f"; under autocast: {computed}, results cast to {_dtype_name(self.autocast)}"

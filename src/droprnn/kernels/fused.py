@@ -99,6 +99,14 @@ def _bf16_available() -> bool:
     return bool(cpu.load() and torch.ops.droprnn_cpu.bf16_products())
 
 
+_ENGINES = {"brgemm": "AMX, through oneDNN's brgemm", "avx512_bf16": "AVX512-BF16, droprnn's micro-kernel"}
+
+
+def bf16_engine_text() -> str:
+    """What runs this CPU's bfloat16 products, in words."""
+    return _ENGINES.get(torch.ops.droprnn_cpu.bf16_engine(), "none") if cpu.load() else "none"
+
+
 def wants_bf16_products(call: RecurrentCall, autocast: Optional[torch.dtype] = None) -> bool:
     """Whether this call asks for bfloat16 products: a bfloat16 call, or a float32 one under
     ``torch.autocast`` to bfloat16 (``autocast``, or ``call.autocast``), and no LSTM projection (a projected
@@ -110,8 +118,8 @@ def wants_bf16_products(call: RecurrentCall, autocast: Optional[torch.dtype] = N
 
 def bf16_products(call: RecurrentCall, autocast: Optional[torch.dtype] = None) -> bool:
     """Whether this call's products run in bfloat16 (float32 accumulation, states and gate math): it asks
-    for them (:func:`wants_bf16_products`) and PyTorch's brgemm runs bfloat16 on this CPU (with AMX, as
-    PyTorch builds it: not with AVX512-BF16 alone)."""
+    for them (:func:`wants_bf16_products`) and this CPU runs bfloat16 products: PyTorch's brgemm on AMX,
+    else droprnn's AVX512-BF16 micro-kernel (``kernels/cpu/bf16_dot.h``)."""
     return wants_bf16_products(call, autocast) and _bf16_available()
 
 

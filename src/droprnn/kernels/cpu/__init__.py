@@ -35,7 +35,7 @@ import torch
 from . import machine
 
 SOURCES = ("ops.cpp", "pool.cpp", "lstm.cpp", "gru.cpp", "simple_rnn.cpp", "bf16.cpp", "mm.cpp")
-HEADERS = ("common.h", "checks.h", "bf16.h")
+HEADERS = ("common.h", "checks.h", "bf16.h", "bf16_dot.h")
 # What a cache folder holds, part of the build key: 2 keeps the object files beside the library.
 CACHE_LAYOUT = 2
 _HERE = Path(__file__).resolve().parent

@@ -3,7 +3,9 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <exception>
+#include <string>
 
 #include "bf16.h"
 #include "checks.h"
@@ -74,11 +76,19 @@ PackedBf16 pack_bf16(const at::Tensor& mats) {
   const auto* src = padded.const_data_ptr<at::BFloat16>();
   auto* dst = p.storage.data_ptr<at::BFloat16>();
   const int64_t ld = p.blocks * kBf16Block;
+  p.pairs = bf16_engine() == Bf16Engine::kDot;
   at::parallel_for(0, p.count * p.blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t m = i / p.blocks, b = i % p.blocks;
-      at::native::cpublas::pack(p.Kp, kBf16Block, ld, kBf16Block, at::kBFloat16, at::kBFloat16,
-                                src + m * p.Kp * ld + b * kBf16Block, dst + i * p.Kp * kBf16Block);
+      const at::BFloat16* from = src + m * p.Kp * ld + b * kBf16Block;
+      at::BFloat16* to = dst + i * p.Kp * kBf16Block;
+      if (!p.pairs) {
+        at::native::cpublas::pack(p.Kp, kBf16Block, ld, kBf16Block, at::kBFloat16, at::kBFloat16, from, to);
+        continue;
+      }
+      for (int64_t k = 0; k < p.Kp; ++k) {  // element (k, n) at ((k / 2) * 64 + n) * 2 + k % 2
+        for (int64_t n = 0; n < kBf16Block; ++n) to[((k / 2) * kBf16Block + n) * 2 + k % 2] = from[k * ld + n];
+      }
     }
   });
   p.data = dst;
@@ -97,10 +107,34 @@ PackedBf16 pack_gates_bf16(const at::Tensor& R, int64_t gates, bool transpose) {
   return pack_bf16(transpose ? per_gate.transpose(1, 2) : per_gate);
 }
 
+Bf16Engine bf16_engine() {
+  static const Bf16Engine engine = [] {
+    // $DROPRNN_BF16_ENGINE picks one the CPU runs (so a CPU with AMX tests the AVX512-BF16 kernel too):
+    // "brgemm", "avx512_bf16" or "none"; unset or anything else, the fastest.
+    const char* asked = std::getenv("DROPRNN_BF16_ENGINE");
+    const std::string wanted = asked == nullptr ? "" : asked;
+    const bool brgemm = at::native::cpublas::could_pack(at::kBFloat16);
+    bool dot = false;
+#if DROPRNN_HAS_AVX512_BF16
+    dot = __builtin_cpu_supports("avx512bf16");
+#endif
+    if (wanted == "none") return Bf16Engine::kNone;
+    if (wanted == "avx512_bf16") return dot ? Bf16Engine::kDot : Bf16Engine::kNone;
+    if (wanted == "brgemm") return brgemm ? Bf16Engine::kBrgemm : Bf16Engine::kNone;
+    return brgemm ? Bf16Engine::kBrgemm : dot ? Bf16Engine::kDot : Bf16Engine::kNone;
+  }();
+  return engine;
+}
+
+std::string bf16_engine_name() {
+  if (!bf16_products_available()) return "none";
+  return bf16_engine() == Bf16Engine::kBrgemm ? "brgemm" : "avx512_bf16";
+}
+
 bool bf16_products_available() {
   static const bool available = [] {
     try {
-      if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
+      if (bf16_engine() == Bf16Engine::kNone) return false;
       // One product of a size the kernels use, against float32 on the same rounded values.
       const at::Tensor a = at::randn({5, 6}).to(at::kBFloat16).to(at::kFloat);
       const at::Tensor b = at::randn({1, 6, 70}).to(at::kBFloat16).to(at::kFloat);

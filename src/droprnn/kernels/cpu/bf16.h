@@ -1,11 +1,12 @@
 // bfloat16 products for the fused recurrences: operands rounded to bfloat16, float32 accumulation, float32
-// results -- through PyTorch's brgemm micro-kernel (oneDNN), which runs them on AMX or AVX512-BF16 where the
-// CPU has them (on a Xeon with AMX, 6-8x the float32 brgemm at the per-step shapes, measured). Everything
-// else of a recurrence stays float32: states, gates, masks, the carried gradients.
+// results -- through PyTorch's brgemm micro-kernel (oneDNN) where it runs them (AMX: on a Xeon, 6-8x the
+// float32 brgemm at the per-step shapes, measured), else through droprnn's own AVX512-BF16 micro-kernel
+// (bf16_dot.h; an AMD EPYC, Zen 4/5). Everything else of a recurrence stays float32: states, gates, masks,
+// the carried gradients.
 //
-// The right-hand matrix of a product is packed once per call into oneDNN's VNNI layout, in blocks of 64
-// columns; the left-hand rows (h, or a step's gradients) are rounded into a per-thread buffer before each
-// product.
+// The right-hand matrix of a product is packed once per call, in blocks of 64 columns, in the layout of the
+// engine that runs it (oneDNN's, or pairs of rows for vdpbf16ps); the left-hand rows (h, or a step's
+// gradients) are rounded into a per-thread buffer before each product.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,14 +15,23 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
+
+#include "bf16_dot.h"
 
 namespace droprnn {
 
 constexpr int64_t kBf16Block = 64;  // columns per packed block (oneDNN's packing takes 16, 32, 48 or 64)
 
-// Whether this CPU runs bfloat16 brgemm (could_pack, then one small product checked against float32;
-// decided once per process).
+// What runs the bfloat16 products on this CPU: PyTorch's brgemm (could_pack: AMX), droprnn's AVX512-BF16
+// micro-kernel, or nothing (decided once per process).
+enum class Bf16Engine { kNone, kBrgemm, kDot };
+Bf16Engine bf16_engine();
+std::string bf16_engine_name();  // "brgemm", "avx512_bf16" or "none" (no products available)
+
+// Whether this CPU runs bfloat16 products (an engine, and one small product through it checked against
+// float32; decided once per process).
 bool bf16_products_available();
 
 // `count` matrices (K, N) rounded to bfloat16 and packed: each as ceil(N / 64) blocks of (Kp, 64), Kp = K
@@ -30,6 +40,7 @@ struct PackedBf16 {
   at::Tensor storage;
   const at::BFloat16* data = nullptr;
   int64_t count = 0, K = 0, Kp = 0, N = 0, blocks = 0;
+  bool pairs = false;  // packed in pairs of rows for bf16_dot.h (else in oneDNN's layout, for brgemm)
 
   bool present() const { return data != nullptr; }
   const at::BFloat16* matrix(int64_t i) const { return data + i * blocks * Kp * kBf16Block; }
@@ -80,7 +91,11 @@ inline void gemm_bf16_rounded(int64_t M, int64_t N, const uint16_t* A16, const P
   for (int64_t j = 0; j < N; j += kBf16Block) {
     const int64_t width = std::min(kBf16Block, N - j);
     const at::BFloat16* block = base + ((col0 + j) / kBf16Block) * B.Kp * kBf16Block;
-    at::native::cpublas::brgemm(M, width, B.Kp, B.Kp, kBf16Block, ldc, accumulate, a, block, C + j, true);
+    if (B.pairs) {
+      dot_bf16_block(M, B.Kp, A16, reinterpret_cast<const uint16_t*>(block), C + j, ldc, width, accumulate);
+    } else {
+      at::native::cpublas::brgemm(M, width, B.Kp, B.Kp, kBf16Block, ldc, accumulate, a, block, C + j, true);
+    }
   }
 }
 
@@ -95,7 +110,7 @@ inline void gemm_bf16(int64_t M, int64_t N, const float* A, int64_t lda, const P
 // The hardware context brgemm keeps per thread (AMX tile configuration): released where a thread's
 // bfloat16 products end.
 inline void bf16_release(const PackedBf16& B) {
-  if (B.present()) at::native::cpublas::brgemm_release(true);
+  if (B.present() && !B.pairs) at::native::cpublas::brgemm_release(true);
 }
 
 }  // namespace droprnn

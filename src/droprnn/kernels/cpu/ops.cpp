@@ -85,6 +85,7 @@ TORCH_LIBRARY(droprnn_cpu, m) {
   m.def("empty_cache", &droprnn::empty_cache);
   m.def("cached_bytes", &droprnn::cached_bytes);
   m.def("bf16_products", [] { return droprnn::bf16_products_available(); });
+  m.def("bf16_engine", [] { return droprnn::bf16_engine_name(); });
   m.def("bf16_mm(Tensor a, Tensor b, Tensor(a!) out) -> ()");
   m.def("float_mm(Tensor a, Tensor b, Tensor(a!) out) -> ()");
   m.impl("bf16_mm", c10::DispatchKey::CPU, &droprnn::bf16_mm);
