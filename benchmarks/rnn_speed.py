@@ -29,7 +29,8 @@ The training table's rows:
                           subprocess, when JAX and Keras are installed.
 
 Each shape also gets a ``products floor`` row: the time the layer's matrix products alone take at the rate
-this machine reaches on one large product (measured at the start, float32 or bfloat16 as the table runs):
+this machine reaches on one large product (measured at the start, float32 or bfloat16 as the table runs, the
+faster of torch.mm and droprnn's own products):
 input and recurrent products, and for training their two gradient products each. No implementation of the
 same arithmetic is much faster; where the floor is above 0.9× ``torch.nn``, a 0.9× target cannot be met
 there.
@@ -242,19 +243,31 @@ def product_flops(kind: str, shape, table: str) -> float:
 
 def product_rate(dtype_name: str, repeats: int = 7) -> float:
     """This machine's rate on one large product, in FLOP per millisecond (float32, or bfloat16 with float32
-    accumulation as autocast runs it), at the current thread count: the best of ``repeats``."""
+    accumulation as autocast runs it), at the current thread count: the best of ``repeats``, by torch.mm or
+    by droprnn's own product where it has one (brgemm in float32; the bfloat16 engine), whichever is faster
+    (on an AMD EPYC MKL's sgemm is the slower)."""
     import torch
+
+    from droprnn.kernels import cpu
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     m, k, n = 4096, 1024, 1024
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    out = torch.empty(m, n, dtype=dtype)
-    torch.mm(a, b, out=out)
+    same = torch.empty(m, n, dtype=dtype)
+    products = [lambda: torch.mm(a, b, out=same)]
+    if cpu.load():
+        out = torch.empty(m, n)
+        if dtype == torch.float32:
+            products.append(lambda: torch.ops.droprnn_cpu.float_mm(a, b, out))
+        elif torch.ops.droprnn_cpu.bf16_products():
+            products.append(lambda: torch.ops.droprnn_cpu.bf16_mm(a, b, out))
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
+    for product in products:
+        product()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
     return 2.0 * m * k * n / (best * 1e3)
 
 
