@@ -103,6 +103,21 @@ def test_mc_replicas_draw_their_own_word_type_masks():
     assert not embedding.per_sequence, "the training setting comes back"
 
 
+@pytest.mark.parametrize("word_dropout", [False, True])
+def test_mc_passes_keep_every_word_unless_asked_as_gals_scripts_do(word_dropout, monkeypatch):
+    """Gal's MC test passes sample the input, recurrent and output masks and keep every word."""
+    model = _tiny_model(embedding_dropout=0.5, input_dropout=0.3, recurrent_dropout=0.3)
+    embedding = next(m for m in model.modules() if isinstance(m, droprnn.EmbeddingDropout))
+    lstm = next(m for m in model.modules() if isinstance(m, droprnn.LSTM))
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append((embedding.training, lstm.training)))
+    model.train()
+    value = ptb.mc_perplexity(model, np.arange(25) % 30, samples=3, bptt=8, word_dropout=word_dropout)
+    assert math.isfinite(value) and seen
+    assert all(pair == (word_dropout, True) for pair in seen), seen
+    assert embedding.training and lstm.training, "the modes come back"
+
+
 @pytest.mark.parametrize("shared", ["dropconnect", "batch_noise_shape"])
 def test_mc_passes_run_one_at_a_time_where_a_mask_is_shared_by_the_batch(shared):
     if shared == "dropconnect":
