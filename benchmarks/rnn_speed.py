@@ -427,6 +427,9 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     print(f"fused kernels: {cpu.library_path() if cpu.load() else cpu.unavailable_reason()}")
+    if cpu.load():
+        print(f"float32 input projections: {cpu.projection_products()}; "
+              f"bfloat16 products: {torch.ops.droprnn_cpu.bf16_engine()}")
     rates = {name: product_rate(name) for name in ("float32", "bfloat16")}
     print("one large product (4096x1024 @ 1024x1024): "
           + ", ".join(f"{name} {rate / 1e6:.0f} GFLOP/s" for name, rate in rates.items()))

@@ -190,3 +190,14 @@ def _spy(function, calls):
         return function(*args, **kwargs)
 
     return spied
+
+
+@needs_fused
+def test_this_machine_names_its_choices(monkeypatch):
+    """What the benchmark prints beside its tables: the measured projection library and the bfloat16 engine
+    (which agrees with whether bfloat16 products are available)."""
+    monkeypatch.delenv(machine.PRODUCTS_ENV, raising=False)
+    assert cpu.projection_products() in ("torch", "brgemm")
+    engine = torch.ops.droprnn_cpu.bf16_engine()
+    assert engine in ("brgemm", "avx512_bf16", "none")
+    assert (engine != "none") == bool(torch.ops.droprnn_cpu.bf16_products())
