@@ -147,6 +147,25 @@ def mutations(tensor):
         yield "transposed", tensor.transpose(-1, -2)
     yield "meta", torch.empty(tensor.shape, device="meta")
 
+# Each operand of a product out = a @ b made wrong in every way: (checked, raised). a and b mutated in a way
+# read_anyhow names may be accepted (the op reads them in any dtype or strides).
+def mutate_product(op, name, read_anyhow):
+    counts = [0, 0]
+    operands = dict(a=torch.randn(5, 3), b=torch.randn(3, 4), out=torch.empty(5, 4))
+    op(**operands)
+    for argument in operands:
+        for label, bad in mutations(operands[argument]):
+            counts[0] += 1
+            try:
+                op(**{**operands, argument: bad})
+            except (RuntimeError, IndexError, TypeError, NotImplementedError):
+                counts[1] += 1
+                continue
+            if argument != "out" and label in read_anyhow:
+                continue
+            print("ACCEPTED", name, argument, label, tuple(bad.shape))
+    return tuple(counts)
+
 raised = checked = 0
 # With bfloat16 products (where the CPU has them) the recurrent kernel comes in bfloat16.
 low_modes = (False, True) if ops.bf16_products() else (False,)
@@ -182,30 +201,10 @@ if ops.bf16_products():
             print("ACCEPTED a projection with bfloat16 products", which)
         except RuntimeError:
             raised += 1
-    operands = dict(a=torch.randn(5, 3), b=torch.randn(3, 4), out=torch.empty(5, 4))
-    ops.bf16_mm(**operands)
-    for name in operands:
-        for label, bad in mutations(operands[name]):
-            checked += 1
-            try:
-                ops.bf16_mm(**{**operands, name: bad})
-            except (RuntimeError, IndexError, TypeError, NotImplementedError):
-                raised += 1
-                continue
-            if name != "out" and label in ("float64", "transposed"):  # read in any dtype and strides
-                continue
-            print("ACCEPTED bf16_mm", name, label, tuple(bad.shape))
-operands = dict(a=torch.randn(5, 3), b=torch.randn(3, 4), out=torch.empty(5, 4))
-ops.float_mm(**operands)
-for name in operands:
-    for label, bad in mutations(operands[name]):
-        checked += 1
-        try:
-            ops.float_mm(**{**operands, name: bad})
-        except (RuntimeError, IndexError, TypeError, NotImplementedError):
-            raised += 1
-            continue
-        print("ACCEPTED float_mm", name, label, tuple(bad.shape))
+    c, r = mutate_product(ops.bf16_mm, "bf16_mm", ("float64", "transposed"))  # a, b: any dtype and strides
+    checked, raised = checked + c, raised + r
+c, r = mutate_product(ops.float_mm, "float_mm", ())
+checked, raised = checked + c, raised + r
 print("CHECKED", checked, "RAISED", raised)
 for sizes in ([-1, 5], [1 << 40, 1 << 40]):
     try:
