@@ -18,8 +18,6 @@
 
 namespace droprnn {
 
-constexpr bool kAvx512Bf16Built = DROPRNN_HAS_AVX512_BF16;
-
 #if DROPRNN_HAS_AVX512_BF16
 namespace dot_detail {
 

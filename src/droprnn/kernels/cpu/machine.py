@@ -124,12 +124,12 @@ def products_choice(folder: Path, threads: int) -> str:
     record = folder / "products.json"
     try:
         known = json.loads(record.read_text())
-        if known.get(str(threads)) in _PRODUCTS:
-            return known[str(threads)]
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         known = {}
     if not isinstance(known, dict):
         known = {}
+    if known.get(str(threads)) in _PRODUCTS:
+        return known[str(threads)]
     timings = _time_products()
     choice = "brgemm" if timings["brgemm"] < 0.95 * timings["torch"] else "torch"
     known[str(threads)] = choice
