@@ -28,11 +28,12 @@ The training table's rows:
 - ``keras-jax rd``        Keras 3 LSTM/GRU(dropout=0.25, recurrent_dropout=0.25) on JAX (jit), in a
                           subprocess, when JAX and Keras are installed.
 
-Each shape also gets a ``products floor`` row: the time the layer's matrix products alone take at the rate
-this machine reaches on one large product (measured at the start, float32 or bfloat16 as the table runs, the
-faster of torch.mm and droprnn's own products):
-input and recurrent products, and for training their two gradient products each. No implementation of the
-same arithmetic is much faster; where the floor is above 0.9× ``torch.nn``, a 0.9× target cannot be met
+Each shape also gets a ``products floor`` row: the time the layer's matrix products alone take at the best
+rate this machine reaches on a product (measured at the start on three sizes, float32 or bfloat16 as the
+table runs, the faster of torch.mm and droprnn's own products): input and recurrent products, and for
+training their two gradient products each. No implementation of the same arithmetic is much faster, and
+every implementation also spends time on the gates' pointwise math (sigmoids, tanh, the state update) that
+the floor leaves out; where the floor is near or above 0.9× ``torch.nn``, a 0.9× target cannot be met
 there.
 
 Peak memory: the peak resident-memory growth of one training step (after a warm-up step), measured in a
@@ -241,34 +242,40 @@ def product_flops(kind: str, shape, table: str) -> float:
     return forward if table.endswith("inference") else 3 * forward - 2.0 * batch * hidden * gates * units
 
 
+# A large product, and two whose operands stay in a core's caches (the size of a projection's tile and of a
+# step's recurrent product): a large product alone is held back by memory on some CPUs (an AMD EPYC reached
+# 180 GFLOP/s in float32 there, 230 on the cache-resident ones), and a floor must be the best rate.
+PRODUCT_SHAPES = [(4096, 1024, 1024), (2048, 128, 512), (1024, 256, 512)]
+
+
 def product_rate(dtype_name: str, repeats: int = 7) -> float:
-    """This machine's rate on one large product, in FLOP per millisecond (float32, or bfloat16 with float32
-    accumulation as autocast runs it), at the current thread count: the best of ``repeats``, by torch.mm or
-    by droprnn's own product where it has one (brgemm in float32; the bfloat16 engine), whichever is faster
-    (on an AMD EPYC MKL's sgemm is the slower)."""
+    """This machine's best rate on a matrix product, in FLOP per millisecond (float32, or bfloat16 with
+    float32 accumulation as autocast runs it), at the current thread count: the best of ``repeats`` at each
+    of :data:`PRODUCT_SHAPES`, by torch.mm or by droprnn's own product where it has one (brgemm in float32; the
+    bfloat16 engine), whichever is faster (on an AMD EPYC MKL's sgemm is the slower)."""
     import torch
 
     from droprnn.kernels import cpu
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-    m, k, n = 4096, 1024, 1024
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    same = torch.empty(m, n, dtype=dtype)
-    products = [lambda: torch.mm(a, b, out=same)]
-    if cpu.load():
-        out = torch.empty(m, n)
-        if dtype == torch.float32:
-            products.append(lambda: torch.ops.droprnn_cpu.float_mm(a, b, out))
-        elif torch.ops.droprnn_cpu.bf16_products():
-            products.append(lambda: torch.ops.droprnn_cpu.bf16_mm(a, b, out))
-    best = float("inf")
-    for product in products:
-        product()
-        for _ in range(repeats):
-            start = time.perf_counter()
+    best = 0.0
+    for m, k, n in PRODUCT_SHAPES:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        same = torch.empty(m, n, dtype=dtype)
+        products = [lambda: torch.mm(a, b, out=same)]
+        if cpu.load():
+            out = torch.empty(m, n)
+            if dtype == torch.float32:
+                products.append(lambda: torch.ops.droprnn_cpu.float_mm(a, b, out))
+            elif torch.ops.droprnn_cpu.bf16_products():
+                products.append(lambda: torch.ops.droprnn_cpu.bf16_mm(a, b, out))
+        for product in products:
             product()
-            best = min(best, time.perf_counter() - start)
-    return 2.0 * m * k * n / (best * 1e3)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                product()
+                best = max(best, 2.0 * m * k * n / ((time.perf_counter() - start) * 1e3))
+    return best
 
 
 # ---------------------------------------------------------------------------------------------- keras on jax
@@ -431,7 +438,7 @@ def main() -> None:
         print(f"float32 input projections: {cpu.projection_products()}; "
               f"bfloat16 products: {torch.ops.droprnn_cpu.bf16_engine()}")
     rates = {name: product_rate(name) for name in ("float32", "bfloat16")}
-    print("one large product (4096x1024 @ 1024x1024): "
+    print("best product rate (" + ", ".join(f"{m}x{k} @ {k}x{n}" for m, k, n in PRODUCT_SHAPES) + "): "
           + ", ".join(f"{name} {rate / 1e6:.0f} GFLOP/s" for name, rate in rates.items()))
     rows = []
     for table in args.tables:
