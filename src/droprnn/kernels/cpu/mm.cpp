@@ -1,5 +1,5 @@
 // float32 products of the input projections through the same brgemm micro-kernel as the recurrent products
-// (common.h's gemm). Whether they beat torch.mm depends on the machine: on an AMD EPYC (Zen 5) MKL's sgemm
+// (common.h's gemm). Whether they beat torch.mm depends on the machine: on an AMD EPYC (Zen 4) MKL's sgemm
 // ran these shapes at ~120 GFLOP/s on 2 threads and brgemm faster; on a Xeon MKL was the faster. So
 // kernels/cpu/machine.py measures both once and kernels/fused.py calls the winner.
 #include "checks.h"
