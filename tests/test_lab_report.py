@@ -260,6 +260,16 @@ def test_write_report_without_failures_says_so(tmp_path):
     assert "None: every trial finished." in written["markdown"].read_text(encoding="utf-8")
 
 
+def test_the_table_note_names_the_weights_the_test_numbers_came_from(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = make_results()
+    markdown = write_report(results, tmp_path / "best", {})["markdown"].read_text(encoding="utf-8")
+    assert "with each seed's best-epoch weights" in markdown
+    results["config"]["test_weights"] = "last"  # Penn Treebank runs: the model after the last epoch
+    markdown = write_report(results, tmp_path / "last", {})["markdown"].read_text(encoding="utf-8")
+    assert "with the weights after the last epoch" in markdown and "best-epoch weights" not in markdown
+
+
 def test_missing_matplotlib_names_the_install_command(tmp_path, monkeypatch):
     import builtins
 

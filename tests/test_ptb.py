@@ -205,6 +205,9 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert valid[1] < valid[0] < 10_000, "it learns: below a uniform guess, and better after epoch 2"
     assert 1 < trial["test_metric"] < 1000 and 1 < trial["test_metric_mc"] < 1000
     assert files["html"].exists() and "EmbeddingDropout" in files["html"].read_text()
+    # The papers report the model after the last epoch, and so does the test number here: the report says so.
+    assert stored["config"]["test_weights"] == "last"
+    assert "Test perplexity with the weights after the last epoch" in files["markdown"].read_text()
 
 
 def test_unknown_preset_is_one_line_and_exit_2(capsys):

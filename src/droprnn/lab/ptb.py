@@ -525,7 +525,8 @@ def _results(device: str, config: dict[str, Any], variants: dict[str, Any], tria
         "versions": versions(),
         "machine": (torch.cuda.get_device_name(device) if str(device).startswith("cuda")
                     else f"CPU, {torch.get_num_threads()} threads"),
-        "config": {"dataset": "ptb", "task": "language modelling", "metric": "perplexity", "layer": "lstm", **config},
+        "config": {"dataset": "ptb", "task": "language modelling", "metric": "perplexity", "layer": "lstm",
+                   "test_weights": "last", **config},
         "variants": variants,
         "trials": trials,
     }
