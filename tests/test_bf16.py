@@ -256,6 +256,23 @@ def test_bf16_mm_names_bad_arguments(bad, message):
 
 
 @needs_bf16
+@pytest.mark.parametrize("offset", [0, 1, 16])
+@pytest.mark.parametrize("N", [128, 130, 192])
+def test_bf16_mm_writes_exactly_its_result_whatever_its_alignment(offset, N):
+    """Whole 64-byte aligned 64-column blocks are written past the caches, the rest as usual: every layout
+    gives the same numbers, and the memory around the result is left alone."""
+    M, K = 13, 40
+    gen = torch.Generator().manual_seed(offset + N)
+    a, b = torch.randn(M, K, generator=gen), torch.randn(K, N, generator=gen)
+    buffer = torch.full((offset + M * N + 16,), float("nan"))
+    out = buffer[offset:offset + M * N].view(M, N)
+    torch.ops.droprnn_cpu.bf16_mm(a, b, out)
+    want = a.to(BF16).double() @ b.to(BF16).double()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert buffer[:offset].isnan().all() and buffer[offset + M * N:].isnan().all()
+
+
+@needs_bf16
 def test_bf16_mm_reads_any_strides_and_dtype():
     a = torch.randn(7, 20, dtype=F64)[:, ::2]  # (7, 10), strided, float64
     b = torch.randn(5, 10).t()  # (10, 5), transposed

@@ -82,9 +82,9 @@ inline void round_rows(int64_t M, int64_t K, int64_t Kp, const float* A, int64_t
 }
 
 // C (M, N) [+]= A16 (M, Kp, already rounded) @ matrix `which` of B, columns [col0, col0 + N) of it; col0 a
-// multiple of 64.
+// multiple of 64. `stream`: see dot_bf16_block (droprnn's own engine only).
 inline void gemm_bf16_rounded(int64_t M, int64_t N, const uint16_t* A16, const PackedBf16& B, int64_t which,
-                              int64_t col0, float* C, int64_t ldc, bool accumulate) {
+                              int64_t col0, float* C, int64_t ldc, bool accumulate, bool stream = false) {
   if (M == 0 || N == 0) return;  // oneDNN's brgemm throws std::bad_alloc for M == 0
   const at::BFloat16* a = reinterpret_cast<const at::BFloat16*>(A16);
   const at::BFloat16* base = B.matrix(which);
@@ -92,7 +92,7 @@ inline void gemm_bf16_rounded(int64_t M, int64_t N, const uint16_t* A16, const P
     const int64_t width = std::min(kBf16Block, N - j);
     const at::BFloat16* block = base + ((col0 + j) / kBf16Block) * B.Kp * kBf16Block;
     if (B.pairs) {
-      dot_bf16_block(M, B.Kp, A16, reinterpret_cast<const uint16_t*>(block), C + j, ldc, width, accumulate);
+      dot_bf16_block(M, B.Kp, A16, reinterpret_cast<const uint16_t*>(block), C + j, ldc, width, accumulate, stream);
     } else {
       at::native::cpublas::brgemm(M, width, B.Kp, B.Kp, kBf16Block, ldc, accumulate, a, block, C + j, true);
     }
@@ -101,10 +101,10 @@ inline void gemm_bf16_rounded(int64_t M, int64_t N, const uint16_t* A16, const P
 
 // C (M, N) [+]= bfloat16(A (M, K)) @ matrix `which` of B (columns [col0, col0 + N)).
 inline void gemm_bf16(int64_t M, int64_t N, const float* A, int64_t lda, const PackedBf16& B, int64_t which,
-                      int64_t col0, float* C, int64_t ldc, bool accumulate) {
+                      int64_t col0, float* C, int64_t ldc, bool accumulate, bool stream = false) {
   uint16_t* a16 = bf16_rows(M, B.Kp);
   round_rows(M, B.K, B.Kp, A, lda, a16);
-  gemm_bf16_rounded(M, N, a16, B, which, col0, C, ldc, accumulate);
+  gemm_bf16_rounded(M, N, a16, B, which, col0, C, ldc, accumulate, stream);
 }
 
 // The hardware context brgemm keeps per thread (AMX tile configuration): released where a thread's

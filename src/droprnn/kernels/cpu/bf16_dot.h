@@ -30,7 +30,9 @@ inline __mmask16 columns_mask(int64_t width, int v) {
 }
 
 // C rows [0, R) x columns [0, width) of one block [+]= A16 rows (pairs of bfloat16, row stride lda) @ block.
-template <int R>
+// Stream: C is written with non-temporal stores, past the caches (whole 64-column blocks, 64-byte aligned
+// rows, no accumulation: the caller checks).
+template <int R, bool Stream>
 inline void tile(int64_t pairs, const uint16_t* A, int64_t lda, const uint16_t* block, float* C, int64_t ldc,
                  int64_t width, bool accumulate) {
   __m512 acc[R][kVectors];
@@ -53,35 +55,59 @@ inline void tile(int64_t pairs, const uint16_t* A, int64_t lda, const uint16_t* 
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < kVectors; ++v) _mm512_mask_storeu_ps(C + r * ldc + v * kLanes, masks[v], acc[r][v]);
+    for (int v = 0; v < kVectors; ++v) {
+      if constexpr (Stream) {
+        _mm512_stream_ps(C + r * ldc + v * kLanes, acc[r][v]);
+      } else {
+        _mm512_mask_storeu_ps(C + r * ldc + v * kLanes, masks[v], acc[r][v]);
+      }
+    }
+  }
+}
+
+template <bool Stream>
+inline void block_rows(int64_t M, int64_t Kp, const uint16_t* A16, const uint16_t* block, float* C, int64_t ldc,
+                       int64_t width, bool accumulate) {
+  constexpr int kRows = 6;  // 6 x 4 accumulators + 4 right-hand registers + 1 broadcast: 29 of 32 registers
+  const int64_t pairs = Kp / 2;
+  int64_t i = 0;
+  for (; i + kRows <= M; i += kRows) {
+    tile<kRows, Stream>(pairs, A16 + i * Kp, Kp, block, C + i * ldc, ldc, width, accumulate);
+  }
+  const uint16_t* a = A16 + i * Kp;
+  float* c = C + i * ldc;
+  switch (M - i) {
+    case 5: tile<5, Stream>(pairs, a, Kp, block, c, ldc, width, accumulate); break;
+    case 4: tile<4, Stream>(pairs, a, Kp, block, c, ldc, width, accumulate); break;
+    case 3: tile<3, Stream>(pairs, a, Kp, block, c, ldc, width, accumulate); break;
+    case 2: tile<2, Stream>(pairs, a, Kp, block, c, ldc, width, accumulate); break;
+    case 1: tile<1, Stream>(pairs, a, Kp, block, c, ldc, width, accumulate); break;
+    default: break;
   }
 }
 
 }  // namespace dot_detail
 
 // C (M, width) [+]= A16 (M, Kp: rows rounded to bfloat16, Kp even, row stride Kp) @ one packed block
-// (Kp, 64) of which the first `width` columns are wanted.
+// (Kp, 64) of which the first `width` columns are wanted. `stream`: for results too large to stay in cache,
+// C is written past the caches where that is safe (a whole 64-byte aligned block, not accumulated); the
+// caller then calls dot_stream_fence() before another thread reads it.
 inline void dot_bf16_block(int64_t M, int64_t Kp, const uint16_t* A16, const uint16_t* block, float* C,
-                           int64_t ldc, int64_t width, bool accumulate) {
-  constexpr int kRows = 6;  // 6 x 4 accumulators + 4 right-hand registers + 1 broadcast: 29 of 32 registers
-  const int64_t pairs = Kp / 2;
-  int64_t i = 0;
-  for (; i + kRows <= M; i += kRows) {
-    dot_detail::tile<kRows>(pairs, A16 + i * Kp, Kp, block, C + i * ldc, ldc, width, accumulate);
-  }
-  const uint16_t* a = A16 + i * Kp;
-  float* c = C + i * ldc;
-  switch (M - i) {
-    case 5: dot_detail::tile<5>(pairs, a, Kp, block, c, ldc, width, accumulate); break;
-    case 4: dot_detail::tile<4>(pairs, a, Kp, block, c, ldc, width, accumulate); break;
-    case 3: dot_detail::tile<3>(pairs, a, Kp, block, c, ldc, width, accumulate); break;
-    case 2: dot_detail::tile<2>(pairs, a, Kp, block, c, ldc, width, accumulate); break;
-    case 1: dot_detail::tile<1>(pairs, a, Kp, block, c, ldc, width, accumulate); break;
-    default: break;
+                           int64_t ldc, int64_t width, bool accumulate, bool stream = false) {
+  const bool aligned = reinterpret_cast<uintptr_t>(C) % 64 == 0 && (M == 1 || ldc % dot_detail::kLanes == 0);
+  if (stream && !accumulate && aligned && width == dot_detail::kVectors * dot_detail::kLanes) {
+    dot_detail::block_rows<true>(M, Kp, A16, block, C, ldc, width, accumulate);
+  } else {
+    dot_detail::block_rows<false>(M, Kp, A16, block, C, ldc, width, accumulate);
   }
 }
+
+// Orders this thread's streamed stores before what follows (another thread reading the results).
+inline void dot_stream_fence() { _mm_sfence(); }
 #else
-inline void dot_bf16_block(int64_t, int64_t, const uint16_t*, const uint16_t*, float*, int64_t, int64_t, bool) {}
+inline void dot_bf16_block(int64_t, int64_t, const uint16_t*, const uint16_t*, float*, int64_t, int64_t, bool,
+                           bool = false) {}
+inline void dot_stream_fence() {}
 #endif
 
 }  // namespace droprnn
