@@ -64,3 +64,9 @@ def test_summary_leaves_an_untimed_speedup_as_nan(gpu_speed):
     rows = [{"cell": "gru", "shape": list(shape), "variant": v, "ms": 10.0} for v in ("cudnn", "rd")]
     line = gpu_speed.summary(rows, "gru", [shape]).splitlines()[2]
     assert [math.isnan(float(n)) for n in line.split()[-2:]] == [True, True]
+
+
+def test_the_compiled_row_is_timed_at_the_first_shapes_only(gpu_speed):
+    timed = [gpu_speed.timed_at("rd-compiled", shape, i) for i, shape in enumerate(gpu_speed.SHAPES)]
+    assert timed == [i < gpu_speed.COMPILED_SHAPES for i in range(len(gpu_speed.SHAPES))]
+    assert gpu_speed.baseline("rd-compiled") == "cudnn"

@@ -94,9 +94,18 @@ def _on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+# Devices autocast always knows. Asking torch.amp.is_autocast_available for these is skipped: Dynamo in
+# torch 2.11 cannot trace it (seen on an H200, 2026-12-04), so the question broke the compiled graph there.
+_AUTOCAST_DEVICES = frozenset({"cpu", "cuda"})
+
+
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     device = x.device.type
-    if not x.is_floating_point() or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+    if not x.is_floating_point():
+        return None
+    if device not in _AUTOCAST_DEVICES and not torch.amp.is_autocast_available(device):
+        return None
+    if not torch.is_autocast_enabled(device):
         return None
     dtype = torch.get_autocast_dtype(device)
     return None if dtype == x.dtype else dtype

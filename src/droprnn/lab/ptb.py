@@ -369,6 +369,34 @@ def _save(checkpoint: Path, preset: Preset, seed: int, model: torch.nn.Module, e
     os.replace(staged, checkpoint)  # a run stopped mid-write keeps the previous checkpoint
 
 
+def build_model(preset: Preset, vocabulary: int = VOCABULARY, device: str = "cpu") -> torch.nn.Module:
+    """The preset's model on ``device``, every weight uniform in +-init_scale (Zaremba's initialisation), drawn
+    from torch's global generator."""
+    model = build(model_code(preset, vocabulary)).to(device)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.uniform_(-preset.init_scale, preset.init_scale)
+    return model
+
+
+def train_window(model: torch.nn.Module, parameters: list, x: Tensor, y: Tensor, preset: Preset,
+                 lr: float) -> Tensor:
+    """One SGD step on a window (inputs and targets (B, T)): the summed NLL's gradient per sequence, clipped
+    by global norm, then weight decay. Returns the window's summed NLL (float64, on the model's device: no
+    wait for the device)."""
+    logits = model(x)
+    summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+    for p in parameters:
+        p.grad = None
+    (summed / preset.batch_size).backward()
+    torch.nn.utils.clip_grad_norm_(parameters, preset.clip)
+    with torch.no_grad():  # one launch per update over all parameters (on a GPU), not one per parameter
+        torch._foreach_add_(parameters, [p.grad for p in parameters], alpha=-lr)
+        if preset.weight_decay:
+            torch._foreach_mul_(parameters, 1.0 - preset.weight_decay)
+    return summed.detach().double()
+
+
 def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
           threads: Optional[int] = None, device: str = "cpu", checkpoint: Optional[Path] = None) -> dict[str, Any]:
     """Train ``preset`` on ``device``; returns its trial record for results.json (perplexity as the metric).
@@ -382,10 +410,7 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
         torch.set_num_threads(threads)
     train_stream, valid_stream, test_stream, vocabulary = _streams(preset)
     torch.manual_seed(seed)
-    model = build(model_code(preset, vocabulary)).to(device)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.uniform_(-preset.init_scale, preset.init_scale)
+    model = build_model(preset, vocabulary, device)
     parameters = list(model.parameters())
     data = batchify(train_stream, preset.batch_size).to(device)
     epochs, best, spent = _resume(checkpoint, preset, seed, model, device)
@@ -397,17 +422,7 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
         _reset(model)
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # read back once per epoch
         for x, y in segments(data, preset.bptt, whole=False):
-            logits = model(x)
-            summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-            for p in parameters:
-                p.grad = None
-            (summed / preset.batch_size).backward()
-            torch.nn.utils.clip_grad_norm_(parameters, preset.clip)
-            with torch.no_grad():  # one launch per update over all parameters (on a GPU), not one per parameter
-                torch._foreach_add_(parameters, [p.grad for p in parameters], alpha=-lr)
-                if preset.weight_decay:
-                    torch._foreach_mul_(parameters, 1.0 - preset.weight_decay)
-            total += summed.detach().double()
+            total += train_window(model, parameters, x, y, preset, lr)
             count += y.numel()
         total = total.item()
         val_loss, val_ppl = evaluate(model, valid_stream)
