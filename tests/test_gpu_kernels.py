@@ -1426,6 +1426,29 @@ def test_triton_counter_bits_equal_torch(stream):
     assert torch.equal(out, counter_bits(seed, stream, index))
 
 
+@in_process
+@pytest.mark.parametrize("dtype", [F64, F32, F16, BF16], ids=["f64", "f32", "f16", "bf16"])
+@pytest.mark.parametrize("kind, rate, stream", [("dropout", 0.3, 0), ("dropout", 0.75, 1), ("keep", 0.2, 2)])
+def test_counter_masks_made_by_triton_equal_torchs(kind, rate, stream, dtype):
+    """kernels/gpu/counter.py makes a whole mask, or one gate's slice at every step, in one pass: the
+    weight gradients' products read them so. Bit for bit what CounterMask makes with torch's ops."""
+    from droprnn.kernels import products
+    from droprnn.kernels.gpu import counter
+    from droprnn.random import CounterMask
+
+    seed = torch.tensor([0xDEADBEEF, 12345], dtype=torch.int64)
+    mask = CounterMask(seed, stream, (5, 4, 3, 7), rate, kind, dtype)
+    whole = counter.made(mask)
+    assert whole.dtype == dtype and torch.equal(whole, mask.materialize())
+    for g in range(4):
+        assert torch.equal(counter.made(mask, g), mask.gate(g))
+    assert torch.equal(products.counter_tensor(mask, 2), mask.gate(2))  # the path the products take here
+    values = set(whole.unique().tolist())
+    assert values == ({0.0, 1.0} if kind == "keep" else {0.0, float(torch.tensor(1 / (1 - rate), dtype=dtype))})
+    shared = CounterMask(seed, stream, (6, 1, 2, 5), rate, kind, dtype)  # one mask shared by the gates
+    assert torch.equal(counter.made(shared, 0), shared.gate(0))
+
+
 COUNTER_MODES = {
     "per_step": dict(dropout=0.3, recurrent_dropout=0.3, recurrent_dropout_mode="per_step"),
     "update_per_step_zoneout": dict(recurrent_dropout=0.3, recurrent_dropout_mode="update_per_step", zoneout_h=0.3),

@@ -27,11 +27,27 @@ Tensor = torch.Tensor
 BATCHED_LIMIT = 1 << 24  # elements of the (G, B, T, D) masked copies: 64 MiB in float32
 
 
+def counter_tensor(mask: CounterMask, gate: Optional[int] = None) -> Tensor:
+    """``mask.materialize()``, or ``mask.gate(gate)``: on CUDA (and in Triton's interpreter) by one Triton
+    pass, since torch's integer ops take about fifty passes over the tensor (kernels/gpu/counter.py)."""
+    if _triton_makes(mask):
+        from .gpu import counter
+
+        return counter.made(mask, gate)
+    return mask.materialize() if gate is None else mask.gate(gate)
+
+
+def _triton_makes(mask: CounterMask) -> bool:
+    from . import gpu
+
+    return (mask.device.type == "cuda" or gpu.interpreting()) and gpu.unavailable_reason() is None
+
+
 def time_mask(masks: Any, g: int) -> Tensor:
     """Mask g of masks (m, B, D) or per step (T, m, B, D) -- a tensor or a CounterMask, made here one gate
     at a time -- broadcastable against x (B, T, D)."""
     if isinstance(masks, CounterMask):
-        return masks.gate(g).permute(1, 0, 2)
+        return counter_tensor(masks, g).permute(1, 0, 2)
     if masks.dim() == 4:
         return masks[:, g].permute(1, 0, 2)
     return masks[g].unsqueeze(1)
@@ -44,7 +60,7 @@ def gate_masks(masks: Any, gates: Sequence[int]) -> Tensor:
     if list(gates) != list(range(chosen.start, chosen.stop)):
         raise ValueError(f"gate_masks takes consecutive gates, got {tuple(gates)}")
     if isinstance(masks, CounterMask):
-        masks = masks.materialize()
+        masks = counter_tensor(masks)
     if masks.dim() == 4:
         return masks[:, chosen].permute(1, 2, 0, 3)
     return masks[chosen].unsqueeze(2)

@@ -251,9 +251,17 @@ def mc_perplexity(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt
     (``_independent_rows``), so ``samples`` passes are that many independent draws. ``word_dropout``: the
     passes drop word types from the embedding too (Gal's scripts do not: every word is kept at test time).
     """
+    passes = mc_probabilities(model, stream, samples, bptt, replicas, word_dropout)
+    return math.exp(-torch.log(passes.mean(0)).mean().item())
+
+
+def mc_probabilities(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt: int = EVAL_BPTT,
+                     replicas: int = 10, word_dropout: bool = False) -> Tensor:
+    """Each stochastic pass's probability of each target, (samples, tokens - 1) float64: the passes
+    :func:`mc_perplexity` averages (same arguments)."""
     samples = check_positive_int(WHERE, "mc_samples", samples)
     data = batchify(stream, 1).to(_device(model))
-    probabilities = torch.zeros(data.shape[1] - 1, dtype=torch.float64, device=data.device)
+    probabilities = torch.zeros(samples, data.shape[1] - 1, dtype=torch.float64, device=data.device)
     done = 0
     with torch.no_grad(), mc_dropout_mode(model), _words_kept(model, not word_dropout), \
             _independent_rows(model) as rows_are_passes:
@@ -265,11 +273,11 @@ def mc_perplexity(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt
             for x, y in segments(data, bptt):
                 logits = model(x.expand(rows, -1))
                 picked = F.softmax(logits, dim=-1).gather(-1, y.expand(rows, -1).unsqueeze(-1)).squeeze(-1)
-                probabilities[start:start + y.shape[1]] += picked.sum(0).double()
+                probabilities[done:done + rows, start:start + y.shape[1]] = picked.double()
                 start += y.shape[1]
             done += rows
     _reset(model)
-    return math.exp(-torch.log(probabilities / samples).mean().item())
+    return probabilities
 
 
 @contextlib.contextmanager

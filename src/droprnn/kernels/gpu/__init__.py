@@ -7,8 +7,8 @@ so ``import droprnn`` works without Triton or CUDA. The kernels are imported on 
 The modules: ``lstm.py``, ``gru.py`` and ``simple.py`` (one per cell: its Triton step kernels, time loops,
 forward and backward; lstm.py's docstring explains the design and the measured speed), ``operator.py`` (the
 registered operators ``droprnn::gpu_layer`` and its backward, which call them), ``loops.py`` (what the
-cells' time loops share: keys, buffers, the cache of captured loops), ``triton_helpers.py`` (the Triton functions the kernels share), ``graphs.py`` (CUDA graphs); the
-large cuBLAS products are ``kernels/products.py``, shared with the fused CPU backward.
+cells' time loops share: keys, buffers, the cache of captured loops), ``triton_helpers.py`` (the Triton functions the kernels share), ``graphs.py`` (CUDA graphs), ``counter.py``
+(counter-based masks made into tensors in one pass); the large cuBLAS products are ``kernels/products.py``, shared with the fused CPU backward.
 
 Supported:
     cells           one or more stacked :class:`~droprnn.LSTMCell` (``proj_size`` too),
@@ -32,8 +32,8 @@ says why): other activations, subclasses of the cells.
 On CUDA the plan holds per-step recurrent and update masks and zoneout indicators as
 :class:`~droprnn.random.CounterMask` objects (one seed per cell and call): the step kernels make each entry
 from (seed, stream, index) where they use it, forward and backward, so no (T, B, U) mask is stored; the
-weight gradient's large product makes one gate's (T, B, U) slice at a time. Plans of (T, ...) tensors (drawn
-on the CPU, or made by hand) run as well, read from memory.
+weight gradient's large product makes one gate's (T, B, U) slice at a time, in one Triton pass (``counter.py``).
+Plans of (T, ...) tensors (drawn on the CPU, or made by hand) run as well, read from memory.
 
 On CUDA the time loops are captured in CUDA graphs and replayed (``graphs.py``; ``DROPRNN_CUDA_GRAPHS=0``
 runs them eagerly, :func:`clear_graph_cache` frees them).

@@ -24,6 +24,7 @@ from ...cells import CellWeights, LSTMCell
 from ...dropout.plan import RECURRENT_STREAM, UPDATE_STREAM, ZONEOUT_STREAMS, CellMasks
 from ...random import CounterMask
 from .. import CELL_KINDS, activation_codes, eager, math_cell, reference
+from ..products import counter_tensor
 
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
@@ -47,7 +48,7 @@ def saving(x: Tensor, w: CellWeights, states: States) -> bool:
 def dense(t: Any, dtype: torch.dtype) -> Optional[Tensor]:
     """A mask read from memory: ``t`` as a contiguous tensor in ``dtype``, a CounterMask made into its tensor."""
     if isinstance(t, CounterMask):
-        t = t.materialize()
+        t = counter_tensor(t)
     return None if t is None else t.to(dtype).contiguous()
 
 

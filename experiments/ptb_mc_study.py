@@ -1,0 +1,146 @@
+"""Why does MC dropout not beat the single pass on droprnn's Penn Treebank models? A trained run, measured.
+
+Gal & Ghahramani report MC dropout (averaging the word probabilities of many stochastic passes) 1.1
+perplexity better than the single deterministic pass on their medium model. droprnn's runs find it no
+better (``gal-small``: 100.4 against 100.1). This script takes a finished run's checkpoint (``droprnn lab
+ptb --preset gal-small`` writes ``checkpoint.pt`` in its run directory) and measures on the test stream:
+
+1. the single pass, and MC dropout after 1, 2, 5, 10, 20, 50, ... passes, every site sampled and every word
+   kept (as Gal's scripts): how far the average has converged;
+2. the same with one kind of site sampled at a time, the others deterministic: the LSTMs' input masks
+   (``dropout=``), their recurrent masks (``recurrent_dropout=``), the output mask (the ``Dropout`` layers);
+3. per token, MC against the single pass: the share of tokens MC gives more probability, and the mean
+   log-ratio by how confident the single pass was (the tokens it gave p < 0.01, 0.01-0.1, 0.1-0.5, > 0.5),
+   with each group's share of the total difference.
+
+    python experiments/ptb_mc_study.py results/ptb-gal-small             # writes mc-study.json there
+    python experiments/ptb_mc_study.py results/ptb-gal-small --samples 30 --tokens 20000
+
+A long experiment, not a test: 100 passes over the test set take minutes per site on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from droprnn import datasets
+from droprnn.cells import Cell
+from droprnn.lab import ptb
+from droprnn.layers.dropout import Dropout
+
+CHECKPOINTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+SITES = ("input", "recurrent", "output")
+CONFIDENCE = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.0))
+
+
+def load(run: Path) -> tuple[ptb.Preset, torch.nn.Module]:
+    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    preset = ptb.Preset(**saved["preset"])
+    model = ptb.build_model(preset)
+    model.load_state_dict(saved["model"])
+    return preset, model
+
+
+@contextlib.contextmanager
+def sampled(model: torch.nn.Module, sites: tuple[str, ...]):
+    """Within the block only ``sites`` are stochastic in MC mode: the other rates are 0 (deterministic)."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, Cell):
+            for name, site in (("dropout", "input"), ("recurrent_dropout", "recurrent")):
+                saved.append((module, name, getattr(module, name)))
+                if site not in sites:
+                    setattr(module, name, 0.0)
+        elif isinstance(module, Dropout):
+            saved.append((module, "rate", module.rate))
+            if "output" not in sites:
+                module.rate = 0.0
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def perplexity_of(probabilities: torch.Tensor) -> float:
+    """exp of the mean negative log of per-token probabilities (tokens,)."""
+    return math.exp(-torch.log(probabilities).mean().item())
+
+
+def curve(passes: torch.Tensor) -> dict[int, float]:
+    """MC perplexity after the first n passes, for the CHECKPOINTS up to the number of passes."""
+    running = passes.cumsum(0)
+    return {n: perplexity_of(running[n - 1] / n) for n in CHECKPOINTS if n <= passes.shape[0]}
+
+
+def per_token(single: torch.Tensor, averaged: torch.Tensor) -> dict:
+    log_ratio = torch.log(averaged) - torch.log(single)  # > 0 where MC gives the target more probability
+    total = log_ratio.sum().item()
+    groups = []
+    for low, high in CONFIDENCE:
+        chosen = (single >= low) & (single < high) if high < 1.0 else single >= low
+        count = int(chosen.sum())
+        part = log_ratio[chosen].sum().item() if count else 0.0
+        groups.append({"single_p": [low, high], "tokens": count, "share_of_tokens": count / single.numel(),
+                       "mean_log_ratio": part / count if count else None,
+                       "share_of_difference": part / total if total else None})
+    return {"mc_more_probable": (log_ratio > 0).float().mean().item(), "mean_log_ratio": log_ratio.mean().item(),
+            "by_confidence": groups}
+
+
+def single_pass(model: torch.nn.Module, stream) -> torch.Tensor:
+    """The deterministic pass's probability of each target (tokens - 1,)."""
+    model.eval()
+    ptb._reset(model)
+    data = ptb.batchify(stream, 1)
+    out = []
+    with torch.no_grad():
+        for x, y in ptb.segments(data, ptb.EVAL_BPTT):
+            logits = model(x)
+            out.append(torch.softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)[0].double())
+    ptb._reset(model)
+    return torch.cat(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a finished run directory of droprnn lab ptb (with checkpoint.pt)")
+    parser.add_argument("--samples", type=int, default=100, help="MC passes per measurement")
+    parser.add_argument("--tokens", type=int, default=None, help="the first N test tokens (default: all)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="default: <run>/mc-study.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset, model = load(args.run)
+    test = datasets.load("ptb").test[:args.tokens]
+    started = time.perf_counter()
+    single = single_pass(model, test)
+    result = {"run": str(args.run), "preset": preset.name, "tokens": int(single.numel()), "samples": args.samples,
+              "single": perplexity_of(single), "sites": {}}
+    print(f"{preset.name}, {single.numel()} test tokens: single pass {result['single']:.2f}", flush=True)
+    for sites in (SITES, *((s,) for s in SITES)):
+        with sampled(model, sites):
+            passes = ptb.mc_probabilities(model, test, args.samples)
+        averaged = passes.mean(0)
+        name = "+".join(sites)
+        result["sites"][name] = {"curve": curve(passes), "one_pass": perplexity_of(passes[0]),
+                                 "per_token": per_token(single, averaged)}
+        points = ", ".join(f"{n}: {v:.2f}" for n, v in result["sites"][name]["curve"].items())
+        print(f"MC, sampling {name}: {points} ({time.perf_counter() - started:.0f} s)", flush=True)
+    out = args.out or args.run / "mc-study.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

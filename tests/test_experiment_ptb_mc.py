@@ -1,0 +1,64 @@
+"""The MC-dropout study's parts (experiments/ptb_mc_study.py), on a tiny model: its site switch leaves only
+the chosen sites stochastic, and its single pass is the evaluation's."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from droprnn.lab import ptb
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "ptb_mc_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("ptb_mc_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    preset = dataclasses.replace(ptb.PRESETS["tiny"], units=8, embedding_dropout=0.0, output_dropout=0.3)
+    return ptb.build_model(preset, vocabulary=30)
+
+
+STREAM = np.arange(120) % 30
+
+
+def test_with_no_site_sampled_mc_passes_are_the_single_pass(study, model):
+    single = study.single_pass(model, STREAM)
+    with study.sampled(model, ()):
+        passes = ptb.mc_probabilities(model, STREAM, samples=3, bptt=50)
+    assert torch.allclose(passes, single.expand_as(passes), rtol=1e-6, atol=0)
+    assert study.perplexity_of(single) == pytest.approx(ptb.evaluate(model, STREAM)[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("site", ["input", "recurrent", "output"])
+def test_one_site_sampled_makes_passes_differ_and_rates_come_back(study, model, site):
+    rates = [(m, m.__dict__.get("rate"), getattr(m, "dropout", None), getattr(m, "recurrent_dropout", None))
+             for m in model.modules()]
+    with study.sampled(model, (site,)):
+        passes = ptb.mc_probabilities(model, STREAM, samples=2, bptt=50)
+    assert not torch.equal(passes[0], passes[1])
+    assert rates == [(m, m.__dict__.get("rate"), getattr(m, "dropout", None), getattr(m, "recurrent_dropout", None))
+                     for m in model.modules()]
+
+
+def test_curve_and_per_token_split(study):
+    passes = torch.tensor([[0.5, 0.1], [0.3, 0.3]], dtype=torch.float64)
+    assert study.curve(passes) == {1: pytest.approx(math.exp(-(math.log(0.5) + math.log(0.1)) / 2)),
+                                   2: pytest.approx(math.exp(-(math.log(0.4) + math.log(0.2)) / 2))}
+    split = study.per_token(torch.tensor([0.6, 0.05], dtype=torch.float64), passes.mean(0))
+    assert split["mc_more_probable"] == 0.5
+    shares = [g["share_of_difference"] for g in split["by_confidence"] if g["tokens"]]
+    assert sum(shares) == pytest.approx(1.0)
