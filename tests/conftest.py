@@ -15,13 +15,14 @@ def _fixed_global_rng():
 
 @pytest.fixture(scope="session")
 def benchmark_script():
-    """Loads ``benchmarks/<name>.py`` as a module, as the benchmark tests read it (the scripts are no package)."""
+    """Loads ``<folder>/<name>.py`` (benchmarks/ by default, or experiments/) as a module, as the tests of
+    those scripts read them (the scripts are no package)."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    def load(name: str):
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    def load(name: str, folder: str = "benchmarks"):
+        path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # registered as an import would (pickling and dataclasses look there)

@@ -3,22 +3,15 @@ summary table computes the speed-ups the GPU targets are stated in. A GPU run is
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
-
 
 @pytest.fixture(scope="module")
-def gpu_speed():
-    spec = importlib.util.spec_from_file_location("gpu_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu_speed(benchmark_script):
+    return benchmark_script("gpu_speed")
 
 
 def test_the_default_run_times_the_hand_loop_but_not_the_reference(gpu_speed):

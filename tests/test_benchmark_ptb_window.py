@@ -5,8 +5,6 @@ real thing."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
@@ -14,15 +12,10 @@ import torch
 
 from droprnn.lab import ptb
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ptb_window.py"
-
 
 @pytest.fixture(scope="module")
-def ptb_window():
-    spec = importlib.util.spec_from_file_location("ptb_window", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def ptb_window(benchmark_script):
+    return benchmark_script("ptb_window")
 
 
 @pytest.mark.parametrize("name", ["zaremba-small", "zaremba-medium"])

@@ -4,9 +4,7 @@ the chosen sites stochastic, and its single pass is the evaluation's."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import pathlib
 
 import numpy as np
 import pytest
@@ -14,15 +12,10 @@ import torch
 
 from droprnn.lab import ptb
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "ptb_mc_study.py"
-
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("ptb_mc_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(benchmark_script):
+    return benchmark_script("ptb_mc_study", "experiments")
 
 
 @pytest.fixture
