@@ -15,6 +15,7 @@ ptb --preset gal-small`` writes ``checkpoint.pt`` in its run directory) and meas
 
     python experiments/ptb_mc_study.py results/ptb-gal-small             # writes mc-study.json there
     python experiments/ptb_mc_study.py results/ptb-gal-small --samples 30 --tokens 20000
+    python experiments/ptb_mc_study.py runs/ptb-gal-medium --device cuda
 
 A long experiment, not a test: 100 passes over the test set take minutes per site on a CPU.
 """
@@ -41,10 +42,10 @@ SITES = ("input", "recurrent", "output")
 CONFIDENCE = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.0))
 
 
-def load(run: Path) -> tuple[ptb.Preset, torch.nn.Module]:
-    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+def load(run: Path, device: str = "cpu") -> tuple[ptb.Preset, torch.nn.Module]:
+    saved = torch.load(run / "checkpoint.pt", map_location=device, weights_only=False)
     preset = ptb.Preset(**saved["preset"])
-    model = ptb.build_model(preset)
+    model = ptb.build_model(preset, device=device)
     model.load_state_dict(saved["model"])
     return preset, model
 
@@ -100,7 +101,7 @@ def single_pass(model: torch.nn.Module, stream) -> torch.Tensor:
     """The deterministic pass's probability of each target (tokens - 1,)."""
     model.eval()
     ptb._reset(model)
-    data = ptb.batchify(stream, 1)
+    data = ptb.batchify(stream, 1).to(next(model.parameters()).device)
     out = []
     with torch.no_grad():
         for x, y in ptb.segments(data, ptb.EVAL_BPTT):
@@ -116,11 +117,12 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=100, help="MC passes per measurement")
     parser.add_argument("--tokens", type=int, default=None, help="the first N test tokens (default: all)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/mc-study.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset, model = load(args.run)
+    preset, model = load(args.run, args.device)
     test = datasets.load("ptb").test[:args.tokens]
     started = time.perf_counter()
     single = single_pass(model, test)
