@@ -11,7 +11,9 @@ ptb --preset gal-small`` writes ``checkpoint.pt`` in its run directory) and meas
    (``dropout=``), their recurrent masks (``recurrent_dropout=``), the output mask (the ``Dropout`` layers);
 3. per token, MC against the single pass: the share of tokens MC gives more probability, and the mean
    log-ratio by how confident the single pass was (the tokens it gave p < 0.01, 0.01-0.1, 0.1-0.5, > 0.5),
-   with each group's share of the total difference.
+   with each group's share of the total difference;
+4. the single pass made flatter instead: its logits divided by the temperature that is best on the
+   validation stream, and the test perplexity there.
 
     python experiments/ptb_mc_study.py results/ptb-gal-small             # writes mc-study.json there
     python experiments/ptb_mc_study.py results/ptb-gal-small --samples 30 --tokens 20000
@@ -111,6 +113,34 @@ def single_pass(model: torch.nn.Module, stream) -> torch.Tensor:
     return torch.cat(out)
 
 
+def tempered(model: torch.nn.Module, stream, temperatures: tuple[float, ...]) -> dict[float, float]:
+    """The single pass's perplexity with its logits divided by each temperature (one pass for all)."""
+    model.eval()
+    ptb._reset(model)
+    data = ptb.batchify(stream, 1).to(next(model.parameters()).device)
+    totals = torch.zeros(len(temperatures), dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        for x, y in ptb.segments(data, ptb.EVAL_BPTT):
+            logits = model(x)[0]
+            for k, tau in enumerate(temperatures):
+                totals[k] -= torch.log_softmax(logits / tau, -1).gather(-1, y[0].unsqueeze(-1)).sum().double().cpu()
+            count += y.numel()
+    ptb._reset(model)
+    return {tau: math.exp(total / count) for tau, total in zip(temperatures, totals.tolist())}
+
+
+def temperature_study(model: torch.nn.Module) -> dict:
+    """Does a flatter single pass do what MC does? The temperature with the best validation perplexity
+    (a grid from 0.95 to 1.15 by 0.01), and the test perplexity at it."""
+    data = datasets.load("ptb")
+    grid = tuple(round(0.95 + 0.01 * k, 2) for k in range(21))
+    valid = tempered(model, data.valid, grid)
+    best = min(valid, key=valid.get)
+    test = tempered(model, data.test, (1.0, best))
+    return {"valid": valid, "best": best, "test_at_1": test[1.0], "test_at_best": test[best]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished run directory of droprnn lab ptb (with checkpoint.pt)")
@@ -119,10 +149,19 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/mc-study.json")
+    parser.add_argument("--temperature-only", action="store_true",
+                        help="only the temperature study, added to an existing mc-study.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     preset, model = load(args.run, args.device)
+    out = args.out or args.run / "mc-study.json"
+    if args.temperature_only:
+        result = json.loads(out.read_text())
+        result["temperature"] = temperature_study(model)
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["temperature"], indent=1))
+        return 0
     test = datasets.load("ptb").test[:args.tokens]
     started = time.perf_counter()
     single = single_pass(model, test)
@@ -138,7 +177,9 @@ def main() -> int:
                                  "per_token": per_token(single, averaged)}
         points = ", ".join(f"{n}: {v:.2f}" for n, v in result["sites"][name]["curve"].items())
         print(f"MC, sampling {name}: {points} ({time.perf_counter() - started:.0f} s)", flush=True)
-    out = args.out or args.run / "mc-study.json"
+    result["temperature"] = temperature_study(model)
+    print(f"single pass at temperature {result['temperature']['best']} (best on validation): "
+          f"{result['temperature']['test_at_best']:.2f}")
     out.write_text(json.dumps(result, indent=1))
     print(f"written {out}")
     return 0

@@ -55,3 +55,9 @@ def test_curve_and_per_token_split(study):
     assert split["mc_more_probable"] == 0.5
     shares = [g["share_of_difference"] for g in split["by_confidence"] if g["tokens"]]
     assert sum(shares) == pytest.approx(1.0)
+
+
+def test_temperature_one_is_the_evaluation_and_others_differ(study, model):
+    result = study.tempered(model, STREAM, (1.0, 2.0))
+    assert result[1.0] == pytest.approx(ptb.evaluate(model, STREAM)[1], rel=1e-6)  # float32 sums, two orders
+    assert result[2.0] != pytest.approx(result[1.0], rel=1e-6)
