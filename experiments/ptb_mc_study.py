@@ -99,35 +99,32 @@ def per_token(single: torch.Tensor, averaged: torch.Tensor) -> dict:
             "by_confidence": groups}
 
 
-def single_pass(model: torch.nn.Module, stream) -> torch.Tensor:
-    """The deterministic pass's probability of each target (tokens - 1,)."""
+def _log_probabilities(model: torch.nn.Module, stream, temperatures: tuple[float, ...]) -> torch.Tensor:
+    """The deterministic pass's log-probability of each target with its logits divided by each temperature,
+    (temperatures, tokens - 1) float64: one pass for all of them."""
     model.eval()
     ptb._reset(model)
     data = ptb.batchify(stream, 1).to(next(model.parameters()).device)
     out = []
     with torch.no_grad():
         for x, y in ptb.segments(data, ptb.EVAL_BPTT):
-            logits = model(x)
-            out.append(torch.softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)[0].double())
+            logits = model(x)[0]
+            target = y[0].unsqueeze(-1)
+            out.append(torch.stack([torch.log_softmax(logits / tau, -1).gather(-1, target).squeeze(-1)
+                                    for tau in temperatures]).double())
     ptb._reset(model)
-    return torch.cat(out)
+    return torch.cat(out, dim=1)
+
+
+def single_pass(model: torch.nn.Module, stream) -> torch.Tensor:
+    """The deterministic pass's probability of each target (tokens - 1,)."""
+    return _log_probabilities(model, stream, (1.0,))[0].exp()
 
 
 def tempered(model: torch.nn.Module, stream, temperatures: tuple[float, ...]) -> dict[float, float]:
     """The single pass's perplexity with its logits divided by each temperature (one pass for all)."""
-    model.eval()
-    ptb._reset(model)
-    data = ptb.batchify(stream, 1).to(next(model.parameters()).device)
-    totals = torch.zeros(len(temperatures), dtype=torch.float64)
-    count = 0
-    with torch.no_grad():
-        for x, y in ptb.segments(data, ptb.EVAL_BPTT):
-            logits = model(x)[0]
-            for k, tau in enumerate(temperatures):
-                totals[k] -= torch.log_softmax(logits / tau, -1).gather(-1, y[0].unsqueeze(-1)).sum().double().cpu()
-            count += y.numel()
-    ptb._reset(model)
-    return {tau: math.exp(total / count) for tau, total in zip(temperatures, totals.tolist())}
+    log_p = _log_probabilities(model, stream, temperatures)
+    return {tau: math.exp(-row.mean().item()) for tau, row in zip(temperatures, log_p)}
 
 
 def temperature_study(model: torch.nn.Module) -> dict:

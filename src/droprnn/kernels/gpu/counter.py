@@ -50,7 +50,7 @@ def made(mask: CounterMask, gate: Optional[int] = None) -> Tensor:
     threshold, scale = counter_constants(mask)
     low, high = (1.0, 0.0) if mask.kind == "keep" else (0.0, scale)
     seed = mask.seed.to(device=mask.device, dtype=torch.int64).contiguous()
-    _made_kernel[(triton.cdiv(n, _BLOCK),)](seed, out, n, max(inner, 1), count, g, STREAM=mask.stream,
+    _made_kernel[(triton.cdiv(n, _BLOCK),)](seed, out, n, inner, count, g, STREAM=mask.stream,
                                             THRESH=threshold, LOW=low, HIGH=high, COMPUTE=compute_type(mask.dtype),
                                             BLOCK=_BLOCK)
     return out
