@@ -1605,3 +1605,48 @@ def test_every_registered_mode_is_compared_here():
     recurrent = {m.get("recurrent_dropout_mode", "keras") for m in MODES.values() if m.get("recurrent_dropout")}
     inputs = {m.get("input_dropout_mode", "keras") for m in MODES.values() if m.get("dropout")}
     assert recurrent == set(registry.RECURRENT) and inputs == set(registry.INPUT)
+
+
+# ----------------------------------------------------------------------------------------------- 9. droprnn.keras
+KERAS_CASES = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "gru-reset-before": ("GRU", {"reset_after": False}),
+               "simple": ("SimpleRNN", {})}
+
+
+@in_process
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("case", KERAS_CASES)
+def test_keras_layers_on_the_gpu_kernels_compute_what_keras_computes(case, pretend_cuda, spy_gpu):
+    """droprnn.keras's layers hand their loop to the GPU kernels as droprnn's own layers do: with Keras's
+    masks (seeded, drawn by Keras) and a padding mask, outputs, states and every gradient equal Keras's own
+    layer's."""
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip("droprnn.keras needs Keras on its torch backend")
+    import numpy as np
+
+    import droprnn.keras as dk
+
+    B, T, D, U = 3, 5, 4, 6
+    kind, options = KERAS_CASES[case]
+    options = dict(options, dropout=0.2, recurrent_dropout=0.3, return_sequences=True, return_state=True, seed=7)
+    theirs, ours = getattr(keras.layers, kind)(U, **options), getattr(dk, kind)(U, **options)
+    x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(130))
+    theirs(x), ours(x)
+    weights = [np.random.default_rng(131).uniform(-0.5, 0.5, w.shape).astype("float32") for w in theirs.get_weights()]
+    theirs.set_weights(weights)
+    ours.set_weights(weights)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 0, 1]], dtype=torch.bool)
+    results = []
+    for layer in (theirs, ours):
+        leaf = x.clone().requires_grad_(True)
+        params = [v.value for v in layer.trainable_variables]
+        out = layer(leaf, mask=mask, training=True)
+        weight = torch.Generator().manual_seed(132)
+        sum((o * torch.randn(o.shape, generator=weight)).sum() for o in out).backward()
+        results.append([o.detach() for o in out] + [leaf.grad] + [p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    assert spy_gpu, "droprnn.keras's layer did not run the GPU kernels"
+    assert len(results[1]) == len(results[0])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
