@@ -1650,3 +1650,35 @@ def test_keras_layers_on_the_gpu_kernels_compute_what_keras_computes(case, prete
     assert len(results[1]) == len(results[0])
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@in_process
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_keras_mixed_bfloat16_policy_on_the_gpu_kernels_equals_the_reference_loop(kind, pretend_cuda, spy_gpu):
+    """Keras's "mixed_bfloat16" policy reaches the GPU kernels as autocast: bfloat16 products, float32
+    variables and states, and the same result as droprnn's reference loop under the same policy and masks."""
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip("droprnn.keras needs Keras on its torch backend")
+    import numpy as np
+
+    import droprnn.keras as dk
+
+    options = dict(dropout=0.2, recurrent_dropout=0.3, return_sequences=True, seed=9, dtype="mixed_bfloat16")
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(140))
+    outputs, grads = [], []
+    for impl in ("auto", "reference"):
+        layer = getattr(dk, kind)(6, impl=impl, **options)
+        layer(x)
+        layer.set_weights([np.linspace(-0.5, 0.5, w.size, dtype="float32").reshape(w.shape)
+                           for w in layer.get_weights()])
+        out = layer(x, training=True)
+        out.float().sum().backward()
+        kernel = layer.trainable_variables[0].value
+        assert kernel.dtype == torch.float32 and out.dtype == torch.bfloat16
+        outputs.append(out.detach().float())
+        grads.append(kernel.grad.clone())
+    assert spy_gpu, "droprnn.keras's layer did not run the GPU kernels"
+    torch.testing.assert_close(outputs[0], outputs[1], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(grads[0], grads[1], atol=5e-2, rtol=5e-2)
