@@ -18,8 +18,12 @@ ptb --preset gal-small`` writes ``checkpoint.pt`` in its run directory) and meas
     python experiments/ptb_mc_study.py results/ptb-gal-small             # writes mc-study.json there
     python experiments/ptb_mc_study.py results/ptb-gal-small --samples 30 --tokens 20000
     python experiments/ptb_mc_study.py runs/ptb-gal-medium --device cuda
+    python experiments/ptb_mc_study.py runs/ptb-gal-medium --sites input+recurrent+output,input
 
-A long experiment, not a test: 100 passes over the test set take minutes per site on a CPU.
+A long experiment, not a test: 100 passes over the test set take minutes per site on a CPU (about 28
+minutes on the medium model, 2 cores). It writes its record after every set of sites and, run again on the
+same checkpoint with the same samples and tokens, keeps every set already measured and measures only the
+others: a stopped run resumes, and ``--sites`` adds sets to a finished one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -127,35 +132,59 @@ def tempered(model: torch.nn.Module, stream, temperatures: tuple[float, ...]) ->
     return {tau: math.exp(-row.mean().item()) for tau, row in zip(temperatures, log_p)}
 
 
-def temperature_study(model: torch.nn.Module) -> dict:
+def temperature_study(model: torch.nn.Module, tokens: Optional[int] = None) -> dict:
     """Does a flatter single pass do what MC does? The temperature with the best validation perplexity
-    (a grid from 0.95 to 1.15 by 0.01), and the test perplexity at it."""
+    (a grid from 0.95 to 1.15 by 0.01), and the test perplexity at it (on each stream's first ``tokens``)."""
     data = datasets.load("ptb")
     grid = tuple(round(0.95 + 0.01 * k, 2) for k in range(21))
-    valid = tempered(model, data.valid, grid)
+    valid = tempered(model, data.valid[:tokens], grid)
     best = min(valid, key=valid.get)
-    test = tempered(model, data.test, (1.0, best))
+    test = tempered(model, data.test[:tokens], (1.0, best))
     return {"valid": valid, "best": best, "test_at_1": test[1.0], "test_at_best": test[best]}
+
+
+def site_sets(text: str) -> list[tuple[str, ...]]:
+    """``--sites``: comma-separated sets, each of SITES joined by '+' (e.g. ``input+recurrent,output``)."""
+    sets = [tuple(part.split("+")) for part in text.split(",") if part]
+    for chosen in sets:
+        unknown = [site for site in chosen if site not in SITES]
+        if unknown or len(set(chosen)) != len(chosen):
+            raise SystemExit(f"--sites: {'+'.join(chosen)!r} is not a set of {', '.join(SITES)} joined by '+'")
+    return sets
+
+
+def previous_record(out: Path, record: dict) -> dict:
+    """What ``out`` holds from a study of the same checkpoint, passes and tokens (the same single pass), else
+    nothing: the part a resumed study keeps."""
+    if not out.exists():
+        return {}
+    earlier = json.loads(out.read_text())
+    same = all(earlier.get(key) == record[key] for key in ("run", "preset", "tokens", "samples"))
+    return earlier if same and math.isclose(earlier["single"], record["single"], rel_tol=1e-9) else {}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished run directory of droprnn lab ptb (with checkpoint.pt)")
     parser.add_argument("--samples", type=int, default=100, help="MC passes per measurement")
-    parser.add_argument("--tokens", type=int, default=None, help="the first N test tokens (default: all)")
+    parser.add_argument("--tokens", type=int, default=None, help="the first N tokens of each stream (default: all)")
+    parser.add_argument("--sites", default=",".join(["+".join(SITES), *SITES]),
+                        help="the sets of sites sampled, comma-separated, each joined by '+' "
+                             "(default: all of them together, then each alone)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/mc-study.json")
     parser.add_argument("--temperature-only", action="store_true",
                         help="only the temperature study, added to an existing mc-study.json")
     args = parser.parse_args()
+    sets = site_sets(args.sites)
     if args.threads:
         torch.set_num_threads(args.threads)
     preset, model = load(args.run, args.device)
     out = args.out or args.run / "mc-study.json"
     if args.temperature_only:
         result = json.loads(out.read_text())
-        result["temperature"] = temperature_study(model)
+        result["temperature"] = temperature_study(model, args.tokens)
         out.write_text(json.dumps(result, indent=1))
         print(json.dumps(result["temperature"], indent=1))
         return 0
@@ -165,16 +194,21 @@ def main() -> int:
     result = {"run": str(args.run), "preset": preset.name, "tokens": int(single.numel()), "samples": args.samples,
               "single": perplexity_of(single), "sites": {}}
     print(f"{preset.name}, {single.numel()} test tokens: single pass {result['single']:.2f}", flush=True)
-    for sites in (SITES, *((s,) for s in SITES)):
+    earlier = previous_record(out, result)
+    result["sites"] = dict(earlier.get("sites", {}))  # every set measured before stays in the record
+    for sites in sets:
+        name = "+".join(sites)
+        if name in result["sites"]:
+            print(f"MC, sampling {name}: kept from {out}", flush=True)
+            continue
         with sampled(model, sites):
             passes = ptb.mc_probabilities(model, test, args.samples)
-        averaged = passes.mean(0)
-        name = "+".join(sites)
         result["sites"][name] = {"curve": curve(passes), "one_pass": perplexity_of(passes[0]),
-                                 "per_token": per_token(single, averaged)}
+                                 "per_token": per_token(single, passes.mean(0))}
+        out.write_text(json.dumps(result, indent=1))  # a stopped study resumes after the last set written
         points = ", ".join(f"{n}: {v:.2f}" for n, v in result["sites"][name]["curve"].items())
         print(f"MC, sampling {name}: {points} ({time.perf_counter() - started:.0f} s)", flush=True)
-    result["temperature"] = temperature_study(model)
+    result["temperature"] = earlier.get("temperature") or temperature_study(model, args.tokens)
     print(f"single pass at temperature {result['temperature']['best']} (best on validation): "
           f"{result['temperature']['test_at_best']:.2f}")
     out.write_text(json.dumps(result, indent=1))

