@@ -648,6 +648,99 @@ def test_mc_predict_bad_samples(bad):
     assert _flags(model) == before and model.calls == 0
 
 
+@pytest.mark.parametrize("per_call", [2, 3, 5])
+def test_mc_predict_passes_per_call_are_copies_of_the_batch(per_call):
+    """Passes run as copies of the batch: each is the model on x, lengths repeated with the rows, cut back out
+    of one call (the same draws as that call made), in calls of ``per_call`` passes and a last smaller one."""
+    model = _trained_mixed()
+    x = torch.randn(B, T, D, dtype=F64)
+    lengths = torch.tensor([5, 3, 2, 4])
+    torch.manual_seed(3)
+    mean, std, samples = droprnn.mc_predict(model, x, samples=5, return_samples=True, passes_per_call=per_call,
+                                            lengths=lengths)
+    assert samples.shape == (5, B, 2) and model.calls == -(-5 // per_call)
+    torch.manual_seed(3)
+    expected = []
+    with torch.no_grad(), droprnn.mc_dropout_mode(model):
+        while len(expected) < 5:
+            copies = min(per_call, 5 - len(expected))
+            expected += model(torch.cat([x] * copies), lengths=torch.cat([lengths] * copies)).chunk(copies)
+    torch.testing.assert_close(samples, torch.stack(expected), rtol=0, atol=0)
+    torch.testing.assert_close(mean, samples.mean(0), rtol=0, atol=0)
+    torch.testing.assert_close(std, samples.std(0, correction=0), rtol=0, atol=0)
+    assert all(not torch.equal(samples[i], samples[i + 1]) for i in range(4))  # every copy its own masks
+
+
+def test_mc_predict_passes_per_call_without_dropout_equal_eval_and_take_masks_and_batch_axis():
+    torch.manual_seed(0)
+    layer = droprnn.LSTM(4, input_size=D, dtype=F64)
+    x = torch.randn(B, T, D, dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * B, dtype=torch.bool)
+    mean, std = droprnn.mc_predict(layer, x, samples=6, passes_per_call=4, mask=mask)
+    torch.testing.assert_close(mean, layer(x, mask=mask, training=False), rtol=0, atol=1e-12)
+    assert float(std.max()) < 1e-12
+    # a torch-style module, time first: the batch is axis 1 of the input and of the output
+    torch_style = droprnn.nn.GRU(D, 3, input_dropout=0.3, recurrent_dropout=0.3, dtype=F64)
+
+    class Sequences(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch_style
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    _, _, samples = droprnn.mc_predict(Sequences(), x.transpose(0, 1), samples=4, return_samples=True,
+                                       passes_per_call=4, batch_axis=1)
+    assert samples.shape == (4, T, B, 3) and not torch.equal(samples[0], samples[1])
+
+
+NOT_INDEPENDENT_ROWS = {
+    "dropconnect": lambda: droprnn.LSTM(4, recurrent_dropout=0.3, recurrent_dropout_mode="weights", input_size=D),
+    "noise-shape": lambda: droprnn.Sequential([droprnn.Dropout(0.3, noise_shape=(1, None, None)),
+                                               droprnn.GRU(4, input_size=D)]),
+    "torch-style-dropconnect": lambda: droprnn.nn.LSTM(D, 4, batch_first=True, recurrent_dropout=0.3,
+                                                       recurrent_dropout_mode="weights"),
+    "stateful": lambda: droprnn.LSTM(4, dropout=0.3, stateful=True, input_size=D),
+}
+
+
+@pytest.mark.parametrize("case", NOT_INDEPENDENT_ROWS)
+def test_mc_predict_passes_per_call_refuses_rows_that_are_not_independent(case):
+    model = NOT_INDEPENDENT_ROWS[case]()
+    reason = "stateful" if case == "stateful" else "one mask for the whole batch"
+    with pytest.raises(droprnn.DroprnnError, match=f"passes_per_call > 1 needs independent batch rows.*{reason}"):
+        droprnn.mc_predict(model, torch.randn(B, T, D), samples=4, passes_per_call=2)
+    assert model.training  # refused before any flag was switched
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(passes_per_call=0), "passes_per_call"),
+    (dict(passes_per_call=2, batch_axis=3), "batch_axis"),
+    (dict(passes_per_call=2, initial_state=[torch.zeros(B, 6, dtype=F64)] * 2), "initial_state"),
+])
+def test_mc_predict_passes_per_call_bad_arguments(kwargs, match):
+    model = _trained_mixed()
+    with pytest.raises(droprnn.DroprnnError, match=match):
+        droprnn.mc_predict(model, torch.randn(B, T, D, dtype=F64), samples=3, **kwargs)
+    assert model.calls == 0
+    with pytest.raises(droprnn.DroprnnError, match="`x` expected a tensor"):
+        droprnn.mc_predict(model, [torch.randn(B, T, D, dtype=F64)], samples=3, passes_per_call=2)
+
+
+def test_mc_predict_passes_per_call_output_without_the_rows_raises():
+    class Pooled(nn.Module):  # averages over the batch: its output has no batch axis to cut
+        def __init__(self):
+            super().__init__()
+            self.lstm = droprnn.LSTM(3, dropout=0.2, input_size=D)
+
+        def forward(self, x):
+            return self.lstm(x).mean(0)
+
+    with pytest.raises(droprnn.DroprnnError, match="axis 0 must hold the passes' 2 × 4 rows"):
+        droprnn.mc_predict(Pooled(), torch.randn(B, T, D), samples=2, passes_per_call=2)
+
+
 def test_mc_predict_tuple_output_raises():
     lstm = droprnn.LSTM(3, dropout=0.2, return_state=True, input_size=D)
     with pytest.raises(droprnn.DroprnnError, match="one tensor"):

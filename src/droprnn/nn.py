@@ -31,6 +31,7 @@ from torch import nn as torch_nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .cells import Cell, CellWeights, GRUCell, LSTMCell, SimpleRNNCell
+from .dropout.modes import WEIGHT_MODES
 from .dropout.plan import draw_plan
 from .errors import DroprnnError, check_positive_int, check_rate, fail, no_torchscript, type_name
 from .kernels import dispatch as kernels
@@ -132,6 +133,10 @@ class _TorchStyleRNN(torch_nn.Module):
 
     def _make_cell(self, **options: Any) -> Cell:
         raise NotImplementedError
+
+    @property
+    def masks_shared_by_batch(self) -> bool:  # DropConnect masks the weights, once per call
+        return any(c.recurrent_dropout > 0 and c.recurrent_dropout_mode in WEIGHT_MODES for c in self._cells)
 
     def extra_repr(self) -> str:
         parts = [f"{self.input_size}, {self.hidden_size}"]
