@@ -55,9 +55,10 @@ def mc_predict(
     ``batch_axis`` of x and of the output (0 for droprnn's layers and batch-first modules, 1 for
     ``droprnn.nn`` / ``torch.nn`` recurrent modules without ``batch_first``); ``lengths=`` and ``mask=`` are
     repeated with the rows. Each row draws its own masks, so the passes are as independent as one at a time
-    (other draws, though: a seed gives other samples), and a small batch runs many times faster: a
-    (1, 100, 64) sequence through ``LSTM(128)`` and ``Dense(1)``, 100 passes, took 218 ms one at a time and
-    26 ms 20 per call (AMD EPYC, 2 cores, 2026-12-04). The model must treat its batch rows independently:
+    (other draws, though: a seed gives other samples), and a small batch runs several times faster: 100
+    passes over one (1, 100, 64) sequence through ``LSTM(128)`` and ``Dense(1)`` took 68-99 ms one at a
+    time and 21-24 ms 20 per call; through ``LSTM(32)`` at (1, 50, 8), 63-65 ms and 5-6 ms (AMD EPYC, 2
+    cores, warmed up, 2026-12-04). The model must treat its batch rows independently:
     stateful layers and layers whose masks the whole batch shares (DropConnect, a ``noise_shape`` of 1 on the
     batch axis, word-type masks shared by the batch) refuse it.
     """
