@@ -222,3 +222,17 @@ def test_a_mixed_bfloat16_policy_runs_bfloat16_products_close_to_keras(kind):
     assert got.dtype == torch.bfloat16 and ours.weights[0].dtype == "float32"
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
     assert ours._loop.last_kernel.bf16_products, ours._loop.last_kernel
+
+
+def test_mc_predict_refuses_keras_models_whose_passes_would_all_be_the_same():
+    """Keras's dropout reads each call's `training` argument, not torch's flags: mc_predict says so instead of
+    returning a zero spread."""
+    model = keras.Sequential([keras.Input((T, D)), dk.LSTM(U, dropout=0.3, recurrent_dropout=0.3),
+                              keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+    x = torch.randn(B, T, D)
+    with pytest.raises(DroprnnError, match="Keras layer.*training=True"):
+        droprnn.mc_predict(model, x, samples=3)
+    with pytest.raises(DroprnnError, match=r"Keras layer \(LSTM\)"):
+        droprnn.mc_dropout_mode(torch.nn.Sequential(dk.LSTM(U, dropout=0.3))).__enter__()
+    passes = torch.stack([model(x, training=True) for _ in range(3)])  # the way the message gives
+    assert bool((passes.std(0) > 0).all())

@@ -27,8 +27,11 @@ def _is_noise_only(module: nn.Module) -> bool:
 def mc_dropout_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block: ``model`` in inference mode except every dropout, which stays active.
 
-    Each module's flag is set on its own (not recursively), and all flags are restored on exit.
+    Each module's flag is set on its own (not recursively), and all flags are restored on exit. A Keras model
+    (Keras 3 on its torch backend) raises: its layers follow each call's ``training`` argument, not these
+    flags, so every pass would be the same.
     """
+    _refuse_keras(model)
     saved = [(m, m.training) for m in model.modules()]
     try:
         for module, _ in saved:
@@ -37,6 +40,19 @@ def mc_dropout_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, flag in saved:
             module.training = flag
+
+
+def _refuse_keras(model: nn.Module) -> None:
+    """Keras layers are torch modules on Keras's torch backend, but their dropout reads the call's
+    ``training`` argument: switched by torch's flags, MC passes would silently all be the inference pass."""
+    for module in model.modules():
+        if any(c.__module__.split(".")[0] == "keras" for c in type(module).__mro__):
+            raise DroprnnError(
+                f"mc_predict: `model` holds a Keras layer ({type(module).__name__}), whose dropout follows each "
+                "call's `training` argument rather than torch's training flags, so every pass would be the "
+                "same inference pass. Call the Keras model with training=True for each pass, e.g. "
+                "torch.stack([model(x, training=True) for _ in range(30)]) (training=True also puts "
+                "BatchNormalization in training mode).")
 
 
 def mc_predict(
