@@ -31,7 +31,7 @@ from torch import nn as torch_nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .cells import Cell, CellWeights, GRUCell, LSTMCell, SimpleRNNCell
-from .dropout.modes import WEIGHT_MODES
+from .dropout.modes import cells_share_masks_over_batch
 from .dropout.plan import draw_plan
 from .errors import DroprnnError, check_positive_int, check_rate, fail, no_torchscript, type_name
 from .kernels import dispatch as kernels
@@ -136,7 +136,7 @@ class _TorchStyleRNN(torch_nn.Module):
 
     @property
     def masks_shared_by_batch(self) -> bool:  # DropConnect masks the weights, once per call
-        return any(c.recurrent_dropout > 0 and c.recurrent_dropout_mode in WEIGHT_MODES for c in self._cells)
+        return cells_share_masks_over_batch(self._cells)
 
     def extra_repr(self) -> str:
         parts = [f"{self.input_size}, {self.hidden_size}"]

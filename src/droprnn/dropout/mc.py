@@ -31,7 +31,7 @@ def mc_dropout_mode(model: nn.Module) -> Iterator[nn.Module]:
     (Keras 3 on its torch backend) raises: its layers follow each call's ``training`` argument, not these
     flags, so every pass would be the same.
     """
-    _refuse_keras(model)
+    _refuse_keras(model, "mc_dropout_mode")
     saved = [(m, m.training) for m in model.modules()]
     try:
         for module, _ in saved:
@@ -42,13 +42,13 @@ def mc_dropout_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = flag
 
 
-def _refuse_keras(model: nn.Module) -> None:
+def _refuse_keras(model: nn.Module, where: str) -> None:
     """Keras layers are torch modules on Keras's torch backend, but their dropout reads the call's
     ``training`` argument: switched by torch's flags, MC passes would silently all be the inference pass."""
     for module in model.modules():
         if any(c.__module__.split(".")[0] == "keras" for c in type(module).__mro__):
             raise DroprnnError(
-                f"mc_predict: `model` holds a Keras layer ({type(module).__name__}), whose dropout follows each "
+                f"{where}: `model` holds a Keras layer ({type(module).__name__}), whose dropout follows each "
                 "call's `training` argument rather than torch's training flags, so every pass would be the "
                 "same inference pass. Call the Keras model with training=True for each pass, e.g. "
                 "torch.stack([model(x, training=True) for _ in range(30)]) (training=True also puts "
@@ -83,6 +83,7 @@ def mc_predict(
     if samples < 2:
         raise DroprnnError("mc_predict: argument `samples` expected at least 2 passes for a spread, got 1.")
     per_call = min(check_positive_int(where, "passes_per_call", passes_per_call), samples)
+    _refuse_keras(model, where)
     if per_call > 1:
         _check_rows_are_passes(model, x, batch_axis, call_kwargs)
     # Stateful layers: every pass starts from the states they hold now, and keeps them so afterwards.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 from ..errors import DroprnnError
 
@@ -133,6 +133,12 @@ RECURRENT_MODES: dict[str, str] = {name: m.meaning for name, m in RECURRENT.item
 INPUT_MODES: dict[str, str] = {name: m.meaning for name, m in INPUT.items()}
 UPDATE_MODES = tuple(name for name, m in RECURRENT.items() if m.needs_update)
 WEIGHT_MODES = tuple(name for name, m in RECURRENT.items() if m.shared_by_batch)
+
+
+def cells_share_masks_over_batch(cells: Iterable[Any]) -> bool:
+    """Whether any of these cells draws, in training, one mask for the whole batch (the DropConnect modes mask
+    the weights once per call), so that its batch rows are not independent stochastic passes."""
+    return any(c.recurrent_dropout > 0 and c.recurrent_dropout_mode in WEIGHT_MODES for c in cells)
 
 
 def check_mode(where: str, argument: str, value: object, modes: dict[str, str]) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import activations, initializers
 from ..cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
-from ..dropout.modes import WEIGHT_MODES, layer_doc
+from ..dropout.modes import cells_share_masks_over_batch, layer_doc
 from ..dropout.plan import DropoutPlan, check_plan, draw_plan
 from ..errors import DroprnnError, check_positive_int, fail, no_torchscript, type_name
 from ..kernels import dispatch as kernels
@@ -120,7 +120,7 @@ class RNN(Layer):
 
     @property
     def masks_shared_by_batch(self) -> bool:  # DropConnect masks the weights, once per call
-        return any(c.recurrent_dropout > 0 and c.recurrent_dropout_mode in WEIGHT_MODES for c in self.cells)
+        return cells_share_masks_over_batch(self.cells)
 
     @property
     def built(self) -> bool:
