@@ -158,6 +158,28 @@ def test_autocast_training_equals_the_float64_reference_within_the_bound(name, w
 
 
 @needs_bf16
+@pytest.mark.parametrize("name", ["lstm", "gru", "gru_reset_before", "simple"])
+def test_bias_gradients_are_float32_sums_wherever_the_weight_gradients_are_formed(name, monkeypatch):
+    """Under autocast the bias gradients are sums of the float32 gate gradients either way: accumulated in
+    the loop, or (the GRU's recurrent bias) summed in float32 from dz after it. Only the products go to
+    bfloat16; a bfloat16 sum would move them by its rounding, about 4e-3."""
+    layer, x, plans = _case(name)
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    bias = [1 + i for i, n in enumerate(names) if "bias" in n]  # grads: x's, then the parameters'
+    assert bias
+    got = {}
+    for where, limit in (("in loop", 1 << 40), ("after loop", 0)):
+        monkeypatch.setattr(fused, "_DEFER_BYTES", limit)
+        monkeypatch.setattr(fused, "_DEFER_BYTES_PER_ROW", limit)
+        got[where] = _run(layer, "fused", x, plans, autocast=True)[1]
+    for i in bias:
+        torch.testing.assert_close(got["after loop"][i], got["in loop"][i], rtol=1e-5, atol=1e-6)
+    weights = [i for i in range(1, len(names) + 1) if i not in bias]
+    assert any(not torch.allclose(got["after loop"][i], got["in loop"][i], rtol=1e-5, atol=1e-6) for i in weights), \
+        "the weight gradients should differ: bfloat16 products after the loop, float32 updates in it"
+
+
+@needs_bf16
 @pytest.mark.parametrize("name", ["lstm", "lstm_wide", "gru_wide", "gru_reset_before", "simple", "stacked"])
 def test_bfloat16_layers_train_fused_within_the_bound(name, weight_grads):
     layer, x, plans = _case(name)

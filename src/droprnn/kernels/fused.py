@@ -262,32 +262,30 @@ def _defers_weight_grads(x: Tensor, R: Tensor, bf16: bool = False) -> bool:
 def _grads_after_loop(kind: str, reset_after: bool, x: Tensor, kernel: Tensor, input_masks: Optional[Tensor],
                       h0: Tensor, hs: Tensor, rec: Optional[Tensor], dz: Tensor, wanted: Sequence[bool],
                       bf16: bool = False) -> tuple:
-    """dx, dK, db, dR and the GRU's d rb from the gate gradients of every step dz (B, T, G·U) (the GRU's
-    with a fourth block, the candidate product's side: see gru.cpp), in large products, one gate at a time
-    (on the CPU batching them saves no launches and costs memory). ``bf16``: the products in bfloat16
-    (torch's, with float32 accumulation), the gradients returned in float32."""
+    """dx, dK and dR from the gate gradients of every step dz (B, T, G·U) (the GRU's with a fourth block, the
+    candidate product's side: see gru.cpp), in large products, one gate at a time (on the CPU batching them
+    saves no launches and costs memory). ``wanted``: which of the three. The biases' gradients are sums,
+    which the C++ loop accumulates in the call's type. ``bf16``: the products in bfloat16 (torch's, with
+    float32 accumulation; dz arrives in bfloat16), the gradients returned in float32."""
     if bf16:
         low = [None if t is None else t.to(torch.bfloat16) for t in (x, kernel, input_masks, h0, hs, rec, dz)]
         grads = _grads_after_loop(kind, reset_after, *low[:6], low[6], wanted)
         return tuple(None if g is None else g.float() for g in grads)
-    want_x, want_kernel, want_bias, want_R, want_rbias = wanted
+    want_x, want_kernel, want_R = wanted
     gates = GATES[kind]
     units = kernel.shape[1] // gates
     gru = kind == "gru"
     side = dz[..., 3 * units:] if gru else None
     dz = dz[..., :gates * units]
-    dbias = dz.sum(dim=(0, 1)) if want_bias else None
-    dR = drbias = None
+    dR = None
     if want_R:
         previous = torch.cat([h0.unsqueeze(1), hs[:, :-1]], dim=1)  # the states step t's product read
         if gru:
             dR = products.gru_recurrent_kernel_grad(previous, rec, dz, side, reset_after, batch_gates=False)
         else:
             dR = products.recurrent_kernel_grad(previous, rec, dz, batch_gates=False)
-    if want_rbias:
-        drbias = products.gru_recurrent_bias_grad(dz, side)
     dx, dkernel = products.input_grads(x, kernel, input_masks, dz, want_x, want_kernel, gates, batch_gates=False)
-    return dx, dkernel, dbias, dR, drbias
+    return dx, dkernel, dR
 
 
 # ---------------------------------------------------------------------------------------------- the operators
@@ -386,11 +384,13 @@ def _fused_layer_backward(
     grad_hs = grad_hs.contiguous()
     # The C++ backward forms the weight gradients in its time loop, or hands back every step's gate
     # gradients dz for large products after it (_defers_weight_grads; in bfloat16 those are bfloat16
-    # products). A projection's gradient is always formed in the loop.
-    defer = _defers_weight_grads(x, R, bf16) and any(wanted)
+    # products, and dz comes back in bfloat16, rounded in the loop). The biases' gradients (sums) and a
+    # projection's gradient are always formed in the loop.
+    products_wanted = (wanted[0], wanted[1], wanted[3])
+    defer = _defers_weight_grads(x, R, bf16) and any(products_wanted)
     if bf16:
         R = R.to(torch.bfloat16)
-    in_loop = (False,) * 5 if defer else tuple(wanted)
+    in_loop = (False, False, wanted[2], False, wanted[4]) if defer else tuple(wanted)
     if cell == "gru":
         dx, dkernel, dbias, dR, drb, dh0, dc0, dz = kernels.gru_backward(
             grad_hs, R, kernel, x, h0, hs, saved, other if reset_after else None, input_mask, recurrent_mask,
@@ -407,8 +407,8 @@ def _fused_layer_backward(
             grad_hs, R, kernel, x, h0, hs, saved if zoneout_h is not None else hs, input_mask, recurrent_mask, zoneout_h, valid, activation,
             *in_loop[:4], defer)
     if defer:
-        dx, dkernel, dbias, dR, drb = _grads_after_loop(cell, reset_after, x, kernel, input_mask, h0, hs,
-                                                        recurrent_mask, dz, wanted, bf16)
+        dx, dkernel, dR = _grads_after_loop(cell, reset_after, x, kernel, input_mask, h0, hs, recurrent_mask, dz,
+                                            products_wanted, bf16)
     if cell != "lstm":
         dP = None
     return tuple(eager.absent(x) if g is None else g.contiguous() for g in (dx, dkernel, dbias, dR, drb, dh0, dc0, dP))

@@ -594,17 +594,56 @@ void accumulate_input_side(const InputSide<T>& in, const T* Dz, int64_t ldd, int
     product_grad(Dz, ldd, r0, r1, t, gates, U, in.KT, D, in.mask, tmp, in.dx + (r0 * steps + t) * D, steps * D, false);
 }
 
-// Rows [r0, r1) of one step's block src (n rows, leading dimension lds, ``width`` values each) into
-// dz_all (B, T, ld) at step t: the gate gradients kept for the large products after the loop. Nothing when
-// dz_all is null (the weight gradients are accumulated in the loop instead).
+// Where a backward keeps every step's gate gradients for the large products after its loop: dz (B, T, ld) in
+// the call's type, or in bfloat16 when those products run in bfloat16 (rounded here, while the rows are in
+// cache: a separate pass over a large dz took as long as one of the products). Nothing to keep when dz is
+// undefined (the weight gradients are then accumulated in the loop).
 template <typename T>
-void keep_step_grads(T* dz_all, int64_t ld, const T* src, int64_t lds, int64_t width, int64_t r0, int64_t r1,
-                     int64_t t, int64_t steps) {
-  if (dz_all == nullptr) return;
-  for (int64_t b = r0; b < r1; ++b) {
-    const T* row = src + (b - r0) * lds;
-    std::copy(row, row + width, dz_all + (b * steps + t) * ld);
+struct StepGrads {
+  T* same = nullptr;
+  uint16_t* low = nullptr;  // bfloat16 bits
+  int64_t ld = 0, steps = 0;
+
+  bool present() const { return same != nullptr || low != nullptr; }
+
+  // Rows [r0, r1) of one step's block src (n rows, leading dimension lds, `width` values each) into columns
+  // [col, col + width) of dz at step t.
+  void keep(int64_t col, const T* src, int64_t lds, int64_t width, int64_t r0, int64_t r1, int64_t t) const {
+    for (int64_t b = r0; b < r1; ++b) {
+      const T* row = src + (b - r0) * lds;
+      const int64_t at = (b * steps + t) * ld + col;
+      if (same != nullptr) {
+        std::copy(row, row + width, same + at);
+      } else if (low != nullptr) {
+        uint16_t* out = low + at;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) out[j] = bf16_bits(static_cast<float>(row[j]));
+      }
+    }
   }
+};
+
+template <typename T>
+StepGrads<T> step_grads(const Tensor& dz) {
+  StepGrads<T> kept;
+  if (!dz.defined()) return kept;
+  kept.ld = dz.size(2);
+  kept.steps = dz.size(1);
+  if (dz.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK((std::is_same_v<T, float>), "droprnn: bfloat16 gate gradients are for float32 calls");
+    kept.low = reinterpret_cast<uint16_t*>(dz.data_ptr<at::BFloat16>());
+  } else {
+    kept.same = dz.data_ptr<T>();
+  }
+  return kept;
+}
+
+// The dz a backward hands back when it defers the weight gradients: bfloat16 with bfloat16 products (a
+// bfloat16 recurrent kernel), else the call's type.
+inline Tensor deferred_grads(bool wanted, int64_t B, int64_t T, int64_t width, const Tensor& x, const Tensor& R) {
+  if (!wanted) return Tensor();
+  const bool low = R.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kFloat;
+  return pooled_empty({B, T, width}, x.options().dtype(low ? at::kBFloat16 : x.scalar_type()));
 }
 
 // Sum the per-chunk accumulators -- each chunk holds the outputs' gradients back to back, acc_size in

@@ -200,7 +200,7 @@ static void gru_backward_impl(const Tensor& dhs, const KernelT& RT, const Tensor
   const T* v = valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr;
   // (B, T, 4U) when asked for: every step's Dz, then the candidate's recurrent-product side -- its output's
   // gradient dn * r (reset_after) or its input a = r * (h * m_h) (reset_before).
-  T* dz_all = dz.defined() ? dz.data_ptr<T>() : nullptr;
+  const StepGrads<T> kept = step_grads<T>(dz);
 
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
@@ -295,9 +295,9 @@ static void gru_backward_impl(const Tensor& dhs, const KernelT& RT, const Tensor
           scale_by_act_grad(rec_act, dr, rg, U);
         }
       }
-      if (dz_all != nullptr) {  // Dz, then the candidate's product side: dn * r, or a = r * (h * m_h)
-        keep_step_grads(dz_all, 4 * U, Dz, G3, G3, r0, r1, t, steps);
-        keep_step_grads(dz_all + G3, 4 * U, reset_after ? Di + 2 * U : A, reset_after ? G3 : U, U, r0, r1, t, steps);
+      if (kept.present()) {  // Dz, then the candidate's product side: dn * r, or a = r * (h * m_h)
+        kept.keep(0, Dz, G3, G3, r0, r1, t);
+        kept.keep(G3, reset_after ? Di + 2 * U : A, reset_after ? G3 : U, U, r0, r1, t);
       }
       const T* D_inner = reset_after ? Di : Dz;  // gradients at the recurrent product's output
       const int64_t first = reset_after ? 3 : 2;   // gates in the first recurrent product
@@ -345,7 +345,7 @@ Grads gru_backward(const Tensor& dhs, const Tensor& R, const Tensor& kernel, con
   Tensor dR = want_dR ? pooled_empty(R.sizes(), x.options()) : Tensor();
   Tensor drb = want_drb && reset_after ? pooled_empty({3 * U}, x.options()) : Tensor();
   Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
-  Tensor dz = want_dz ? pooled_empty({x.size(0), x.size(1), 4 * U}, x.options()) : Tensor();
+  Tensor dz = deferred_grads(want_dz, x.size(0), x.size(1), 4 * U, x, R);
   const Tensor KT = want_dx ? transposed(kernel) : kernel;  // read for dx only
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "droprnn_gru_backward", [&] {
     gru_backward_impl<scalar_t>(dhs, kernel_transposed(R, 3), KT, x, h0, hs, gates, inner, input_mask,

@@ -304,7 +304,7 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
   const StepMask<T> upd = plain_mask<T>(upd_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h), zc = zoneout_of<T>(zoneout_c);
   const T* v = valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr;
-  T* dz_all = dz.defined() ? dz.data_ptr<T>() : nullptr;
+  const StepGrads<T> kept = step_grads<T>(dz);
 
   const T* pt = PT.defined() ? PT.data_ptr<T>() : nullptr;  // (H, U): the projection transposed, or null
   const bool want_dP = dP.defined();
@@ -446,7 +446,7 @@ static void lstm_backward_impl(const Tensor& dhs, const Tensor& dc_last, const K
           c_side(b, tcr, dtc);
         }
       }
-      keep_step_grads(dz_all, G4, Dz, G4, G4, r0, r1, t, steps);
+      if (kept.present()) kept.keep(0, Dz, G4, G4, r0, r1, t);
       const T* h_prev = t == 0 ? h_init + r0 * H : h_all + (r0 * steps + t - 1) * H;
       const int64_t ldh = t == 0 ? H : steps * H;
       if (want_dR) weight_grad(h_prev, ldh, r0, r1, H, rec, t, Dz, G4, 4, U, dR_acc, G4, ST, rec_columns);
@@ -491,7 +491,7 @@ Grads lstm_backward(const Tensor& dhs, const Tensor& dc_last, const Tensor& R, c
   Tensor dP = projected ? pooled_empty(projection->sizes(), x.options()) : Tensor();
   Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
   Tensor dc0 = pooled_empty(c0.sizes(), c0.options());
-  Tensor dz = want_dz ? pooled_empty({x.size(0), x.size(1), kernel.size(1)}, x.options()) : Tensor();
+  Tensor dz = deferred_grads(want_dz, x.size(0), x.size(1), kernel.size(1), x, R);
   const Tensor KT = want_dx ? transposed(kernel) : kernel;  // read for dx only
   const Tensor PT = projected ? transposed(*projection) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "droprnn_lstm_backward", [&] {

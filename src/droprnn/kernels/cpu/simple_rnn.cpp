@@ -136,7 +136,7 @@ static void simple_backward_impl(const Tensor& dhs, const KernelT& RT, const Ten
   const StepMask<T> rec = gated_mask<T>(rec_mask);
   const Zoneout<T> zh = zoneout_of<T>(zoneout_h);
   const T* v = valid.has_value() && valid->defined() ? valid->data_ptr<T>() : nullptr;
-  T* dz_all = dz.defined() ? dz.data_ptr<T>() : nullptr;
+  const StepGrads<T> kept = step_grads<T>(dz);
 
   const int64_t chunks = batch_chunks(B);
   const int64_t rows_max = (B + chunks - 1) / chunks;
@@ -175,7 +175,7 @@ static void simple_backward_impl(const Tensor& dhs, const KernelT& RT, const Ten
         }
         scale_by_act_grad(act, dz, fr, U);
       }
-      keep_step_grads(dz_all, U, Dz, U, U, r0, r1, t, steps);
+      if (kept.present()) kept.keep(0, Dz, U, U, r0, r1, t);
       const T* h_prev = t == 0 ? h_init + r0 * U : h_all + (r0 * steps + t - 1) * U;
       const int64_t ldh = t == 0 ? U : steps * U;
       if (want_dR) weight_grad(h_prev, ldh, r0, r1, U, rec, t, Dz, U, 1, U, dR_acc, U, ST);
@@ -208,7 +208,7 @@ Grads simple_rnn_backward(const Tensor& dhs, const Tensor& R, const Tensor& kern
   Tensor db = want_dbias ? pooled_empty({kernel.size(1)}, x.options()) : Tensor();
   Tensor dR = want_dR ? pooled_empty(R.sizes(), x.options()) : Tensor();
   Tensor dh0 = pooled_empty(h0.sizes(), h0.options());
-  Tensor dz = want_dz ? pooled_empty({x.size(0), x.size(1), kernel.size(1)}, x.options()) : Tensor();
+  Tensor dz = deferred_grads(want_dz, x.size(0), x.size(1), kernel.size(1), x, R);
   const Tensor KT = want_dx ? transposed(kernel) : kernel;  // read for dx only
   AT_DISPATCH_FLOATING_TYPES(fresh.scalar_type(), "droprnn_simple_rnn_backward", [&] {
     simple_backward_impl<scalar_t>(dhs, kernel_transposed(R, 1), KT, x, h0, hs, fresh, input_mask,
