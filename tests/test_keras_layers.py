@@ -236,3 +236,23 @@ def test_mc_predict_refuses_keras_models_whose_passes_would_all_be_the_same():
         droprnn.mc_dropout_mode(torch.nn.Sequential(dk.LSTM(U, dropout=0.3))).__enter__()
     passes = torch.stack([model(x, training=True) for _ in range(3)])  # the way the message gives
     assert bool((passes.std(0) > 0).all())
+
+
+def test_from_keras_keeps_droprnn_keras_options():
+    """A Keras model with droprnn.keras layers converts to droprnn layers with the same placements: the
+    options are not dropped for Keras's defaults, and seeded training calls draw the same masks."""
+    model = keras.Sequential([
+        keras.Input((T, D)),
+        dk.LSTM(U, dropout=0.2, recurrent_dropout=0.3, recurrent_dropout_mode="tied", input_dropout_mode="shared",
+                zoneout_h=0.05, zoneout_c=0.1, return_sequences=True, seed=3),
+        dk.GRU(U, recurrent_dropout=0.2, recurrent_dropout_mode="weights", seed=4),
+    ])
+    converted = droprnn.from_keras(model)
+    lstm, gru = converted.layers
+    assert (lstm.cell.recurrent_dropout_mode, lstm.cell.input_dropout_mode, lstm.cell.zoneout_h,
+            lstm.cell.zoneout_c) == ("tied", "shared", 0.05, 0.1)
+    assert gru.cell.recurrent_dropout_mode == "weights"
+    alone = droprnn.from_keras(model.layers[1])  # a droprnn.keras layer is a Keras layer
+    assert isinstance(alone, droprnn.GRU) and alone.cell.recurrent_dropout_mode == "weights"
+    x = torch.randn(B, T, D)
+    torch.testing.assert_close(converted(x, training=True), model(x, training=True), atol=1e-5, rtol=1e-5)

@@ -62,6 +62,8 @@ def _cell_args(config: dict, where: str, *names: str) -> dict:
 
 
 _CELL_EXTRAS = {"LSTM": ("unit_forget_bias",), "GRU": ("reset_after",), "SimpleRNN": ()}
+# droprnn.keras's layers (Keras layers whose loop runs droprnn) keep droprnn's options in their config.
+_DROPRNN_OPTIONS = ("recurrent_dropout_mode", "input_dropout_mode", "zoneout_h", "zoneout_c", "impl")
 _RNN_FLAGS = ("return_sequences", "return_state", "go_backwards", "stateful", "unroll", "zero_output_for_mask")
 
 
@@ -72,7 +74,7 @@ def _recurrent(layer: Any) -> RNN:
     weights = _weights(layer)
     input_size = weights[0].shape[0]
     if kind in _CELL_EXTRAS:
-        args = _cell_args(config, f"{kind} '{layer.name}'", *_CELL_EXTRAS[kind])
+        args = _cell_args(config, f"{kind} '{layer.name}'", *_CELL_EXTRAS[kind], *_DROPRNN_OPTIONS)
         cls = {"LSTM": LSTM, "GRU": GRU, "SimpleRNN": SimpleRNN}[kind]
         ours: RNN = cls(**args, **flags, input_size=input_size, name=layer.name)
     else:  # keras.layers.RNN around a cell or StackedRNNCells
@@ -166,10 +168,11 @@ def from_keras(model: Any) -> nn.Module:
     computes. Supported: LSTM, GRU, SimpleRNN, RNN (with those cells, stacked or not), Bidirectional,
     Dense, Embedding, TimeDistributed, Dropout, SpatialDropout1D, GaussianDropout, GaussianNoise,
     AlphaDropout, Masking. Seeds carry over: seeded dropout layers draw the masks Keras's torch backend
-    draws.
+    draws. ``droprnn.keras``'s layers carry their droprnn options over too (``recurrent_dropout_mode``,
+    ``input_dropout_mode``, ``zoneout_h``, ``zoneout_c``, ``impl``).
     """
     kind = type(model).__name__
-    if not type(model).__module__.startswith("keras"):
+    if not any(c.__module__.split(".")[0] == "keras" for c in type(model).__mro__):  # droprnn.keras's too
         raise DroprnnError(
             f"from_keras: expected a Keras model or layer, got {type(model).__module__}.{type(model).__qualname__}; "
             "for torch.nn.LSTM / GRU / RNN use droprnn.nn's module of the same name, which loads its state_dict."
