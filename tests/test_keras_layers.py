@@ -256,3 +256,21 @@ def test_from_keras_keeps_droprnn_keras_options():
     assert isinstance(alone, droprnn.GRU) and alone.cell.recurrent_dropout_mode == "weights"
     x = torch.randn(B, T, D)
     torch.testing.assert_close(converted(x, training=True), model(x, training=True), atol=1e-5, rtol=1e-5)
+
+
+def test_from_keras_says_which_training_settings_it_drops_and_keeps_frozen_layers_frozen():
+    frozen = keras.layers.Dense(2)
+    model = keras.Sequential([
+        keras.Input((T, D)),
+        keras.layers.LSTM(U, kernel_regularizer=keras.regularizers.L2(0.01),
+                          recurrent_constraint=keras.constraints.MaxNorm(3.0), return_sequences=True),
+        keras.layers.GRU(U),
+        frozen,
+    ])
+    frozen.trainable = False
+    with pytest.warns(UserWarning, match=r"layer 'lstm.*kernel_regularizer=L2.*recurrent_constraint=MaxNorm") as caught:
+        converted = droprnn.from_keras(model)
+    assert len([w for w in caught if "from_keras" in str(w.message)]) == 1  # the GRU and Dense drop nothing
+    lstm, gru, dense = converted.layers
+    assert all(p.requires_grad for p in [*lstm.parameters(), *gru.parameters()])
+    assert not any(p.requires_grad for p in dense.parameters())

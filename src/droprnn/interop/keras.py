@@ -6,6 +6,7 @@ reads the objects it is given (``get_config()``, ``get_weights()``), whatever Ke
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 from torch import nn
@@ -19,16 +20,37 @@ from ..layers.recurrent import GRU, LSTM, RNN, SimpleRNN
 from ..layers.wrappers import Bidirectional, TimeDistributed
 
 
+# Settings that act only while training, which droprnn's layers do not take: converting drops them, and says so.
+_TRAINING_ONLY = ("kernel_regularizer", "recurrent_regularizer", "bias_regularizer", "activity_regularizer",
+                  "embeddings_regularizer", "kernel_constraint", "recurrent_constraint", "bias_constraint",
+                  "embeddings_constraint")
+
+
 def _config(layer: Any) -> dict:
-    """The layer's Keras config; a layer whose config Keras cannot write (a lambda activation, say) is named."""
+    """The layer's Keras config; a layer whose config Keras cannot write (a lambda activation, say) is named,
+    and the training-only settings the conversion drops are warned about."""
     try:
-        return layer.get_config()
+        config = layer.get_config()
     except Exception as error:  # noqa: BLE001 - Keras raises whatever its serializer meets
         raise DroprnnError(
             f"from_keras: layer '{getattr(layer, 'name', '?')}' ({type(layer).__name__}) has a configuration Keras "
             f"cannot write ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); a lambda or "
             "local function as activation does that: use a named activation, or build that droprnn layer by hand."
         ) from None
+    dropped = [f"{key}={_short(config[key])}" for key in _TRAINING_ONLY if config.get(key) is not None]
+    if dropped:
+        warnings.warn(
+            f"from_keras: layer '{layer.name}' ({type(layer).__name__}) has {', '.join(dropped)}, which droprnn's "
+            "layers do not take: the converted layer computes the same outputs, but training it applies none of "
+            "them (add a penalty to the loss, or apply a constraint after each optimizer step).", stacklevel=5)
+    return config
+
+
+def _short(setting: Any) -> str:
+    """A serialized Keras regularizer or constraint as its class and arguments, e.g. L2({'l2': 0.01})."""
+    if isinstance(setting, dict) and "class_name" in setting:
+        return f"{setting['class_name']}({setting.get('config', {})})"
+    return repr(setting)
 
 
 def _weights(layer: Any) -> list:
@@ -158,7 +180,10 @@ def convert_layer(layer: Any) -> nn.Module:
             f"from_keras: layer '{getattr(layer, 'name', '?')}' of type {kind} is not supported; "
             f"supported: {', '.join(sorted(_CONVERTERS))}."
         )
-    return _CONVERTERS[kind](layer)
+    ours = _CONVERTERS[kind](layer)
+    if not getattr(layer, "trainable", True):  # a frozen Keras layer stays frozen
+        ours.requires_grad_(False)
+    return ours
 
 
 def from_keras(model: Any) -> nn.Module:
