@@ -194,7 +194,9 @@ def from_keras(model: Any) -> nn.Module:
     Dense, Embedding, TimeDistributed, Dropout, SpatialDropout1D, GaussianDropout, GaussianNoise,
     AlphaDropout, Masking. Seeds carry over: seeded dropout layers draw the masks Keras's torch backend
     draws. ``droprnn.keras``'s layers carry their droprnn options over too (``recurrent_dropout_mode``,
-    ``input_dropout_mode``, ``zoneout_h``, ``zoneout_c``, ``impl``).
+    ``input_dropout_mode``, ``zoneout_h``, ``zoneout_c``, ``impl``). A frozen layer (``trainable=False``)
+    comes back with ``requires_grad=False``; regularizers and constraints, which act only in training, are
+    dropped with a warning that names them.
     """
     kind = type(model).__name__
     if not any(c.__module__.split(".")[0] == "keras" for c in type(model).__mro__):  # droprnn.keras's too
