@@ -693,6 +693,9 @@ def test_mc_predict_passes_per_call_without_dropout_equal_eval_and_take_masks_an
     _, _, samples = droprnn.mc_predict(Sequences(), x.transpose(0, 1), samples=4, return_samples=True,
                                        passes_per_call=4, batch_axis=1)
     assert samples.shape == (4, T, B, 3) and not torch.equal(samples[0], samples[1])
+    # copies along its time axis would be one long sequence: a time-first module needs the axis said
+    with pytest.raises(droprnn.DroprnnError, match=r"batch_axis.*droprnn.nn.GRU takes time-first input"):
+        droprnn.mc_predict(Sequences(), x.transpose(0, 1), samples=4, passes_per_call=4)
 
 
 NOT_INDEPENDENT_ROWS = {

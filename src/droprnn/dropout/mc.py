@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ def _refuse_keras(model: nn.Module, where: str) -> None:
 
 def mc_predict(
     model: nn.Module, x: Any, samples: int = 30, *, return_samples: bool = False, passes_per_call: int = 1,
-    batch_axis: int = 0, **call_kwargs: Any
+    batch_axis: Optional[int] = None, **call_kwargs: Any
 ) -> tuple[torch.Tensor, ...]:
     """Mean and standard deviation of ``samples`` stochastic passes, every dropout on, all else in eval.
 
@@ -68,8 +68,10 @@ def mc_predict(
     the MC estimate of the model's predictive uncertainty without observation noise.
 
     ``passes_per_call`` > 1 runs that many passes in one call, as copies of the batch stacked along
-    ``batch_axis`` of x and of the output (0 for droprnn's layers and batch-first modules, 1 for
-    ``droprnn.nn`` / ``torch.nn`` recurrent modules without ``batch_first``); ``lengths=`` and ``mask=`` are
+    ``batch_axis`` of x and of the output: 0 (the default) for droprnn's layers and batch-first modules; a
+    model holding a module with ``batch_first=False`` (``droprnn.nn`` / ``torch.nn`` recurrent modules by
+    default) must say it (1 for time-first input), since copies along the time axis would silently be one
+    long sequence. ``lengths=`` and ``mask=`` are
     repeated with the rows. Each row draws its own masks, so the passes are as independent as one at a time
     (other draws, though: a seed gives other samples), and a small batch runs several times faster: 100
     passes over one (1, 100, 64) sequence through ``LSTM(128)`` and ``Dense(1)`` took 68-99 ms one at a
@@ -85,7 +87,8 @@ def mc_predict(
     per_call = min(check_positive_int(where, "passes_per_call", passes_per_call), samples)
     _refuse_keras(model, where)
     if per_call > 1:
-        _check_rows_are_passes(model, x, batch_axis, call_kwargs)
+        batch_axis = _batch_axis(model, x, batch_axis)
+        _check_rows_are_passes(model, call_kwargs)
     # Stateful layers: every pass starts from the states they hold now, and keeps them so afterwards.
     held = [(layer, layer.states) for layer in model.modules() if getattr(layer, "stateful", False)]
     outputs = []
@@ -113,17 +116,31 @@ def mc_predict(
 _PER_ROW = ("lengths", "mask")
 
 
-def _check_rows_are_passes(model: nn.Module, x: Any, batch_axis: int, call_kwargs: dict) -> None:
-    """Refuse, naming the reason, what would make copies of the batch other than independent passes."""
+def _batch_axis(model: nn.Module, x: Any, batch_axis: Optional[int]) -> int:
+    """The axis of x and of the output along which passes are stacked (see mc_predict)."""
     where = "mc_predict"
     if not torch.is_tensor(x):
         raise fail(where, "x", "a tensor with passes_per_call > 1 (the passes are copies of its batch)", type_name(x))
+    if batch_axis is None:
+        time_first = [m for m in model.modules() if getattr(m, "batch_first", None) is False]
+        if time_first:
+            name = getattr(time_first[0], "where", type(time_first[0]).__name__)
+            raise fail(where, "batch_axis", f"the batch axis of x and of the output with passes_per_call > 1, since "
+                       f"{name} takes time-first input (batch_first=False): 1 for (T, B, ...), 0 if the model "
+                       "makes it batch-first", "None")
+        return 0
     if isinstance(batch_axis, bool) or not isinstance(batch_axis, int) or not -x.dim() <= batch_axis < x.dim():
         raise fail(where, "batch_axis", f"an axis of x, which has {x.dim()}", repr(batch_axis))
+    return batch_axis
+
+
+def _check_rows_are_passes(model: nn.Module, call_kwargs: dict) -> None:
+    """Refuse, naming the reason, what would make copies of the batch other than independent passes."""
     for name, value in call_kwargs.items():
         if name not in _PER_ROW and (torch.is_tensor(value) or isinstance(value, (list, tuple))):
-            raise fail(where, name, f"no per-row values with passes_per_call > 1: only {' and '.join(_PER_ROW)} "
-                       "are repeated with the rows; pass passes_per_call=1", type_name(value))
+            raise fail("mc_predict", name, f"no per-row values with passes_per_call > 1: only "
+                       f"{' and '.join(_PER_ROW)} are repeated with the rows; pass passes_per_call=1",
+                       type_name(value))
     for module in model.modules():
         name = getattr(module, "where", type(module).__name__)
         if getattr(module, "stateful", False):
