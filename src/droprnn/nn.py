@@ -23,6 +23,7 @@ two biases folded), so the same kernels and the same oracle serve both fronts.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional, Union
 
 import torch
@@ -89,6 +90,10 @@ class _TorchStyleRNN(torch_nn.Module):
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.dropout = check_rate(where, "dropout", dropout, allow_one=False)
+        if self.dropout and self.num_layers == 1:  # torch warns the same; droprnn adds where the masks are
+            warnings.warn(f"{where}: `dropout` acts between stacked layers only, and num_layers=1 has none, so "
+                          f"dropout={self.dropout} does nothing. For dropout inside the layer use input_dropout= "
+                          "(its input) or recurrent_dropout= (h(t-1) entering the recurrent weights).", stacklevel=3)
         self.bidirectional = bool(bidirectional)
         if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
             raise fail(where, "proj_size", "an int >= 0", repr(proj_size))
