@@ -818,3 +818,54 @@ def test_message_is_one_clear_line(thunk):
     # Nothing left only in a chained exception: no implicit cause shown under the message.
     assert info.value.__cause__ is None
     assert info.value.__context__ is None or info.value.__suppress_context__
+
+
+# ---------------------------------------------------------------------------------------------- set later
+# Rates and modes are checked whenever they are set, not only in the constructor: a schedule that anneals a
+# rate or a study that switches a site off assigns them, and a bad value must not reach the masks (a rate
+# of 1 made a layer's output inf/nan, a negative one rescaled it, an unknown mode raised a bare KeyError).
+def _nn_lstm():
+    from droprnn import nn as dnn
+
+    return dnn.LSTM(D, U, num_layers=2)
+
+
+LATER = [
+    (lambda: d.LSTM(U, input_size=D, recurrent_dropout=0.2).cell, "recurrent_dropout", 1.0,
+     rx("LSTMCell of 'lstm'", "`recurrent_dropout`", "[0, 1)", "got 1.0", "drops everything")),
+    (lambda: d.LSTM(U, input_size=D).cell, "dropout", -0.1, rx("`dropout`", "got -0.1")),
+    (lambda: d.GRU(U, input_size=D).cell, "recurrent_dropout", float("nan"), rx("`recurrent_dropout`", "got nan")),
+    (lambda: d.LSTM(U, input_size=D).cell, "zoneout_c", 1.0, rx("`zoneout_c`", "freezes the state")),
+    (lambda: d.GRU(U, input_size=D).cell, "zoneout_h", "0.1", rx("`zoneout_h`", "a float", "'0.1'")),
+    (lambda: d.LSTM(U, input_size=D).cell, "recurrent_dropout_mode", "tide",
+     "(?s)" + rx("`recurrent_dropout_mode`", "one of the modes", "'tide'", "'tied':")),
+    (lambda: d.LSTM(U, input_size=D).cell, "input_dropout_mode", None, rx("`input_dropout_mode`", "None")),
+    (lambda: d.SimpleRNN(U, input_size=D).cell, "recurrent_dropout_mode", "update",
+     rx("SimpleRNNCell", "'update' masks a cell update")),
+    (lambda: d.Dropout(0.2), "rate", 1.5, rx("Dropout 'dropout'", "`rate`", "[0, 1]", "1.5")),
+    (lambda: d.AlphaDropout(0.2), "rate", 1.0, rx("`rate`", "[0, 1)")),
+    (lambda: d.GaussianDropout(0.2), "rate", -1, rx("`rate`", "-1.0")),
+    (lambda: d.WordDropout(0.2), "rate", 1.0, rx("WordDropout", "`rate`")),
+    (lambda: d.EmbeddingDropout(d.Embedding(10, 3), 0.2), "rate", 2, rx("EmbeddingDropout", "`rate`", "2.0")),
+    (_nn_lstm, "dropout", 1.0, rx("droprnn.nn.LSTM", "`dropout`", "got 1.0")),
+]
+
+
+@pytest.mark.parametrize("make, attribute, bad, match", LATER, ids=[f"{i}-{c[1]}" for i, c in enumerate(LATER)])
+def test_rates_and_modes_are_checked_when_set_later(make, attribute, bad, match):
+    obj = make()
+    before = getattr(obj, attribute)
+    with pytest.raises(DroprnnError, match=match):
+        setattr(obj, attribute, bad)
+    assert getattr(obj, attribute) == before  # nothing half-applied
+
+
+def test_a_rate_set_later_is_the_one_the_next_call_uses():
+    layer = d.LSTM(U, input_size=D, dropout=0.3, recurrent_dropout=0.3, return_sequences=True)
+    x = seq()
+    layer.cell.dropout = layer.cell.recurrent_dropout = 0  # an int is taken as the float it means
+    assert isinstance(layer.cell.dropout, float)
+    torch.testing.assert_close(layer(x, training=True), layer(x, training=False), rtol=0, atol=0)
+    layer.cell.recurrent_dropout_mode = "tied"
+    layer.cell.recurrent_dropout = 0.5
+    assert layer.draw_dropout_plan(B).cells[0].recurrent.shape[0] == 1  # one mask for all gates

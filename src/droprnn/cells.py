@@ -35,7 +35,7 @@ from torch import nn
 from . import activations, initializers
 from .dropout.modes import INPUT_MODES, RECURRENT_MODES, UPDATE_MODES, check_mode
 from .dropout.plan import StepMasks
-from .errors import DroprnnError, check_positive_int, check_rate, fail
+from .errors import DroprnnError, check_positive_int, checked, checked_rate, fail
 from .random import SeedStream
 
 Tensor = torch.Tensor
@@ -110,6 +110,17 @@ def _gate_mask(masks: Optional[Tensor], gate: int) -> Optional[Tensor]:
     return masks[gate if masks.shape[0] > 1 else 0]
 
 
+def _recurrent_mode(cell: "Cell", value: Any) -> str:
+    mode = check_mode(cell.where, "recurrent_dropout_mode", value, RECURRENT_MODES)
+    if mode in UPDATE_MODES and not cell.has_update:
+        raise DroprnnError(
+            f"{cell.where}: argument `recurrent_dropout_mode` {mode!r} masks a cell update (LSTM's g, GRU's "
+            f"candidate), which {type(cell).__name__} does not have: its whole state is the update, so masking "
+            "it erases memory. Use 'keras', 'tied', 'per_step' or a 'weights' mode."
+        )
+    return mode
+
+
 class Cell(nn.Module):
     """Base of all cells: lazy parameters in Keras layout, dropout configuration and a seed stream.
 
@@ -130,6 +141,13 @@ class Cell(nn.Module):
     gates: int = 1
     state_names: tuple[str, ...] = ("h",)
     has_update: bool = True  # whether the step has a cell update that "update" dropout can mask
+    # Checked whenever set, here or later (the plan reads them at every call).
+    dropout = checked_rate("dropout")
+    recurrent_dropout = checked_rate("recurrent_dropout")
+    zoneout_h = checked_rate("zoneout_h", one_means=_FROZEN)
+    input_dropout_mode = checked(
+        "input_dropout_mode", lambda cell, value: check_mode(cell.where, "input_dropout_mode", value, INPUT_MODES))
+    recurrent_dropout_mode = checked("recurrent_dropout_mode", lambda cell, value: _recurrent_mode(cell, value))
 
     def __init__(
         self,
@@ -157,17 +175,11 @@ class Cell(nn.Module):
         self.kernel_initializer = initializers.get(kernel_initializer, where, "kernel_initializer")
         self.recurrent_initializer = initializers.get(recurrent_initializer, where, "recurrent_initializer")
         self.bias_initializer = initializers.get(bias_initializer, where, "bias_initializer")
-        self.dropout = check_rate(where, "dropout", dropout, allow_one=False)
-        self.recurrent_dropout = check_rate(where, "recurrent_dropout", recurrent_dropout, allow_one=False)
-        self.recurrent_dropout_mode = check_mode(where, "recurrent_dropout_mode", recurrent_dropout_mode, RECURRENT_MODES)
-        self.input_dropout_mode = check_mode(where, "input_dropout_mode", input_dropout_mode, INPUT_MODES)
-        if self.recurrent_dropout_mode in UPDATE_MODES and not self.has_update:
-            raise DroprnnError(
-                f"{where}: argument `recurrent_dropout_mode` {self.recurrent_dropout_mode!r} masks a cell update "
-                f"(LSTM's g, GRU's candidate), which {type(self).__name__} does not have: its whole state is the "
-                "update, so masking it erases memory. Use 'keras', 'tied', 'per_step' or a 'weights' mode."
-            )
-        self.zoneout_h = check_rate(where, "zoneout_h", zoneout_h, allow_one=False, one_means=_FROZEN)
+        self.dropout = dropout
+        self.recurrent_dropout = recurrent_dropout
+        self.recurrent_dropout_mode = recurrent_dropout_mode
+        self.input_dropout_mode = input_dropout_mode
+        self.zoneout_h = zoneout_h
         self.seed_stream = SeedStream(seed, where)
         self.input_size: int | None = None
         self.register_parameter("kernel", None)
@@ -360,6 +372,7 @@ class LSTMCell(Cell):
 
     gates = 4
     state_names = ("h", "c")
+    zoneout_c = checked_rate("zoneout_c", one_means=_FROZEN)
 
     def __init__(
         self,
@@ -392,7 +405,7 @@ class LSTMCell(Cell):
         )
         self.recurrent_activation = activations.get(recurrent_activation, self.where, "recurrent_activation")
         self.unit_forget_bias = bool(unit_forget_bias)
-        self.zoneout_c = check_rate(self.where, "zoneout_c", zoneout_c, allow_one=False, one_means=_FROZEN)
+        self.zoneout_c = zoneout_c
         if isinstance(proj_size, bool) or not isinstance(proj_size, int) or not 0 <= proj_size:
             raise fail(self.where, "proj_size", "an int >= 0 (0: no projection)", repr(proj_size))
         if proj_size >= self.units:

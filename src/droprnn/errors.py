@@ -7,7 +7,7 @@ the message. Checks never use ``assert``: asserts vanish under ``python -O``.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Callable, Optional
 
 
 class DroprnnError(ValueError):
@@ -39,6 +39,31 @@ def check_rate(
             f"{where}: argument `{argument}` expected a float in {interval}, got {value!r}{hint}."
         )
     return value
+
+
+def checked(argument: str, check: Callable[[Any, Any], Any], doc: str = "") -> property:
+    """An attribute checked whenever it is set, in ``__init__`` or later (a schedule that anneals a rate, a
+    study that switches a site off): ``check(obj, value)`` returns the value to keep or raises, so a bad
+    value is named where it is set instead of reaching a kernel. The value lives in ``_<argument>``."""
+    slot = "_" + argument
+
+    def get(obj: Any) -> Any:
+        return getattr(obj, slot)
+
+    def set_(obj: Any, value: Any) -> None:
+        object.__setattr__(obj, slot, check(obj, value))
+
+    return property(get, set_, doc=doc or f"``{argument}``, checked whenever it is set.")
+
+
+def checked_rate(argument: str, *, allow_one: Optional[bool] = False, one_means: Optional[str] = None) -> property:
+    """A rate attribute (see :func:`checked`); ``allow_one`` None reads the object's ``rate_may_be_one``."""
+    def check(obj: Any, value: Any) -> float:
+        one = getattr(obj, "rate_may_be_one", False) if allow_one is None else allow_one
+        extra = {} if one_means is None else {"one_means": one_means}
+        return check_rate(obj.where, argument, value, allow_one=one, **extra)
+
+    return checked(argument, check, f"``{argument}``, a rate checked whenever it is set.")
 
 
 def check_positive_int(where: str, argument: str, value: Any) -> int:

@@ -34,7 +34,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .cells import Cell, CellWeights, GRUCell, LSTMCell, SimpleRNNCell
 from .dropout.modes import cells_share_masks_over_batch
 from .dropout.plan import draw_plan
-from .errors import DroprnnError, check_positive_int, check_rate, fail, no_torchscript, type_name
+from .errors import DroprnnError, check_positive_int, check_rate, checked_rate, fail, no_torchscript, type_name
 from .kernels import dispatch as kernels
 from .kernels.call import RecurrentCall
 from .kernels.dispatch import KernelChoice, check_impl
@@ -48,6 +48,7 @@ class _TorchStyleRNN(torch_nn.Module):
 
     gates = 1
     cell_options: tuple[str, ...] = ()  # keyword arguments for the cells beyond the shared ones
+    dropout = checked_rate("dropout")  # between stacked layers; checked whenever set
     # Training mode switches only dropout on (MC dropout may use it).
     training_switches_only_noise = True
 
@@ -89,7 +90,7 @@ class _TorchStyleRNN(torch_nn.Module):
         self.num_layers = check_positive_int(where, "num_layers", num_layers)
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
-        self.dropout = check_rate(where, "dropout", dropout, allow_one=False)
+        self.dropout = dropout
         if self.dropout and self.num_layers == 1:  # torch warns the same; droprnn adds where the masks are
             warnings.warn(f"{where}: `dropout` acts between stacked layers only, and num_layers=1 has none, so "
                           f"dropout={self.dropout} does nothing. For dropout inside the layer use input_dropout= "

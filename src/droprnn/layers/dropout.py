@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..errors import DroprnnError, check_rate, fail, type_name
+from ..errors import DroprnnError, check_rate, checked_rate, fail, type_name
 from .base import Layer, floating_input
 from ..random import SeedStream, dropout_mask, keep_mask, normal, uniform
 
@@ -35,13 +35,14 @@ class Dropout(Layer):
     """
 
     rate_may_be_one = True
+    rate = checked_rate("rate", allow_one=None)  # checked whenever set; a subclass's rate_may_be_one decides 1
 
     def __init__(
         self, rate: float, noise_shape: Optional[Sequence[Optional[int]]] = None, seed: Optional[int] = None,
         name: Optional[str] = None,
     ) -> None:
         super().__init__(name)
-        self.rate = check_rate(self.where, "rate", rate, allow_one=self.rate_may_be_one)
+        self.rate = rate
         self.noise_shape = self._validated_noise_shape(noise_shape)
         self.seed_stream = SeedStream(seed, self.where)
 
@@ -116,9 +117,11 @@ class SpatialDropout1D(_SequenceDropout):
 class GaussianDropout(Layer):
     """Multiplicative Gaussian noise: ``x * N(1, sqrt(rate / (1 - rate)))`` in training. Rate in [0, 1)."""
 
+    rate = checked_rate("rate")  # checked whenever set
+
     def __init__(self, rate: float, seed: Optional[int] = None, name: Optional[str] = None) -> None:
         super().__init__(name)
-        self.rate = check_rate(self.where, "rate", rate, allow_one=False)
+        self.rate = rate
         self.seed_stream = SeedStream(seed, self.where)
 
     def extra_repr(self) -> str:
@@ -208,6 +211,8 @@ class EmbeddingDropout(Layer):
     options (``mask_zero``, ``padding_idx``, ``max_norm``) keep working. Ids (B, T) → (B, T, E).
     """
 
+    rate = checked_rate("rate")  # checked whenever set
+
     def __init__(self, embedding: torch.nn.Module, rate: float, seed: Optional[int] = None, name: Optional[str] = None,
                  *, per_sequence: bool = False) -> None:
         super().__init__(name)
@@ -216,7 +221,7 @@ class EmbeddingDropout(Layer):
             raise fail(self.where, "embedding", "a droprnn.Embedding or torch.nn.Embedding", type_name(embedding))
         self.embedding = embedding
         self.rows = int(rows)
-        self.rate = check_rate(self.where, "rate", rate, allow_one=False)
+        self.rate = rate
         if not isinstance(per_sequence, bool):
             raise fail(self.where, "per_sequence", "True or False", repr(per_sequence))
         self.per_sequence = per_sequence
@@ -267,9 +272,11 @@ class WordDropout(Layer):
     dropped tokens become padding, i.e. skipped steps; give the id of an unknown-word token to keep them.
     """
 
+    rate = checked_rate("rate")  # checked whenever set
+
     def __init__(self, rate: float, replacement_id: int = 0, seed: Optional[int] = None, name: Optional[str] = None) -> None:
         super().__init__(name)
-        self.rate = check_rate(self.where, "rate", rate, allow_one=False)
+        self.rate = rate
         if isinstance(replacement_id, bool) or not isinstance(replacement_id, int) or replacement_id < 0:
             raise fail(self.where, "replacement_id", "an int >= 0", repr(replacement_id))
         self.replacement_id = replacement_id
