@@ -48,7 +48,10 @@ def checked(argument: str, check: Callable[[Any, Any], Any], doc: str = "") -> p
     slot = "_" + argument
 
     def get(obj: Any) -> Any:
-        return getattr(obj, slot)
+        try:
+            return getattr(obj, slot)
+        except AttributeError:  # an object pickled whole before the attribute was checked kept it unprefixed
+            return obj.__dict__[argument]
 
     def set_(obj: Any, value: Any) -> None:
         object.__setattr__(obj, slot, check(obj, value))
