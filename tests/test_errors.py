@@ -869,3 +869,12 @@ def test_a_rate_set_later_is_the_one_the_next_call_uses():
     layer.cell.recurrent_dropout_mode = "tied"
     layer.cell.recurrent_dropout = 0.5
     assert layer.draw_dropout_plan(B).cells[0].recurrent.shape[0] == 1  # one mask for all gates
+
+
+def test_a_cell_pickled_before_its_rates_were_checked_still_reads_them():
+    layer = d.LSTM(U, input_size=D, recurrent_dropout=0.2)
+    state = layer.cell.__dict__  # as an earlier droprnn pickled it: each rate under its own name
+    state["recurrent_dropout"] = state.pop("_recurrent_dropout")
+    assert layer.cell.recurrent_dropout == 0.2 and layer(seq(), training=True).shape == (B, U)
+    layer.cell.recurrent_dropout = 0.3
+    assert layer.cell.recurrent_dropout == 0.3
