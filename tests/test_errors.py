@@ -821,9 +821,10 @@ def test_message_is_one_clear_line(thunk):
 
 
 # ---------------------------------------------------------------------------------------------- set later
-# Rates and modes are checked whenever they are set, not only in the constructor: a schedule that anneals a
-# rate or a study that switches a site off assigns them, and a bad value must not reach the masks (a rate
-# of 1 made a layer's output inf/nan, a negative one rescaled it, an unknown mode raised a bare KeyError).
+# Rates, modes and impl are checked whenever they are set, not only in the constructor: a schedule that
+# anneals a rate or a study that switches a site off assigns them, and a bad value must not reach the masks
+# (a rate of 1 made a layer's output inf/nan, a negative one rescaled it, an unknown mode raised a bare
+# KeyError, an unknown impl ran as "auto").
 def _nn_lstm():
     from droprnn import nn as dnn
 
@@ -848,6 +849,8 @@ LATER = [
     (lambda: d.WordDropout(0.2), "rate", 1.0, rx("WordDropout", "`rate`")),
     (lambda: d.EmbeddingDropout(d.Embedding(10, 3), 0.2), "rate", 2, rx("EmbeddingDropout", "`rate`", "2.0")),
     (_nn_lstm, "dropout", 1.0, rx("droprnn.nn.LSTM", "`dropout`", "got 1.0")),
+    (lambda: d.GRU(U, input_size=D), "impl", "fussed", rx("GRU 'gru'", "`impl`", "'fused'", "got 'fussed'")),
+    (_nn_lstm, "impl", "cuda", rx("droprnn.nn.LSTM", "`impl`", "'gpu'", "got 'cuda'")),
 ]
 
 

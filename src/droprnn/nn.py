@@ -34,7 +34,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .cells import Cell, CellWeights, GRUCell, LSTMCell, SimpleRNNCell
 from .dropout.modes import cells_share_masks_over_batch
 from .dropout.plan import draw_plan
-from .errors import DroprnnError, check_positive_int, check_rate, checked_rate, fail, no_torchscript, type_name
+from .errors import DroprnnError, check_positive_int, check_rate, checked, checked_rate, fail, no_torchscript, type_name
 from .kernels import dispatch as kernels
 from .kernels.call import RecurrentCall
 from .kernels.dispatch import KernelChoice, check_impl
@@ -49,6 +49,7 @@ class _TorchStyleRNN(torch_nn.Module):
     gates = 1
     cell_options: tuple[str, ...] = ()  # keyword arguments for the cells beyond the shared ones
     dropout = checked_rate("dropout")  # between stacked layers; checked whenever set
+    impl = checked("impl", lambda module, value: check_impl(module.where, value))
     # Training mode switches only dropout on (MC dropout may use it).
     training_switches_only_noise = True
 
@@ -83,7 +84,7 @@ class _TorchStyleRNN(torch_nn.Module):
                      "input_dropout_mode, zoneout_h, seed, impl" + "".join(f", {o}" for o in self.cell_options))
             raise DroprnnError(f"{where}: unknown argument{'s' if len(unknown) > 1 else ''} "
                                f"{', '.join(map(repr, unknown))}; it takes {known}.")
-        self.impl = check_impl(where, impl)
+        self.impl = impl
         self.last_kernel: Optional[KernelChoice] = None
         self.input_size = check_positive_int(where, "input_size", input_size)
         self.hidden_size = check_positive_int(where, "hidden_size", hidden_size)

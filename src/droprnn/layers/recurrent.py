@@ -18,7 +18,7 @@ from .. import activations, initializers
 from ..cells import Cell, GRUCell, LSTMCell, SimpleRNNCell
 from ..dropout.modes import cells_share_masks_over_batch, layer_doc
 from ..dropout.plan import DropoutPlan, check_plan, draw_plan
-from ..errors import DroprnnError, check_positive_int, fail, no_torchscript, type_name
+from ..errors import DroprnnError, check_positive_int, checked, fail, no_torchscript, type_name
 from ..kernels import dispatch as kernels
 from ..kernels.call import RecurrentCall
 from ..kernels.dispatch import KernelChoice, check_impl
@@ -68,6 +68,8 @@ class RNN(Layer):
 
     accepts_lengths = True
 
+    impl = checked("impl", lambda layer, value: check_impl(layer.where, value))  # checked whenever set
+
     def __init__(
         self,
         cell: Union[Cell, Sequence[Cell]],
@@ -85,7 +87,7 @@ class RNN(Layer):
         impl: str = "auto",
     ) -> None:
         super().__init__(name)
-        self.impl = check_impl(self.where, impl)
+        self.impl = impl
         self.last_kernel: Optional[KernelChoice] = None
         cells = list(cell) if isinstance(cell, (list, tuple)) else [cell]
         if not cells:
