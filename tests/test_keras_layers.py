@@ -274,3 +274,21 @@ def test_from_keras_says_which_training_settings_it_drops_and_keeps_frozen_layer
     lstm, gru, dense = converted.layers
     assert all(p.requires_grad for p in [*lstm.parameters(), *gru.parameters()])
     assert not any(p.requires_grad for p in dense.parameters())
+
+
+def test_options_and_rates_set_after_build_reach_the_loop():
+    """droprnn's options and the cell's rates, set on a built layer, are what its next call runs (the loop is
+    remade from them), and a bad one is refused at that call by name."""
+    _, ours = pair("LSTM", return_sequences=True)
+    x = torch.randn(B, T, D)
+    before = ours(x, training=False)
+    ours.zoneout_h = 0.5  # in inference, zoneout mixes in the previous h by its rate
+    assert ours._loop.cells[0].zoneout_h == 0.0
+    after = ours(x, training=False)
+    assert ours._loop.cells[0].zoneout_h == 0.5 and not torch.allclose(after, before)
+    ours.cell.recurrent_dropout = 0.3
+    ours(x, training=True)
+    assert ours._loop.cells[0].recurrent_dropout == 0.3
+    ours.recurrent_dropout_mode = "tide"
+    with pytest.raises(DroprnnError, match="recurrent_dropout_mode.*'tide'"):
+        ours(x, training=True)

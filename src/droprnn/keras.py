@@ -81,6 +81,14 @@ class _DroprnnLoop:
 
     def build(self, sequences_shape: Any) -> None:
         super().build(sequences_shape)
+        self._attach_loop()
+
+    def _settings(self) -> tuple:
+        """What the droprnn loop is made from that may change after build: droprnn's options and the cell's
+        rates (set on the layer or its cell, as for a schedule or an MC experiment)."""
+        return (self.cell.dropout, self.cell.recurrent_dropout, *(getattr(self, name) for name in self._options))
+
+    def _attach_loop(self) -> None:
         cell = self.cell
         kernel = cell.kernel.value
         ours = self._make_loop(kernel.shape[0], dtype=kernel.dtype, device="meta")
@@ -92,6 +100,7 @@ class _DroprnnLoop:
         inner.bias = cell.bias.value if cell.use_bias else None
         # Kept outside both trackers: Keras would wrap a torch module and track its parameters a second time.
         object.__setattr__(self, "_loop", ours)
+        object.__setattr__(self, "_loop_settings", self._settings())
 
     def _is_keras_like(self) -> bool:
         return all(getattr(self, name) == value for name, value in _KERAS_LIKE.items()) and not getattr(
@@ -119,6 +128,8 @@ class _DroprnnLoop:
         if tree.is_nested(mask):
             mask = mask[0]
         training = bool(training)
+        if self._settings() != self._loop_settings:  # an option or rate set since the loop was made
+            self._attach_loop()
         loop = self._loop
         dtype = loop.cells[0].kernel.dtype  # the variables' own (`.value` is cast under a mixed policy)
         states = [s.to(dtype) for s in (initial_state if tree.is_nested(initial_state) else [initial_state])]
