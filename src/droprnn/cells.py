@@ -147,7 +147,7 @@ class Cell(nn.Module):
     zoneout_h = checked_rate("zoneout_h", one_means=_FROZEN)
     input_dropout_mode = checked(
         "input_dropout_mode", lambda cell, value: check_mode(cell.where, "input_dropout_mode", value, INPUT_MODES))
-    recurrent_dropout_mode = checked("recurrent_dropout_mode", lambda cell, value: _recurrent_mode(cell, value))
+    recurrent_dropout_mode = checked("recurrent_dropout_mode", _recurrent_mode)
 
     def __init__(
         self,
