@@ -233,6 +233,64 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
         ptb.train(dataclasses.replace(preset, units=8), seed=3, checkpoint=tmp_path / "split.pt")
 
 
+class _Killed(Exception):
+    """The process dying right after a checkpoint was written."""
+
+
+@needs_ptb
+def test_a_run_stopped_within_an_epoch_or_its_mc_evaluation_resumes_bit_for_bit(tmp_path, monkeypatch):
+    preset = ptb.Preset("resume", "resume", layers=2, units=16, epochs=2, learning_rate=1.0, lr_decay=0.5,
+                        decay_after=1, init_scale=0.1, input_dropout=0.2, recurrent_dropout=0.2,
+                        output_dropout=0.2, embedding_dropout=0.1, embedding_per_sequence=True,
+                        train_tokens=12_000, eval_tokens=1_000, mc_samples=25)  # MC passes in groups of 10, 10, 5
+    strip = lambda t: [{k: v for k, v in e.items() if k != "seconds"} for e in t["epochs"]]  # noqa: E731
+    whole = ptb.train(preset, seed=3, checkpoint=tmp_path / "whole.pt")
+
+    saved, original = [], ptb._save
+    def dies_after(stop):  # noqa: E306
+        def save(*args, **kwargs):
+            original(*args, **kwargs)
+            saved.append(kwargs.get("partial", args[8] if len(args) > 8 else None))
+            if stop(saved[-1]):
+                raise _Killed
+        return save
+
+    checkpoint = tmp_path / "split.pt"
+    # killed in epoch 2, after its third window (save_every=0: a checkpoint after every window)
+    monkeypatch.setattr(ptb, "_save", dies_after(lambda w: w is not None and w.get("windows") == 3 and saved.count(None) == 1))
+    with pytest.raises(_Killed):
+        ptb.train(preset, seed=3, checkpoint=checkpoint, save_every=0)
+    with pytest.raises(DroprnnError, match="epoch 2 under way.*--epochs 2"):  # half-trained weights are no result
+        ptb.train(dataclasses.replace(preset, epochs=1), seed=3, checkpoint=checkpoint)
+    # then killed in the MC evaluation, after its first group of passes
+    monkeypatch.setattr(ptb, "_save", dies_after(lambda w: w is not None and w.get("mc", {}).get("done") == 10))
+    with pytest.raises(_Killed):
+        ptb.train(preset, seed=3, checkpoint=checkpoint, save_every=0)
+    monkeypatch.setattr(ptb, "_save", original)
+    resumed = ptb.train(preset, seed=3, checkpoint=checkpoint, save_every=0)
+    assert strip(resumed) == strip(whole)
+    assert (resumed["test_metric"], resumed["test_metric_mc"]) == (whole["test_metric"], whole["test_metric_mc"])
+
+    # a finished run's checkpoint holds its numbers: asked again, nothing is trained or evaluated
+    for name in ("train_window", "evaluate", "segments"):
+        monkeypatch.setattr(ptb, name, lambda *a, **k: pytest.fail("a finished run was run again"))
+    again = ptb.train(preset, seed=3, checkpoint=checkpoint)
+    assert (again["test_metric"], again["test_metric_mc"]) == (whole["test_metric"], whole["test_metric_mc"])
+
+
+@needs_ptb
+def test_more_epochs_after_an_evaluated_run_continue_as_one_longer_run(tmp_path):
+    preset = ptb.Preset("longer", "longer", layers=1, units=16, epochs=2, learning_rate=1.0, lr_decay=0.5,
+                        decay_after=1, init_scale=0.1, input_dropout=0.2, recurrent_dropout=0.2,
+                        train_tokens=8_000, eval_tokens=1_000, mc_samples=3)
+    strip = lambda t: [{k: v for k, v in e.items() if k != "seconds"} for e in t["epochs"]]  # noqa: E731
+    whole = ptb.train(preset, seed=1, checkpoint=tmp_path / "whole.pt")
+    ptb.train(dataclasses.replace(preset, epochs=1), seed=1, checkpoint=tmp_path / "split.pt")  # MC draws after it
+    longer = ptb.train(preset, seed=1, checkpoint=tmp_path / "split.pt")
+    assert strip(longer) == strip(whole)
+    assert (longer["test_metric"], longer["test_metric_mc"]) == (whole["test_metric"], whole["test_metric_mc"])
+
+
 def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_default(tmp_path):
     preset = ptb.Preset("old", "old", layers=1, units=4, epochs=3, learning_rate=1.0, lr_decay=0.5, decay_after=1,
                         init_scale=0.1)
@@ -241,8 +299,10 @@ def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_default(
     saved = torch.load(tmp_path / "old.pt", weights_only=False)
     del saved["preset"]["embedding_per_sequence"]  # as written before the setting was added
     torch.save(saved, tmp_path / "old.pt")
-    epochs, best, seconds = ptb._resume(tmp_path / "old.pt", preset, 0, model, "cpu")
-    assert epochs == [{"epoch": 1}] and best == (9.0, 1) and seconds == 12.0
+    del saved["partial"]  # as written before runs saved within an epoch
+    torch.save(saved, tmp_path / "old.pt")
+    epochs, best, seconds, partial = ptb._resume(tmp_path / "old.pt", preset, 0, model, "cpu")
+    assert epochs == [{"epoch": 1}] and best == (9.0, 1) and seconds == 12.0 and partial is None
     with pytest.raises(DroprnnError, match="embedding_per_sequence"):
         ptb._resume(tmp_path / "old.pt", dataclasses.replace(preset, embedding_per_sequence=True), 0, model, "cpu")
 

@@ -47,6 +47,7 @@ Tensor = torch.Tensor
 WHERE = "droprnn lab ptb"
 VOCABULARY = 10_000
 EVAL_BPTT = 50
+SAVE_EVERY = 300.0  # seconds between a run's checkpoints within an epoch or the MC evaluation
 
 
 @dataclass(frozen=True)
@@ -243,41 +244,59 @@ def evaluate(model: torch.nn.Module, stream: np.ndarray, bptt: int = EVAL_BPTT) 
 
 
 def mc_perplexity(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt: int = EVAL_BPTT,
-                  replicas: int = 10, word_dropout: bool = False) -> float:
+                  replicas: int = 10, word_dropout: bool = False, progress: Optional[dict[str, Any]] = None,
+                  on_progress: Optional[Callable[[dict[str, Any]], None]] = None) -> float:
     """MC-dropout perplexity: each target's probability averaged over ``samples`` stochastic passes.
 
     Passes run ``replicas`` at a time as rows of one batch, reading the stream as one sequence with states
     carried; masks are redrawn at every window of ``bptt`` tokens. Every row draws its own masks
     (``_independent_rows``), so ``samples`` passes are that many independent draws. ``word_dropout``: the
     passes drop word types from the embedding too (Gal's scripts do not: every word is kept at test time).
+
+    Resumable: after every group of passes ``on_progress`` is told ``{"done": passes, "summed": each target's
+    summed probability}``; given back as ``progress`` (with the random streams as they were then) the
+    evaluation continues from there and ends on the same number.
     """
-    passes = mc_probabilities(model, stream, samples, bptt, replicas, word_dropout)
-    return math.exp(-torch.log(passes.mean(0)).mean().item())
+    done, summed = (0, None) if progress is None else (progress["done"], progress["summed"])
+    for group in _mc_passes(model, stream, samples, bptt, replicas, word_dropout, start=done):
+        summed = group.sum(0) if summed is None else summed + group.sum(0)
+        done += group.shape[0]
+        if on_progress is not None:
+            on_progress({"done": done, "summed": summed})
+    return math.exp(-torch.log(summed / samples).mean().item())
 
 
 def mc_probabilities(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt: int = EVAL_BPTT,
                      replicas: int = 10, word_dropout: bool = False) -> Tensor:
     """Each stochastic pass's probability of each target, (samples, tokens - 1) float64: the passes
     :func:`mc_perplexity` averages (same arguments)."""
+    return torch.cat(list(_mc_passes(model, stream, samples, bptt, replicas, word_dropout)))
+
+
+def _mc_passes(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt: int, replicas: int,
+               word_dropout: bool, start: int = 0) -> Iterator[Tensor]:
+    """Passes ``start`` to ``samples`` of :func:`mc_probabilities`, a group (rows, tokens - 1) at a time."""
     samples = check_positive_int(WHERE, "mc_samples", samples)
     data = batchify(stream, 1).to(_device(model))
-    probabilities = torch.zeros(samples, data.shape[1] - 1, dtype=torch.float64, device=data.device)
-    done = 0
-    with torch.no_grad(), mc_dropout_mode(model), _words_kept(model, not word_dropout), \
-            _independent_rows(model) as rows_are_passes:
-        replicas = replicas if rows_are_passes else 1
-        while done < samples:
-            rows = min(replicas, samples - done)
-            _reset(model)
-            start = 0
-            for x, y in segments(data, bptt):
-                logits = model(x.expand(rows, -1))
-                picked = F.softmax(logits, dim=-1).gather(-1, y.expand(rows, -1).unsqueeze(-1)).squeeze(-1)
-                probabilities[done:done + rows, start:start + y.shape[1]] = picked.double()
-                start += y.shape[1]
-            done += rows
-    _reset(model)
-    return probabilities
+    done = start
+    try:
+        with torch.no_grad(), mc_dropout_mode(model), _words_kept(model, not word_dropout), \
+                _independent_rows(model) as rows_are_passes:
+            replicas = replicas if rows_are_passes else 1
+            while done < samples:
+                rows = min(replicas, samples - done)
+                _reset(model)
+                group = torch.empty(rows, data.shape[1] - 1, dtype=torch.float64, device=data.device)
+                start_token = 0
+                for x, y in segments(data, bptt):
+                    logits = model(x.expand(rows, -1))
+                    picked = F.softmax(logits, dim=-1).gather(-1, y.expand(rows, -1).unsqueeze(-1)).squeeze(-1)
+                    group[:, start_token:start_token + y.shape[1]] = picked.double()
+                    start_token += y.shape[1]
+                done += rows
+                yield group
+    finally:
+        _reset(model)
 
 
 @contextlib.contextmanager
@@ -339,12 +358,28 @@ def _set_rng_states(states: dict[str, Any], device: str) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def _carried(model: torch.nn.Module) -> list:
+    """The states each stateful layer of ``model`` carries into its next window, in module order."""
+    return [m.states for m in model.modules() if isinstance(m, RNN) and m.stateful]
+
+
+def _carry(model: torch.nn.Module, states: list) -> None:
+    for module, held in zip([m for m in model.modules() if isinstance(m, RNN) and m.stateful], states, strict=True):
+        module.states = held
+
+
 def _resume(checkpoint: Optional[Path], preset: Preset, seed: int, model: torch.nn.Module, device: str):
-    """(finished epoch records, best (perplexity, epoch), seconds already spent) from ``checkpoint``, with
-    the model's weights and the random streams restored; nothing when there is none. A checkpoint of other
-    settings (the epoch count aside, which may grow) is refused."""
+    """(finished epoch records, best (perplexity, epoch), seconds already spent, work in progress) from
+    ``checkpoint``, with the model's weights and the random streams restored; nothing when there is none. A
+    checkpoint of other settings (the epoch count aside, which may grow) is refused.
+
+    Work in progress (None when the checkpoint was written at the end of an epoch) is the epoch under way
+    (``"windows"`` done, their summed NLL, the carried states), or, training done, the test evaluation
+    (``"test_loss"``, and the MC evaluation's ``"mc"`` progress). Asked for more epochs than a finished
+    run had, the run continues from its last epoch with the random streams as they were then.
+    """
     if checkpoint is None or not checkpoint.exists():
-        return [], None, 0.0
+        return [], None, 0.0, None
     try:
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         saved["preset"], saved["epochs"], saved["model"]  # noqa: B018 - the keys every checkpoint has
@@ -352,9 +387,16 @@ def _resume(checkpoint: Optional[Path], preset: Preset, seed: int, model: torch.
         raise DroprnnError(f"{WHERE}: {checkpoint} cannot be read as a checkpoint ({type(error).__name__}: "
                            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); remove it to start the run "
                            "over, or pick another --out.") from None
-    if len(saved["epochs"]) > preset.epochs:
-        raise DroprnnError(f"{WHERE}: {checkpoint} holds {len(saved['epochs'])} finished epochs, more than "
-                           f"--epochs {preset.epochs}; give --epochs {len(saved['epochs'])} or more, or another --out.")
+    partial = saved.get("partial")  # absent in checkpoints written before runs saved within an epoch
+    if partial is not None and "windows" in partial:
+        held = len(saved["epochs"]) + 1  # the epoch under way must still be wanted: its weights are half-trained
+        what = f"{len(saved['epochs'])} finished epochs and epoch {held} under way"
+    else:
+        held = len(saved["epochs"])
+        what = f"{held} finished epochs"
+    if held > preset.epochs:
+        raise DroprnnError(f"{WHERE}: {checkpoint} holds {what}, more than --epochs {preset.epochs}; give "
+                           f"--epochs {held} or more, or another --out.")
     mine = {**dataclasses.asdict(preset), "epochs": None, "seed": seed}
     # a setting added since the checkpoint was written has its default there
     defaults = {f.name: f.default for f in dataclasses.fields(Preset) if f.default is not dataclasses.MISSING}
@@ -364,16 +406,19 @@ def _resume(checkpoint: Optional[Path], preset: Preset, seed: int, model: torch.
         raise DroprnnError(f"{WHERE}: {checkpoint} holds a run with other settings ({differing}); "
                            "pick another --out or remove it.")
     model.load_state_dict(saved["model"])
-    _set_rng_states(saved["rng"], device)
-    return saved["epochs"], saved["best"], saved["seconds"]
+    rng = saved["rng"]
+    if partial is not None and "test_loss" in partial and len(saved["epochs"]) < preset.epochs:
+        rng, partial = partial["training_rng"], None  # more epochs than the evaluated run had
+    _set_rng_states(rng, device)
+    return saved["epochs"], saved["best"], saved["seconds"], partial
 
 
 def _save(checkpoint: Path, preset: Preset, seed: int, model: torch.nn.Module, epochs: list, best, seconds: float,
-          device: str) -> None:
+          device: str, partial: Optional[dict[str, Any]] = None) -> None:
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     staged = checkpoint.with_suffix(".tmp")
     torch.save({"preset": dataclasses.asdict(preset), "seed": seed, "model": model.state_dict(), "epochs": epochs,
-                "best": best, "seconds": seconds, "rng": _rng_states(device)}, staged)
+                "best": best, "seconds": seconds, "rng": _rng_states(device), "partial": partial}, staged)
     os.replace(staged, checkpoint)  # a run stopped mid-write keeps the previous checkpoint
 
 
@@ -406,12 +451,14 @@ def train_window(model: torch.nn.Module, parameters: list, x: Tensor, y: Tensor,
 
 
 def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
-          threads: Optional[int] = None, device: str = "cpu", checkpoint: Optional[Path] = None) -> dict[str, Any]:
+          threads: Optional[int] = None, device: str = "cpu", checkpoint: Optional[Path] = None,
+          save_every: float = SAVE_EVERY) -> dict[str, Any]:
     """Train ``preset`` on ``device``; returns its trial record for results.json (perplexity as the metric).
 
-    With ``checkpoint`` (a file path) the run saves itself after every epoch and, when the file exists,
-    continues after its last epoch: weights and random streams restored, so on the CPU a resumed run equals
-    an uninterrupted one bit for bit.
+    With ``checkpoint`` (a file path) the run saves itself after every epoch, and every ``save_every``
+    seconds within an epoch and within the MC evaluation; when the file exists it continues from there:
+    weights, carried states and random streams restored, so on the CPU a resumed run equals an
+    uninterrupted one bit for bit, wherever it was stopped.
     """
     started = time.perf_counter()
     if threads is not None:
@@ -421,17 +468,39 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
     model = build_model(preset, vocabulary, device)
     parameters = list(model.parameters())
     data = batchify(train_stream, preset.batch_size).to(device)
-    epochs, best, spent = _resume(checkpoint, preset, seed, model, device)
+    epochs, best, spent, partial = _resume(checkpoint, preset, seed, model, device)
     started -= spent
+    last_save = time.perf_counter()
+
+    def save(work: Optional[dict[str, Any]] = None, due: bool = True) -> None:
+        nonlocal last_save
+        if checkpoint is not None and due:
+            _save(checkpoint, preset, seed, model, epochs, best, time.perf_counter() - started, device, work)
+            last_save = time.perf_counter()
+
+    def save_due() -> bool:
+        return time.perf_counter() - last_save >= save_every
+
     for epoch in range(len(epochs) + 1, preset.epochs + 1):
         epoch_start = time.perf_counter()
         lr = learning_rate(preset, epoch)
         model.train()
         _reset(model)
-        total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # read back once per epoch
-        for x, y in segments(data, preset.bptt, whole=False):
+        total, count, skip = torch.zeros((), dtype=torch.float64, device=device), 0, 0  # read back once per epoch
+        if partial is not None:  # the epoch a checkpoint stopped in
+            skip, count = partial["windows"], partial["count"]
+            total += partial["total"]
+            epoch_start -= partial["seconds"]
+            _carry(model, partial["states"])
+            partial = None
+        for window, (x, y) in enumerate(segments(data, preset.bptt, whole=False)):
+            if window < skip:
+                continue
             total += train_window(model, parameters, x, y, preset, lr)
             count += y.numel()
+            if save_due():
+                save({"windows": window + 1, "total": total.item(), "count": count, "states": _carried(model),
+                      "seconds": time.perf_counter() - epoch_start})
         total = total.item()
         val_loss, val_ppl = evaluate(model, valid_stream)
         record = {"epoch": epoch, "train_loss": total / count, "train_metric": perplexity(total, count),
@@ -440,20 +509,23 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
         epochs.append(record)
         if best is None or val_ppl < best[0]:
             best = (val_ppl, epoch)
-        if checkpoint is not None:
-            _save(checkpoint, preset, seed, model, epochs, best, time.perf_counter() - started, device)
+        save()
         if on_epoch is not None:
             on_epoch(record)
     # Zaremba and Gal report the model after the last epoch; the best validation epoch is recorded beside it.
-    test_loss, test_ppl = evaluate(model, test_stream)
+    if partial is None:
+        partial = {"training_rng": _rng_states(device)}
+        partial["test_loss"], partial["test_metric"] = evaluate(model, test_stream)
+        save(partial, due=bool(preset.mc_samples))  # the MC evaluation takes as long as epochs
     trial = {"variant": preset.name, "seed": seed, "status": "ok", "error": None, "epochs": epochs,
-             "best_epoch": best[1], "test_loss": test_loss, "test_metric": test_ppl,
+             "best_epoch": best[1], "test_loss": partial["test_loss"], "test_metric": partial["test_metric"],
              "published": preset.published, "published_mc": preset.published_mc}
     if preset.mc_samples:
         trial["mc_samples"] = preset.mc_samples
         trial["mc_word_dropout"] = preset.mc_word_dropout
-        trial["test_metric_mc"] = mc_perplexity(model, test_stream, preset.mc_samples,
-                                                word_dropout=preset.mc_word_dropout)
+        trial["test_metric_mc"] = mc_perplexity(
+            model, test_stream, preset.mc_samples, word_dropout=preset.mc_word_dropout, progress=partial.get("mc"),
+            on_progress=lambda mc: save({**partial, "mc": mc}, due=save_due() or mc["done"] == preset.mc_samples))
     trial["wall_seconds"] = time.perf_counter() - started
     return trial
 
@@ -462,7 +534,8 @@ def run(preset_name: str, out: Optional[str] = None, seed: int = 0, epochs: Opti
         progress: Optional[Callable[[dict[str, Any]], None]] = None,
         device: str = "cpu") -> tuple[dict[str, Any], dict[str, Path]]:
     """``droprnn lab ptb``: train one preset, write results.json and the report into ``out``. The run saves
-    a checkpoint after every epoch; running again with the same ``out`` continues where it stopped."""
+    a checkpoint after every epoch and every few minutes within one; running again with the same ``out``
+    continues where it stopped."""
     if preset_name not in PRESETS:
         raise DroprnnError(f"{WHERE}: argument `--preset` expected one of {', '.join(PRESETS)}, got {preset_name!r}.")
     preset = PRESETS[preset_name]
