@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import activations, initializers
 from ..errors import DroprnnError, check_positive_int, fail, type_name
+from ..kernels import dense
 from .base import Layer, declared_input_size, float_input, sequence_mask
 
 Tensor = torch.Tensor
@@ -207,8 +208,9 @@ class Dense(Layer):
             self.build_for_input(x.shape[-1], x)
         elif x.shape[-1] != self.input_size:
             raise fail(self.where, "inputs", f"{self.input_size} features on the last axis", f"shape {tuple(x.shape)}")
-        # One fused product, as torch.nn.Linear (under autocast too: a separate bias add would promote).
-        return self.activation(F.linear(x, self.kernel.t(), self.bias))
+        # One product with the bias, as torch.nn.Linear (under autocast too: a separate bias add would promote),
+        # by the library this machine runs faster (kernels/dense.py).
+        return self.activation(dense.linear(x, self.kernel, self.bias))
 
 
 class Embedding(Layer):
