@@ -488,6 +488,7 @@ def test_a_damaged_ptb_checkpoint_or_one_with_more_epochs_is_named(tmp_path):
     checkpoint.write_bytes(b"truncated")
     with pytest.raises(DroprnnError, match="cannot be read as a checkpoint"):
         ptb._resume(checkpoint, ptb.PRESETS["tiny"], 0, None, "cpu")
+    assert ptb.checkpoint_summary(checkpoint) == "unreadable"  # the line before the run names the damage
     torch.save({"preset": {}, "epochs": [{}] * 3, "model": {}}, checkpoint)
     with pytest.raises(DroprnnError, match="holds 3 finished epochs, more than --epochs 2"):
         ptb._resume(checkpoint, ptb.PRESETS["tiny"], 0, None, "cpu")

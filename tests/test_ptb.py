@@ -260,6 +260,7 @@ def test_a_run_stopped_within_an_epoch_or_its_mc_evaluation_resumes_bit_for_bit(
     monkeypatch.setattr(ptb, "_save", dies_after(lambda w: w is not None and w.get("windows") == 3 and saved.count(None) == 1))
     with pytest.raises(_Killed):
         ptb.train(preset, seed=3, checkpoint=checkpoint, save_every=0)
+    assert ptb.checkpoint_summary(checkpoint) == "1 of 2 epochs done, epoch 2 at window 3"
     with pytest.raises(DroprnnError, match="epoch 2 under way.*--epochs 2"):  # half-trained weights are no result
         ptb.train(dataclasses.replace(preset, epochs=1), seed=3, checkpoint=checkpoint)
     # then killed in the MC evaluation, after its first group of passes
@@ -267,6 +268,8 @@ def test_a_run_stopped_within_an_epoch_or_its_mc_evaluation_resumes_bit_for_bit(
     with pytest.raises(_Killed):
         ptb.train(preset, seed=3, checkpoint=checkpoint, save_every=0)
     monkeypatch.setattr(ptb, "_save", original)
+    assert ptb.checkpoint_summary(checkpoint) == (f"training done (2 epochs), test perplexity "
+                                                  f"{whole['test_metric']:.1f}, MC evaluation at 10 of 25 passes")
     resumed = ptb.train(preset, seed=3, checkpoint=checkpoint, save_every=0)
     assert strip(resumed) == strip(whole)
     assert (resumed["test_metric"], resumed["test_metric_mc"]) == (whole["test_metric"], whole["test_metric_mc"])

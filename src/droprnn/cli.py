@@ -177,7 +177,8 @@ def _run_ptb(args) -> None:
 
     out = args.out or f"runs/ptb-{args.preset}"
     if (Path(out) / "checkpoint.pt").exists():
-        print(f"resuming from {Path(out) / 'checkpoint.pt'}", flush=True)
+        checkpoint = Path(out) / "checkpoint.pt"
+        print(f"resuming from {checkpoint}: {ptb.checkpoint_summary(checkpoint)}", flush=True)
     results, files = ptb.run(args.preset, out=out, seed=args.seed, epochs=args.epochs, progress=show,
                              device=args.device)
     trial = results["trials"][0]

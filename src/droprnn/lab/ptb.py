@@ -422,6 +422,22 @@ def _resume(checkpoint: Optional[Path], preset: Preset, seed: int, model: torch.
     return saved["epochs"], saved["best"], saved["seconds"], partial
 
 
+def checkpoint_summary(checkpoint: Path) -> str:
+    """Where the run saved in ``checkpoint`` stands, in words (for the line a resumed run prints)."""
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+        epochs, wanted, partial = len(saved["epochs"]), saved["preset"]["epochs"], saved.get("partial")
+    except Exception:  # noqa: BLE001 - the run itself says what is wrong with the file
+        return "unreadable"
+    if partial is None:
+        return f"{epochs} of {wanted} epochs done"
+    if "windows" in partial:
+        return f"{epochs} of {wanted} epochs done, epoch {epochs + 1} at window {partial['windows']}"
+    mc = partial.get("mc")
+    passes = f", MC evaluation at {mc['done']} of {saved['preset']['mc_samples']} passes" if mc else ""
+    return f"training done ({epochs} epochs), test perplexity {partial['test_metric']:.1f}{passes}"
+
+
 def _save(checkpoint: Path, preset: Preset, seed: int, model: torch.nn.Module, epochs: list, best, seconds: float,
           device: str, partial: Optional[dict[str, Any]] = None) -> None:
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
