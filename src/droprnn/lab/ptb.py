@@ -503,8 +503,8 @@ def train(preset: Preset, seed: int = 0, on_epoch: Optional[Callable[[dict[str, 
             _save(checkpoint, preset, seed, model, epochs, best, time.perf_counter() - started, device, work)
             last_save = time.perf_counter()
 
-    def save_due() -> bool:
-        return time.perf_counter() - last_save >= save_every
+    def save_due() -> bool:  # (False without a checkpoint: what a save would hold is not even gathered)
+        return checkpoint is not None and time.perf_counter() - last_save >= save_every
 
     for epoch in range(len(epochs) + 1, preset.epochs + 1):
         epoch_start = time.perf_counter()
