@@ -82,6 +82,9 @@ def test_f_linear_where_brgemm_would_not_be_the_same_computation_in_plain_eager_
     assert not took_brgemm(droprnn.Dense(8, input_size=6, dtype=torch.float64)(x.double()))
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+    traced = torch.jit.trace(layer, (x,))
+    assert "aten::linear" in str(traced.graph)  # not a Python Function the trace cannot look into
+    torch.testing.assert_close(traced(x), layer(x), rtol=1e-5, atol=1e-5)
     per_row = torch.func.vmap(lambda row: layer(row))(x)
     torch.testing.assert_close(per_row, layer(x), rtol=1e-5, atol=1e-5)
     grads = torch.func.grad(lambda k: torch.func.functional_call(layer, {"kernel": k}, (x,)).sum())(layer.kernel)

@@ -10,8 +10,8 @@ computation in plain eager code:
 
 - not float32 on the CPU, under autocast, or with the kernels not loaded yet (a ``Dense`` alone never
   builds them);
-- under a compiler, exporter, tensor mode, ``torch.func`` transform or tensor subclass (what those see is
-  ``F.linear``, as in ``torch.nn.Linear``);
+- under a compiler, exporter, ``torch.jit.trace``, tensor mode, ``torch.func`` transform or tensor subclass
+  (what those see is ``F.linear``, as in ``torch.nn.Linear``);
 - products too small for a Python ``autograd.Function``'s overhead (tens of microseconds) to vanish.
 
 The input's gradient stays ``torch.mm``: brgemm needs the kernel transposed into a copy first, which costs
@@ -44,7 +44,7 @@ def linear(x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def _brgemm_pays(x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> bool:
     float32_cpu = all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in (x, kernel, bias))
-    if not float32_cpu or torch.is_autocast_enabled("cpu") or watched((x, kernel, bias)):
+    if not float32_cpu or torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or watched((x, kernel, bias)):
         return False  # first: under a compiler or exporter, a comparison of sizes below would become a guard
     if kernel.dim() != 2 or x.dim() == 0 or kernel.stride(1) != 1 or 2 * x.numel() * kernel.shape[1] < MIN_FLOPS:
         return False
