@@ -102,3 +102,12 @@ def test_small_products_stay_with_f_linear(monkeypatch):
     layer, x = pair((4, 6), 8)
     assert not took_brgemm(layer(x))
     assert dense.MIN_FLOPS > 2 * 4 * 6 * 8
+
+
+def test_empty_batches_stay_with_f_linear(brgemm):
+    layer, _ = pair((4, 6), 8)
+    x = torch.randn(0, 6, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 8) and not took_brgemm(y)
+    y.sum().backward()
+    assert x.grad.shape == (0, 6) and not layer.kernel.grad.any()

@@ -46,7 +46,8 @@ def _brgemm_pays(x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> bool:
     float32_cpu = all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in (x, kernel, bias))
     if not float32_cpu or torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or watched((x, kernel, bias)):
         return False  # first: under a compiler or exporter, a comparison of sizes below would become a guard
-    if kernel.dim() != 2 or x.dim() == 0 or kernel.stride(1) != 1 or 2 * x.numel() * kernel.shape[1] < MIN_FLOPS:
+    flops = 2 * x.numel() * kernel.shape[1] if kernel.dim() == 2 else 0
+    if flops == 0 or flops < MIN_FLOPS or x.dim() == 0 or kernel.stride(1) != 1:  # empty: nothing to win
         return False
     return cpu.library_path() is not None and cpu.projection_products() == "brgemm"
 
