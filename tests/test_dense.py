@@ -95,6 +95,23 @@ def test_a_dense_layer_alone_never_builds_the_kernels(brgemm, monkeypatch):
     monkeypatch.setattr(cpu, "library_path", lambda: None)  # as in a process where no recurrent layer ran yet
     layer, x = pair((4, 6), 8)
     assert not took_brgemm(layer(x))
+    assert "F.linear (the fused CPU kernels are not loaded" in droprnn.explain(layer, x)
+
+
+def test_explain_names_the_product_and_why(brgemm, monkeypatch):
+    layer, x = pair((4, 6), 8)
+    assert droprnn.explain(layer, x) == (f"{layer.where}: brgemm (droprnn's float_mm), the faster float32 products "
+                                         "on this machine (measured once)")
+    assert "pass an input" in droprnn.explain(layer)
+    assert droprnn.explain(droprnn.Dense(8, input_size=6, dtype=torch.float64), x.double()).endswith(
+        "F.linear (not float32 on the CPU)")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert droprnn.explain(layer, x).endswith("F.linear (under autocast)")
+    monkeypatch.setattr(cpu, "projection_products", lambda: "torch")
+    assert droprnn.explain(layer, x).endswith(
+        "F.linear (torch's float32 products are the faster on this machine, measured once)")
+    monkeypatch.setattr(dense, "MIN_FLOPS", 1e8)
+    assert droprnn.explain(layer, x).endswith("F.linear (a product under 1e+08 FLOPs)")
 
 
 def test_small_products_stay_with_f_linear(monkeypatch):

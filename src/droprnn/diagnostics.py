@@ -1,4 +1,5 @@
-"""What droprnn can say about a model: which kernel a recurrent layer runs, and why."""
+"""What droprnn can say about a model: which kernel a recurrent layer runs, which product a ``Dense`` layer
+runs, and why."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 
 from .dropout.plan import DropoutPlan
 from .errors import DroprnnError
-from .kernels import dispatch
+from .kernels import dense, dispatch
 from .kernels.call import RecurrentCall
+from .layers.core import Dense
 from .layers.recurrent import RNN
 from .layers.wrappers import Bidirectional
 
@@ -17,9 +19,18 @@ from .layers.wrappers import Bidirectional
 def explain(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> str:
     """Which kernel ``layer`` runs (for input ``x``, or as its last call did) and why.
 
-    Works on droprnn's recurrent layers, ``Bidirectional`` (both directions, one line each) and
-    ``droprnn.nn`` modules (their last call).
+    Works on droprnn's recurrent layers, ``Bidirectional`` (both directions, one line each),
+    ``droprnn.nn`` modules (their last call) and ``Dense`` (for ``x``: brgemm's product or ``F.linear``'s).
     """
+    if isinstance(layer, Dense):
+        where = layer.where
+        if x is None or not layer.built:
+            return f"{where}: pass an input to see which product it would run"
+        reason = dense.why_f_linear(x, layer.kernel, layer.bias)
+        if reason is None:
+            return (f"{where}: brgemm (droprnn's float_mm), the faster float32 products on this machine "
+                    "(measured once)")
+        return f"{where}: F.linear ({reason})"
     if isinstance(layer, Bidirectional):
         return "\n".join(explain(sub, x) for sub in (layer.forward_layer, layer.backward_layer))
     where = getattr(layer, "where", type(layer).__name__)
@@ -37,4 +48,4 @@ def explain(layer: torch.nn.Module, x: Optional[torch.Tensor] = None) -> str:
     last = getattr(layer, "last_kernel", None)
     if last is not None:
         return f"{where}: {last}"
-    raise DroprnnError(f"explain: expected a droprnn recurrent layer, Bidirectional or droprnn.nn module, got {type(layer).__name__}.")
+    raise DroprnnError(f"explain: expected a droprnn recurrent layer, Bidirectional, Dense or droprnn.nn module, got {type(layer).__name__}.")

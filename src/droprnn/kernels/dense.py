@@ -37,19 +37,29 @@ MIN_FLOPS = 1e8
 
 def linear(x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x (..., D) @ kernel (D, U) + bias (U,) → (..., U)."""
-    if _brgemm_pays(x, kernel, bias):
+    if why_f_linear(x, kernel, bias) is None:
         return _BrgemmLinear.apply(x, kernel, bias)
     return F.linear(x, kernel.t(), bias)
 
 
-def _brgemm_pays(x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> bool:
+def why_f_linear(x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Optional[str]:
+    """Why this call's product is ``F.linear``'s, or None where it is brgemm's."""
     float32_cpu = all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in (x, kernel, bias))
-    if not float32_cpu or torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or watched((x, kernel, bias)):
-        return False  # first: under a compiler or exporter, a comparison of sizes below would become a guard
+    if not float32_cpu:
+        return "not float32 on the CPU"
+    if torch.is_autocast_enabled("cpu"):
+        return "under autocast"
+    # before any comparison of sizes: under a compiler or exporter one would become a guard
+    if torch.jit.is_tracing() or watched((x, kernel, bias)):
+        return "traced, compiled, exported or transformed"
     flops = 2 * x.numel() * kernel.shape[1] if kernel.dim() == 2 else 0
-    if flops == 0 or flops < MIN_FLOPS or x.dim() == 0 or kernel.stride(1) != 1:  # empty: nothing to win
-        return False
-    return cpu.library_path() is not None and cpu.projection_products() == "brgemm"
+    if flops < MIN_FLOPS or flops == 0 or x.dim() == 0 or kernel.stride(1) != 1:
+        return f"a product under {MIN_FLOPS:.0e} FLOPs"
+    if cpu.library_path() is None:
+        return "the fused CPU kernels are not loaded (a recurrent layer's first call loads them)"
+    if cpu.projection_products() != "brgemm":
+        return "torch's float32 products are the faster on this machine, measured once"
+    return None
 
 
 class _BrgemmLinear(torch.autograd.Function):
