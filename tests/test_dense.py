@@ -3,6 +3,8 @@ forward and backward, with higher derivatives, and F.linear kept wherever someth
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,9 @@ pytestmark = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason=str
 
 @pytest.fixture
 def brgemm(monkeypatch):
-    """The brgemm path taken at any size, whatever this machine measured."""
+    """The brgemm path taken at any size, whatever this machine measures."""
     monkeypatch.setattr(dense, "MIN_FLOPS", 0)
-    monkeypatch.setattr(cpu, "projection_products", lambda: "brgemm")
+    monkeypatch.setenv("DROPRNN_PRODUCTS", "brgemm")
 
 
 def took_brgemm(y: torch.Tensor) -> bool:
@@ -107,15 +109,46 @@ def test_explain_names_the_product_and_why(brgemm, monkeypatch):
         "F.linear (not float32 on the CPU)")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert droprnn.explain(layer, x).endswith("F.linear (under autocast)")
-    monkeypatch.setattr(cpu, "projection_products", lambda: "torch")
-    assert droprnn.explain(layer, x).endswith(
-        "F.linear (torch's float32 products are the faster on this machine, measured once)")
+    monkeypatch.setenv("DROPRNN_PRODUCTS", "torch")
+    assert droprnn.explain(layer, x).endswith("F.linear (torch's product was the faster for this shape here (forced))")
     monkeypatch.setattr(dense, "MIN_FLOPS", 1e8)
-    assert droprnn.explain(layer, x).endswith("F.linear (a product under 1e+08 FLOPs)")
+    assert droprnn.explain(layer, x).endswith("F.linear (a product too small to gain)")
+
+
+def test_each_shape_is_timed_once_and_runs_the_faster_product(monkeypatch, tmp_path):
+    monkeypatch.setattr(dense, "MIN_FLOPS", 0)
+    monkeypatch.delenv("DROPRNN_PRODUCTS", raising=False)
+    monkeypatch.setattr(dense, "_faster", {})
+    monkeypatch.setattr(cpu, "library_path", lambda: str(tmp_path / "droprnn_cpu.so"))  # its record goes beside
+    timed = []
+
+    def brgemm_wins_above_20_rows(rows, kernel):
+        timed.append(tuple(rows.shape))
+        return rows.shape[0] > 20
+
+    monkeypatch.setattr(dense, "_time_both", brgemm_wins_above_20_rows)
+    layer, _ = pair((4, 6), 8)
+    small, large = torch.randn(3, 5, 6), torch.randn(6, 5, 6)  # 15 and 30 rows: buckets of 16 and 32
+    assert not took_brgemm(layer(small)) and took_brgemm(layer(large))
+    assert not took_brgemm(layer(torch.randn(16, 6))) and took_brgemm(layer(torch.randn(17, 6)))
+    assert timed == [(15, 6), (30, 6)], "one timing per bucket of rows"
+    assert "timed once" in droprnn.explain(layer, small) and "brgemm" in droprnn.explain(layer, large)
+    threads = torch.get_num_threads()
+    assert json.loads((tmp_path / "dense.json").read_text()) == {f"16x6x8x{threads}": "torch",
+                                                                 f"32x6x8x{threads}": "brgemm"}
+    monkeypatch.setattr(dense, "_faster", {})  # as a new process: it reads the choices instead of timing
+    assert not took_brgemm(layer(small)) and took_brgemm(layer(large)) and len(timed) == 2
+
+
+def test_the_timing_keeps_the_faster_and_needs_a_clear_win():
+    import time
+    slow, fast = (lambda: time.sleep(0.003)), (lambda: None)
+    assert dense._second_faster(slow, fast, rounds=2) and not dense._second_faster(fast, slow, rounds=2)
+    assert isinstance(dense._time_both(torch.randn(40, 64), torch.randn(64, 96), rounds=1), bool)  # runs both
 
 
 def test_small_products_stay_with_f_linear(monkeypatch):
-    monkeypatch.setattr(cpu, "projection_products", lambda: "brgemm")
+    monkeypatch.setenv("DROPRNN_PRODUCTS", "brgemm")
     layer, x = pair((4, 6), 8)
     assert not took_brgemm(layer(x))
     assert dense.MIN_FLOPS > 2 * 4 * 6 * 8

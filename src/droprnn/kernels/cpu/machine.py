@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 _CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 _XEON = {"l1d": 48 << 10, "l2": 2 << 20, "l3": 0}
@@ -121,22 +122,32 @@ def products_choice(folder: Path, threads: int) -> str:
         if forced not in _PRODUCTS:
             raise ValueError(f"droprnn: ${PRODUCTS_ENV} expected one of {', '.join(_PRODUCTS)}, got {forced!r}")
         return forced
-    record = folder / "products.json"
+
+    def measure() -> str:
+        timings = _time_products()
+        return "brgemm" if timings["brgemm"] < 0.95 * timings["torch"] else "torch"
+
+    return kept_choice(folder / "products.json", str(threads), measure, _PRODUCTS)
+
+
+def kept_choice(record: Path, key: str, measure: Callable[[], str], allowed: tuple[str, ...]) -> str:
+    """``measure()``, made once per ``key`` and kept in the JSON file ``record``, so that every process on this
+    machine and build makes the same choice (results then repeat bit for bit). Written atomically: a reader
+    sees the old record or the new, never half of one; a read-only folder measures again in the next process."""
     try:
         known = json.loads(record.read_text())
     except (OSError, ValueError):
         known = {}
     if not isinstance(known, dict):
         known = {}
-    if known.get(str(threads)) in _PRODUCTS:
-        return known[str(threads)]
-    timings = _time_products()
-    choice = "brgemm" if timings["brgemm"] < 0.95 * timings["torch"] else "torch"
-    known[str(threads)] = choice
-    try:  # atomic: a reader sees the old record or the new, never half of one
+    if known.get(key) in allowed:
+        return known[key]
+    choice = measure()
+    known[key] = choice
+    try:
         staged = record.with_name(f"{record.name}.{os.getpid()}.tmp")
         staged.write_text(json.dumps(known))
         os.replace(staged, record)
     except OSError:
-        pass  # a read-only cache: measured again by the next process
+        pass
     return choice
