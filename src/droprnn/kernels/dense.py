@@ -5,9 +5,9 @@ A language model's softmax layer is most of its work: in a medium Penn Treebank 
 torch's ``F.linear`` ran that forward at 121 GFLOP/s and the kernel's gradient at 121, where droprnn's
 brgemm product (``float_mm``, kernels/cpu/mm.cpp) ran both at 205-215. At (6400, 256) @ (256, 2048) on the
 same CPU brgemm was the slower (75 ms against 60), and on a Xeon MKL was the faster for the fused kernels'
-projections. No rule of shapes holds across CPUs, so the first product of each shape (rows rounded up to a
-power of two, thread count) is timed both ways and the faster kept beside the built library, where
-every later process reads it (so results repeat bit for bit);
+projections. No rule of shapes holds across CPUs, so the first forward product of each shape (rows rounded
+up to a power of two, thread count) is timed both ways and the faster kept beside the built library, where
+every later process reads it (so results repeat bit for bit); the kernel's gradient follows that choice;
 ``$DROPRNN_PRODUCTS=torch|brgemm`` forces either. ``F.linear`` stays wherever it is not clearly the same
 computation in plain eager code:
 
