@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import droprnn
 from droprnn.kernels import cpu, dense
+from droprnn.kernels.cpu import faster_product
 
 pytestmark = pytest.mark.skipif(cpu.unavailable_reason() is not None, reason=str(cpu.unavailable_reason()))
 
@@ -116,35 +117,28 @@ def test_explain_names_the_product_and_why(brgemm, monkeypatch):
 
 
 def test_each_shape_is_timed_once_and_runs_the_faster_product(monkeypatch, tmp_path):
+    """Dense asks kernels/cpu/faster_product.py (whose own tests hold the timing and the record) per shape."""
     monkeypatch.setattr(dense, "MIN_FLOPS", 0)
+    monkeypatch.setattr(faster_product, "MIN_FLOPS", 0)
     monkeypatch.delenv("DROPRNN_PRODUCTS", raising=False)
-    monkeypatch.setattr(dense, "_faster", {})
+    monkeypatch.setattr(faster_product, "_known", {})
     monkeypatch.setattr(cpu, "library_path", lambda: str(tmp_path / "droprnn_cpu.so"))  # its record goes beside
     timed = []
 
-    def brgemm_wins_above_20_rows(rows, kernel):
-        timed.append(tuple(rows.shape))
-        return rows.shape[0] > 20
+    def brgemm_wins_the_second_shape(first, second, rounds=3):
+        timed.append(1)
+        return len(timed) == 2
 
-    monkeypatch.setattr(dense, "_time_both", brgemm_wins_above_20_rows)
+    monkeypatch.setattr(faster_product, "second_faster", brgemm_wins_the_second_shape)
     layer, _ = pair((4, 6), 8)
     small, large = torch.randn(3, 5, 6), torch.randn(6, 5, 6)  # 15 and 30 rows: buckets of 16 and 32
     assert not took_brgemm(layer(small)) and took_brgemm(layer(large))
     assert not took_brgemm(layer(torch.randn(16, 6))) and took_brgemm(layer(torch.randn(17, 6)))
-    assert timed == [(15, 6), (30, 6)], "one timing per bucket of rows"
+    assert len(timed) == 2, "one timing per bucket of rows"
     assert "timed once" in droprnn.explain(layer, small) and "brgemm" in droprnn.explain(layer, large)
     threads = torch.get_num_threads()
-    assert json.loads((tmp_path / "dense.json").read_text()) == {f"16x6x8x{threads}": "torch",
-                                                                 f"32x6x8x{threads}": "brgemm"}
-    monkeypatch.setattr(dense, "_faster", {})  # as a new process: it reads the choices instead of timing
-    assert not took_brgemm(layer(small)) and took_brgemm(layer(large)) and len(timed) == 2
-
-
-def test_the_timing_keeps_the_faster_and_needs_a_clear_win():
-    import time
-    slow, fast = (lambda: time.sleep(0.003)), (lambda: None)
-    assert dense._second_faster(slow, fast, rounds=2) and not dense._second_faster(fast, slow, rounds=2)
-    assert isinstance(dense._time_both(torch.randn(40, 64), torch.randn(64, 96), rounds=1), bool)  # runs both
+    assert json.loads((tmp_path / faster_product.RECORD).read_text()) == {f"nn 16x8x8x{threads}": "torch",
+                                                                         f"nn 32x8x8x{threads}": "brgemm"}
 
 
 def test_small_products_stay_with_f_linear(monkeypatch):

@@ -1,13 +1,11 @@
 """``Dense``'s product, x @ kernel + bias, by whichever library runs it faster here, timed per shape.
 
 A language model's softmax layer is most of its work: in a medium Penn Treebank window, (700, 650) @
-(650, 10000) forward, and the same shapes twice backward. On an AMD EPYC (Zen 4, 2 threads, torch 2.13)
-torch's ``F.linear`` ran that forward at 121 GFLOP/s and the kernel's gradient at 121, where droprnn's
-brgemm product (``float_mm``, kernels/cpu/mm.cpp) ran both at 205-215. At (6400, 256) @ (256, 2048) on the
-same CPU brgemm was the slower (75 ms against 60), and on a Xeon MKL was the faster for the fused kernels'
-projections. No rule of shapes holds across CPUs, so the first forward product of each shape (rows rounded
-up to a power of two, thread count) is timed both ways and the faster kept beside the built library, where
-every later process reads it (so results repeat bit for bit); the kernel's gradient follows that choice;
+(650, 10000) forward, and the same shapes twice backward. torch's ``F.linear`` and droprnn's brgemm product
+(``float_mm``) differ there by up to 2.4x, which way depending on the CPU and the shape, so each product is
+timed once per shape and kept (:mod:`.cpu.faster_product`): the forward, the kernel's gradient (which follows
+the forward's choice) and the input's gradient (timed on its own: brgemm needs the kernel transposed into a
+copy first, which on a Zen 4 cost what it saved and on a Zen 5 a sixth of what it saved).
 ``$DROPRNN_PRODUCTS=torch|brgemm`` forces either. ``F.linear`` stays wherever it is not clearly the same
 computation in plain eager code:
 
@@ -17,30 +15,26 @@ computation in plain eager code:
   (what those see is ``F.linear``, as in ``torch.nn.Linear``);
 - products too small for a Python ``autograd.Function``'s overhead (tens of microseconds) to vanish.
 
-The input's gradient stays ``torch.mm``: brgemm needs the kernel transposed into a copy first, which costs
-what it saves. A backward asked to build a graph (``create_graph=True``) runs in torch's ops, so higher
-derivatives work as through ``F.linear``.
+A backward asked to build a graph (``create_graph=True``) runs in torch's ops, so higher derivatives work as
+through ``F.linear``.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu
-from .cpu import machine
+from .cpu import faster_product, machine
 from .eager import watched
 
 Tensor = torch.Tensor
 
 # Below this many FLOPs (about 0.5 ms at 200 GFLOP/s) F.linear: the Function's overhead would not vanish.
 MIN_FLOPS = 1e8
-_faster: dict[tuple[int, int, int, int], bool] = {}  # (rows bucket, in, out, threads) -> brgemm is the faster
 
 
 def linear(x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -66,41 +60,10 @@ def why_f_linear(x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Optional[
         return "traced, compiled, exported or transformed"
     if cpu.library_path() is None:
         return "the fused CPU kernels are not loaded (a recurrent layer's first call loads them)"
-    forced = os.environ.get(machine.PRODUCTS_ENV, "")
-    if forced == "torch" or (forced != "brgemm" and not _brgemm_faster(x, kernel)):
+    if not faster_product.brgemm_faster(x.reshape(-1, x.shape[-1]).detach(), kernel.detach()):
+        forced = os.environ.get(machine.PRODUCTS_ENV, "") == "torch"
         return f"torch's product was the faster for this shape here{' (forced)' if forced else ', timed once'}"
     return None
-
-
-def _brgemm_faster(x: Tensor, kernel: Tensor) -> bool:
-    rows = x.numel() // x.shape[-1]
-    key = (1 << (rows - 1).bit_length(), *kernel.shape, torch.get_num_threads())
-    if key not in _faster:  # kept beside the built library: every process here then makes the same choice
-        _faster[key] = machine.kept_choice(
-            Path(cpu.library_path()).parent / "dense.json", "x".join(map(str, key)),
-            lambda: "brgemm" if _time_both(x.reshape(-1, x.shape[-1]).detach(), kernel.detach()) else "torch",
-            ("torch", "brgemm")) == "brgemm"
-    return _faster[key]
-
-
-def _time_both(rows: Tensor, kernel: Tensor, rounds: int = 3) -> bool:
-    """Whether brgemm's product of ``rows`` and ``kernel`` beats torch's here."""
-    rows = rows.contiguous()
-    out = rows.new_empty(rows.shape[0], kernel.shape[1])
-    return _second_faster(lambda: torch.mm(rows, kernel, out=out),
-                          lambda: torch.ops.droprnn_cpu.float_mm(rows, kernel, out), rounds)
-
-
-def _second_faster(first, second, rounds: int) -> bool:
-    """Whether ``second()`` beats ``first()`` by 5%: the best of ``rounds`` interleaved timings each, after
-    a warm-up round (oneDNN generates its kernel on the first call)."""
-    best = [float("inf")] * 2
-    for _ in range(rounds + 1):
-        for k, run in enumerate((first, second)):
-            started = time.perf_counter()
-            run()
-            best[k] = min(best[k], time.perf_counter() - started)
-    return best[1] < 0.95 * best[0]
 
 
 class _BrgemmLinear(torch.autograd.Function):
@@ -122,10 +85,12 @@ class _BrgemmLinear(torch.autograd.Function):
         grad = grad.reshape(-1, kernel.shape[1]).contiguous()
         need_x, need_kernel, need_bias = ctx.needs_input_grad
         dx = dkernel = dbias = None
+        graph = torch.is_grad_enabled()  # create_graph: a backward made of differentiable ops
         if need_x:
-            dx = torch.mm(grad, kernel.t()).view(x.shape)
+            dx = torch.mm(grad, kernel.t()) if graph else faster_product.mm(grad, kernel.t(), rows.new_empty(rows.shape))
+            dx = dx.view(x.shape)
         if need_kernel:
-            if torch.is_grad_enabled():  # create_graph: a backward made of differentiable ops
+            if graph:
                 dkernel = torch.mm(rows.t(), grad)
             else:
                 dkernel = kernel.new_empty(kernel.shape)

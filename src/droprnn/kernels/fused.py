@@ -55,6 +55,7 @@ from ..cells import CellWeights, GRUCell, LSTMCell
 from ..dropout.plan import CellMasks
 from . import CELL_KINDS, activation_codes, constant_when_compiled, cpu, eager, math_cell, products, reference, unknown_cell
 from .call import RecurrentCall, Result, stacked
+from .cpu import faster_product
 
 Tensor = torch.Tensor
 States = tuple[Tensor, ...]
@@ -264,14 +265,16 @@ def _grads_after_loop(kind: str, reset_after: bool, x: Tensor, kernel: Tensor, i
                       bf16: bool = False) -> tuple:
     """dx, dK and dR from the gate gradients of every step dz (B, T, G·U) (the GRU's with a fourth block, the
     candidate product's side: see gru.cpp), in large products, one gate at a time (on the CPU batching them
-    saves no launches and costs memory). ``wanted``: which of the three. The biases' gradients are sums,
-    which the C++ loop accumulates in the call's type. ``bf16``: the products in bfloat16 (torch's, with
-    float32 accumulation; dz arrives in bfloat16), the gradients returned in float32."""
+    saves no launches and costs memory); in float32 each by the library that runs its shape faster here
+    (:mod:`.cpu.faster_product`). ``wanted``: which of the three. The biases' gradients are sums, which the
+    C++ loop accumulates in the call's type. ``bf16``: the products in bfloat16 (torch's, with float32
+    accumulation; dz arrives in bfloat16), the gradients returned in float32."""
     if bf16:
         low = [None if t is None else t.to(torch.bfloat16) for t in (x, kernel, input_masks, h0, hs, rec, dz)]
         grads = _grads_after_loop(kind, reset_after, *low[:6], low[6], wanted)
         return tuple(None if g is None else g.float() for g in grads)
     want_x, want_kernel, want_R = wanted
+    matmul = faster_product.mm if x.dtype == torch.float32 else None
     gates = GATES[kind]
     units = kernel.shape[1] // gates
     gru = kind == "gru"
@@ -281,10 +284,12 @@ def _grads_after_loop(kind: str, reset_after: bool, x: Tensor, kernel: Tensor, i
     if want_R:
         previous = torch.cat([h0.unsqueeze(1), hs[:, :-1]], dim=1)  # the states step t's product read
         if gru:
-            dR = products.gru_recurrent_kernel_grad(previous, rec, dz, side, reset_after, batch_gates=False)
+            dR = products.gru_recurrent_kernel_grad(previous, rec, dz, side, reset_after, batch_gates=False,
+                                                    matmul=matmul)
         else:
-            dR = products.recurrent_kernel_grad(previous, rec, dz, batch_gates=False)
-    dx, dkernel = products.input_grads(x, kernel, input_masks, dz, want_x, want_kernel, gates, batch_gates=False)
+            dR = products.recurrent_kernel_grad(previous, rec, dz, batch_gates=False, matmul=matmul)
+    dx, dkernel = products.input_grads(x, kernel, input_masks, dz, want_x, want_kernel, gates, batch_gates=False,
+                                       matmul=matmul)
     return dx, dkernel, dR
 
 

@@ -3,7 +3,9 @@ the CPU's BLAS for the fused kernels' backward at large sizes (``kernels/fused.p
 
 Before the loop the input projections of all steps, P = (x ⊙ m_x^g) @ K_g + b_g (GPU); after the backward
 loop the weight and input gradients from the gate gradients dz of all steps. All in the input dtype
-(cuBLAS accumulates half-precision products in float32). G is the cell's gate count (LSTM 4, GRU 3).
+(cuBLAS accumulates half-precision products in float32). G is the cell's gate count (LSTM 4, GRU 3). The
+fused CPU kernels pass ``matmul(a, b, out)``, their product (whichever library runs the shape faster:
+kernels/cpu/faster_product.py), where a and b may be transposed views.
 
 Per-gate masks (Keras's) make one product per gate. Where the G masked copies of x (or h) are small they
 are made at once, (G, B, T, D), and the G products are one batched product: a few launches instead of a
@@ -25,6 +27,17 @@ from ..random import CounterMask
 Tensor = torch.Tensor
 
 BATCHED_LIMIT = 1 << 24  # elements of the (G, B, T, D) masked copies: 64 MiB in float32
+Matmul = Callable[[Tensor, Tensor, Tensor], Any]  # matmul(a, b, out): out = a @ b
+
+
+def product(a: Tensor, b: Tensor, matmul: Optional[Matmul], out: Optional[Tensor] = None) -> Tensor:
+    """a @ b, into ``out`` (a new tensor where None), by ``matmul`` where given, else torch's ``@``."""
+    if matmul is None:
+        result = a @ b
+        return result if out is None else out.copy_(result)
+    out = a.new_empty(a.shape[0], b.shape[1]) if out is None else out
+    matmul(a, b, out)
+    return out
 
 
 def counter_tensor(mask: CounterMask, gate: Optional[int] = None) -> Tensor:
@@ -88,7 +101,7 @@ def gate_columns(t: Tensor, gates: int) -> Tensor:
 
 
 def project(x: Tensor, kernel: Tensor, bias: Optional[Tensor], masks: Optional[Tensor], out: Tensor,
-            gates: int, *, batch_gates: bool = True, matmul: Optional[Callable[[Tensor, Tensor, Tensor], Any]] = None,
+            gates: int, *, batch_gates: bool = True, matmul: Optional[Matmul] = None,
             new: Callable[..., Tensor] = torch.empty) -> Tensor:
     """Input projections of all steps with the bias, written into ``out``: x (B, T, D) -> (B, T, G·U), or
     gate-major (G, B, T, U) with per-gate masks. ``out`` is a time loop's gates buffer, so that a captured
@@ -133,9 +146,10 @@ def project(x: Tensor, kernel: Tensor, bias: Optional[Tensor], masks: Optional[T
 
 
 def input_grads(x: Tensor, kernel: Tensor, masks: Optional[Tensor], dz: Tensor, need_x: bool, need_kernel: bool,
-                gates: int, batch_gates: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """dx (B, T, D) and dK (D, G·U) from the gradients of the projections dz (B, T, G·U) (``batch_gates``:
-    see the module docstring)."""
+                gates: int, batch_gates: bool = True, matmul: Optional[Matmul] = None
+                ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """dx (B, T, D) and dK (D, G·U) from the gradients of the projections dz (B, T, G·U) (``batch_gates``,
+    ``matmul``: see the module docstring)."""
     batch, steps, features = x.shape
     units = kernel.shape[1] // gates
     flat_dz = dz.view(batch * steps, gates * units)
@@ -158,36 +172,36 @@ def input_grads(x: Tensor, kernel: Tensor, masks: Optional[Tensor], dz: Tensor, 
             mask = time_mask(masks, g)
             if need_kernel:
                 masked = torch.mul(x, mask, out=scratch).view(batch * steps, features)
-                dkernel[:, cols] = masked.t() @ flat_dz[:, cols]
+                product(masked.t(), flat_dz[:, cols], matmul, dkernel[:, cols])
             if need_x:
-                dx.addcmul_((flat_dz[:, cols] @ kernel[:, cols].t()).view(batch, steps, features), mask)
+                dx.addcmul_(product(flat_dz[:, cols], kernel[:, cols].t(), matmul).view(batch, steps, features), mask)
         return dx, dkernel
     mask = None if masks is None else time_mask(masks, 0)
     if need_kernel:
         masked = x if mask is None else x * mask
-        dkernel = masked.reshape(batch * steps, features).t() @ flat_dz
+        dkernel = product(masked.reshape(batch * steps, features).t(), flat_dz, matmul)
     if need_x:
-        dx = (flat_dz @ kernel.t()).view(batch, steps, features)
+        dx = product(flat_dz, kernel.t(), matmul).view(batch, steps, features)
         if mask is not None:
             dx = dx.mul_(mask)
     return dx, dkernel
 
 
 def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Optional[Sequence[int]] = None,
-                          batch_gates: bool = True) -> Tensor:
+                          batch_gates: bool = True, matmul: Optional[Matmul] = None) -> Tensor:
     """Columns of dR, (H, k·U) = Σ_t (h_{t-1} ⊙ m_g)ᵀ dz_g, for k gates at once.
 
     previous: the states the products read, (B, T, H); masks: (G, B, H) one per gate, (1, B, H) shared,
     either per step (T, ·, B, H) (a tensor or a CounterMask), or None; grads: the gradients of the products'
     outputs, (B, T, k·U) -- a column slice of a wider buffer is fine (flattening (B, T) keeps it a view);
     gates: which per-gate masks the k column blocks use, consecutive (default: all of them, in order);
-    batch_gates: see the module docstring.
+    batch_gates, matmul: see the module docstring.
     """
     batch, steps, width = grads.shape
     flat_grads = grads.reshape(batch * steps, width)
     if not per_gate(masks):
         masked = previous if masks is None else previous * time_mask(masks, 0)
-        return masked.reshape(batch * steps, previous.shape[-1]).t() @ flat_grads
+        return product(masked.reshape(batch * steps, previous.shape[-1]).t(), flat_grads, matmul)
     gates = range(masks.shape[-3]) if gates is None else gates
     units = width // len(gates)
     if batched(previous, len(gates), batch_gates):
@@ -199,12 +213,12 @@ def recurrent_kernel_grad(previous: Tensor, masks: Any, grads: Tensor, gates: Op
     for block, g in enumerate(gates):
         cols = slice(block * units, (block + 1) * units)
         masked = torch.mul(previous, time_mask(masks, g), out=scratch).view(batch * steps, previous.shape[-1])
-        grad[:, cols] = masked.t() @ flat_grads[:, cols]
+        product(masked.t(), flat_grads[:, cols], matmul, grad[:, cols])
     return grad
 
 
 def gru_recurrent_kernel_grad(previous: Tensor, masks: Any, dz: Tensor, side: Tensor, reset_after: bool,
-                              batch_gates: bool = True) -> Tensor:
+                              batch_gates: bool = True, matmul: Optional[Matmul] = None) -> Tensor:
     """dR (H, 3U) of a GRU from its gate gradients dz (B, T, 3U) (z, r, candidate).
 
     The z and r columns are products of h_{t-1} ⊙ m_g with dz; the candidate's differ by form -- ``side``
@@ -214,10 +228,12 @@ def gru_recurrent_kernel_grad(previous: Tensor, masks: Any, dz: Tensor, side: Te
     units = dz.shape[-1] // 3
     zr, candidate = slice(0, 2 * units), slice(2 * units, 3 * units)
     if reset_after:
-        candidate_grad = recurrent_kernel_grad(previous, masks, side, gates=(2,), batch_gates=batch_gates)
+        candidate_grad = recurrent_kernel_grad(previous, masks, side, gates=(2,), batch_gates=batch_gates,
+                                               matmul=matmul)
     else:
-        candidate_grad = recurrent_kernel_grad(side, None, dz[..., candidate])
-    zr_grad = recurrent_kernel_grad(previous, masks, dz[..., zr], gates=(0, 1), batch_gates=batch_gates)
+        candidate_grad = recurrent_kernel_grad(side, None, dz[..., candidate], matmul=matmul)
+    zr_grad = recurrent_kernel_grad(previous, masks, dz[..., zr], gates=(0, 1), batch_gates=batch_gates,
+                                    matmul=matmul)
     return torch.cat([zr_grad, candidate_grad], dim=1)
 
 
