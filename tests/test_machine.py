@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -110,6 +111,56 @@ def test_the_environment_forces_the_choice_and_a_bad_value_is_named(timed, tmp_p
     monkeypatch.setenv(machine.PRODUCTS_ENV, "mkl")
     with pytest.raises(ValueError, match="DROPRNN_PRODUCTS expected one of torch, brgemm, got 'mkl'"):
         machine.products_choice(tmp_path, 2)
+
+
+@pytest.mark.parametrize("second_key", ["a", "b"], ids=["same key", "another key"])
+def test_processes_take_turns_on_a_record(tmp_path, second_key):
+    """While one caller measures, another waits its turn: asking for the same key it reads the first one's
+    choice instead of measuring (and perhaps choosing) again; asking for another key, both are kept."""
+    import threading
+
+    record = tmp_path / "shapes.json"
+    measuring, results, second_measured = threading.Event(), {}, []
+
+    def slow():
+        measuring.set()
+        time.sleep(0.3)
+        return "torch"
+
+    def fast():
+        second_measured.append(1)
+        return "brgemm"
+
+    first = threading.Thread(target=lambda: results.update(a=machine.kept_choice(record, "a", slow, _BOTH)))
+    second = threading.Thread(target=lambda: results.update(b=machine.kept_choice(record, second_key, fast, _BOTH)))
+    first.start()
+    assert measuring.wait(10)
+    second.start()
+    first.join(10)
+    second.join(10)
+    if second_key == "a":
+        assert results == {"a": "torch", "b": "torch"} and not second_measured
+        assert json.loads(record.read_text()) == {"a": "torch"}
+    else:
+        assert results == {"a": "torch", "b": "brgemm"}
+        assert json.loads(record.read_text()) == {"a": "torch", "b": "brgemm"}
+
+
+_BOTH = ("torch", "brgemm")
+
+
+def test_a_measurement_may_keep_another_choice_in_the_same_record(tmp_path):
+    record = tmp_path / "shapes.json"
+    inner = lambda: machine.kept_choice(record, "inner", lambda: "brgemm", ("brgemm",))  # noqa: E731
+    assert machine.kept_choice(record, "outer", lambda: inner() and "torch", ("torch",)) == "torch"
+    assert json.loads(record.read_text()) == {"inner": "brgemm", "outer": "torch"}
+
+
+def test_a_record_in_a_folder_that_cannot_be_written_still_gives_the_measurement(tmp_path, monkeypatch):
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(path))
+                        if str(path).endswith(".lock") else real_open(path, *a, **k))
+    assert machine.kept_choice(tmp_path / "shapes.json", "k", lambda: "torch", ("torch",)) == "torch"
 
 
 needs_fused = pytest.mark.skipif(not cpu.load(), reason="fused CPU kernels unavailable")

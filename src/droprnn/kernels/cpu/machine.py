@@ -21,14 +21,16 @@ and keeps the answer beside the built library.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 _CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 _XEON = {"l1d": 48 << 10, "l2": 2 << 20, "l3": 0}
@@ -132,22 +134,55 @@ def products_choice(folder: Path, threads: int) -> str:
 
 def kept_choice(record: Path, key: str, measure: Callable[[], str], allowed: tuple[str, ...]) -> str:
     """``measure()``, made once per ``key`` and kept in the JSON file ``record``, so that every process on this
-    machine and build makes the same choice (results then repeat bit for bit). Written atomically: a reader
-    sees the old record or the new, never half of one; a read-only folder measures again in the next process."""
+    machine and build makes the same choice (results then repeat bit for bit). Processes take turns on the
+    record (a lock file beside it), so one that measures while another adds a key loses neither, and one
+    that waits reads the other's measurement instead of measuring again. Written atomically: a reader sees
+    the old record or the new, never half of one; a read-only folder measures again in the next process."""
+    with _turn(record):
+        known = _read(record)
+        if known.get(key) in allowed:
+            return known[key]
+        choice = measure()
+        known = {**_read(record), key: choice}  # read again: the measurement may have kept a choice itself
+        try:
+            staged = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+            staged.write_text(json.dumps(known))
+            os.replace(staged, record)
+        except OSError:
+            pass
+        return choice
+
+
+def _read(record: Path) -> dict:
     try:
         known = json.loads(record.read_text())
     except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
-    if known.get(key) in allowed:
-        return known[key]
-    choice = measure()
-    known[key] = choice
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+_holding = threading.local()  # the records this thread has its turn on (a measurement that keeps a choice in
+                              # the same record must not wait for itself)
+
+
+@contextlib.contextmanager
+def _turn(record: Path) -> Iterator[None]:
+    """This process's turn on ``record``: an exclusive lock on ``record.lock``, where the OS has flock and
+    the folder can be written (elsewhere no turn is taken, and a lost key is measured again later)."""
+    held = _holding.__dict__.setdefault("records", set())
     try:
-        staged = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-        staged.write_text(json.dumps(known))
-        os.replace(staged, record)
-    except OSError:
-        pass
-    return choice
+        import fcntl
+
+        lock = None if record in held else open(record.with_name(record.name + ".lock"), "a")
+    except (ImportError, OSError):
+        lock = None
+    if lock is None:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        held.add(record)
+        try:
+            yield
+        finally:
+            held.discard(record)
