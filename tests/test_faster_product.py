@@ -80,6 +80,15 @@ def test_each_shape_is_timed_once_kept_and_read_back(monkeypatch, tmp_path):
     assert not faster_product.brgemm_faster(transposed, b)
 
 
+def test_without_the_kernels_loaded_torch_runs_every_product(monkeypatch):
+    monkeypatch.delenv("DROPRNN_PRODUCTS", raising=False)
+    monkeypatch.setattr(faster_product, "MIN_FLOPS", 0)
+    monkeypatch.setattr(cpu, "library_path", lambda: None)
+    a, b = torch.randn(30, 6), torch.randn(6, 8)
+    assert not faster_product.brgemm_faster(a, b)
+    torch.testing.assert_close(faster_product.mm(a, b, torch.empty(30, 8)), a @ b)
+
+
 def test_small_products_are_neither_timed_nor_recorded(monkeypatch, tmp_path):
     monkeypatch.delenv("DROPRNN_PRODUCTS", raising=False)
     monkeypatch.setattr(faster_product, "_known", {})

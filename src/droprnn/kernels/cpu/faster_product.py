@@ -50,7 +50,8 @@ def mm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
 
 
 def brgemm_faster(a: Tensor, b: Tensor) -> bool:
-    """Whether brgemm runs ``a @ b`` faster here (timing the shape if it is new)."""
+    """Whether brgemm runs ``a @ b`` faster here (timing the shape if it is new); False where the kernels are
+    not loaded."""
     if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (a, b)):
         return False
     forced = os.environ.get(machine.PRODUCTS_ENV, "")
@@ -58,10 +59,12 @@ def brgemm_faster(a: Tensor, b: Tensor) -> bool:
         return forced == "brgemm"
     if 2 * a.shape[0] * a.shape[1] * b.shape[1] < MIN_FLOPS:
         return False
+    from . import library_path
+
+    if library_path() is None:  # no float_mm to run
+        return False
     key = shape_key(a, b)
     if key not in _known:
-        from . import library_path
-
         out = a.new_empty(a.shape[0], b.shape[1])
         _known[key] = machine.kept_choice(
             Path(library_path()).parent / RECORD, key,
