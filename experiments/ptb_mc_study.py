@@ -9,6 +9,8 @@ ptb --preset gal-small`` writes ``checkpoint.pt`` in its run directory) and meas
    kept (as Gal's scripts): how far the average has converged;
 2. the same with one kind of site sampled at a time, the others deterministic: the LSTMs' input masks
    (``dropout=``), their recurrent masks (``recurrent_dropout=``), the output mask (the ``Dropout`` layers);
+   on request (``--sites``) also the word types dropped from the embedding (``words``), which Gal's scripts
+   keep at test time and droprnn's first ``gal-medium`` recipe dropped in its passes;
 3. per token, MC against the single pass: the share of tokens MC gives more probability, and the mean
    log-ratio by how confident the single pass was (the tokens it gave p < 0.01, 0.01-0.1, 0.1-0.5, > 0.5),
    with each group's share of the total difference;
@@ -19,9 +21,10 @@ ptb --preset gal-small`` writes ``checkpoint.pt`` in its run directory) and meas
     python experiments/ptb_mc_study.py results/ptb-gal-small --samples 30 --tokens 20000
     python experiments/ptb_mc_study.py runs/ptb-gal-medium --device cuda
     python experiments/ptb_mc_study.py runs/ptb-gal-medium --sites input+recurrent+output,input
+    python experiments/ptb_mc_study.py runs/ptb-gal-medium --sites input+recurrent+output+words
 
-A long experiment, not a test: 100 passes over the test set take minutes per site on a CPU (about 28
-minutes on the medium model, 2 cores). It writes its record after every set of sites and, run again on the
+A long experiment, not a test: 100 passes over the test set take minutes per set of sites on a CPU (10
+to 12 minutes on the medium model, 2 cores of a Zen 5 EPYC, 2026-12-05). It writes its record after every set of sites and, run again on the
 same checkpoint with the same samples and tokens, keeps every set already measured and measures only the
 others: a stopped run resumes, and ``--sites`` adds sets to a finished one. Within a set it keeps the
 passes so far every 5 minutes (``mc-study.partial.pt`` beside the record), and a rerun continues from them.
@@ -50,7 +53,8 @@ from droprnn.lab import ptb
 from droprnn.layers.dropout import Dropout
 
 CHECKPOINTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-SITES = ("input", "recurrent", "output")
+SITES = ("input", "recurrent", "output")  # the sites Gal's MC dropout samples: the default sets
+OPTIONAL_SITES = ("words",)  # word-type dropout in the embedding, sampled only when asked
 CONFIDENCE = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.0))
 SAVE_EVERY = 300.0  # seconds between saves of a set's passes so far
 
@@ -65,7 +69,8 @@ def load(run: Path, device: str = "cpu") -> tuple[ptb.Preset, torch.nn.Module]:
 
 @contextlib.contextmanager
 def sampled(model: torch.nn.Module, sites: tuple[str, ...]):
-    """Within the block only ``sites`` are stochastic in MC mode: the other rates are 0 (deterministic)."""
+    """Within the block only ``sites`` are stochastic in MC mode: the other rates are 0 (deterministic). The
+    word types (``words``) are the passes' own switch (``set_passes``'s ``word_dropout``)."""
     saved = []
     for module in model.modules():
         if isinstance(module, Cell):
@@ -150,12 +155,14 @@ def temperature_study(model: torch.nn.Module, tokens: Optional[int] = None) -> d
 
 
 def site_sets(text: str) -> list[tuple[str, ...]]:
-    """``--sites``: comma-separated sets, each of SITES joined by '+' (e.g. ``input+recurrent,output``)."""
+    """``--sites``: comma-separated sets, each of SITES and OPTIONAL_SITES joined by '+' (e.g.
+    ``input+recurrent,output``)."""
+    known = SITES + OPTIONAL_SITES
     sets = [tuple(part.split("+")) for part in text.split(",") if part]
     for chosen in sets:
-        unknown = [site for site in chosen if site not in SITES]
+        unknown = [site for site in chosen if site not in known]
         if unknown or len(set(chosen)) != len(chosen):
-            raise SystemExit(f"--sites: {'+'.join(chosen)!r} is not a set of {', '.join(SITES)} joined by '+'")
+            raise SystemExit(f"--sites: {'+'.join(chosen)!r} is not a set of {', '.join(known)} joined by '+'")
     return sets
 
 
@@ -166,9 +173,11 @@ def keep_passes(partial: Path, key: dict, passes: torch.Tensor, device: str) -> 
     os.replace(staged, partial)
 
 
-def set_passes(model: torch.nn.Module, test, samples: int, partial: Path, key: dict, device: str) -> torch.Tensor:
-    """The set's MC passes (``sampled`` already applied), continuing from ``partial`` where it holds the same
-    ``key`` (an earlier run stopped inside this set), keeping the passes there every SAVE_EVERY seconds."""
+def set_passes(model: torch.nn.Module, test, samples: int, partial: Path, key: dict, device: str,
+               word_dropout: bool = False) -> torch.Tensor:
+    """The set's MC passes (``sampled`` already applied; ``word_dropout``: the passes drop word types too),
+    continuing from ``partial`` where it holds the same ``key`` (an earlier run stopped inside this set),
+    keeping the passes there every SAVE_EVERY seconds."""
     progress = None
     if partial.exists():
         saved = torch.load(partial, weights_only=False)
@@ -183,7 +192,8 @@ def set_passes(model: torch.nn.Module, test, samples: int, partial: Path, key: d
             keep_passes(partial, key, state["passes"], device)
             last = time.perf_counter()
 
-    passes = ptb.mc_probabilities(model, test, samples, progress=progress, on_progress=keep)
+    passes = ptb.mc_probabilities(model, test, samples, word_dropout=word_dropout, progress=progress,
+                                  on_progress=keep)
     partial.unlink(missing_ok=True)
     return passes
 
@@ -204,8 +214,9 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=100, help="MC passes per measurement")
     parser.add_argument("--tokens", type=int, default=None, help="the first N tokens of each stream (default: all)")
     parser.add_argument("--sites", default=",".join(["+".join(SITES), *SITES]),
-                        help="the sets of sites sampled, comma-separated, each joined by '+' "
-                             "(default: all of them together, then each alone)")
+                        help="the sets of sites sampled, comma-separated, each joined by '+' (default: "
+                             "input, recurrent and output together, then each alone; 'words' adds the "
+                             "embedding's word-type dropout)")
     parser.add_argument("--seed", type=int, default=0, help="with each set's name, the seed of its masks")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -241,7 +252,8 @@ def main() -> int:
         key = {**{k: result[k] for k in ("run", "preset", "tokens", "samples", "single")}, "sites": name,
                "seed": args.seed}
         with sampled(model, sites):
-            passes = set_passes(model, test, args.samples, out.with_name(out.stem + ".partial.pt"), key, args.device)
+            passes = set_passes(model, test, args.samples, out.with_name(out.stem + ".partial.pt"), key, args.device,
+                                word_dropout="words" in sites)
         result["sites"][name] = {"curve": curve(passes), "one_pass": perplexity_of(passes[0]),
                                  "per_token": per_token(single, passes.mean(0))}
         out.write_text(json.dumps(result, indent=1))  # a stopped study resumes after the last set written

@@ -66,8 +66,24 @@ def test_temperature_one_is_the_evaluation_and_others_differ(study, model):
     assert result[2.0] != pytest.approx(result[1.0], rel=1e-6)
 
 
+def test_words_are_sampled_only_when_asked(study, model, tmp_path):
+    """``words``: the passes drop word types from the embedding; without it every word is kept."""
+    wordy = ptb.build_model(dataclasses.replace(ptb.PRESETS["tiny"], units=8, embedding_dropout=0.5), vocabulary=30)
+    with torch.no_grad():
+        for weight in wordy.parameters():  # large weights: a dropped word moves the probabilities clearly
+            weight.normal_(0.0, 1.0)
+    single = study.single_pass(wordy, STREAM)
+    key = {"sites": "words"}
+    with study.sampled(wordy, ("words",)):
+        kept = study.set_passes(wordy, STREAM, 2, tmp_path / "partial.pt", key, "cpu")
+        dropped = study.set_passes(wordy, STREAM, 2, tmp_path / "partial.pt", key, "cpu", word_dropout=True)
+    assert torch.allclose(kept, single.expand_as(kept), rtol=1e-6, atol=0)
+    assert not torch.allclose(dropped[0], dropped[1], rtol=1e-2) and not torch.allclose(dropped[0], single, rtol=1e-2)
+
+
 def test_site_sets_parse_and_refuse_unknown_sites(study):
     assert study.site_sets("input+recurrent+output,output") == [("input", "recurrent", "output"), ("output",)]
+    assert study.site_sets("input+recurrent+output+words") == [("input", "recurrent", "output", "words")]
     for bad in ("inputs", "input+input", "input+weights"):
         with pytest.raises(SystemExit, match="--sites"):
             study.site_sets(bad)

@@ -293,3 +293,24 @@ def test_numbers_that_round_to_zero_print_without_a_minus_sign():
     assert report._number(-0.00001, 3, signed=True) == "+0.000"
     assert report._number(-0.0004, 3) == "0.000"
     assert report._number(-0.0006, 3, signed=True) == "-0.001"
+
+
+def test_a_reproduction_reports_the_published_numbers_beside_its_own(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = make_results()
+    plain = write_report(results, tmp_path / "lab", {})["markdown"].read_text(encoding="utf-8")
+    assert "published" not in plain  # the lab's own runs have no paper to compare with
+    trial = results["trials"][0]
+    trial.update(test_metric=79.18, published=79.7, mc_samples=100, test_metric_mc=77.81, published_mc=78.6)
+    results["config"]["metric"] = "perplexity"
+    written = write_report(results, tmp_path / "paper", {})
+    lines = ["none (seed 0) test perplexity: 79.2   published 79.7 (-0.7%)",
+             "none (seed 0) MC dropout, 100 samples: 77.8   published 78.6 (-1.0%)"]
+    markdown = written["markdown"].read_text(encoding="utf-8")
+    assert all(f"- {line}" in markdown for line in lines)
+    assert markdown.index(lines[1]) < markdown.index("## 2. Learning curves")
+    page = written["html"].read_text(encoding="utf-8")
+    assert all(f"<li>{line}</li>" in page for line in lines)
+    assert report.against_published({"test_metric": 100.0, "published": None, "test_metric_mc": 99.0,
+                                     "mc_samples": 10}, "perplexity") == [
+        "test perplexity: 100.0", "MC dropout, 10 samples: 99.0"]

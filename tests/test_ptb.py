@@ -195,8 +195,10 @@ def test_preset_models_place_dropout_as_published():
 
 # ---------------------------------------------------------------------------------------------- end to end
 @needs_ptb
-def test_tiny_preset_end_to_end(tmp_path):
-    results, files = ptb.run("tiny", out=str(tmp_path / "tiny"))
+def test_tiny_preset_end_to_end(tmp_path, capsys):
+    assert main(["lab", "ptb", "--preset", "tiny", "--out", str(tmp_path / "tiny")]) == 0
+    printed = capsys.readouterr().out
+    files = {"html": tmp_path / "tiny" / "report.html", "markdown": tmp_path / "tiny" / "report.md"}
     stored = json.loads((tmp_path / "tiny" / "results.json").read_text())
     assert stored["config"]["metric"] == "perplexity"
     trial = stored["trials"][0]
@@ -208,6 +210,10 @@ def test_tiny_preset_end_to_end(tmp_path):
     # The papers report the model after the last epoch, and so does the test number here: the report says so.
     assert stored["config"]["test_weights"] == "last"
     assert "Test perplexity with the weights after the last epoch" in files["markdown"].read_text()
+    # The terminal and the report give the test and MC numbers (tiny has no paper to compare with).
+    mc_line = f"MC dropout, {trial['mc_samples']} samples: {trial['test_metric_mc']:.1f}"
+    assert f"test perplexity: {trial['test_metric']:.1f}\n{mc_line}\n" in printed
+    assert f"- tiny (seed 0) {mc_line}" in files["markdown"].read_text()
 
 
 def test_unknown_preset_is_one_line_and_exit_2(capsys):

@@ -165,6 +165,7 @@ def _run_ptb_placements(args) -> None:
 
 def _run_ptb(args) -> None:
     from .lab import ptb
+    from .lab.report import against_published
 
     if args.variants is not None:
         _run_ptb_placements(args)
@@ -182,12 +183,7 @@ def _run_ptb(args) -> None:
     results, files = ptb.run(args.preset, out=out, seed=args.seed, epochs=args.epochs, progress=show,
                              device=args.device)
     trial = results["trials"][0]
-    lines = [("test perplexity", trial["test_metric"], trial["published"])]
-    if "test_metric_mc" in trial:
-        lines.append((f"MC dropout, {trial['mc_samples']} samples", trial["test_metric_mc"], trial["published_mc"]))
-    for label, ours, paper in lines:
-        versus = f"   published {paper} ({(ours - paper) / paper:+.1%})" if paper else ""
-        print(f"{label}: {ours:.1f}{versus}")
+    print("\n".join(against_published(trial, "perplexity")) or f"test perplexity: {trial['test_metric']:.1f}")
     print(f"{trial['wall_seconds'] / 60:.1f} minutes\nreport: {files['html']}")
 
 

@@ -105,6 +105,22 @@ def _summarize_variant(name: str, info: dict, trials: list[dict]) -> VariantSumm
     )
 
 
+def against_published(trial: dict, metric: str) -> list[str]:
+    """A reproduction's numbers beside the paper's, one line each: the test metric, and MC dropout's where the
+    trial measured it, e.g. ``test perplexity: 79.2   published 79.7 (-0.7%)``. Empty for a trial with
+    neither a published number nor an MC measurement (the lab's own runs)."""
+    lines = []
+    if trial.get("published") is not None or "test_metric_mc" in trial:
+        lines.append((f"test {metric}", trial["test_metric"], trial.get("published")))
+    if "test_metric_mc" in trial:
+        lines.append((f"MC dropout, {trial['mc_samples']} samples", trial["test_metric_mc"], trial.get("published_mc")))
+    out = []
+    for label, ours, paper in lines:
+        versus = f"   published {paper} ({(ours - paper) / paper:+.1%})" if paper else ""
+        out.append(f"{label}: {ours:.1f}{versus}")
+    return out
+
+
 def _gap_at_best_epoch(trial: dict) -> float:
     best = _epoch_record(trial, trial["best_epoch"])
     return float(best["train_metric"]) - float(best["val_metric"])
@@ -463,6 +479,15 @@ class _Report:
                 f"seeds; the best mean is in bold ({direction} is better). The gap is training minus validation "
                 f"{self.metric} at the best epoch.")
 
+    def published_lines(self) -> list[str]:
+        """Each finished trial's numbers beside the paper's (Penn Treebank presets), named by variant and seed."""
+        lines = []
+        for trial in self.results.get("trials", []):
+            if trial["status"] == "ok":
+                lines += [f"{trial['variant']} (seed {trial.get('seed')}) {line}"
+                          for line in against_published(trial, self.metric)]
+        return lines
+
     def failed_trials(self) -> list[dict]:
         return [trial for trial in self.results.get("trials", []) if trial["status"] == "failed"]
 
@@ -477,6 +502,8 @@ class _Report:
         out = [f"# Dropout lab: {config.get('dataset', '?')}, {config.get('layer', '?')}", ""]
         out += [f"- **{name}**: {value}" for name, value in self.header_items()]
         out += ["", "## 1. Results", "", self.table_note(), "", markdown_table(self.summaries, self.metric)]
+        if self.published_lines():
+            out += [f"- {_md_text(line)}" for line in self.published_lines()] + [""]
         out += ["## 2. Learning curves", "", f"![{self.metric} by epoch]({link(self.curves)})", "",
                 f"![loss by epoch]({link(self.losses)})", ""]
         out += ["## 3. Mask pictures", ""]
@@ -510,6 +537,8 @@ class _Report:
         out += [f"<dt>{esc(name)}</dt><dd>{esc(value)}</dd>" for name, value in self.header_items()]
         out += ["</dl>", "<h2>1. Results</h2>", f"<p>{esc(self.table_note())}</p>",
                 _html_table(self.summaries, self.metric)]
+        if self.published_lines():
+            out += ["<ul>", *(f"<li>{esc(line)}</li>" for line in self.published_lines()), "</ul>"]
         out += ["<h2>2. Learning curves</h2>", _html_image(self.curves, f"{self.metric} by epoch"),
                 _html_image(self.losses, "loss by epoch")]
         out += ["<h2>3. Mask pictures</h2>"]
