@@ -23,13 +23,13 @@ ptb --preset gal-small`` writes ``checkpoint.pt`` in its run directory) and meas
     python experiments/ptb_mc_study.py runs/ptb-gal-medium --sites input+recurrent+output,input
     python experiments/ptb_mc_study.py runs/ptb-gal-medium --sites input+recurrent+output+words
 
-A long experiment, not a test: 100 passes over the test set take minutes per set of sites on a CPU (10
-to 12 minutes on the medium model, 2 cores of a Zen 5 EPYC, 2026-12-05). It writes its record after every set of sites and, run again on the
-same checkpoint with the same samples and tokens, keeps every set already measured and measures only the
-others: a stopped run resumes, and ``--sites`` adds sets to a finished one. Within a set it keeps the
-passes so far every 5 minutes (``mc-study.partial.pt`` beside the record), and a rerun continues from them.
-Each set's masks come from a seed of its own (``--seed`` and the set's name), so a set measures the same
-whether it ran alone, after others, or stopped and resumed.
+A long experiment, not a test: 100 passes over the test set take minutes per set of sites on a CPU (10 to 12
+minutes on the medium model, 2 cores of a Zen 5 EPYC, 2026-12-05). It writes its record after every set of
+sites and, run again on the same checkpoint with the same samples and tokens, keeps every set already measured
+and measures only the others: a stopped run resumes, and ``--sites`` adds sets to a finished one. Within a set
+it keeps the passes so far every 5 minutes (``mc-study.partial.pt`` beside the record), and a rerun continues
+from them. Each set's masks come from a seed of its own (``--seed`` and the set's name), so a set measures the
+same whether it ran alone, after others, or stopped and resumed.
 """
 
 from __future__ import annotations

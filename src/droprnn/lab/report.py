@@ -502,8 +502,9 @@ class _Report:
         out = [f"# Dropout lab: {config.get('dataset', '?')}, {config.get('layer', '?')}", ""]
         out += [f"- **{name}**: {value}" for name, value in self.header_items()]
         out += ["", "## 1. Results", "", self.table_note(), "", markdown_table(self.summaries, self.metric)]
-        if self.published_lines():
-            out += [f"- {_md_text(line)}" for line in self.published_lines()] + [""]
+        published = self.published_lines()
+        if published:
+            out += [f"- {_md_text(line)}" for line in published] + [""]
         out += ["## 2. Learning curves", "", f"![{self.metric} by epoch]({link(self.curves)})", "",
                 f"![loss by epoch]({link(self.losses)})", ""]
         out += ["## 3. Mask pictures", ""]
@@ -537,8 +538,9 @@ class _Report:
         out += [f"<dt>{esc(name)}</dt><dd>{esc(value)}</dd>" for name, value in self.header_items()]
         out += ["</dl>", "<h2>1. Results</h2>", f"<p>{esc(self.table_note())}</p>",
                 _html_table(self.summaries, self.metric)]
-        if self.published_lines():
-            out += ["<ul>", *(f"<li>{esc(line)}</li>" for line in self.published_lines()), "</ul>"]
+        published = self.published_lines()
+        if published:
+            out += ["<ul>", *(f"<li>{esc(line)}</li>" for line in published), "</ul>"]
         out += ["<h2>2. Learning curves</h2>", _html_image(self.curves, f"{self.metric} by epoch"),
                 _html_image(self.losses, "loss by epoch")]
         out += ["<h2>3. Mask pictures</h2>"]
